@@ -34,7 +34,7 @@ plugin: .deps-stamp
 	$(MAKE) -C plugin
 
 proto: venv
-	$(PY) -m ociimage.protogen
+	$(PY) scripts/protogen.py
 
 test: venv plugin
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,278 @@
+"""`oci-image`: the command-line interface.
+
+Standalone commands (`convert`, and any command given --cache-dir) work on
+this machine without a daemon. Without --cache-dir, pull/ls/inspect/rm/prune
+go through the local oci-imaged over its Unix socket. This is an entry point:
+it turns typed errors into one-line messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from . import __version__, logs
+from .config import load_config, parse_size
+from .errors import InvalidArgument, OciImageError
+
+log = logging.getLogger("ociimage.cli")
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+    return str(n)
+
+
+def _age(ts: Optional[float]) -> str:
+    if not ts:
+        return "-"
+    s = max(0, time.time() - ts)
+    for unit, secs in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= secs:
+            return f"{int(s // secs)}{unit} ago"
+    return f"{int(s)}s ago"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="oci-image",
+        description="Pull OCI images and flatten them once into a SquashFS in the shared cache.")
+    p.add_argument("--version", action="version", version=f"oci-image {__version__}")
+    p.add_argument("--config", help="config file (default /etc/oci-image/oci-image.conf)")
+    p.add_argument("--socket", help="daemon socket (default from the config file)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def registry_opts(sp):
+        sp.add_argument("--platform", help="os/arch[/variant] to select from a multi-arch image "
+                                           "(default: this host's)")
+        sp.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
+                        help="reach this registry over plain HTTP (loopback ones always are)")
+
+    def squash_opts(sp):
+        sp.add_argument("--compression", help="squashfs compressor (default zstd)")
+        sp.add_argument("--level", type=int, help="compression level (default 3 for zstd)")
+        sp.add_argument("--jobs", type=int, help="compressor threads (default: all cores)")
+
+    c = sub.add_parser("convert", help="pull REF and write its flattened SquashFS to FILE (no daemon)")
+    c.add_argument("reference", metavar="REF")
+    c.add_argument("-o", "--output", required=True, metavar="FILE")
+    registry_opts(c)
+    squash_opts(c)
+
+    pl = sub.add_parser("pull", help="pull REF into the shared cache; print its digest and path")
+    pl.add_argument("reference", metavar="REF")
+    pl.add_argument("--cache-dir", help="use this cache directly instead of the daemon")
+    registry_opts(pl)
+    squash_opts(pl)
+
+    ls = sub.add_parser("ls", help="list cached images")
+    ls.add_argument("--cache-dir", help="read this cache directly instead of asking the daemon")
+
+    ins = sub.add_parser("inspect", help="show a cached image's metadata")
+    ins.add_argument("digest", metavar="DIGEST")
+    ins.add_argument("--cache-dir")
+
+    rm = sub.add_parser("rm", help="remove cached images (refused while in use)")
+    rm.add_argument("digests", nargs="+", metavar="DIGEST")
+    rm.add_argument("--cache-dir")
+
+    pr = sub.add_parser("prune", help="evict unused images, least recently used first")
+    pr.add_argument("--quota", help="evict only until the cache is under this size (e.g. 200G)")
+    pr.add_argument("--cache-dir")
+    return p
+
+
+def _squash_options(args, cfg):
+    from .squash import SquashOptions
+    return SquashOptions(
+        compression=args.compression or cfg.compression,
+        level=args.level if args.level is not None else cfg.level,
+        jobs=args.jobs if args.jobs is not None else (cfg.jobs or None),
+    )
+
+
+def _pull_options(args, cfg):
+    from .pull import PullOptions
+    from .registry.platform import parse_platform
+    return PullOptions(squash=_squash_options(args, cfg),
+                       platform=parse_platform(args.platform) if args.platform else None)
+
+
+def _client(args, cfg):
+    from .registry.client import RegistryClient
+    from .registry.credentials import CredentialStore
+    return RegistryClient(credentials=CredentialStore(),
+                          insecure_registries=list(cfg.insecure_registries) + args.insecure_registry)
+
+
+def _progress(args):
+    from .progress import TextProgress
+    return TextProgress(sys.stderr)
+
+
+def _local_cache(args, cfg):
+    from .cache import Cache
+    return Cache(Path(args.cache_dir), node=cfg.node)
+
+
+def _entry_json(e) -> dict:
+    return {"digest": e.digest, "path": str(e.path), "size": e.size, "last_used": e.last_used,
+            "reference": e.reference, "meta": e.meta}
+
+
+def cmd_convert(args, cfg) -> int:
+    from .pull import convert_to_file
+    out = Path(args.output)
+    if out.is_dir():
+        raise InvalidArgument(f"{out} is a directory; give a file name with -o")
+    prog = _progress(args)
+    try:
+        meta = convert_to_file(_client(args, cfg), args.reference, out, _pull_options(args, cfg), prog)
+    finally:
+        prog.close()
+    if args.json:
+        print(json.dumps(meta, indent=1, sort_keys=True))
+    else:
+        print(f"{meta['digest']} {out}")
+    return 0
+
+
+def _daemon_client(args, cfg):
+    from .client import DaemonClient
+    return DaemonClient(args.socket or str(cfg.socket))
+
+
+def cmd_pull(args, cfg) -> int:
+    prog = _progress(args)
+    try:
+        if args.cache_dir:
+            from .pull import pull_to_cache
+            entry = pull_to_cache(_client(args, cfg), _local_cache(args, cfg), args.reference,
+                                  _pull_options(args, cfg), prog)
+            result = _entry_json(entry)
+        else:
+            result = _daemon_client(args, cfg).pull(args.reference, platform=args.platform,
+                                                    progress=prog)
+    finally:
+        prog.close()
+    if args.json:
+        print(json.dumps(result, indent=1, sort_keys=True, default=str))
+    else:
+        print(f"{result['digest']} {result['path']}")
+    return 0
+
+
+def _listing(args, cfg) -> List[dict]:
+    if args.cache_dir:
+        cache = _local_cache(args, cfg)
+        leases = {}
+        for le in cache.iter_leases():
+            leases.setdefault(le.digest, []).append(f"{le.holder}@{le.node}")
+        return [dict(_entry_json(e), users=leases.get(e.digest, [])) for e in cache.list()]
+    return _daemon_client(args, cfg).list()
+
+
+def cmd_ls(args, cfg) -> int:
+    rows = _listing(args, cfg)
+    if args.json:
+        print(json.dumps(rows, indent=1, sort_keys=True, default=str))
+        return 0
+    print(f"{'DIGEST':<19} {'SIZE':>10} {'LAST USE':>10}  {'USED BY':<20} REFERENCE")
+    for r in sorted(rows, key=lambda r: -(r.get("last_used") or 0)):
+        users = ",".join(r.get("users") or []) or "-"
+        print(f"{r['digest'][:19]:<19} {_human(r['size']):>10} {_age(r.get('last_used')):>10}  "
+              f"{users[:20]:<20} {r.get('reference', '')}")
+    return 0
+
+
+def _full_digest(args, cfg, prefix: str) -> str:
+    if prefix.startswith("sha256:") and len(prefix) == 71:
+        return prefix
+    matches = [r["digest"] for r in _listing(args, cfg) if r["digest"].startswith(prefix)
+               or r["digest"].split(":", 1)[-1].startswith(prefix)]
+    if len(matches) != 1:
+        raise InvalidArgument(f"{prefix!r} matches {len(matches)} cached images; give more of the digest")
+    return matches[0]
+
+
+def cmd_inspect(args, cfg) -> int:
+    digest = _full_digest(args, cfg, args.digest)
+    if args.cache_dir:
+        from .errors import NotFound
+        e = _local_cache(args, cfg).get(digest)
+        if e is None:
+            raise NotFound(f"image {digest} is not in the cache")
+        info = _entry_json(e)
+    else:
+        info = _daemon_client(args, cfg).inspect(digest)
+    print(json.dumps(info, indent=1, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_rm(args, cfg) -> int:
+    for d in args.digests:
+        digest = _full_digest(args, cfg, d)
+        if args.cache_dir:
+            _local_cache(args, cfg).remove(digest)
+        else:
+            _daemon_client(args, cfg).remove(digest)
+        if not args.json:
+            print(f"removed {digest}")
+    return 0
+
+
+def cmd_prune(args, cfg) -> int:
+    quota = parse_size(args.quota, "--quota") if args.quota else None
+    if args.cache_dir:
+        removed = [_entry_json(e) for e in _local_cache(args, cfg).prune(quota=quota)]
+    else:
+        removed = _daemon_client(args, cfg).prune(quota=quota)
+    if args.json:
+        print(json.dumps(removed, indent=1, sort_keys=True, default=str))
+    else:
+        for r in removed:
+            print(f"removed {r['digest']} ({_human(r['size'])})")
+        print(f"freed {_human(sum(r['size'] for r in removed))}")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "pull": cmd_pull, "ls": cmd_ls, "inspect": cmd_inspect,
+            "rm": cmd_rm, "prune": cmd_prune}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.setup({0: "warning", 1: "info"}.get(args.verbose, "debug"))
+    try:
+        cfg = load_config(args.config)
+        return COMMANDS[args.command](args, cfg)
+    except OciImageError as e:
+        print(f"oci-image: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("oci-image: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    except Exception as e:  # an entry point never shows a traceback unless asked to
+        log.debug("internal error", exc_info=True)
+        print(f"oci-image: internal error: {type(e).__name__}: {e} (run with -vv for details)",
+              file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The daemon and CLI configuration file (INI), with clear errors for bad values.
+
+Default path /etc/oci-image/oci-image.conf; every key is optional. See
+docs/configuration.md for the meaning of each key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from .errors import ConfigError
+
+DEFAULT_PATH = "/etc/oci-image/oci-image.conf"
+COMPRESSORS = ("zstd", "gzip", "xz", "lz4", "lzo", "lzma")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*$")
+
+
+def parse_size(text: str, what: str) -> int:
+    """'200G', '1.5T', '500M', '1024' -> bytes (powers of 1024, as admins expect from df -h)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ConfigError(f"{what}: {text!r} is not a size (examples: 500M, 200G, 2T)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+def _split_list(text: str) -> List[str]:
+    return [x for x in re.split(r"[,\s]+", text.strip()) if x]
+
+
+@dataclass
+class Config:
+    cache_dir: Path = Path("/var/lib/oci-image/cache")
+    quota: Optional[int] = None
+    lease_ttl: float = 600.0
+    socket: Path = Path("/run/oci-image/oci-imaged.sock")
+    runtime_dir: Path = Path("/run/oci-image")
+    node: str = field(default_factory=socket.gethostname)
+    metrics: Optional[Tuple[str, int]] = None
+    log_level: str = "warning"
+    mount_idle: float = 60.0
+    insecure_registries: List[str] = field(default_factory=list)
+    trusted_squashfs: List[str] = field(default_factory=list)
+    publish_to: Optional[str] = None
+    compression: str = "zstd"
+    level: int = 3
+    jobs: int = 0
+    source: Optional[Path] = None
+
+
+_KNOWN: Dict[str, Tuple[str, ...]] = {
+    "cache": ("dir", "quota", "lease_ttl"),
+    "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle"),
+    "registries": ("insecure", "trusted_squashfs", "publish_to"),
+    "squash": ("compression", "level", "jobs"),
+}
+
+
+def _float(sec: str, key: str, text: str, minimum: float = 0.0) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise ConfigError(f"[{sec}] {key}: {text!r} is not a number") from None
+    if v < minimum:
+        raise ConfigError(f"[{sec}] {key}: must be at least {minimum}")
+    return v
+
+
+def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -> Config:
+    """Read the config file; a missing default file means all defaults."""
+    p = Path(path or os.environ.get("OCI_IMAGE_CONFIG") or DEFAULT_PATH)
+    cfg = Config()
+    if not p.exists():
+        if required or path is not None:
+            raise ConfigError(f"config file {p} does not exist")
+        return cfg
+    parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+    try:
+        with open(p, encoding="utf-8") as f:
+            parser.read_file(f)
+    except configparser.Error as e:
+        raise ConfigError(f"{p}: {e.message.splitlines()[0] if hasattr(e, 'message') else e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    cfg.source = p
+    for sec in parser.sections():
+        if sec not in _KNOWN:
+            raise ConfigError(f"{p}: unknown section [{sec}] (known: {', '.join(_KNOWN)})")
+        for key in parser[sec]:
+            if key not in _KNOWN[sec]:
+                raise ConfigError(f"{p}: unknown key {key!r} in [{sec}] "
+                                  f"(known: {', '.join(_KNOWN[sec])})")
+    g = parser.get
+    try:
+        if parser.has_option("cache", "dir"):
+            cfg.cache_dir = Path(g("cache", "dir"))
+        if parser.has_option("cache", "quota"):
+            q = g("cache", "quota").strip()
+            cfg.quota = None if q in ("", "none", "0") else parse_size(q, "[cache] quota")
+        if parser.has_option("cache", "lease_ttl"):
+            cfg.lease_ttl = _float("cache", "lease_ttl", g("cache", "lease_ttl"), 10)
+        if parser.has_option("daemon", "socket"):
+            cfg.socket = Path(g("daemon", "socket"))
+        if parser.has_option("daemon", "runtime_dir"):
+            cfg.runtime_dir = Path(g("daemon", "runtime_dir"))
+        if parser.has_option("daemon", "node"):
+            cfg.node = g("daemon", "node").strip()
+        if parser.has_option("daemon", "metrics"):
+            cfg.metrics = parse_listen(g("daemon", "metrics"))
+        if parser.has_option("daemon", "log_level"):
+            lvl = g("daemon", "log_level").strip().lower()
+            if lvl not in ("debug", "info", "warning", "error"):
+                raise ConfigError(f"[daemon] log_level: {lvl!r} is not one of debug, info, warning, error")
+            cfg.log_level = lvl
+        if parser.has_option("daemon", "mount_idle"):
+            cfg.mount_idle = _float("daemon", "mount_idle", g("daemon", "mount_idle"))
+        if parser.has_option("registries", "insecure"):
+            cfg.insecure_registries = _split_list(g("registries", "insecure"))
+        if parser.has_option("registries", "trusted_squashfs"):
+            cfg.trusted_squashfs = _split_list(g("registries", "trusted_squashfs"))
+        if parser.has_option("registries", "publish_to"):
+            cfg.publish_to = g("registries", "publish_to").strip() or None
+        if parser.has_option("squash", "compression"):
+            cfg.compression = g("squash", "compression").strip()
+        if parser.has_option("squash", "level"):
+            cfg.level = int(_float("squash", "level", g("squash", "level"), 1))
+        if parser.has_option("squash", "jobs"):
+            cfg.jobs = int(_float("squash", "jobs", g("squash", "jobs"), 0))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e.message}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.compression not in COMPRESSORS:
+        raise ConfigError(f"[squash] compression: {cfg.compression!r} is not one of {', '.join(COMPRESSORS)}")
+    if cfg.compression == "zstd" and not 1 <= cfg.level <= 22:
+        raise ConfigError(f"[squash] level: zstd levels are 1 to 22, not {cfg.level}")
+    if not cfg.cache_dir.is_absolute():
+        raise ConfigError(f"[cache] dir: {cfg.cache_dir} must be an absolute path")
+    if not cfg.node or "/" in cfg.node:
+        raise ConfigError(f"[daemon] node: {cfg.node!r} is not a usable node name")
+
+
+def parse_listen(text: str) -> Optional[Tuple[str, int]]:
+    text = text.strip()
+    if text in ("", "off", "no", "none"):
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    try:
+        p = int(port)
+    except ValueError:
+        p = -1
+    if not 0 < p < 65536:
+        raise ConfigError(f"[daemon] metrics: {text!r} is not HOST:PORT")
+    return (host.strip("[]") or "127.0.0.1", p)
