@@ -1,0 +1,814 @@
+"""Pull side of the OCI Distribution Spec, on requests.
+
+Every byte taken from a registry is checked against a digest before use:
+manifests by the digest they were asked for (or, by tag, against the
+Docker-Content-Digest header), blobs while streaming. Redirects are
+followed here rather than by requests, so that Authorization only ever goes
+to the registry's own origin and never to blob storage it redirects to.
+
+The request core (_request: auth, retries, redirects; _raise_for: error
+mapping) is method-agnostic and takes token scopes, so a push side (blob
+upload, manifest PUT, cross-repo mount with `pull,push` scopes) can be added
+as more methods on this class.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Union)
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import urllib3
+
+from .. import __version__
+from ..digests import ALGORITHMS, VerifyingReader, is_valid_digest, validate_digest
+from ..errors import (AccessDenied, AuthenticationRequired, DigestMismatch, LimitExceeded,
+                      NotFound, OciImageError, PlatformNotFound, RegistryProtocolError,
+                      RegistryUnavailable, UnsupportedMediaType)
+from ..reference import Reference
+from . import mediatypes as mt
+from .auth import Authenticator, read_limited, repository_scope
+from .credentials import Credentials
+from .platform import Platform, host_platform, select_platform
+
+log = logging.getLogger("ociimage.registry")
+
+MAX_MANIFEST_SIZE = 4 << 20
+MAX_CONFIG_SIZE = 8 << 20
+MAX_ERROR_BODY = 64 << 10
+MAX_REDIRECTS = 10
+READ_CHUNK = 64 << 10
+MAX_BACKOFF = 30.0
+DEFAULT_USER_AGENT = f"slurm-oci-image/{__version__} python-requests/{requests.__version__}"
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_REGISTRY = "registry-1.docker.io"
+
+_RETRY_STATUSES = {429, 500, 502, 503, 504}
+_REDIRECT_STATUSES = {301, 302, 303, 307, 308}
+_NOT_FOUND_CODES = {"MANIFEST_UNKNOWN", "NAME_UNKNOWN", "BLOB_UNKNOWN"}
+# Errors raised by requests/urllib3/sockets while a response body streams.
+_STREAM_ERRORS = (requests.RequestException, urllib3.exceptions.HTTPError, OSError)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _url_for_log(url: str) -> str:
+    # Pre-signed storage URLs carry signatures in the query string.
+    p = urlsplit(url)
+    return f"{p.scheme}://{p.netloc}{p.path}"
+
+
+def _origin(url: str):
+    p = urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return (p.scheme.lower(), (p.hostname or "").lower(), port)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, secret-free reason for a transport error (its text may embed URLs)."""
+    text = str(exc)
+    for needle, reason in (("Connection refused", "connection refused"),
+                           ("timed out", "timed out"), ("Read timed out", "timed out"),
+                           ("Name or service not known", "host name not found"),
+                           ("nodename nor servname", "host name not found"),
+                           ("Temporary failure in name resolution", "host name not found"),
+                           ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
+                           ("Connection reset", "connection reset"),
+                           ("IncompleteRead", "connection closed mid-transfer"),
+                           ("RemoteDisconnected", "connection closed by the server"),
+                           ("Connection aborted", "connection aborted")):
+        if needle in text:
+            return reason
+    if isinstance(exc, requests.exceptions.SSLError):
+        return "TLS error"
+    return type(exc).__name__
+
+
+class _NoAuth(requests.auth.AuthBase):
+    """Passed as auth= so requests does not add ~/.netrc credentials on its own."""
+
+    def __call__(self, r):
+        return r
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    media_type: str
+    digest: str
+    size: int
+    urls: tuple = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    platform: Optional[Platform] = None
+    artifact_type: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "descriptor") -> "Descriptor":
+        if not isinstance(d, dict):
+            raise RegistryProtocolError(f"{where}: descriptor is not a JSON object")
+        media_type = d.get("mediaType")
+        if not isinstance(media_type, str) or not media_type:
+            raise RegistryProtocolError(f"{where}: descriptor has no mediaType")
+        digest = validate_digest(d.get("digest"), what=f"digest in {where}",
+                                 error=RegistryProtocolError)
+        size = d.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise RegistryProtocolError(f"{where}: descriptor {digest} has no valid size")
+        urls = d.get("urls") or ()
+        annotations = d.get("annotations") or {}
+        artifact_type = d.get("artifactType")
+        return cls(media_type=media_type, digest=digest, size=size,
+                   urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
+                   annotations=annotations if isinstance(annotations, dict) else {},
+                   platform=Platform.from_dict(d.get("platform")) if "platform" in d else None,
+                   artifact_type=artifact_type if isinstance(artifact_type, str) else None)
+
+    def to_dict(self) -> dict:
+        d: Dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.urls:
+            d["urls"] = list(self.urls)
+        if self.annotations:
+            d["annotations"] = dict(self.annotations)
+        if self.platform:
+            d["platform"] = self.platform.to_dict()
+        if self.artifact_type:
+            d["artifactType"] = self.artifact_type
+        return d
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    digest: str
+    raw: bytes = field(repr=False)
+    data: dict = field(repr=False)
+
+    @property
+    def is_index(self) -> bool:
+        return mt.is_index(self.media_type)
+
+    @property
+    def manifests(self) -> List[Descriptor]:
+        """The entries of an index (empty for an image manifest)."""
+        if not self.is_index:
+            return []
+        return [Descriptor.from_dict(d, f"index {self.digest}") for d in self.data["manifests"]]
+
+    @property
+    def config(self) -> Descriptor:
+        if self.is_index:
+            raise RegistryProtocolError(f"{self.digest} is an index, not an image manifest")
+        return Descriptor.from_dict(self.data["config"], f"config of manifest {self.digest}")
+
+    @property
+    def layers(self) -> List[Descriptor]:
+        if self.is_index:
+            raise RegistryProtocolError(f"{self.digest} is an index, not an image manifest")
+        return [Descriptor.from_dict(d, f"layer of manifest {self.digest}")
+                for d in self.data["layers"]]
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    #: the image reference pinned to the platform manifest's digest (tag kept)
+    reference: Reference
+    manifest: Manifest
+    #: digest of the index the manifest was chosen from, None for a single-platform image
+    index_digest: Optional[str]
+    config_descriptor: Descriptor
+    config: dict = field(repr=False)
+    layers: List[Descriptor] = field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def platform(self) -> Platform:
+        c = self.config
+        return Platform(str(c.get("os", "")), str(c.get("architecture", "")),
+                        c.get("variant") if isinstance(c.get("variant"), str) else None)
+
+
+CredentialSource = Union[None, Callable[[str], Optional[Credentials]], Any]
+
+
+class RegistryClient:
+    """A client for one user's view of registries (one credential source).
+
+    credentials: None (anonymous), an object with .get(domain) (a
+    CredentialStore, StaticCredentials or a dict of domain -> Credentials),
+    or a callable domain -> Credentials.
+    """
+
+    def __init__(self, credentials: CredentialSource = None,
+                 insecure_registries: Iterable[str] = (), timeout: float = 30,
+                 retries: int = 5, backoff: float = 0.5, user_agent: str = DEFAULT_USER_AGENT,
+                 *, verify: Union[bool, str] = True, session: Optional[requests.Session] = None,
+                 max_retry_after: float = 60.0, max_manifest_size: int = MAX_MANIFEST_SIZE):
+        self.timeout = timeout
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.user_agent = user_agent
+        self.max_retry_after = max_retry_after
+        self.max_manifest_size = max_manifest_size
+        self.session = session or requests.Session()
+        self.session.verify = verify
+        self._insecure_names = set()
+        self._insecure_nets = []
+        for entry in insecure_registries:
+            entry = entry.strip().lower()
+            for scheme in ("http://", "https://"):
+                if entry.startswith(scheme):
+                    entry = entry[len(scheme):]
+            entry = entry.rstrip("/")
+            try:
+                if "/" in entry:
+                    self._insecure_nets.append(ipaddress.ip_network(entry, strict=False))
+                    continue
+            except ValueError:
+                pass
+            self._insecure_names.add(entry)
+        if credentials is None:
+            lookup: Callable[[str], Optional[Credentials]] = lambda domain: None
+        elif callable(credentials) and not hasattr(credentials, "get"):
+            lookup = credentials
+        else:
+            lookup = credentials.get
+        self.auth = Authenticator(self._fetch_plain, lookup,
+                                  may_send_secrets_to=self._may_send_secrets_to)
+
+    # -- context manager -------------------------------------------------
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "RegistryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- addressing ------------------------------------------------------
+
+    @staticmethod
+    def _hostname(domain: str) -> str:
+        return (urlsplit("//" + domain).hostname or "").lower()
+
+    def is_plain_http(self, domain: str) -> bool:
+        """Loopback registries and configured insecure registries speak plain http."""
+        domain = domain.lower()
+        host = self._hostname(domain)
+        if host == "localhost" or host.endswith(".localhost"):
+            return True
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            ip = None
+        if ip is not None and ip.is_loopback:
+            return True
+        if domain in self._insecure_names or host in self._insecure_names:
+            return True
+        return ip is not None and any(ip in net for net in self._insecure_nets)
+
+    def base_url(self, domain: str) -> str:
+        host = DOCKER_HUB_REGISTRY if domain == DOCKER_HUB else domain
+        return ("http://" if self.is_plain_http(domain) else "https://") + host
+
+    def _may_send_secrets_to(self, url: str) -> bool:
+        p = urlsplit(url)
+        if p.scheme.lower() == "https":
+            return True
+        return self.is_plain_http(p.netloc)
+
+    # -- transport -------------------------------------------------------
+
+    def _backoff_delay(self, attempt: int) -> float:
+        base = min(MAX_BACKOFF, self.backoff * (2 ** attempt))
+        return base + random.uniform(0, base / 2)
+
+    def _retry_after(self, resp: requests.Response) -> Optional[float]:
+        value = resp.headers.get("Retry-After")
+        if not value:
+            return None
+        value = value.strip()
+        if value.isdigit():
+            delay = float(value)
+        else:
+            try:
+                when = parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when is None:
+                return None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            delay = (when - datetime.now(timezone.utc)).total_seconds()
+        # a registry asking for an hour should fail the pull rather than hang it
+        return max(0.0, min(delay, self.max_retry_after))
+
+    def _send(self, method: str, url: str, headers: Mapping[str, str], *,
+              params=None, data=None) -> requests.Response:
+        """One exchange, following redirects by hand.
+
+        Authorization is kept only while the URL stays on the origin it was
+        meant for; blob storage behind a redirect never sees it.
+        """
+        origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            h = dict(headers)
+            if _origin(url) != origin:
+                h.pop("Authorization", None)
+            resp = self.session.request(method, url, headers=h, params=params, data=data,
+                                        stream=True, timeout=self.timeout,
+                                        allow_redirects=False, auth=_NoAuth())
+            log.debug("%s %s -> %d", method, _url_for_log(url), resp.status_code)
+            location = resp.headers.get("Location")
+            if resp.status_code not in _REDIRECT_STATUSES or not location:
+                return resp
+            resp.close()
+            new_url = urljoin(resp.url, location)
+            if urlsplit(new_url).scheme.lower() not in ("http", "https"):
+                raise RegistryProtocolError(f"{_origin(url)[1]} redirected to a non-http URL")
+            if resp.status_code == 303 and method not in ("GET", "HEAD"):
+                method, data = "GET", None
+            # the query is now part of the new URL
+            url, params = new_url, None
+        raise RegistryProtocolError(f"too many redirects from {origin[1]}")
+
+    def _fetch_plain(self, method: str, url: str, *, headers=None, params=None,
+                     data=None) -> requests.Response:
+        """A request outside registry auth (token realms), with retries."""
+        attempt = 0
+        while True:
+            h = {"User-Agent": self.user_agent}
+            h.update(headers or {})
+            try:
+                resp = self._send(method, url, h, params=params, data=data)
+            except requests.RequestException as e:
+                if attempt >= self.retries:
+                    raise RegistryUnavailable(f"cannot reach {urlsplit(url).netloc}: "
+                                              f"{_describe(e)}") from None
+                time.sleep(self._backoff_delay(attempt))
+                attempt += 1
+                continue
+            if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
+                delay = self._retry_after(resp)
+                resp.close()
+                time.sleep(delay if delay is not None else self._backoff_delay(attempt))
+                attempt += 1
+                continue
+            return resp
+
+    def _request(self, method: str, domain: str, path: str, scopes: Sequence[str],
+                 headers: Optional[Mapping[str, str]] = None, *, data=None) -> requests.Response:
+        """A registry API request with auth, retries on 5xx/429/connection errors.
+
+        Returns the final response, whatever its status; the caller maps
+        errors with _raise_for and must close it.
+        """
+        url = self.base_url(domain) + path
+        authorization = self.auth.cached_authorization(domain, scopes)
+        auth_retried = False
+        attempt = 0
+        while True:
+            h = {"User-Agent": self.user_agent}
+            h.update(headers or {})
+            if authorization:
+                h["Authorization"] = authorization
+            try:
+                resp = self._send(method, url, h, data=data)
+            except requests.RequestException as e:
+                if attempt >= self.retries:
+                    raise RegistryUnavailable(f"cannot reach registry {domain}: "
+                                              f"{_describe(e)}") from None
+                delay = self._backoff_delay(attempt)
+                log.debug("%s %s failed (%s); retrying in %.2fs", method, domain,
+                          _describe(e), delay)
+                time.sleep(delay)
+                attempt += 1
+                continue
+            if resp.status_code == 401 and not auth_retried:
+                auth_retried = True
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.close()
+                new = self.auth.authorize(domain, scopes, challenge, sent=authorization)
+                if new is None:
+                    raise self._auth_error(domain, scopes, anonymous=True)
+                authorization = new
+                continue
+            if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
+                delay = self._retry_after(resp)
+                if delay is None:
+                    delay = self._backoff_delay(attempt)
+                log.debug("%s %s: HTTP %d; retrying in %.2fs", method, domain,
+                          resp.status_code, delay)
+                resp.close()
+                time.sleep(delay)
+                attempt += 1
+                continue
+            return resp
+
+    # -- errors ----------------------------------------------------------
+
+    def _scrub(self, domain: str, text: str) -> str:
+        creds = self.auth.credentials(domain)
+        for secret in (creds.secrets() if creds else []):
+            text = text.replace(secret, "***")
+        return text
+
+    @staticmethod
+    def _repo_of(scopes: Sequence[str]) -> str:
+        for s in scopes:
+            parts = s.split(":")
+            if len(parts) >= 3 and parts[0] == "repository":
+                return ":".join(parts[1:-1])
+        return ""
+
+    def _auth_error(self, domain: str, scopes: Sequence[str], *, anonymous: bool) -> OciImageError:
+        repo = self._repo_of(scopes)
+        where = f"{domain}/{repo}" if repo else domain
+        if anonymous or not self.auth.credentials(domain):
+            return AuthenticationRequired(
+                f"authentication required for {where}: log in with `docker login {domain}` "
+                f"or provide credentials in ~/.docker/config.json")
+        ch = self.auth._challenges.get(domain)
+        if ch is not None and ch.scheme == "bearer":
+            # the token server took the credentials but the token grants no access
+            return AccessDenied(f"access denied to {where}: the credentials for {domain} "
+                                f"do not grant pull access (or the repository does not exist)")
+        return AuthenticationRequired(
+            f"the credentials for {domain} were rejected for {where}: log in again with "
+            f"`docker login {domain}` or fix ~/.docker/config.json")
+
+    def _raise_for(self, resp: requests.Response, domain: str, scopes: Sequence[str],
+                   not_found: str, what: str) -> None:
+        """Raise the typed error for a non-success response (and close it)."""
+        status = resp.status_code
+        code, message = "", ""
+        try:
+            if resp.request is not None and resp.request.method != "HEAD":
+                body = read_limited(resp, MAX_ERROR_BODY)
+                if body:
+                    try:
+                        errors = json.loads(body).get("errors")
+                    except (ValueError, AttributeError):
+                        errors = None
+                    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
+                        code = str(errors[0].get("code") or "")
+                        message = str(errors[0].get("message") or "")
+        except _STREAM_ERRORS:
+            pass
+        finally:
+            resp.close()
+        message = self._scrub(domain, _one_line(message))
+        code = _one_line(code, 40)
+        detail = f": {message}" if message else ""
+        repo = self._repo_of(scopes)
+        where = f"{domain}/{repo}" if repo else domain
+        if status == 401:
+            raise self._auth_error(domain, scopes, anonymous=False)
+        if status == 403 or code == "DENIED":
+            raise AccessDenied(f"access denied to {where}{detail}")
+        if status == 404 or code in _NOT_FOUND_CODES:
+            raise NotFound(not_found)
+        if status == 429 or code == "TOOMANYREQUESTS":
+            raise RegistryUnavailable(f"registry {domain} is rate limiting requests "
+                                      f"(HTTP 429): try again later")
+        if status >= 500:
+            raise RegistryUnavailable(f"registry {domain} failed on {what} (HTTP {status}){detail}")
+        code_text = f" {code}" if code else ""
+        raise RegistryProtocolError(f"registry {domain} answered HTTP {status}{code_text} "
+                                    f"to {what}{detail}")
+
+    # -- API -------------------------------------------------------------
+
+    def ping(self, domain: str) -> bool:
+        """True when `domain` answers as a v2 registry (200, or 401 with a challenge)."""
+        resp = self._fetch_plain("GET", self.base_url(domain) + "/v2/")
+        try:
+            if resp.status_code == 200:
+                return True
+            if resp.status_code == 401 and resp.headers.get("WWW-Authenticate"):
+                return True
+        finally:
+            resp.close()
+        if resp.status_code in _RETRY_STATUSES:
+            raise RegistryUnavailable(f"registry {domain} failed (HTTP {resp.status_code})")
+        raise RegistryProtocolError(f"{domain} does not look like an OCI registry "
+                                    f"(GET /v2/ answered HTTP {resp.status_code})")
+
+    @staticmethod
+    def pull_scopes(ref: Reference) -> List[str]:
+        return [repository_scope(ref.path, ("pull",))]
+
+    def get_manifest(self, ref: Reference, accept: str = mt.ACCEPT, *,
+                     expected: Optional[Descriptor] = None) -> Manifest:
+        """Fetch and verify the manifest or index `ref` names (its digest, else its tag)."""
+        scopes = self.pull_scopes(ref)
+        path = f"/v2/{ref.path}/manifests/{ref.identifier}"
+        attempt = 0
+        while True:
+            resp = self._request("GET", ref.domain, path, scopes, {"Accept": accept})
+            if resp.status_code != 200:
+                self._raise_for(resp, ref.domain, scopes, f"image not found: {ref.familiar()}",
+                                f"the manifest request for {ref.familiar()}")
+            try:
+                length = resp.headers.get("Content-Length", "")
+                if length.isdigit() and int(length) > self.max_manifest_size:
+                    raise LimitExceeded(f"manifest of {ref.familiar()} is {int(length)} bytes, "
+                                        f"over the {self.max_manifest_size} byte limit")
+                raw = read_limited(resp, self.max_manifest_size)
+                if raw is None:
+                    raise LimitExceeded(f"manifest of {ref.familiar()} is over the "
+                                        f"{self.max_manifest_size} byte limit")
+                content_type = mt.base_type(resp.headers.get("Content-Type", ""))
+                header_digest = resp.headers.get("Docker-Content-Digest")
+            except _STREAM_ERRORS as e:
+                if attempt >= self.retries:
+                    raise RegistryUnavailable(f"reading the manifest of {ref.familiar()} "
+                                              f"kept failing: {_describe(e)}") from None
+                time.sleep(self._backoff_delay(attempt))
+                attempt += 1
+                continue
+            finally:
+                resp.close()
+            return self._parse_manifest(ref, raw, content_type, header_digest, expected)
+
+    def _parse_manifest(self, ref: Reference, raw: bytes, content_type: str,
+                        header_digest: Optional[str], expected: Optional[Descriptor]) -> Manifest:
+        name = ref.familiar()
+        if ref.digest:
+            algorithm = ref.digest.split(":", 1)[0]
+            actual = f"{algorithm}:{ALGORITHMS[algorithm](raw).hexdigest()}"
+            if actual != ref.digest:
+                raise DigestMismatch(f"manifest of {name}: content digest is {actual}, "
+                                     f"expected {ref.digest}")
+            digest = ref.digest
+        else:
+            digest = "sha256:" + ALGORITHMS["sha256"](raw).hexdigest()
+            if header_digest and is_valid_digest(header_digest.strip()):
+                header_digest = header_digest.strip()
+                algorithm = header_digest.split(":", 1)[0]
+                actual = f"{algorithm}:{ALGORITHMS[algorithm](raw).hexdigest()}"
+                if actual != header_digest:
+                    raise DigestMismatch(f"manifest of {name}: content digest is {actual}, "
+                                         f"but the registry announced {header_digest}")
+            elif header_digest:
+                log.debug("ignoring malformed Docker-Content-Digest for %s", name)
+        if expected is not None and expected.size != len(raw):
+            raise DigestMismatch(f"manifest {digest} of {name} is {len(raw)} bytes, "
+                                 f"the index says {expected.size}")
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise RegistryProtocolError(f"manifest of {name} is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise RegistryProtocolError(f"manifest of {name} is not a JSON object")
+        if data.get("schemaVersion") == 1 or content_type in mt.SCHEMA1_TYPES:
+            raise UnsupportedMediaType(f"{name} is a Docker schema 1 image, which is not "
+                                       f"supported: re-push it with a current docker or podman")
+        if "layers" in data and "manifests" in data:
+            # CVE-2021-41190: an ambiguous document could be read as either kind
+            raise RegistryProtocolError(f"manifest of {name} is ambiguous: it has both "
+                                        f"'layers' and 'manifests'")
+        declared = data.get("mediaType")
+        if declared is not None and not isinstance(declared, str):
+            raise RegistryProtocolError(f"manifest of {name} has an invalid mediaType")
+        specific_ct = content_type in mt.ALL_MANIFEST_TYPES or content_type.startswith(
+            "application/vnd.")
+        if declared and specific_ct and content_type != declared:
+            raise RegistryProtocolError(f"manifest of {name} is served as {content_type} but "
+                                        f"declares mediaType {declared}")
+        media_type = declared or (content_type if specific_ct else "")
+        if not media_type:
+            if isinstance(data.get("manifests"), list):
+                media_type = mt.OCI_INDEX
+            elif "config" in data and "layers" in data:
+                media_type = mt.OCI_MANIFEST
+        if media_type not in mt.ALL_MANIFEST_TYPES:
+            raise UnsupportedMediaType(f"{name} has unsupported manifest type "
+                                       f"'{_one_line(media_type, 100) or 'unknown'}'")
+        if mt.is_index(media_type):
+            if not isinstance(data.get("manifests"), list) or "config" in data:
+                raise RegistryProtocolError(f"index of {name} is malformed")
+        else:
+            if not isinstance(data.get("config"), dict) or not isinstance(data.get("layers"), list):
+                raise RegistryProtocolError(f"manifest of {name} is malformed: it needs "
+                                            f"'config' and 'layers'")
+        if expected is not None and expected.media_type in mt.ALL_MANIFEST_TYPES \
+                and expected.media_type != media_type:
+            raise RegistryProtocolError(f"manifest {digest} of {name} is {media_type}, "
+                                        f"the index says {expected.media_type}")
+        return Manifest(media_type=media_type, digest=digest, raw=raw, data=data)
+
+    def resolve_digest(self, ref: Reference) -> str:
+        """Tag -> digest cheaply (HEAD); the digest of whatever the tag names (index or manifest)."""
+        if ref.digest:
+            return ref.digest
+        scopes = self.pull_scopes(ref)
+        resp = self._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{ref.identifier}",
+                             scopes, {"Accept": mt.ACCEPT})
+        if resp.status_code == 200:
+            digest = (resp.headers.get("Docker-Content-Digest") or "").strip()
+            resp.close()
+            if is_valid_digest(digest):
+                return digest
+            log.debug("no usable Docker-Content-Digest on HEAD for %s; using GET", ref.familiar())
+        elif resp.status_code in (405, 501):
+            resp.close()
+        else:
+            self._raise_for(resp, ref.domain, scopes, f"image not found: {ref.familiar()}",
+                            f"the manifest request for {ref.familiar()}")
+        return self.get_manifest(ref).digest
+
+    def resolve(self, ref: Reference, platform: Optional[Platform] = None) -> ResolvedImage:
+        """Follow `ref` to the image manifest for `platform` (default: this host) and its config."""
+        want = platform or host_platform()
+        manifest = self.get_manifest(ref)
+        index_digest = None
+        image_ref = ref
+        if manifest.is_index:
+            index_digest = manifest.digest
+            candidates = []
+            for desc in manifest.manifests:
+                if desc.media_type in mt.MANIFEST_TYPES:
+                    candidates.append((desc.platform, desc))
+            chosen = select_platform(want, candidates)
+            image_ref = ref.with_digest(chosen.digest)
+            log.debug("%s: chose %s for %s", ref.familiar(), chosen.digest, want)
+            manifest = self.get_manifest(image_ref, accept=mt.ACCEPT, expected=chosen)
+            if manifest.is_index:
+                raise RegistryProtocolError(f"{ref.familiar()}: nested image indexes are "
+                                            f"not supported")
+        else:
+            image_ref = ref.with_digest(manifest.digest)
+        config_desc = manifest.config
+        if config_desc.media_type not in mt.CONFIG_TYPES:
+            raise UnsupportedMediaType(f"{ref.familiar()} is not a container image (its config "
+                                       f"is {_one_line(config_desc.media_type, 100)})")
+        raw = self.fetch_blob(image_ref, config_desc, MAX_CONFIG_SIZE)
+        try:
+            config = json.loads(raw)
+        except ValueError:
+            raise RegistryProtocolError(f"config of {ref.familiar()} is not valid JSON") from None
+        if not isinstance(config, dict):
+            raise RegistryProtocolError(f"config of {ref.familiar()} is not a JSON object")
+        layers = manifest.layers
+        image = ResolvedImage(reference=image_ref, manifest=manifest, index_digest=index_digest,
+                              config_descriptor=config_desc, config=config, layers=layers)
+        if index_digest is None and config.get("os") and config.get("architecture"):
+            have = image.platform
+            if not want.can_run(have):
+                if platform is not None:
+                    raise PlatformNotFound(f"{ref.familiar()} is built for {have}, "
+                                           f"not {want}; available: {have}")
+                log.debug("%s is built for %s, this host is %s", ref.familiar(), have, want)
+        return image
+
+    def open_blob(self, ref: Reference, descriptor: Descriptor,
+                  on_bytes: Optional[Callable[[int], None]] = None) -> BinaryIO:
+        """A verified stream of a blob; resumes with Range after connection trouble.
+
+        The digest/size check happens when the stream is read to its end:
+        read it to EOF before trusting what was read.
+        """
+        stream = _BlobStream(self, ref, descriptor)
+        return VerifyingReader(stream, descriptor.digest, descriptor.size,  # type: ignore
+                               name=f"blob {descriptor.digest} of {ref.familiar()}",
+                               on_bytes=on_bytes)
+
+    def fetch_blob(self, ref: Reference, descriptor: Descriptor, max_size: int) -> bytes:
+        """A small blob (config, manifest-sized JSON) read fully and verified."""
+        if descriptor.size > max_size:
+            raise LimitExceeded(f"blob {descriptor.digest} of {ref.familiar()} is "
+                                f"{descriptor.size} bytes, over the {max_size} byte limit")
+        with self.open_blob(ref, descriptor) as f:
+            return f.read()
+
+
+class _BlobStream(io.RawIOBase):
+    """The raw bytes of a blob, reconnecting with Range after a failed read."""
+
+    def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor):
+        super().__init__()
+        self.client = client
+        self.ref = ref
+        self.descriptor = descriptor
+        self.scopes = client.pull_scopes(ref)
+        self.path = f"/v2/{ref.path}/blobs/{descriptor.digest}"
+        self.offset = 0
+        self.resp: Optional[requests.Response] = None
+        self.failures = 0
+        self.reconnects = 0
+        self._skip = 0
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def _connect(self) -> None:
+        headers = {"Accept-Encoding": "identity"}
+        if self.offset:
+            headers["Range"] = f"bytes={self.offset}-"
+        resp = self.client._request("GET", self.ref.domain, self.path, self.scopes, headers)
+        status = resp.status_code
+        if status == 206 and self.offset:
+            content_range = resp.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {self.offset}-"):
+                resp.close()
+                raise RegistryProtocolError(f"registry {self.ref.domain} answered a range "
+                                            f"request for {self.descriptor.digest} with the "
+                                            f"wrong range")
+        elif status == 200:
+            # the server ignored Range: drop what we already have
+            self._skip = self.offset
+        elif status == 416 and self.offset >= self.descriptor.size:
+            resp.close()
+            self._eof = True
+            return
+        else:
+            self.client._raise_for(resp, self.ref.domain, self.scopes,
+                                   f"blob {self.descriptor.digest} not found in "
+                                   f"{self.ref.domain}/{self.ref.path}",
+                                   f"the request for blob {self.descriptor.digest}")
+        self.resp = resp
+
+    def _failed(self, reason: str) -> None:
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
+        self.failures += 1
+        if self.failures > self.client.retries:
+            raise RegistryUnavailable(f"download of blob {self.descriptor.digest} from "
+                                      f"{self.ref.domain}/{self.ref.path} kept failing: {reason}")
+        delay = self.client._backoff_delay(self.failures - 1)
+        log.debug("blob %s: %s at offset %d; resuming in %.2fs", self.descriptor.digest,
+                  reason, self.offset, delay)
+        self.reconnects += 1
+        time.sleep(delay)
+
+    def readinto(self, b) -> int:
+        while True:
+            if self._eof:
+                return 0
+            try:
+                if self.resp is None:
+                    self._connect()
+                    if self._eof:
+                        return 0
+                assert self.resp is not None
+                if self._skip:
+                    junk = self.resp.raw.read(min(self._skip, READ_CHUNK), decode_content=True)
+                    if not junk:
+                        self._failed("premature end of stream")
+                        continue
+                    self._skip -= len(junk)
+                    continue
+                # small reads: urllib3 discards a partly filled read when the
+                # connection drops, and what was received is progress to keep
+                chunk = self.resp.raw.read(min(len(b), READ_CHUNK), decode_content=True)
+            except _STREAM_ERRORS as e:
+                self._failed(_describe(e))
+                continue
+            if not chunk:
+                if self.offset < self.descriptor.size:
+                    self._failed("premature end of stream")
+                    continue
+                self._eof = True
+                self.resp.close()
+                self.resp = None
+                return 0
+            self.offset += len(chunk)
+            self.failures = 0
+            b[:len(chunk)] = chunk
+            return len(chunk)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 20
+        buf = bytearray(n)
+        got = self.readinto(buf)
+        return bytes(buf[:got])
+
+    def close(self) -> None:
+        if self.resp is not None:
+            self.resp.close()
+            self.resp = None
+        super().close()
