@@ -127,7 +127,7 @@ def test_cred_helpers_and_store(env, tmp_path, caplog):
         "credsStore": "store",
         "auths": {"fails.example": {"auth": b64("fallback:fb-secret")}},
     })
-    s = CredentialStore(home=home, env=e)
+    s = CredentialStore(home=home, env=e, allow_helpers=True)
     with caplog.at_level(logging.DEBUG, logger="ociimage"):
         assert s.get("reg.example") == Credentials("helperuser", "helper-secret-1")
         assert s.get("docker.io") == Credentials("hub", "hub-secret-2")
@@ -170,7 +170,8 @@ def test_pull_with_stored_credentials(basic_registry, env, tmp_path, source):
         helper_script(bindir, "test", {reg.host: ["carol", PASSWORD]}, tmp_path / "calls")
         e["PATH"] = f"{bindir}:{e['PATH']}"
         write(home / ".docker/config.json", {"credHelpers": {reg.host: "test"}})
-    c = RegistryClient(credentials=CredentialStore(home=home, env=e), backoff=0.01)
+    store = CredentialStore(home=home, env=e, allow_helpers=True)
+    c = RegistryClient(credentials=store, backoff=0.01)
     assert c.get_manifest(parse_reference(f"{reg.host}/c/app:v1")).digest == img.manifest_digest
 
 
@@ -180,3 +181,16 @@ def test_pull_without_stored_credentials(basic_registry, env):
     c = RegistryClient(credentials=CredentialStore(home=home, env=e), backoff=0.01)
     with pytest.raises(AuthenticationRequired, match="docker login"):
         c.get_manifest(parse_reference(f"{reg.host}/c/app:v1"))
+
+
+def test_helpers_can_be_disabled(env, tmp_path):
+    home, e = env
+    bindir = tmp_path / "bin"
+    calls = tmp_path / "calls.log"
+    helper_script(bindir, "test", {"reg.example": ["u", "s"]}, calls)
+    e["PATH"] = f"{bindir}:{e['PATH']}"
+    write(home / ".docker/config.json", {"credHelpers": {"reg.example": "test"}})
+    assert CredentialStore(home=home, environ=e, allow_helpers=False).get("reg.example") is None
+    assert not calls.exists()
+    assert CredentialStore(home=home, environ=e, allow_helpers=True).get("reg.example") == \
+        Credentials("u", "s")

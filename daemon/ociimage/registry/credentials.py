@@ -79,8 +79,16 @@ class CredentialStore:
     """
 
     def __init__(self, home: Optional[os.PathLike] = None,
-                 env: Optional[Mapping[str, str]] = None, helper_timeout: float = 30.0):
+                 env: Optional[Mapping[str, str]] = None, helper_timeout: float = 30.0, *,
+                 environ: Optional[Mapping[str, str]] = None,
+                 allow_helpers: Optional[bool] = None):
+        if env is None:
+            env = environ  # alias used by callers that say "environ"
         self.env: Mapping[str, str] = dict(os.environ if env is None else env)
+        # A root daemon reading a user's config must not run programs that
+        # config names (with the user's HOME, as root): helpers are off for
+        # root unless asked for.
+        self.allow_helpers = (os.geteuid() != 0) if allow_helpers is None else allow_helpers
         if home is None:
             home = self.env.get("HOME") or Path.home()
         self.home = Path(home)
@@ -176,6 +184,9 @@ class CredentialStore:
         return creds if creds else None
 
     def _run_helper(self, helper: str, domain: str) -> Optional[Credentials]:
+        if not self.allow_helpers:
+            log.debug("not running credential helper for %s: helpers are disabled", domain)
+            return None
         if "/" in helper or helper.startswith("."):
             log.debug("ignoring credential helper with a path in its name")
             return None
