@@ -1,0 +1,1041 @@
+/*
+ * spank_oci_image.so - the thin SPANK shim of slurm-oci-image.
+ *
+ * All logic lives in the Python "step client" that this plugin execs; the
+ * plugin only registers options, runs the step client, and per task enters
+ * the step's pinned mount namespace (setns) and changes directory.
+ *
+ * plugstack.conf:
+ *   required /usr/lib/slurm/spank_oci_image.so step_client=/usr/libexec/oci-image-step \
+ *            [socket=/run/oci-image/oci-imaged.sock] [allow_sqfs=yes|no]
+ *            [default_mounts=SRC:DST[:ro|rw],...] [batch_in_image=no|yes]
+ *
+ * Step client contract (argv exactly as built below):
+ *   local  (srun/sbatch/salloc, as the user, the user's own environment):
+ *     STEP_CLIENT submit --image REF
+ *       exit 0: stdout one line "REF@sha256:<hex>"; exit != 0: stderr has the error.
+ *   remote (slurmstepd, root, clean environment; the job's environment is
+ *           passed as NUL-separated NAME=VALUE records on fd 3, see below):
+ *     STEP_CLIENT prepare --socket S --job J --step S --uid U --gid G --node N
+ *           --image IMG [--mounts M] [--workdir W] [--writable] [--mount-home 0|1]
+ *           [--entrypoint] [--env-names LIST] [--default-mounts LIST]
+ *           --allow-sqfs yes|no --cwd DIR --job-env-fd 3
+ *       stdout: NUL-separated key/value records:
+ *         ns\0/path/to/pinned/mntns\0  (exactly once)
+ *         cwd\0/dir\0                  (at most once)
+ *         env\0NAME=VALUE\0            (any number)
+ *         unsetenv\0NAME\0             (any number)
+ *     STEP_CLIENT release --socket S --job J --step S --node N
+ *   The step id is the decimal uint32 Slurm uses (batch step: 4294967291).
+ *
+ * Messages to the user: the step client's stderr is read line by line and
+ * relayed with slurm_spank_log() (error level, no "error: " prefix); on
+ * failure the last line is repeated with slurm_error().  In srun these
+ * reach the terminal directly.  In slurmstepd, log messages written before
+ * the step's I/O is connected to srun only go to the slurmd log; see
+ * relay_deferred() for how a prepare failure still reaches the user.
+ */
+
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <slurm/spank.h>
+
+SPANK_PLUGIN(oci_image, 1)
+
+#define PFX "oci-image: "
+#define STEP_BATCH 0xfffffffbU
+#define STEP_EXTERN 0xfffffffcU
+#define MAX_STDOUT (1024 * 1024)
+#define MAX_LINE 4096
+#define MAX_ARGS 48
+#define MAX_DEFERRED 64
+#define SAFE_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+/* ---- plugstack configuration ------------------------------------------ */
+
+static struct {
+	char step_client[PATH_MAX];
+	char socket[PATH_MAX];
+	char default_mounts[4096];
+	int allow_sqfs;
+	int batch_in_image;
+} cfg;
+
+/* ---- user options -------------------------------------------------------- */
+
+enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME,
+       O_ENTRYPOINT, O_ENV, O_BATCH };
+
+static struct {
+	char *image;
+	char *mounts;
+	char *workdir;
+	char *env_names;
+	int writable;
+	int mount_home; /* -1: not given */
+	int entrypoint;
+	int batch_in_image;
+} opt = { .mount_home = -1 };
+
+/* ---- remote step state ---------------------------------------------------- */
+
+static struct {
+	int prepared;     /* prepare was run (release is due) */
+	int active;       /* prepare succeeded: tasks enter the namespace */
+	uint32_t jobid, stepid;
+	char node[256];
+	char *out;        /* prepare's stdout (owned) */
+	size_t out_len;
+	const char *ns, *cwd;
+	const char *env[1024];
+	size_t n_env;
+	const char *unset[256];
+	size_t n_unset;
+	/* messages that must reach the user once the step's I/O is connected */
+	char *deferred[MAX_DEFERRED];
+	size_t n_deferred;
+	int failed;
+} st;
+
+static int opt_cb(int val, const char *optarg, int remote);
+
+static struct spank_option options[] = {
+	{ "oci-image", "REF",
+	  "Run the step in OCI image REF (e.g. docker.io/library/debian:12, or "
+	  "REF@sha256:... ). The tag is resolved to a digest once at submit. "
+	  "Env: OCI_IMAGE.", 1, O_IMAGE, opt_cb },
+	{ "oci-mounts", "SRC:DST[:ro],...",
+	  "Bind mount host paths into the image. Env: OCI_MOUNTS.", 1, O_MOUNTS, opt_cb },
+	{ "oci-workdir", "DIR",
+	  "Working directory inside the image (default: the current directory if it "
+	  "exists there, else the image's). Env: OCI_WORKDIR.", 1, O_WORKDIR, opt_cb },
+	{ "oci-writable", NULL,
+	  "Give the step a writable (throw-away) overlay over the image. "
+	  "Env: OCI_WRITABLE=1.", 0, O_WRITABLE, opt_cb },
+	{ "oci-mount-home", NULL,
+	  "Bind mount your home directory into the image. Env: OCI_MOUNT_HOME=1.",
+	  0, O_MOUNT_HOME, opt_cb },
+	{ "no-oci-mount-home", NULL,
+	  "Do not bind mount your home directory. Env: OCI_MOUNT_HOME=0.",
+	  0, O_NO_MOUNT_HOME, opt_cb },
+	{ "oci-entrypoint", NULL,
+	  "Run the image's ENTRYPOINT with the step's command as arguments. "
+	  "Env: OCI_ENTRYPOINT=1.", 0, O_ENTRYPOINT, opt_cb },
+	{ "oci-env", "NAMES",
+	  "Comma-separated names of host variables that override the image's ENV "
+	  "(default: the image's ENV wins for names it sets). Env: OCI_ENV.",
+	  1, O_ENV, opt_cb },
+	{ "oci-batch-in-image", NULL,
+	  "sbatch: run the batch script itself in the image too (default: the "
+	  "script runs on the host and its srun steps run in the image).",
+	  0, O_BATCH, opt_cb },
+	SPANK_OPTIONS_TABLE_END
+};
+
+static int set_str(char **dst, const char *name, const char *val)
+{
+	char *dup;
+
+	if (val == NULL || *val == '\0') {
+		slurm_error(PFX "--%s needs a value", name);
+		return -1;
+	}
+	if (strlen(val) > 65536 || strpbrk(val, "\n\r") != NULL) {
+		slurm_error(PFX "--%s: invalid value", name);
+		return -1;
+	}
+	dup = strdup(val);
+	if (dup == NULL) {
+		slurm_error(PFX "out of memory");
+		return -1;
+	}
+	free(*dst);
+	*dst = dup;
+	return 0;
+}
+
+static int opt_cb(int val, const char *optarg, int remote)
+{
+	(void)remote;
+	switch (val) {
+	case O_IMAGE: return set_str(&opt.image, "oci-image", optarg);
+	case O_MOUNTS: return set_str(&opt.mounts, "oci-mounts", optarg);
+	case O_WORKDIR:
+		if (optarg == NULL || optarg[0] != '/') {
+			slurm_error(PFX "--oci-workdir must be an absolute path");
+			return -1;
+		}
+		return set_str(&opt.workdir, "oci-workdir", optarg);
+	case O_ENV: return set_str(&opt.env_names, "oci-env", optarg);
+	case O_WRITABLE: opt.writable = 1; return 0;
+	case O_MOUNT_HOME:
+	case O_NO_MOUNT_HOME: {
+		int v = (val == O_MOUNT_HOME);
+		if (opt.mount_home != -1 && opt.mount_home != v) {
+			slurm_error(PFX "both --oci-mount-home and --no-oci-mount-home given");
+			return -1;
+		}
+		opt.mount_home = v;
+		return 0;
+	}
+	case O_ENTRYPOINT: opt.entrypoint = 1; return 0;
+	case O_BATCH: opt.batch_in_image = 1; return 0;
+	default: return -1;
+	}
+}
+
+/* Fill options that were not given from OCI_* variables (getter: getenv in
+ * srun/sbatch, the job environment in slurmstepd). */
+typedef const char *(*getter_f)(const char *name, void *ctx);
+
+static int flag_env(getter_f get, void *ctx, const char *name, int *dst)
+{
+	const char *v = get(name, ctx);
+
+	if (v == NULL || *v == '\0')
+		return 0;
+	if (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0 || strcmp(v, "true") == 0)
+		*dst = 1;
+	else if (strcmp(v, "0") == 0 || strcmp(v, "no") == 0 || strcmp(v, "false") == 0)
+		*dst = 0;
+	else {
+		slurm_error(PFX "%s=%s: expected 0 or 1", name, v);
+		return -1;
+	}
+	return 0;
+}
+
+static int env_fallbacks(getter_f get, void *ctx)
+{
+	const char *v;
+	int f;
+
+	if (opt.image == NULL && (v = get("OCI_IMAGE", ctx)) != NULL && *v != '\0')
+		if (set_str(&opt.image, "oci-image (OCI_IMAGE)", v) < 0)
+			return -1;
+	if (opt.image == NULL)
+		return 0; /* nothing else matters without an image */
+	if (opt.mounts == NULL && (v = get("OCI_MOUNTS", ctx)) != NULL && *v != '\0')
+		if (set_str(&opt.mounts, "oci-mounts (OCI_MOUNTS)", v) < 0)
+			return -1;
+	if (opt.workdir == NULL && (v = get("OCI_WORKDIR", ctx)) != NULL && *v != '\0')
+		if (opt_cb(O_WORKDIR, v, 0) < 0)
+			return -1;
+	if (opt.env_names == NULL && (v = get("OCI_ENV", ctx)) != NULL && *v != '\0')
+		if (set_str(&opt.env_names, "oci-env (OCI_ENV)", v) < 0)
+			return -1;
+	if (!opt.writable && flag_env(get, ctx, "OCI_WRITABLE", &opt.writable) < 0)
+		return -1;
+	if (!opt.entrypoint && flag_env(get, ctx, "OCI_ENTRYPOINT", &opt.entrypoint) < 0)
+		return -1;
+	if (opt.mount_home == -1) {
+		f = -1;
+		if (flag_env(get, ctx, "OCI_MOUNT_HOME", &f) < 0)
+			return -1;
+		opt.mount_home = f;
+	}
+	return 0;
+}
+
+static const char *get_local(const char *name, void *ctx)
+{
+	(void)ctx;
+	return getenv(name);
+}
+
+/* Look NAME up in the job environment array (no copy, no syscall). */
+static const char *get_jobenv(const char *name, void *ctx)
+{
+	char **env = ctx;
+	size_t n = strlen(name);
+
+	for (; env != NULL && *env != NULL; env++)
+		if (strncmp(*env, name, n) == 0 && (*env)[n] == '=')
+			return *env + n + 1;
+	return NULL;
+}
+
+/* ---- plugstack arguments ------------------------------------------------- */
+
+static int copy_val(char *dst, size_t size, const char *key, const char *val)
+{
+	int n = snprintf(dst, size, "%s", val);
+
+	if (n < 0 || (size_t)n >= size) {
+		slurm_error(PFX "plugstack.conf: %s: value too long", key);
+		return -1;
+	}
+	return 0;
+}
+
+static int yes_no(const char *key, const char *val, int *dst)
+{
+	if (strcmp(val, "yes") == 0)
+		*dst = 1;
+	else if (strcmp(val, "no") == 0)
+		*dst = 0;
+	else {
+		slurm_error(PFX "plugstack.conf: %s=%s: expected yes or no", key, val);
+		return -1;
+	}
+	return 0;
+}
+
+/* SRC:DST[:ro|rw],... with absolute paths */
+static int check_mounts(const char *key, const char *val)
+{
+	const char *p = val;
+
+	while (*p != '\0') {
+		const char *end = strchr(p, ',');
+		size_t len = end ? (size_t)(end - p) : strlen(p);
+		const char *c1 = memchr(p, ':', len);
+		const char *c2 = c1 ? memchr(c1 + 1, ':', len - (size_t)(c1 + 1 - p)) : NULL;
+		size_t flen = c2 ? len - (size_t)(c2 + 1 - p) : 0;
+
+		if (len == 0 || p[0] != '/' || c1 == NULL || c1[1] != '/' ||
+		    (c2 != NULL && !((flen == 2 && (strncmp(c2 + 1, "ro", 2) == 0 ||
+						     strncmp(c2 + 1, "rw", 2) == 0))))) {
+			slurm_error(PFX "plugstack.conf: %s: bad entry \"%.*s\" "
+				    "(expected /SRC:/DST[:ro|rw],...)", key, (int)len, p);
+			return -1;
+		}
+		if (end == NULL)
+			break;
+		p = end + 1;
+		if (*p == '\0') {
+			slurm_error(PFX "plugstack.conf: %s: trailing comma", key);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int parse_args(int ac, char **av)
+{
+	int have_client = 0;
+
+	memset(&cfg, 0, sizeof(cfg));
+	if (copy_val(cfg.socket, sizeof(cfg.socket), "socket",
+		     "/run/oci-image/oci-imaged.sock") < 0)
+		return -1;
+	for (int i = 0; i < ac; i++) {
+		const char *a = av[i];
+		const char *eq = strchr(a, '=');
+		size_t klen = eq ? (size_t)(eq - a) : strlen(a);
+		const char *v = eq ? eq + 1 : NULL;
+
+#define KEY(k) (klen == sizeof(k) - 1 && strncmp(a, k, klen) == 0)
+		if (v == NULL || *v == '\0') {
+			slurm_error(PFX "plugstack.conf: argument \"%s\": expected key=value", a);
+			return -1;
+		}
+		if (KEY("step_client")) {
+			if (v[0] != '/') {
+				slurm_error(PFX "plugstack.conf: step_client=%s: must be an absolute path", v);
+				return -1;
+			}
+			if (copy_val(cfg.step_client, sizeof(cfg.step_client), "step_client", v) < 0)
+				return -1;
+			have_client = 1;
+		} else if (KEY("socket")) {
+			if (v[0] != '/') {
+				slurm_error(PFX "plugstack.conf: socket=%s: must be an absolute path", v);
+				return -1;
+			}
+			if (copy_val(cfg.socket, sizeof(cfg.socket), "socket", v) < 0)
+				return -1;
+		} else if (KEY("allow_sqfs")) {
+			if (yes_no("allow_sqfs", v, &cfg.allow_sqfs) < 0)
+				return -1;
+		} else if (KEY("batch_in_image")) {
+			if (yes_no("batch_in_image", v, &cfg.batch_in_image) < 0)
+				return -1;
+		} else if (KEY("default_mounts")) {
+			if (check_mounts("default_mounts", v) < 0 ||
+			    copy_val(cfg.default_mounts, sizeof(cfg.default_mounts),
+				     "default_mounts", v) < 0)
+				return -1;
+		} else {
+			slurm_error(PFX "plugstack.conf: unknown argument \"%.*s\"", (int)klen, a);
+			return -1;
+		}
+#undef KEY
+	}
+	if (!have_client) {
+		slurm_error(PFX "plugstack.conf: step_client=PATH is required");
+		return -1;
+	}
+	return 0;
+}
+
+/* ---- running the step client ------------------------------------------- */
+
+static void defer(const char *line)
+{
+	if (st.n_deferred < MAX_DEFERRED) {
+		char *d = strdup(line);
+		if (d != NULL)
+			st.deferred[st.n_deferred++] = d;
+	}
+}
+
+/* Relay one stderr line: in slurmstepd also keep it for relay_deferred(). */
+static void relay_line(const char *line, int remote)
+{
+	slurm_spank_log("%s", line);
+	if (remote)
+		defer(line);
+}
+
+struct child_out {
+	char *buf;       /* stdout (NUL-terminated for convenience) */
+	size_t len;
+	char last[MAX_LINE]; /* last stderr line */
+	int status;      /* wait status */
+};
+
+/* Feed stderr bytes; emit complete lines, hold back the last one. */
+struct linebuf { char b[MAX_LINE]; size_t n; int have_held; char held[MAX_LINE]; };
+
+static void lb_emit(struct linebuf *lb, int remote)
+{
+	if (lb->n == 0)
+		return;
+	lb->b[lb->n] = '\0';
+	if (lb->have_held)
+		relay_line(lb->held, remote);
+	memcpy(lb->held, lb->b, lb->n + 1);
+	lb->have_held = 1;
+	lb->n = 0;
+}
+
+static void lb_feed(struct linebuf *lb, const char *p, size_t n, int remote)
+{
+	for (size_t i = 0; i < n; i++) {
+		if (p[i] == '\n') {
+			lb_emit(lb, remote);
+		} else if (lb->n < sizeof(lb->b) - 1) {
+			lb->b[lb->n++] = p[i];
+		} /* else: overlong line truncated */
+	}
+}
+
+/*
+ * fork+exec argv; envp NULL means inherit.  extra_fd >= 0 becomes fd 3.
+ * stdout is collected (at most max_out bytes, else failure), stderr is
+ * relayed line by line.  Returns 0 if the child ran and exited 0.
+ */
+static int run_child(char *const argv[], char *const envp[], int extra_fd,
+		     size_t max_out, struct child_out *co, int remote, int ignore_term)
+{
+	int outp[2] = { -1, -1 }, errp[2] = { -1, -1 };
+	struct linebuf lb;
+	size_t cap = 4096;
+	pid_t pid;
+	int rc = -1, overflow = 0;
+	struct pollfd pf[2];
+
+	memset(co, 0, sizeof(*co));
+	memset(&lb, 0, sizeof(lb));
+	co->buf = malloc(cap);
+	if (co->buf == NULL) {
+		slurm_error(PFX "out of memory");
+		return -1;
+	}
+	if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0) {
+		slurm_error(PFX "pipe: %s", strerror(errno));
+		goto out;
+	}
+	pid = fork();
+	if (pid < 0) {
+		slurm_error(PFX "fork: %s", strerror(errno));
+		goto out;
+	}
+	if (pid == 0) {
+		int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+		sigset_t all;
+
+		sigemptyset(&all);
+		sigprocmask(SIG_SETMASK, &all, NULL);
+		/* slurmstepd SIGTERMs what is left of the step while spank_exit
+		 * runs (release was killed by it); the child must finish. */
+		if (ignore_term)
+			signal(SIGTERM, SIG_IGN);
+		if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(outp[1], 1) < 0 ||
+		    dup2(errp[1], 2) < 0)
+			_exit(127);
+		if (extra_fd >= 0 && dup2(extra_fd, 3) < 0)
+			_exit(127);
+		if (envp != NULL)
+			execve(argv[0], argv, envp);
+		else
+			execv(argv[0], argv);
+		dprintf(2, PFX "cannot execute step client %s: %s\n", argv[0], strerror(errno));
+		_exit(127);
+	}
+	close(outp[1]);
+	outp[1] = -1;
+	close(errp[1]);
+	errp[1] = -1;
+
+	pf[0].fd = outp[0];
+	pf[0].events = POLLIN;
+	pf[1].fd = errp[0];
+	pf[1].events = POLLIN;
+	while (pf[0].fd >= 0 || pf[1].fd >= 0) {
+		char tmp[4096];
+		ssize_t n;
+
+		if (poll(pf, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			slurm_error(PFX "poll: %s", strerror(errno));
+			break;
+		}
+		for (int i = 0; i < 2; i++) {
+			if (pf[i].fd < 0 || !(pf[i].revents & (POLLIN | POLLHUP | POLLERR)))
+				continue;
+			n = read(pf[i].fd, tmp, sizeof(tmp));
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				close(pf[i].fd);
+				pf[i].fd = -1;
+				continue;
+			}
+			if (i == 1) {
+				lb_feed(&lb, tmp, (size_t)n, remote);
+				continue;
+			}
+			if (co->len + (size_t)n > max_out) {
+				overflow = 1;
+				continue; /* keep draining */
+			}
+			if (co->len + (size_t)n + 1 > cap) {
+				char *nb;
+				while (co->len + (size_t)n + 1 > cap)
+					cap *= 2;
+				nb = realloc(co->buf, cap);
+				if (nb == NULL) {
+					overflow = 1;
+					continue;
+				}
+				co->buf = nb;
+			}
+			memcpy(co->buf + co->len, tmp, (size_t)n);
+			co->len += (size_t)n;
+		}
+	}
+	co->buf[co->len] = '\0';
+	while (waitpid(pid, &co->status, 0) < 0) {
+		if (errno != EINTR) {
+			slurm_error(PFX "waitpid: %s", strerror(errno));
+			goto out;
+		}
+	}
+	lb_emit(&lb, remote); /* flush a last line without newline */
+	if (lb.have_held)
+		snprintf(co->last, sizeof(co->last), "%s", lb.held);
+	if (overflow) {
+		slurm_error(PFX "%s: output larger than %zu bytes", argv[0], max_out);
+		goto out;
+	}
+	if (WIFEXITED(co->status) && WEXITSTATUS(co->status) == 0) {
+		if (lb.have_held)
+			relay_line(lb.held, remote);
+		rc = 0;
+	} else if (lb.have_held) {
+		slurm_error("%s", lb.held);
+		if (remote)
+			defer(lb.held);
+	} else if (WIFSIGNALED(co->status)) {
+		slurm_error(PFX "%s %s killed by signal %d", argv[0], argv[1], WTERMSIG(co->status));
+	} else {
+		slurm_error(PFX "%s %s failed with exit code %d", argv[0], argv[1],
+			    WEXITSTATUS(co->status));
+	}
+out:
+	for (int i = 0; i < 2; i++) {
+		if (outp[i] >= 0)
+			close(outp[i]);
+		if (errp[i] >= 0)
+			close(errp[i]);
+	}
+	return rc;
+}
+
+/* ---- local context: pin the digest -------------------------------------- */
+
+static int pinned_matches(const char *pinned, const char *ref)
+{
+	const char *at = NULL, *p = pinned;
+
+	while ((p = strstr(p, "@sha256:")) != NULL)
+		at = p++;
+	if (at == NULL)
+		return 0;
+	return strlen(ref) == (size_t)(at - pinned) && strncmp(pinned, ref, (size_t)(at - pinned)) == 0;
+}
+
+static int local_post_opt(void)
+{
+	const char *pinned;
+	char *argv[5];
+	struct child_out co;
+	char *nl;
+	int rc = -1;
+
+	if (env_fallbacks(get_local, NULL) < 0)
+		return -1;
+	if (opt.image == NULL)
+		return 0;
+	/* slurmstepd has no SPANK item for the step's working directory and the
+	 * job's PWD is whatever the user's shell exported: pass srun's real cwd.
+	 * (srun --chdir=DIR is not seen here; the step client gets srun's cwd.) */
+	if (spank_context() == S_CTX_LOCAL) {
+		char wd[PATH_MAX];
+		if (getcwd(wd, sizeof(wd)) != NULL && setenv("OCI_SUBMIT_CWD", wd, 1) < 0) {
+			slurm_error(PFX "setenv: %s", strerror(errno));
+			return -1;
+		}
+	}
+	if (opt.image[0] == '/')
+		return 0; /* a SquashFS path: nothing to pin */
+	pinned = getenv("OCI_IMAGE_PINNED");
+	if (pinned != NULL && (pinned_matches(pinned, opt.image) || strcmp(pinned, opt.image) == 0))
+		return 0; /* srun inside a job that already pinned this image */
+
+	argv[0] = cfg.step_client;
+	argv[1] = "submit";
+	argv[2] = "--image";
+	argv[3] = opt.image;
+	argv[4] = NULL;
+	if (run_child(argv, NULL, -1, 4096, &co, 0, 0) < 0)
+		goto out;
+	nl = memchr(co.buf, '\n', co.len);
+	if (nl != NULL)
+		*nl = '\0';
+	if (co.buf[0] == '\0' || strlen(co.buf) != (nl ? (size_t)(nl - co.buf) : co.len) ||
+	    (nl != NULL && (size_t)(nl - co.buf) + 1 != co.len) || strstr(co.buf, "@sha256:") == NULL) {
+		slurm_error(PFX "step client submit: unexpected output \"%.200s\"", co.buf);
+		goto out;
+	}
+	if (setenv("OCI_IMAGE_PINNED", co.buf, 1) < 0) {
+		slurm_error(PFX "setenv: %s", strerror(errno));
+		goto out;
+	}
+	/* setenv() is what works: srun sends its process environment to the
+	 * tasks, sbatch/salloc export it to the job (spank_setenv answers
+	 * ESPANK_NOT_REMOTE in srun, sbatch and salloc on 22.05). */
+	rc = 0;
+out:
+	free(co.buf);
+	return rc;
+}
+
+/* ---- remote context: prepare / enter / release ------------------------- */
+
+static int parse_prepare_output(void)
+{
+	char *p = st.out, *end = st.out + st.out_len;
+
+	if (st.out_len == 0 || st.out[st.out_len - 1] != '\0') {
+		slurm_error(PFX "step client prepare: output is not NUL-terminated records");
+		return -1;
+	}
+	while (p < end) {
+		char *key = p, *val;
+
+		p += strlen(p) + 1;
+		if (p >= end) {
+			slurm_error(PFX "step client prepare: key \"%.64s\" without value", key);
+			return -1;
+		}
+		val = p;
+		p += strlen(p) + 1;
+		if (strcmp(key, "ns") == 0) {
+			if (st.ns != NULL || val[0] != '/') {
+				slurm_error(PFX "step client prepare: bad or repeated ns");
+				return -1;
+			}
+			st.ns = val;
+		} else if (strcmp(key, "cwd") == 0) {
+			if (st.cwd != NULL || val[0] != '/') {
+				slurm_error(PFX "step client prepare: bad or repeated cwd");
+				return -1;
+			}
+			st.cwd = val;
+		} else if (strcmp(key, "env") == 0) {
+			char *eq = strchr(val, '=');
+			if (eq == NULL || eq == val || st.n_env >= sizeof(st.env) / sizeof(st.env[0])) {
+				slurm_error(PFX "step client prepare: bad env record \"%.64s\"", val);
+				return -1;
+			}
+			st.env[st.n_env++] = val;
+		} else if (strcmp(key, "unsetenv") == 0) {
+			if (val[0] == '\0' || strchr(val, '=') != NULL ||
+			    st.n_unset >= sizeof(st.unset) / sizeof(st.unset[0])) {
+				slurm_error(PFX "step client prepare: bad unsetenv record \"%.64s\"", val);
+				return -1;
+			}
+			st.unset[st.n_unset++] = val;
+		} else {
+			slurm_error(PFX "step client prepare: unknown key \"%.64s\"", key);
+			return -1;
+		}
+	}
+	if (st.ns == NULL) {
+		slurm_error(PFX "step client prepare: no ns record");
+		return -1;
+	}
+	return 0;
+}
+
+/* The job environment as NUL-separated records in a memfd (fd 3 of the child). */
+static int env_memfd(char **env)
+{
+	int fd = memfd_create("oci-image-job-env", MFD_CLOEXEC);
+
+	if (fd < 0) {
+		slurm_error(PFX "memfd_create: %s", strerror(errno));
+		return -1;
+	}
+	for (; env != NULL && *env != NULL; env++) {
+		size_t len = strlen(*env) + 1, off = 0;
+		while (off < len) {
+			ssize_t n = write(fd, *env + off, len - off);
+			if (n < 0 && errno == EINTR)
+				continue;
+			if (n <= 0) {
+				slurm_error(PFX "write job env: %s", strerror(errno));
+				close(fd);
+				return -1;
+			}
+			off += (size_t)n;
+		}
+	}
+	if (lseek(fd, 0, SEEK_SET) < 0) {
+		slurm_error(PFX "lseek: %s", strerror(errno));
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* slurm.h's public hostlist API; libslurmfull (linked by slurmstepd) provides it. */
+typedef struct hostlist *hostlist_t;
+extern hostlist_t slurm_hostlist_create(const char *hostlist);
+extern char *slurm_hostlist_shift(hostlist_t hl);
+extern void slurm_hostlist_destroy(hostlist_t hl);
+
+/*
+ * This node's Slurm name.  The job environment is no help: SLURMD_NODENAME
+ * is not set yet at init_post_opt, and an srun inside a batch script passes
+ * on the batch step's SLURMD_NODENAME/SLURM_TOPOLOGY_ADDR (the wrong node).  What is right: entry
+ * S_JOB_NODEID of the step's node list (srun sets SLURM_STEP_NODELIST for
+ * each step; the batch step runs on the job's first node).
+ */
+static void node_name(spank_t sp, char **jobenv)
+{
+	const char *v;
+	uint32_t nodeid = 0;
+
+	st.node[0] = '\0';
+	v = st.stepid == STEP_BATCH ? get_jobenv("SLURM_JOB_NODELIST", jobenv)
+				    : get_jobenv("SLURM_STEP_NODELIST", jobenv);
+	if (v != NULL && *v != '\0' &&
+	    spank_get_item(sp, S_JOB_NODEID, &nodeid) == ESPANK_SUCCESS) {
+		hostlist_t hl = slurm_hostlist_create(v);
+		char *h = NULL;
+
+		for (uint32_t i = 0; hl != NULL && i <= nodeid; i++) {
+			free(h);
+			h = slurm_hostlist_shift(hl);
+			if (h == NULL)
+				break;
+		}
+		if (h != NULL) {
+			snprintf(st.node, sizeof(st.node), "%s", h);
+			free(h);
+		}
+		if (hl != NULL)
+			slurm_hostlist_destroy(hl);
+	}
+	if (st.node[0] == '\0' && gethostname(st.node, sizeof(st.node) - 1) < 0)
+		snprintf(st.node, sizeof(st.node), "unknown");
+}
+
+static char *const clean_env[] = { "PATH=" SAFE_PATH, "LC_ALL=C.UTF-8", NULL };
+
+static int remote_post_opt(spank_t sp)
+{
+	char **jobenv = NULL;
+	uid_t uid;
+	gid_t gid;
+	char s_job[16], s_step[16], s_uid[16], s_gid[16], s_fd[] = "3";
+	const char *image, *pinned, *cwd;
+	char *argv[MAX_ARGS];
+	int ac = 0, fd = -1, rc = -1;
+	struct child_out co = { 0 };
+	spank_err_t e;
+
+	if (spank_get_item(sp, S_JOB_ENV, &jobenv) != ESPANK_SUCCESS)
+		jobenv = NULL;
+	if (env_fallbacks(get_jobenv, jobenv) < 0)
+		return -1;
+	if (opt.image == NULL)
+		return 0;
+	if ((e = spank_get_item(sp, S_JOB_STEPID, &st.stepid)) != ESPANK_SUCCESS ||
+	    (e = spank_get_item(sp, S_JOB_ID, &st.jobid)) != ESPANK_SUCCESS ||
+	    (e = spank_get_item(sp, S_JOB_UID, &uid)) != ESPANK_SUCCESS ||
+	    (e = spank_get_item(sp, S_JOB_GID, &gid)) != ESPANK_SUCCESS) {
+		slurm_error(PFX "spank_get_item: %s", spank_strerror(e));
+		return -1;
+	}
+	if (st.stepid == STEP_EXTERN)
+		return 0;
+	if (st.stepid == STEP_BATCH && !(cfg.batch_in_image || opt.batch_in_image))
+		return 0; /* the batch script runs on the host; its sruns use the image */
+
+	pinned = get_jobenv("OCI_IMAGE_PINNED", jobenv);
+	image = opt.image;
+	if (pinned != NULL && opt.image[0] != '/' && pinned_matches(pinned, opt.image))
+		image = pinned;
+	cwd = get_jobenv("OCI_SUBMIT_CWD", jobenv);
+	if (cwd == NULL || cwd[0] != '/')
+		cwd = get_jobenv("PWD", jobenv);
+	if (cwd == NULL || cwd[0] != '/')
+		cwd = "/";
+	node_name(sp, jobenv);
+	snprintf(s_job, sizeof(s_job), "%u", st.jobid);
+	snprintf(s_step, sizeof(s_step), "%u", st.stepid);
+	snprintf(s_uid, sizeof(s_uid), "%u", (unsigned)uid);
+	snprintf(s_gid, sizeof(s_gid), "%u", (unsigned)gid);
+
+#define ARG(x) (argv[ac++] = (char *)(x))
+	ARG(cfg.step_client); ARG("prepare");
+	ARG("--socket"); ARG(cfg.socket);
+	ARG("--job"); ARG(s_job);
+	ARG("--step"); ARG(s_step);
+	ARG("--uid"); ARG(s_uid);
+	ARG("--gid"); ARG(s_gid);
+	ARG("--node"); ARG(st.node);
+	ARG("--image"); ARG(image);
+	if (opt.mounts) { ARG("--mounts"); ARG(opt.mounts); }
+	if (opt.workdir) { ARG("--workdir"); ARG(opt.workdir); }
+	if (opt.writable) ARG("--writable");
+	if (opt.mount_home != -1) { ARG("--mount-home"); ARG(opt.mount_home ? "1" : "0"); }
+	if (opt.entrypoint) ARG("--entrypoint");
+	if (opt.env_names) { ARG("--env-names"); ARG(opt.env_names); }
+	if (cfg.default_mounts[0]) { ARG("--default-mounts"); ARG(cfg.default_mounts); }
+	ARG("--allow-sqfs"); ARG(cfg.allow_sqfs ? "yes" : "no");
+	ARG("--cwd"); ARG(cwd);
+	ARG("--job-env-fd"); ARG(s_fd);
+	argv[ac] = NULL;
+#undef ARG
+
+	fd = env_memfd(jobenv);
+	if (fd < 0)
+		goto fail;
+	st.prepared = 1;
+	if (run_child(argv, clean_env, fd, MAX_STDOUT, &co, 1, 0) < 0)
+		goto fail;
+	st.out = co.buf;
+	st.out_len = co.len;
+	co.buf = NULL;
+	if (parse_prepare_output() < 0)
+		goto fail;
+	st.active = 1;
+	rc = 0;
+fail:
+	if (fd >= 0)
+		close(fd);
+	free(co.buf);
+	if (rc < 0) {
+		/* Fail in slurm_spank_user_init instead: only from there do messages
+		 * reach srun (an init_post_opt failure shows the user just "task
+		 * launch failed: Plugin initialization failed"). */
+		st.failed = 1;
+		defer(PFX "could not start the step in the image");
+	}
+	return 0;
+}
+
+int slurm_spank_init(spank_t sp, int ac, char **av)
+{
+	spank_context_t ctx = spank_context();
+
+	if (parse_args(ac, av) < 0)
+		/* slurmd must keep running: it logs, steps then fail in slurmstepd */
+		return ctx == S_CTX_SLURMD ? 0 : -1;
+	if (ctx != S_CTX_LOCAL && ctx != S_CTX_REMOTE && ctx != S_CTX_ALLOCATOR)
+		return 0;
+	for (int i = 0; options[i].name != NULL; i++) {
+		spank_err_t e = spank_option_register(sp, &options[i]);
+		if (e != ESPANK_SUCCESS) {
+			slurm_error(PFX "cannot register --%s: %s", options[i].name, spank_strerror(e));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
+{
+	(void)ac;
+	(void)av;
+	switch (spank_context()) {
+	case S_CTX_LOCAL:
+	case S_CTX_ALLOCATOR:
+		return local_post_opt();
+	case S_CTX_REMOTE:
+		return remote_post_opt(sp);
+	default:
+		return 0;
+	}
+}
+
+/* Replay messages from prepare once the step's I/O reaches srun. */
+static void relay_deferred(void)
+{
+	for (size_t i = 0; i < st.n_deferred; i++) {
+		slurm_spank_log("%s", st.deferred[i]);
+		free(st.deferred[i]);
+	}
+	st.n_deferred = 0;
+}
+
+int slurm_spank_user_init(spank_t sp, int ac, char **av)
+{
+	(void)ac;
+	(void)av;
+	uint32_t nodeid = 0;
+
+	if (st.n_deferred == 0 || spank_context() != S_CTX_REMOTE)
+		return 0;
+	/* progress of a successful prepare: shown once (first node), not N times */
+	if (st.failed || (spank_get_item(sp, S_JOB_NODEID, &nodeid) == ESPANK_SUCCESS && nodeid == 0))
+		relay_deferred();
+	/* Failing here would make srun print "task launch failed" but exit 0
+	 * (Slurm 22.05); the step fails in task_init_privileged instead, which
+	 * gives the task a non-zero exit status that srun reports. */
+	return 0;
+}
+
+int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
+{
+	int fd;
+	spank_err_t e;
+
+	(void)ac;
+	(void)av;
+	if (!st.active)
+		return st.failed ? -1 : 0;
+	fd = open(st.ns, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) {
+		slurm_error(PFX "open %s: %s", st.ns, strerror(errno));
+		return -1;
+	}
+	if (setns(fd, CLONE_NEWNS) < 0) {
+		slurm_error(PFX "setns %s: %s", st.ns, strerror(errno));
+		close(fd);
+		return -1;
+	}
+	close(fd);
+	if (st.cwd != NULL && chdir(st.cwd) < 0) {
+		slurm_error(PFX "cannot change to directory %s in the image: %s", st.cwd, strerror(errno));
+		return -1;
+	}
+	for (size_t i = 0; i < st.n_env; i++) {
+		const char *eq = strchr(st.env[i], '=');
+		char name[256];
+		size_t n = (size_t)(eq - st.env[i]);
+
+		if (n >= sizeof(name)) {
+			slurm_error(PFX "variable name too long: %.64s", st.env[i]);
+			return -1;
+		}
+		memcpy(name, st.env[i], n);
+		name[n] = '\0';
+		if ((e = spank_setenv(sp, name, eq + 1, 1)) != ESPANK_SUCCESS) {
+			slurm_error(PFX "setenv %s: %s", name, spank_strerror(e));
+			return -1;
+		}
+	}
+	for (size_t i = 0; i < st.n_unset; i++) {
+		if ((e = spank_unsetenv(sp, st.unset[i])) != ESPANK_SUCCESS) {
+			slurm_error(PFX "unsetenv %s: %s", st.unset[i], spank_strerror(e));
+			return -1;
+		}
+	}
+	return 0;
+}
+
+/*
+ * slurmstepd chdirs to the job's working directory AFTER task_init_privileged,
+ * in the task, as the user, i.e. already inside the image: when that path is
+ * missing there it prints "couldn't chdir to `DIR': No such file or
+ * directory: going to /tmp instead" and the task would start in /tmp.
+ * slurm_spank_task_init runs after that chdir, so the directory the step
+ * client chose is applied again here (now with the user's rights).
+ */
+int slurm_spank_task_init(spank_t sp, int ac, char **av)
+{
+	(void)sp;
+	(void)ac;
+	(void)av;
+	if (!st.active || st.cwd == NULL)
+		return 0;
+	if (chdir(st.cwd) < 0) {
+		slurm_error(PFX "cannot change to directory %s in the image: %s", st.cwd, strerror(errno));
+		return -1;
+	}
+	return 0;
+}
+
+int slurm_spank_exit(spank_t sp, int ac, char **av)
+{
+	char s_job[16], s_step[16];
+	char *argv[12];
+	struct child_out co;
+
+	(void)sp;
+	(void)ac;
+	(void)av;
+	if (spank_context() != S_CTX_REMOTE || !st.prepared)
+		return 0;
+	st.prepared = 0;
+	snprintf(s_job, sizeof(s_job), "%u", st.jobid);
+	snprintf(s_step, sizeof(s_step), "%u", st.stepid);
+	argv[0] = cfg.step_client;
+	argv[1] = "release";
+	argv[2] = "--socket";
+	argv[3] = cfg.socket;
+	argv[4] = "--job";
+	argv[5] = s_job;
+	argv[6] = "--step";
+	argv[7] = s_step;
+	argv[8] = "--node";
+	argv[9] = st.node;
+	argv[10] = NULL;
+	if (run_child(argv, clean_env, -1, 4096, &co, 0, 1) < 0)
+		slurm_info(PFX "release of job %s step %s failed (ignored)", s_job, s_step);
+	free(co.buf);
+	return 0;
+}
