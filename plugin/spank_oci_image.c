@@ -31,9 +31,20 @@
  * Messages to the user: the step client's stderr is read line by line and
  * relayed with slurm_spank_log() (error level, no "error: " prefix); on
  * failure the last line is repeated with slurm_error().  In srun these
- * reach the terminal directly.  In slurmstepd, log messages written before
- * the step's I/O is connected to srun only go to the slurmd log; see
- * relay_deferred() for how a prepare failure still reaches the user.
+ * reach the terminal directly.  In slurmstepd, messages logged in
+ * init_post_opt (before the step's I/O is connected to srun) only reach the
+ * slurmd log, and an init_post_opt failure shows the user nothing but "task
+ * launch failed: Plugin initialization failed".  So prepare's stderr is kept
+ * and replayed in slurm_spank_user_init (after I/O setup; all lines on
+ * failure, on node 0 only on success), and a failed prepare fails the task in
+ * task_init_privileged: a user_init failure makes srun exit 0 on 22.05, a
+ * task_init_privileged failure makes it exit 1.
+ *
+ * The child of prepare/release gets a fixed environment (PATH, LC_ALL), never
+ * the job's: LD_PRELOAD/PYTHONPATH from a user would otherwise run as root.
+ * The job environment goes to prepare as a memfd on fd 3 (--job-env-fd 3).
+ * The working directory passed as --cwd is srun's getcwd(), exported by the
+ * local context as OCI_SUBMIT_CWD (else the job's PWD, else "/").
  */
 
 #define _GNU_SOURCE
