@@ -1,0 +1,514 @@
+"""Flatten OCI image layers into one tar stream in a single streaming pass.
+
+Layers come top-most first, already decompressed, and are read in tarfile's
+stream mode (`r|`): nothing is seeked, nothing is extracted to disk. The OCI
+image-spec changeset rules are applied top-down:
+
+* a path emitted from an upper layer is skipped in lower layers (for
+  directories the upper attributes win; lower children stay visible);
+* `.wh.<name>` hides <name> and everything below it in lower layers;
+* `.wh..wh..opq` hides every lower-layer child of its directory;
+* a non-directory at P hides everything below P in lower layers, and a
+  directory over a lower non-directory simply wins;
+* whiteout files are never emitted, and no path is emitted twice (tar2sqfs
+  rejects duplicates).
+
+Regular files are written as they are read, so memory is bounded by
+metadata (one record per path), never by file contents. Every other entry is
+held as a small record and written after the last layer, which lets a later
+duplicate inside one layer win as it would on extraction. The one case that
+cannot be undone in one pass is a regular file whose contents were already
+written and that the same layer then repeats: the first copy is kept and a
+warning says so. Hardlinks are written last, their targets resolved through
+chains to the final regular file; a link whose target was never emitted (or
+was replaced by an upper layer, or is not a regular file) is dropped.
+
+Ownership is numeric (user and group names are dropped so the result does
+not depend on the host's passwd); modes keep setuid/setgid/sticky; mtimes are
+kept (whole seconds, as SquashFS stores them); xattrs from PAX
+`SCHILY.xattr.*` (and `LIBARCHIVE.xattr.*`) headers are kept for the
+namespaces SquashFS can store (user, trusted, security). Symlinks are kept as
+they are: they resolve inside the container at run time. Device nodes and
+fifos are kept too: the image is always mounted `nodev`, so a device node in
+an image grants nothing.
+
+Hostile names are handled without ever touching the host filesystem: leading
+`/` and `./` are stripped, `..` is resolved lexically and an entry that would
+leave the root is dropped, as is an entry below a path that is not a
+directory (a symlink or file seen before in the same layer: the
+CVE-2021-29136 pattern), an empty name, a name with a NUL byte, and a name
+component longer than 255 bytes (NAME_MAX; SquashFS cannot hold more).
+Newlines, control characters and bytes that are not UTF-8 pass through
+unchanged (tar names are decoded with surrogateescape both ways).
+
+The output is deterministic: the same layers give the same bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import math
+import tarfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
+from urllib.parse import unquote_to_bytes
+
+from .errors import CorruptLayer, LimitExceeded
+
+log = logging.getLogger("ociimage.flatten")
+
+_ENC, _ERR = "utf-8", "surrogateescape"
+_CHUNK = 1 << 20
+_TAR_BUFSIZE = 16 * 1024     # tarfile's stream buffer; larger costs a copy per header
+_NAME_MAX = 255
+_LINK_MAX = 4095
+_MAX_WARNINGS = 200
+_MAX_LINK_CHAIN = 64
+_WH = ".wh."
+_OPQ = ".wh..wh..opq"
+_XATTR_NAMESPACES = ("user.", "trusted.", "security.")
+
+REG, LNK, SYM, CHR, BLK, DIR, FIFO = (tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
+                                      tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
+                                      tarfile.FIFOTYPE)
+_REGULAR = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE}
+_SPECIAL = {LNK, SYM, CHR, BLK, DIR, FIFO}
+_META_TYPES = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+               tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
+
+
+@dataclass
+class FlattenLimits:
+    """Safety limits for one flatten; exceeding one raises LimitExceeded."""
+
+    #: paths tracked (entries emitted plus whiteout rules): bounds memory.
+    max_entries: int = 10_000_000
+    #: total bytes of file contents written.
+    max_bytes: int = 256 << 30
+    #: total decompressed bytes read from all layers (shadowed data included).
+    max_input_bytes: int = 1 << 40
+    #: size of one PAX / GNU long-name header, which tarfile holds in memory.
+    max_header_bytes: int = 1 << 20
+
+
+@dataclass
+class FlattenStats:
+    entries: int = 0
+    bytes: int = 0
+    layers: int = 0
+    input_bytes: int = 0
+    hardlinks: int = 0
+    #: entries not emitted, by reason (shadowed and whited_out are normal).
+    skipped: Dict[str, int] = field(default_factory=dict)
+    #: human-readable warnings (capped); skipped holds the full counts.
+    warnings: List[str] = field(default_factory=list)
+
+
+# A record per claimed path: (layer index from the top, type, meta). meta is
+# None for a regular file already written, else the fields to write later.
+_Meta = Tuple[int, int, int, int, str, int, int, Optional[Dict[str, str]]]
+_Rec = Tuple[int, bytes, Optional[_Meta]]
+
+
+class _End(Exception):
+    """The layer's tar stream ended at a header boundary."""
+
+
+def _tarinfo_class(limits: FlattenLimits):
+    class _TarInfo(tarfile.TarInfo):
+        @classmethod
+        def fromtarfile(cls, tf):
+            try:
+                return super().fromtarfile(tf)
+            except tarfile.EmptyHeaderError:
+                # Go's archive/tar also accepts a stream that simply stops
+                # between members; compressed layers still have their framing
+                # checked by the decompressor.
+                raise _End() from None
+            except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+                raise CorruptLayer(f"corrupt tar header ({e})",
+                                   hint="the layer is damaged; pull it again") from None
+
+        def _proc_member(self, tf):
+            if self.type in _META_TYPES and self.size > limits.max_header_bytes:
+                raise LimitExceeded(
+                    f"tar extended header of {self.size} bytes exceeds "
+                    f"{limits.max_header_bytes}", hint="the layer looks hostile")
+            return super()._proc_member(tf)
+
+    return _TarInfo
+
+
+class _Counted:
+    """Counts decompressed bytes read across all layers against the limit."""
+
+    def __init__(self, stream: BinaryIO, flat: "_Flattener"):
+        self.stream, self.flat = stream, flat
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.stream.read(n)
+        if data:
+            self.flat.add_input(len(data))
+        return data
+
+
+class _Out:
+    """Buffers small writes (headers) so tiny entries cost few pipe writes."""
+
+    def __init__(self, out: BinaryIO):
+        self.out = out
+        self.buf = bytearray()
+
+    def write(self, data) -> None:
+        if len(data) >= _CHUNK:
+            self.flush()
+            self.out.write(data)
+            return
+        self.buf += data
+        if len(self.buf) >= _CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.out.write(self.buf)
+            self.buf = bytearray()
+
+
+def _clean(name: str) -> Tuple[Optional[List[str]], str]:
+    """Path components of a tar name, or (None, reason) for a name to drop."""
+    if not name:
+        return None, "empty name"
+    if "\0" in name:
+        return None, "NUL byte in name"
+    parts: List[str] = []
+    for comp in name.split("/"):
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not parts:
+                return None, "name escapes the root"
+            parts.pop()
+            continue
+        if len(comp.encode(_ENC, _ERR)) > _NAME_MAX:
+            return None, f"name component longer than {_NAME_MAX} bytes"
+        parts.append(comp)
+    return parts, ""
+
+
+def _xattrs(pax: Dict[str, str]) -> Tuple[Optional[Dict[str, str]], List[str]]:
+    """xattrs SquashFS can store, and the names of those it cannot."""
+    out: Dict[str, str] = {}
+    dropped: List[str] = []
+    for key, value in pax.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr."):]
+        elif key.startswith("LIBARCHIVE.xattr."):
+            try:
+                name = unquote_to_bytes(key[len("LIBARCHIVE.xattr."):]).decode(_ENC, _ERR)
+                raw = base64.b64decode(value.encode(_ENC, _ERR) + b"==")
+            except ValueError:
+                dropped.append(key)
+                continue
+            if name in out:
+                continue
+            value = raw.decode(_ENC, _ERR)
+        else:
+            continue
+        if name.startswith(_XATTR_NAMESPACES) and "\0" not in name:
+            out[name] = value
+        else:
+            dropped.append(name)
+    return (out or None), dropped
+
+
+class _Flattener:
+    def __init__(self, out: BinaryIO, limits: FlattenLimits):
+        self.out = _Out(out)
+        self.limits = limits
+        self.stats = FlattenStats()
+        self.seen: Dict[str, _Rec] = {}
+        self.hide_tree: set = set()    # whiteouts: the path and all below it
+        self.hide_below: set = set()   # opaque dirs and replaced non-dirs: all below
+        self.rules = 0
+        self.layer = -1
+        self.pend_tree: set = set()
+        self.pend_opaque: set = set()
+        self.pend_nondir: set = set()  # this layer's non-dirs shadowed by an upper dir
+        self.tarinfo_cls = _tarinfo_class(limits)
+
+    # -- accounting ---------------------------------------------------------
+
+    def add_input(self, n: int) -> None:
+        self.stats.input_bytes += n
+        if self.stats.input_bytes > self.limits.max_input_bytes:
+            raise LimitExceeded(
+                f"layers expand to more than {self.limits.max_input_bytes} bytes",
+                hint="decompression bomb? raise max_input_bytes only for a trusted image")
+
+    def _track(self) -> None:
+        if len(self.seen) + self.rules >= self.limits.max_entries:
+            raise LimitExceeded(f"image has more than {self.limits.max_entries} entries",
+                                hint="raise max_entries if the image is genuine")
+
+    def skip(self, reason: str, name: str = "", why: str = "", warn: bool = True) -> None:
+        self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
+        if not warn:
+            return
+        msg = f"layer {self.layer} from the top: skipped {name!r}: {why or reason}"
+        log.warning(msg, extra={"layer": self.layer, "entry": repr(name), "reason": reason})
+        if len(self.stats.warnings) < _MAX_WARNINGS:
+            self.stats.warnings.append(msg)
+
+    def warn(self, msg: str, **extra) -> None:
+        log.warning(msg, extra=extra)
+        if len(self.stats.warnings) < _MAX_WARNINGS:
+            self.stats.warnings.append(msg)
+
+    # -- one layer ----------------------------------------------------------
+
+    def layer_pass(self, stream: BinaryIO) -> None:
+        self.layer += 1
+        self.stats.layers += 1
+        counted = _Counted(stream, self)
+        try:
+            try:
+                tf = tarfile.open(fileobj=counted, mode="r|", bufsize=_TAR_BUFSIZE,
+                                  tarinfo=self.tarinfo_cls, encoding=_ENC, errors=_ERR)
+            except _End:
+                tf = None  # an empty stream: an empty layer
+            if tf is not None:
+                while True:
+                    try:
+                        member = tf.next()
+                    except _End:
+                        break
+                    if member is None:
+                        break
+                    tf.members.clear()  # stream mode would keep every TarInfo
+                    self.entry(tf, member)
+        except tarfile.TarError as e:
+            raise CorruptLayer(f"layer {self.layer} from the top: corrupt tar ({e})",
+                               hint="the layer is damaged; pull it again") from None
+        except EOFError as e:
+            raise CorruptLayer(f"layer {self.layer} from the top: truncated tar ({e})",
+                               hint="the layer is damaged; pull it again") from None
+        # The blob's digest is checked at its EOF: read what follows the tar.
+        while counted.read(_CHUNK):
+            pass
+        drain = getattr(stream, "drain", None)
+        if drain is not None:
+            drain()
+        self.hide_tree |= self.pend_tree
+        self.hide_below |= self.pend_opaque
+        self.hide_below |= self.pend_nondir
+        self.pend_tree, self.pend_opaque, self.pend_nondir = set(), set(), set()
+
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        name = m.name
+        typ = m.type
+        if typ in _REGULAR:
+            typ = REG
+        elif typ not in _SPECIAL:
+            self.skip("unsupported_type", name, f"unsupported tar entry type {typ!r}")
+            return
+        parts, why = _clean(name)
+        if parts is None:
+            self.skip("hostile_name", name, why)
+            return
+        base = parts[-1] if parts else ""
+        if any(p.startswith(_WH) for p in parts[:-1]):
+            self.skip("whiteout_parent", name, "entry below a whiteout name")
+            return
+        # Walk the ancestors: hidden by an upper layer, or below a non-directory.
+        anc = ""
+        layer = self.layer
+        seen = self.seen
+        for k, comp in enumerate(parts):
+            if anc in self.hide_below or anc in self.hide_tree:
+                self.skip("whited_out", warn=False)
+                return
+            if k:
+                rec = seen.get(anc)
+                if rec is not None and rec[1] != DIR:
+                    if rec[0] < layer:
+                        self.skip("whited_out", warn=False)
+                    else:
+                        self.skip("parent_not_dir", name,
+                                  f"parent {anc!r} is not a directory in this layer")
+                    return
+                if anc in self.pend_nondir:
+                    self.skip("parent_not_dir", name,
+                              f"parent {anc!r} is not a directory in this layer")
+                    return
+            anc = comp if not k else anc + "/" + comp
+        path = anc
+        if path in self.hide_tree:
+            self.skip("whited_out", warn=False)
+            return
+        if base.startswith(_WH):
+            self.whiteout(name, parts, base)
+            return
+        if not parts and typ != DIR:
+            self.skip("hostile_name", name, "root entry that is not a directory")
+            return
+
+        rec = seen.get(path)
+        if rec is not None and rec[0] < layer:
+            # An upper layer owns this path; a non-directory here still hides
+            # what lower layers have below it.
+            if typ != DIR and rec[1] == DIR:
+                self.pend_nondir.add(path)
+                self.rules += 1
+                self._track()
+            self.skip("shadowed", warn=False)
+            return
+
+        meta = self.metadata(m, typ, name)
+        if meta is False:
+            return
+        if rec is not None:  # the same path twice in this layer: the later wins
+            if rec[2] is None or (rec[1] == DIR and typ != DIR):
+                what = "its contents were already written" if rec[2] is None else \
+                    "the directory's children were already taken"
+                self.skip("duplicate", name, f"duplicate in one layer; keeping the first ({what})")
+                return
+        else:
+            self._track()
+        if typ == REG:
+            self.write_file(tf, m, path, meta)
+            seen[path] = (layer, REG, None)
+        else:
+            seen[path] = (layer, typ, meta)
+
+    def whiteout(self, name: str, parts: List[str], base: str) -> None:
+        parent = "/".join(parts[:-1])
+        if base == _OPQ:
+            self.pend_opaque.add(parent)
+        elif base.startswith(_WH + _WH) or base in (_WH, _WH + ".", _WH + ".."):
+            # aufs bookkeeping (.wh..wh.plnk etc.) or nothing to hide
+            self.skip("whiteout_meta", name, "aufs metadata or empty whiteout", warn=False)
+            return
+        else:
+            target = base[len(_WH):]
+            self.pend_tree.add(parent + "/" + target if parent else target)
+        self.rules += 1
+        self._track()
+        self.stats.skipped["whiteout"] = self.stats.skipped.get("whiteout", 0) + 1
+
+    def metadata(self, m: tarfile.TarInfo, typ: bytes, name: str):
+        """The fields to write for m, or False if it must be dropped."""
+        uid, gid = m.uid, m.gid
+        if not (0 <= uid < 1 << 32 and 0 <= gid < 1 << 32):
+            self.skip("bad_owner", name, f"uid/gid {uid}/{gid} out of range")
+            return False
+        link = ""
+        if typ == SYM:
+            link = m.linkname
+            if not link or "\0" in link or len(link.encode(_ENC, _ERR)) > _LINK_MAX:
+                self.skip("bad_symlink", name, "empty, NUL-bearing or overlong symlink target")
+                return False
+        elif typ == LNK:
+            parts, why = _clean(m.linkname)
+            if not parts:
+                self.skip("bad_hardlink", name, f"hardlink target {m.linkname!r}: "
+                          f"{why or 'points at the root'}")
+                return False
+            link = "/".join(parts)
+        xattrs = None
+        if m.pax_headers:
+            xattrs, dropped = _xattrs(m.pax_headers)
+            for x in dropped:
+                self.warn(f"layer {self.layer} from the top: dropped xattr {x!r} of {name!r}: "
+                          "SquashFS stores only user., trusted. and security. xattrs",
+                          layer=self.layer, entry=repr(name), xattr=repr(x))
+        mtime = m.mtime
+        if not isinstance(mtime, int):
+            mtime = math.floor(mtime)
+        devmajor = m.devmajor if typ in (CHR, BLK) else 0
+        devminor = m.devminor if typ in (CHR, BLK) else 0
+        return (m.mode & 0o7777, uid, gid, mtime, link, devmajor, devminor, xattrs)
+
+    # -- output -------------------------------------------------------------
+
+    def header(self, path: str, typ: bytes, meta: _Meta, size: int = 0) -> None:
+        mode, uid, gid, mtime, link, devmajor, devminor, xattrs = meta
+        ti = tarfile.TarInfo(path or ".")
+        ti.type = typ
+        ti.mode, ti.uid, ti.gid, ti.mtime, ti.size = mode, uid, gid, mtime, size
+        ti.linkname = link
+        ti.devmajor, ti.devminor = devmajor, devminor
+        ti.uname = ti.gname = ""
+        if xattrs:
+            ti.pax_headers = {"SCHILY.xattr." + k: v for k, v in xattrs.items()}
+        self.out.write(ti.tobuf(tarfile.PAX_FORMAT, _ENC, _ERR))
+        self.stats.entries += 1
+
+    def write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, meta: _Meta) -> None:
+        size = m.size
+        if self.stats.bytes + size > self.limits.max_bytes:
+            raise LimitExceeded(f"image contents exceed {self.limits.max_bytes} bytes",
+                                hint="raise max_bytes if the image is genuine")
+        self.header(path, REG, meta, size)
+        src = tf.extractfile(m)
+        left = size
+        while left:
+            chunk = src.read(min(left, _CHUNK))
+            if not chunk:
+                raise CorruptLayer(f"layer {self.layer} from the top: data of {m.name!r} "
+                                   "is truncated", hint="the layer is damaged; pull it again")
+            self.out.write(chunk)
+            left -= len(chunk)
+        pad = -size % tarfile.BLOCKSIZE
+        if pad:
+            self.out.write(tarfile.NUL * pad)
+        self.stats.bytes += size
+
+    def finish(self) -> None:
+        links = []
+        for path, (layer, typ, meta) in self.seen.items():
+            if meta is None:
+                continue
+            if typ == LNK:
+                links.append((path, layer, meta))
+            else:
+                self.header(path, typ, meta)
+        for path, layer, meta in links:
+            target = self.resolve(meta[4], layer)
+            if target is None:
+                self.skip("bad_hardlink", path,
+                          f"hardlink target {meta[4]!r} is not a regular file in the image")
+                continue
+            self.header(path, LNK, meta[:4] + (target,) + meta[5:])
+            self.stats.hardlinks += 1
+        # End of archive: two zero blocks.
+        self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        self.out.flush()
+
+    def resolve(self, target: str, layer: int) -> Optional[str]:
+        """The regular file a hardlink made in `layer` ends up sharing, if emitted."""
+        for _ in range(_MAX_LINK_CHAIN):
+            rec = self.seen.get(target)
+            # A target an upper layer replaced held contents that are gone.
+            if rec is None or rec[0] < layer:
+                return None
+            if rec[1] == REG:
+                return target
+            if rec[1] != LNK:
+                return None
+            layer, target = rec[0], rec[2][4]
+        return None
+
+
+def flatten(layers: Iterable[BinaryIO], out: BinaryIO, *,
+            limits: Optional[FlattenLimits] = None) -> FlattenStats:
+    """Write one tar stream of the flattened image to out; layers top-most first.
+
+    Each layer is a decompressed tar stream, read to its end (and drained, so
+    a digest-verifying reader below it sees EOF) before the next is taken.
+    """
+    flat = _Flattener(out, limits or FlattenLimits())
+    for stream in layers:
+        flat.layer_pass(stream)
+    flat.finish()
+    return flat.stats
