@@ -45,7 +45,7 @@ _INSTALL_HINT = ("install tar2sqfs (Debian/Ubuntu: apt install squashfs-tools-ng
                  "or squashfs-tools >= 4.6 for sqfstar")
 _NOSPACE = re.compile(r"no space left on device|ENOSPC|disk quota exceeded", re.I)
 # tar2sqfs 1.2 reports a failed write as "<entry>: I/O error." without errno.
-_IO_ERROR = re.compile(r"I/O error|write", re.I)
+_IO_ERROR = re.compile(r"I/O error|\bwrit(e|ing)\b", re.I)
 _SLACK = 1 << 20
 
 
