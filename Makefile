@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3-venv python3-dev gcc make util-linux mount procps \
 	squashfs-tools-ng squashfs-tools zstd umoci skopeo docker-registry \
-	slurm-wlm slurmctld slurmd libslurm-dev munge
+	slurm-wlm slurmctld slurmd libslurm-dev munge curl busybox-static
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv plugin proto test demo demo-stop clean

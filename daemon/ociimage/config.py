@@ -9,7 +9,7 @@ from __future__ import annotations
 import configparser
 import os
 import re
-import socket
+import socket as socketlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -42,7 +42,7 @@ class Config:
     lease_ttl: float = 600.0
     socket: Path = Path("/run/oci-image/oci-imaged.sock")
     runtime_dir: Path = Path("/run/oci-image")
-    node: str = field(default_factory=socket.gethostname)
+    node: str = field(default_factory=socketlib.gethostname)
     metrics: Optional[Tuple[str, int]] = None
     log_level: str = "warning"
     mount_idle: float = 60.0

@@ -159,5 +159,5 @@ def pull_to_cache(client: RegistryClient, cache: Cache, reference, options: Pull
         entry = cache.build(digest, producer, on_wait=on_wait)
     except OciImageError:
         raise
-    report(ProgressEvent(DONE, message=f"{digest} {entry.path}"))
+    report(ProgressEvent(DONE, message="image ready"))
     return entry

@@ -1,0 +1,210 @@
+"""`oci-imaged`: the per-node daemon serving the ociimage.v1 contract on a root-only Unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket as socketlib
+import stat
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import List, Optional
+
+import grpc
+
+from . import __version__, logs
+from .cache import Cache
+from .config import Config, load_config, parse_listen, parse_size, validate
+from .errors import ConfigError, OciImageError
+from .images import ImageStore
+from .metrics import Metrics
+from .service import ContainersServicer, ImagesServicer
+from .v1 import health_pb2, health_pb2_grpc
+from .v1 import ociimage_pb2_grpc as pbg
+
+log = logging.getLogger("ociimage.daemon")
+
+
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1.Health: SERVING until shutdown begins."""
+
+    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers")
+
+    def __init__(self) -> None:
+        self.serving = True
+
+    def _status(self, service: str):
+        R = health_pb2.HealthCheckResponse
+        if service not in self.SERVICES:
+            return R.SERVICE_UNKNOWN
+        return R.SERVING if self.serving else R.NOT_SERVING
+
+    def Check(self, request, context):
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            context.set_code(grpc.StatusCode.NOT_FOUND)
+            context.set_details(f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    def Watch(self, request, context):
+        yield health_pb2.HealthCheckResponse(status=self._status(request.service))
+
+
+def _socket_in_use(path: Path) -> bool:
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class Daemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.metrics = Metrics()
+        self.cache = Cache(config.cache_dir, node=config.node)
+        self.cache.check_locking()
+        self.store = ImageStore(self.cache, config, self.metrics)
+        from .runtime.steps import StepManager
+        self.steps = StepManager(config, self.cache, self.store)
+        self.metrics.bind(self.steps.mount_count, self.steps.lease_count, self.steps.step_count)
+        self.health = HealthServicer()
+        self.server: Optional[grpc.Server] = None
+        self._stop = threading.Event()
+        self._housekeeper: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        sock = self.config.socket
+        sock.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        if sock.exists() or sock.is_symlink():
+            if _socket_in_use(sock):
+                raise ConfigError(f"another oci-imaged is already listening on {sock}")
+            sock.unlink()  # left by a daemon that died
+        self.steps.recover()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="rpc"),
+            options=[("grpc.max_receive_message_length", 4 << 20),
+                     ("grpc.max_send_message_length", 16 << 20)])
+        pbg.add_ImagesServicer_to_server(ImagesServicer(self.store), self.server)
+        pbg.add_ContainersServicer_to_server(ContainersServicer(self.steps), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The socket must never exist with wider permissions, even for an instant.
+        old_umask = os.umask(0o177)
+        try:
+            if not self.server.add_insecure_port(f"unix:{sock}"):
+                raise ConfigError(f"cannot listen on {sock}")
+            self.server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
+        self.metrics.serve(self.config.metrics)
+        self._housekeeper = threading.Thread(target=self._housekeeping, daemon=True,
+                                             name="housekeeping")
+        self._housekeeper.start()
+        log.warning("oci-imaged started", extra={"version": __version__, "socket": str(sock),
+                                                 "cache": str(self.config.cache_dir),
+                                                 "node": self.config.node})
+
+    def _housekeeping(self) -> None:
+        interval = max(1.0, min(30.0, self.config.lease_ttl / 4, self.config.mount_idle / 2 or 1.0))
+        while not self._stop.wait(interval):
+            try:
+                self.steps.housekeeping()
+                self.cache.expire_leases()
+            except Exception:  # housekeeping must never take the daemon down
+                log.exception("housekeeping failed")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop serving; in-flight conversions are abandoned cleanly (no partial files).
+
+        Step namespaces and image mounts stay: running steps keep working and
+        a restarted daemon adopts them.
+        """
+        self._stop.set()
+        self.health.serving = False
+        self.store.stop()
+        if self.server:
+            self.server.stop(grace).wait()
+        try:
+            self.config.socket.unlink()
+        except FileNotFoundError:
+            pass
+        log.warning("oci-imaged stopped")
+
+    def wait(self) -> None:
+        self._stop.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oci-imaged",
+                                description="Per-node daemon of slurm-oci-image (runs as root).")
+    p.add_argument("--version", action="version", version=f"oci-imaged {__version__}")
+    p.add_argument("--config", help="config file (default /etc/oci-image/oci-image.conf)")
+    p.add_argument("--socket", help="override [daemon] socket")
+    p.add_argument("--runtime-dir", help="override [daemon] runtime_dir")
+    p.add_argument("--cache-dir", help="override [cache] dir")
+    p.add_argument("--node", help="override [daemon] node (the name used for leases)")
+    p.add_argument("--quota", help="override [cache] quota, e.g. 200G")
+    p.add_argument("--metrics", help="override [daemon] metrics listen address HOST:PORT")
+    p.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-json", action="store_true", help="one JSON object per log line")
+    return p
+
+
+def config_from_args(args) -> Config:
+    cfg = load_config(args.config)
+    if args.socket:
+        cfg.socket = Path(args.socket)
+    if args.runtime_dir:
+        cfg.runtime_dir = Path(args.runtime_dir)
+    if args.cache_dir:
+        cfg.cache_dir = Path(args.cache_dir)
+    if args.node:
+        cfg.node = args.node
+    if args.quota:
+        cfg.quota = parse_size(args.quota, "--quota")
+    if args.metrics:
+        cfg.metrics = parse_listen(args.metrics)
+    if args.log_level:
+        cfg.log_level = args.log_level
+    cfg.insecure_registries += args.insecure_registry
+    validate(cfg)
+    return cfg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        logs.setup(cfg.log_level, json_lines=args.log_json)
+        if os.geteuid() != 0:
+            raise ConfigError("oci-imaged must run as root (it mounts images and builds namespaces)")
+        daemon = Daemon(cfg)
+        daemon.start()
+    except OciImageError as e:
+        print(f"oci-imaged: error: {e}", file=sys.stderr)
+        return e.exit_code
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("signal received, stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.wait(3600):
+        pass
+    daemon.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""The step client the SPANK plugin execs (`oci-image-step`). Kept small: it is on the per-step path.
+
+    submit  --image REF                 (srun/sbatch/salloc, as the user) -> prints the pinned REF@digest
+    prepare --socket S --job J --step S (slurmstepd, root)  -> NUL-separated records on stdout
+    release --socket S --job J --step S (slurmstepd, root)
+
+prepare's stdout, parsed by the plugin: ns\\0PATH\\0 cwd\\0DIR\\0 then env\\0NAME=VALUE\\0 and
+unsetenv\\0NAME\\0 records. Progress and errors go to stderr, one line each, which
+the plugin shows in the user's srun output. Exit status 0 only on success.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import sys
+from typing import List, Optional
+
+PREFIX = "oci-image"
+
+
+def _die(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"{PREFIX}: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def parse_mounts(text: str, what: str) -> List[tuple]:
+    """'SRC:DST[:ro|rw],...' -> [(src, dst, read_only)]; both paths absolute."""
+    from .errors import InvalidArgument
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) == 1:
+            parts = [parts[0], parts[0]]
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            src, dst, ro = parts[0], parts[1], parts[2] == "ro"
+        elif len(parts) == 2:
+            src, dst, ro = parts[0], parts[1], False
+        else:
+            raise InvalidArgument(f"{what}: {item!r} is not SRC:DST[:ro|rw]")
+        for p in (src, dst):
+            if not p.startswith("/") or "\0" in p or "/../" in p + "/" or "\n" in p:
+                raise InvalidArgument(f"{what}: {p!r} must be an absolute path without '..'")
+        out.append((os.path.normpath(src), os.path.normpath(dst), ro))
+    return out
+
+
+def cmd_submit(args) -> int:
+    """Validate and pin the reference once, at submit, with the user's own credentials."""
+    from .errors import OciImageError
+    image = args.image.strip()
+    if image.startswith("/"):
+        if not image.endswith(".sqfs") and not image.endswith(".squashfs"):
+            return _die(f"--oci-image={image}: a local image must be a .sqfs file")
+        if not os.path.isfile(image):
+            return _die(f"--oci-image={image}: no such file")
+        print(os.path.realpath(image))
+        return 0
+    try:
+        from .reference import parse_reference
+        from .registry.client import RegistryClient
+        from .registry.credentials import CredentialStore
+        ref = parse_reference(image)
+        if ref.digest:
+            print(image)
+            return 0
+        insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
+        digest = RegistryClient(credentials=CredentialStore(),
+                                insecure_registries=insecure).resolve_digest(ref)
+    except OciImageError as e:
+        return _die(f"--oci-image={image}: {e}")
+    print(f"{image}@{digest}")
+    return 0
+
+
+def read_job_env(fd: int, limit: int = 4 << 20) -> dict:
+    """The job's environment, NUL-separated NAME=VALUE records the plugin writes to fd.
+
+    It does not come as this process's environment: we run as root, and a
+    user's LD_PRELOAD or PYTHONPATH must not run their code as root.
+    """
+    if fd < 0:
+        return {}
+    chunks, size = [], 0
+    with os.fdopen(fd, "rb", closefd=True) as f:
+        while size <= limit:
+            chunk = f.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    env = {}
+    for rec in b"".join(chunks)[:limit].split(b"\0"):
+        name, sep, value = rec.partition(b"=")
+        if sep and name:
+            env[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+    return env
+
+
+def _records(container) -> bytes:
+    out = [b"ns", container.ns_path.encode(), b"cwd", container.cwd.encode()]
+    for kv in container.set_env:
+        out += [b"env", kv.encode()]
+    for name in container.unset_env:
+        out += [b"unsetenv", name.encode()]
+    return b"\0".join(out) + b"\0"
+
+
+def cmd_prepare(args) -> int:
+    from .client import DaemonClient
+    from .errors import OciImageError
+    from .progress import ProgressEvent, TextProgress
+    from .v1 import ociimage_pb2 as pb
+    try:
+        mounts = (parse_mounts(args.default_mounts, "plugstack default_mounts")
+                  + parse_mounts(args.mounts, "--oci-mounts"))
+        try:
+            pw = pwd.getpwuid(args.uid)
+            user_name, home = pw.pw_name, pw.pw_dir
+        except KeyError:
+            user_name, home = os.environ.get("USER", f"user{args.uid}"), os.environ.get("HOME", "/")
+        env_names = [n for n in (args.env_names or "").split(",") if n]
+        req = pb.PrepareStepRequest(
+            job_id=args.job, step_id=args.step, uid=args.uid, gid=args.gid, image=args.image,
+            mounts=[pb.Mount(source=s, target=d, read_only=ro) for s, d, ro in mounts],
+            workdir=args.workdir or "", cwd=args.cwd or "", writable=args.writable,
+            mount_home=args.mount_home, entrypoint=args.entrypoint,
+            environment=read_job_env(args.job_env_fd), env_names=env_names,
+            allow_sqfs=args.allow_sqfs, node=args.node or "", home=home, user_name=user_name)
+        show = TextProgress(sys.stderr, prefix=f"{PREFIX}: {args.node or ''}: ".replace(": : ", ": "),
+                            tty=False, interval=2.0)
+
+        def on_progress(p):
+            show(ProgressEvent(p.phase, p.message, p.current, p.total, p.layer, p.layers))
+
+        client = DaemonClient(socket_path(args))
+        container = client.prepare_step(req, on_progress)
+    except OciImageError as e:
+        return _die(str(e))
+    sys.stdout.buffer.write(_records(container))
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_release(args) -> int:
+    from .client import DaemonClient
+    from .errors import OciImageError
+    try:
+        DaemonClient(socket_path(args)).release_step(args.job, args.step)
+    except OciImageError as e:
+        return _die(f"releasing step {args.job}.{args.step}: {e}")
+    return 0
+
+
+def socket_path(args) -> str:
+    """The plugstack socket= value; %n stands for the node name (several daemons on one host)."""
+    return args.socket.replace("%n", args.node)
+
+
+def _flag(text: str) -> bool:
+    return str(text).lower() in ("1", "yes", "true", "on")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oci-image-step", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command")
+    sub.required = True
+    s = sub.add_parser("submit")
+    s.add_argument("--image", required=True)
+    for name in ("prepare", "release"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
+        sp.add_argument("--job", required=True)
+        sp.add_argument("--step", required=True)
+        sp.add_argument("--node", default="")
+        if name == "prepare":
+            sp.add_argument("--uid", type=int, required=True)
+            sp.add_argument("--gid", type=int, required=True)
+            sp.add_argument("--image", required=True)
+            sp.add_argument("--mounts", default="")
+            sp.add_argument("--default-mounts", default="")
+            sp.add_argument("--workdir", default="")
+            sp.add_argument("--cwd", default="")
+            sp.add_argument("--writable", type=_flag, nargs="?", const=True, default=False)
+            sp.add_argument("--mount-home", type=_flag, nargs="?", const=True, default=True)
+            sp.add_argument("--entrypoint", type=_flag, nargs="?", const=True, default=False)
+            sp.add_argument("--env-names", default="")
+            sp.add_argument("--allow-sqfs", type=_flag, nargs="?", const=True, default=False)
+            sp.add_argument("--job-env-fd", type=int, default=-1)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "submit":
+            return cmd_submit(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
+        return cmd_release(args)
+    except KeyboardInterrupt:
+        return _die("interrupted", 130)
+    except Exception as e:  # the user sees one line, never a traceback
+        return _die(f"internal error: {type(e).__name__}: {e}", 70)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
