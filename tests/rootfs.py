@@ -38,8 +38,8 @@ def make_rootfs(root: Path) -> Path:
     shutil.copy2(BUSYBOX, root / "bin" / "busybox")
     for applet in APPLETS:
         os.symlink("busybox", root / "bin" / applet)
-    shutil.copy2(BUSYBOX, root / "bin" / "suidbox")
-    os.chmod(root / "bin" / "suidbox", 0o4755)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox-suid")
+    os.chmod(root / "bin" / "busybox-suid", 0o4755)
     (root / "etc" / "passwd").write_text(PASSWD)
     (root / "etc" / "group").write_text(GROUP)
     (root / "etc" / "os-release").write_text(OS_RELEASE)

@@ -1,0 +1,661 @@
+"""A private mount namespace per job step, with the image as its root.
+
+Layout on the host, per step, under state_dir/<job>.<step>/:
+    mnt      the namespace, pinned by a bind mount of /proc/<pid>/ns/mnt,
+             so it outlives the short-lived process that built it; tasks
+             enter it with open(mnt) + setns(CLONE_NEWNS) + chdir(cwd)
+    root/    the new root, rw/ the tmpfs for an overlay's upper layer: both
+             stay empty on the host, their mounts exist only in the namespace
+    passwd, group   the generated files bind-mounted over the image's
+
+How the namespace is built: the parent (the daemon) plans everything first
+(resolving paths, checking user mounts, generating passwd/group) into a flat
+list of primitive operations; a forked child unshares, makes every mount
+private (so nothing propagates back to the host or to other steps), runs
+the operations, pivots into the new root and detaches the host's tree. The
+child then waits while the parent bind-mounts its ns file (that must happen
+in the host namespace) and exits. The daemon is a multi-threaded gRPC server,
+so the child runs nothing but system calls (no logging, no locks, no
+allocation-heavy work) and reports failure through a pipe as one line.
+
+The image root is read-only (a bind of the node's loop mount remounted
+ro,nosuid,nodev). A mount target missing from the image cannot be created on
+a read-only squashfs, so then — and when the step asked for a writable root —
+the root is an overlay: the image as lowerdir, upper/work on a tmpfs that
+lives and dies with the namespace. The missing mount points are created in
+it, and unless the step is writable it is then remounted read-only, so the
+user still gets EROFS. Missing mount points are never created in the user's
+home or in a user mount's source on the host.
+
+Paths inside the image are resolved by us, following symlinks relative to
+the image root (an image's /etc/passwd -> /etc/shadow must not read the
+host's shadow file as root).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import grp
+import logging
+import os
+import select
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from ..errors import AccessDenied, InvalidArgument, NotFound
+from . import syscalls as sc
+from . import users
+from .mounts import MountError, mount_at, mount_containing, read_mountinfo
+
+log = logging.getLogger("ociimage.runtime")
+
+_CHILD_TIMEOUT = 60.0
+_MAX_SYMLINKS = 40
+NS_FILE = "mnt"
+
+# layer kinds for path resolution
+_EMPTY = "\0empty"    # a fresh tmpfs: exists as a directory, holds nothing
+_OPAQUE = "\0opaque"  # a host bind we never resolve into (/proc, /sys, /dev)
+
+
+@dataclass
+class StepSpec:
+    job_id: str
+    step_id: str
+    uid: int
+    gid: int
+    user_name: str
+    home: str
+    rootfs: Path
+    mounts: List[Tuple[str, str, bool]] = field(default_factory=list)  # (host src, dst, read_only)
+    writable: bool = False
+    mount_home: bool = True
+    workdir: Optional[str] = None
+    host_cwd: str = "/"
+    image_workdir: Optional[str] = None
+    group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
+
+
+@dataclass(frozen=True)
+class StepNamespace:
+    ns_path: Path
+    cwd: str
+
+
+# ---- path resolution inside the container ----------------------------------
+
+@dataclass(frozen=True)
+class Resolved:
+    path: str           # canonical container path of the part that exists
+    host: Optional[str]  # where that part is on the host (None in a tmpfs/opaque layer)
+    layer: str          # "" for the image, else the layer's container path
+    missing: Tuple[str, ...]  # components below `path` that don't exist
+
+    @property
+    def exists(self) -> bool:
+        return not self.missing
+
+    @property
+    def full(self) -> str:
+        return _join(self.path, *self.missing)
+
+
+def _join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for p in parts:
+        out += "/" + p
+    return out or "/"
+
+
+def _split(path: str) -> List[str]:
+    return [p for p in path.split("/") if p not in ("", ".")]
+
+
+def _layer_of(cpath: str, layers: Mapping[str, str]) -> Tuple[str, str]:
+    best = ""
+    for k in layers:
+        if (cpath == k or cpath.startswith(k + "/")) and len(k) > len(best):
+            best = k
+    return best, cpath[len(best):]
+
+
+def resolve_in_root(root: Union[str, Path], path: str,
+                    layers: Optional[Mapping[str, str]] = None) -> Resolved:
+    """Resolve a container path the way the kernel would inside the container.
+
+    root is the image on the host; layers maps container paths to what is
+    mounted there (a host directory, or _EMPTY / _OPAQUE). Symlinks are
+    followed relative to the container root, never the host's.
+    """
+    if not path.startswith("/"):
+        raise InvalidArgument(f"container path {path!r} must be absolute")
+    if "\0" in path:
+        raise InvalidArgument("container path contains a NUL byte")
+    layers = layers or {}
+    root = str(root).rstrip("/")
+    todo = _split(path)
+    cur: List[str] = []
+    hops = 0
+    while todo:
+        c = todo.pop(0)
+        if c == "..":
+            if cur:
+                cur.pop()
+            continue
+        cand = _join("/", *cur, c)
+        layer, rest = _layer_of(cand, layers)
+        base = layers.get(layer, root) if layer else root
+        if base in (_EMPTY, _OPAQUE):
+            if rest == "":
+                cur.append(c)
+                continue
+            if base == _OPAQUE:
+                raise InvalidArgument(f"{path}: cannot mount inside {layer}")
+            return _missing(_join("/", *cur), None, layer, [c] + todo, path)
+        host = base + rest
+        try:
+            st = os.lstat(host)
+        except FileNotFoundError:
+            if any(k.startswith(cand + "/") for k in layers):
+                cur.append(c)  # created as the way to an earlier mount point
+                continue
+            cpath = _join("/", *cur)
+            return _missing(cpath, _host_of(cpath, root, layers), layer, [c] + todo, path)
+        except NotADirectoryError:
+            raise InvalidArgument(f"{path}: {_join('/', *cur)} is not a directory") from None
+        if stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                raise InvalidArgument(f"{path}: too many levels of symbolic links")
+            target = os.readlink(host)
+            if target.startswith("/"):
+                cur = []
+            todo = _split(target) + todo
+            continue
+        if todo and not stat.S_ISDIR(st.st_mode):
+            raise InvalidArgument(f"{path}: {cand} is not a directory")
+        cur.append(c)
+    cpath = _join("/", *cur)
+    layer, _ = _layer_of(cpath, layers)
+    return Resolved(cpath, _host_of(cpath, root, layers), layer, ())
+
+
+def _host_of(cpath: str, root: str, layers: Mapping[str, str]) -> Optional[str]:
+    layer, rest = _layer_of(cpath, layers)
+    base = layers.get(layer, root) if layer else root
+    return None if base in (_EMPTY, _OPAQUE) else (base + rest if rest else base) or "/"
+
+
+def _missing(cpath: str, host: Optional[str], layer: str, rest: List[str], path: str) -> Resolved:
+    if ".." in rest:
+        raise InvalidArgument(f"{path}: '..' below a missing directory")
+    return Resolved(cpath, host, layer, tuple(rest))
+
+
+def read_image_file(rootfs: Union[str, Path], path: str,
+                    limit: int = users.MAX_FILE_BYTES) -> Optional[str]:
+    """A regular file of the image as text (at most limit bytes), or None if absent/unusable."""
+    try:
+        r = resolve_in_root(rootfs, path)
+    except InvalidArgument:
+        return None
+    if not r.exists or r.layer or r.host is None:
+        return None
+    try:
+        fd = os.open(r.host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, limit)
+    finally:
+        os.close(fd)
+    if len(data) == limit:  # cut at the last whole line
+        data = data[:data.rfind(b"\n") + 1]
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+# ---- planning ----------------------------------------------------------------
+
+Op = tuple  # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path) | ("pivot", root)
+
+
+def _describe(op: Op) -> str:
+    if op[0] == "mount":
+        return f"mount {op[1]} on {op[2]}"
+    return f"{op[0]} {op[1]}"
+
+
+def _check_abs(what: str, path: str) -> str:
+    if not path or not path.startswith("/") or "\0" in path:
+        raise InvalidArgument(f"{what} {path!r} must be an absolute path")
+    return os.path.normpath(path)
+
+
+def _user_may_reach(path: str, uid: int, gid: int, groups: Iterable[int]) -> bool:
+    """Whether uid can look path up: search permission on every directory above it."""
+    if uid == 0:
+        return True
+    gids = set(groups) | {gid}
+    p = Path(path)
+    for d in reversed(p.parents):
+        try:
+            st = os.stat(d)
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in gids:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return False
+    return True
+
+
+def _overlay_safe(path: str) -> str:
+    if any(c in path for c in ",:\\\n"):
+        raise InvalidArgument(f"path {path!r} cannot be used in overlay options")
+    return path
+
+
+@dataclass
+class Plan:
+    ops: List[Op]
+    cwd: str
+    overlay: bool
+
+
+class _Planner:
+    def __init__(self, spec: StepSpec, step_dir: Path):
+        self.spec = spec
+        self.step_dir = step_dir
+        self.root = str(step_dir / "root")
+        self.rootfs = str(spec.rootfs)
+        self.layers: Dict[str, str] = {}
+        self.image_create: List[Tuple[str, str]] = []  # (kind, container path) in the image
+        self.tmp_create: List[Tuple[str, str]] = []    # (kind, container path) in a tmpfs
+        self.system: List[Op] = []
+        self.user: List[Op] = []
+        self.visible: List[Tuple[str, str]] = []  # (host dir, container dir) for the cwd
+
+    def target(self, cpath: str, want_dir: bool, what: str) -> str:
+        """Canonical container path of a mount point, arranging for it to be created if missing."""
+        r = resolve_in_root(self.rootfs, cpath, self.layers)
+        kind = "dir" if want_dir else "file"
+        if r.exists:
+            if r.host is not None:
+                is_dir = os.path.isdir(r.host)
+                if is_dir != want_dir:
+                    raise InvalidArgument(f"{what}: {r.path} is {'a' if is_dir else 'not a'} "
+                                          f"directory in the container, its source is "
+                                          f"{'' if want_dir else 'not '}one")
+            return r.path
+        if r.layer and self.layers.get(r.layer) != _EMPTY:
+            raise NotFound(f"{what}: mount target {r.full} does not exist in {r.host}",
+                           hint="the directory must exist in the mounted host directory")
+        todo = self.tmp_create if r.layer else self.image_create
+        for i in range(1, len(r.missing) + 1):
+            k = kind if i == len(r.missing) else "dir"
+            todo.append((k, _join(r.path, *r.missing[:i])))
+        return r.full
+
+    def host(self, cpath: str) -> str:
+        return self.root + cpath if cpath != "/" else self.root
+
+    def plan_system(self) -> None:
+        for name in ("/proc", "/sys", "/dev"):
+            t = self.target(name, True, name)
+            self.layers[t] = _OPAQUE
+            if name == "/proc":
+                self.system.append(("mount", "proc", self.host(t), "proc",
+                                    sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None))
+            else:
+                self.system.append(("mount", name, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
+            if name == "/dev" and os.path.isdir("/dev/shm"):
+                # a per-step /dev/shm: shared by the step's tasks, freed with the step
+                self.system.append(("mount", "shm", self.host(t) + "/shm", "tmpfs",
+                                    sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
+        t = self.target("/tmp", True, "/tmp")
+        self.layers[t] = _EMPTY
+        self.system.append(("mount", "tmpfs", self.host(t), "tmpfs",
+                            sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
+
+    def plan_binds(self) -> None:
+        spec = self.spec
+        binds: List[Tuple[str, str, bool, str]] = []
+        home = _check_abs("home", spec.home) if spec.home else "/"
+        if spec.mount_home and home != "/":
+            if os.path.isdir(home):
+                binds.append((os.path.realpath(home), home, False, "home"))
+            else:
+                log.warning("home directory missing on host, not mounted",
+                            extra={"home": home, "job": spec.job_id})
+        try:
+            groups = os.getgrouplist(spec.user_name, spec.gid) if spec.uid else []
+        except (OSError, KeyError):
+            groups = []
+        for src, dst, ro in spec.mounts:
+            src = _check_abs("mount source", src)
+            dst = _check_abs("mount target", dst)
+            if dst == "/":
+                raise InvalidArgument("cannot mount over the container's root")
+            real = os.path.realpath(src)
+            if not os.path.exists(real):
+                raise NotFound(f"mount source {src} does not exist")
+            if not _user_may_reach(real, spec.uid, spec.gid, groups):
+                raise AccessDenied(f"mount source {src}: permission denied")
+            binds.append((real, dst, bool(ro), f"mount {src}:{dst}"))
+        # parents before children, so a nested target resolves through its parent mount
+        binds.sort(key=lambda b: len(_split(b[1])))
+        for real, dst, ro, what in binds:
+            is_dir = os.path.isdir(real)
+            t = self.target(dst, is_dir, what)
+            for protected in self.protected:
+                if protected == t or protected.startswith(t.rstrip("/") + "/"):
+                    raise InvalidArgument(f"{what}: cannot mount over {protected}")
+            flags = sc.mount_flags_of(real) | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
+            self.user.append(("mount", real, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
+            self.user.append(("mount", None, self.host(t), None,
+                              sc.MS_REMOUNT | sc.MS_BIND | flags, None))
+            self.layers[t] = real if is_dir else _OPAQUE
+            if is_dir:
+                self.visible.append((real, t))
+
+    def plan(self) -> Plan:
+        spec = self.spec
+        self.plan_system()
+        passwd_t = self.target("/etc/passwd", False, "/etc/passwd")
+        group_t = self.target("/etc/group", False, "/etc/group")
+        self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"]
+        self.plan_binds()
+        ro_flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
+        etc = [("mount", str(self.step_dir / "passwd"), self.host(passwd_t), None, sc.MS_BIND, None),
+               ("mount", None, self.host(passwd_t), None, ro_flags, None),
+               ("mount", str(self.step_dir / "group"), self.host(group_t), None, sc.MS_BIND, None),
+               ("mount", None, self.host(group_t), None, ro_flags, None)]
+
+        overlay = spec.writable or bool(self.image_create)
+        ops: List[Op] = []
+        if overlay:
+            rw = str(self.step_dir / "rw")
+            ops += [("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
+                    ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
+                    ("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                     f"lowerdir={_overlay_safe(self.rootfs)},upperdir={_overlay_safe(rw)}/upper,"
+                     f"workdir={rw}/work")]
+        else:
+            ops.append(("mount", self.rootfs, self.root, None, sc.MS_BIND, None))
+        for kind, cpath in self.image_create:
+            ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
+                       else ("mkfile", self.host(cpath)))
+        if not spec.writable:
+            ops.append(("mount", None, self.root, None,
+                        ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
+        ops += self.system
+        for kind, cpath in self.tmp_create:
+            ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
+                       else ("mkfile", self.host(cpath)))
+        ops += self.user
+        ops += etc
+        ops.append(("pivot", self.root))
+        return Plan(ops, self.working_dir(), overlay)
+
+    def working_dir(self) -> str:
+        spec = self.spec
+        if spec.workdir:
+            return _check_abs("working directory", spec.workdir)
+        if spec.host_cwd and spec.host_cwd.startswith("/"):
+            cwd = os.path.realpath(spec.host_cwd)
+            best = None
+            for host, cont in self.visible:
+                if cwd == host or cwd.startswith(host.rstrip("/") + "/"):
+                    if best is None or len(host) > len(best[0]):
+                        best = (host, cont)
+            if best:
+                rest = cwd[len(best[0]):].lstrip("/")
+                return _join(best[1], *_split(rest))
+        if spec.image_workdir and spec.image_workdir.startswith("/"):
+            return os.path.normpath(spec.image_workdir)
+        return "/"
+
+
+def plan_step(spec: StepSpec, step_dir: Path) -> Plan:
+    """The operations that build the step's root under step_dir (no side effects)."""
+    return _Planner(spec, Path(step_dir)).plan()
+
+
+# ---- the state dir ----------------------------------------------------------
+
+def ensure_private(state_dir: Path) -> bool:
+    """Make state_dir sit on a mount with private propagation; True if we had to bind it.
+
+    A ns file bind-mounted on a shared mount would propagate into every peer,
+    including other namespaces on the node, and pin our namespaces there.
+    """
+    state_dir = Path(os.path.realpath(state_dir))
+    m = mount_containing(state_dir)
+    if m.propagation == "private":
+        return False
+    if m.mount_point != str(state_dir):
+        sc.mount(state_dir, state_dir, None, sc.MS_BIND)
+    sc.mount(None, state_dir, None, sc.MS_PRIVATE)
+    log.info("state dir made a private mount", extra={"path": str(state_dir)})
+    return True
+
+
+def _step_dir(state_dir: Path, job_id: str, step_id: str) -> Path:
+    name = f"{job_id}.{step_id}"
+    if not job_id or not step_id or "/" in name or name.startswith(".") or "\0" in name:
+        raise InvalidArgument(f"invalid job/step id {job_id!r}.{step_id!r}")
+    return Path(state_dir) / name
+
+
+# ---- create / destroy ---------------------------------------------------------
+
+def _child(ops: List[Op], report_w: int, go_r: int) -> None:
+    """In the forked child: build the namespace; never returns."""
+    code = 1
+    i = -1
+    try:
+        gc.disable()  # no finalizers of the parent's objects may run here
+        sc.unshare(sc.CLONE_NEWNS)
+        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+        for i, op in enumerate(ops):
+            kind = op[0]
+            if kind == "mount":
+                sc.mount(op[1], op[2], op[3], op[4], op[5])
+            elif kind == "mkdir":
+                try:
+                    os.mkdir(op[1], op[2])
+                except FileExistsError:
+                    pass
+            elif kind == "mkfile":
+                os.close(os.open(op[1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+            elif kind == "pivot":
+                # pivot_root(".", ".") stacks the old root on the new one, so no
+                # put_old directory is needed in a read-only image
+                os.chdir(op[1])
+                sc.pivot_root(".", ".")
+                sc.umount2(".", sc.MNT_DETACH)
+                os.chdir("/")
+        i = -1
+        os.write(report_w, b"OK\n")
+        os.read(go_r, 1)  # wait until the parent has pinned the namespace
+        code = 0
+    except BaseException as e:  # noqa: B902 - everything must reach the parent
+        err = getattr(e, "errno", 0) or 0
+        msg = str(e).replace("\n", " ")[:800]
+        try:
+            os.write(report_w, f"ERR {i} {err} {msg}\n".encode("utf-8", "replace"))
+        except BaseException:
+            pass
+    finally:
+        os._exit(code)
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise MountError("building the step namespace timed out")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace").strip()
+
+
+def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
+    """Build and pin the step's mount namespace; returns its ns file and the task cwd."""
+    t0 = time.monotonic()
+    state_dir = Path(state_dir)
+    step_dir = _step_dir(state_dir, spec.job_id, spec.step_id)
+    ns_path = step_dir / NS_FILE
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private(state_dir)
+    if step_dir.exists():
+        if mount_at(ns_path) is not None:
+            raise InvalidArgument(f"step {spec.job_id}.{spec.step_id} already has a namespace")
+        _remove_step_dir(step_dir)
+    if not os.path.isdir(spec.rootfs):
+        raise NotFound(f"image root {spec.rootfs} is not mounted")
+
+    group_name = spec.group_name
+    if not group_name:
+        try:
+            group_name = grp.getgrgid(spec.gid).gr_name
+        except (KeyError, OverflowError):
+            group_name = f"group{spec.gid}"
+    passwd = users.make_passwd(read_image_file(spec.rootfs, "/etc/passwd"), spec.user_name,
+                               spec.uid, spec.gid, spec.home or "/")
+    group = users.make_group(read_image_file(spec.rootfs, "/etc/group"), group_name, spec.gid)
+    plan = plan_step(spec, step_dir)
+
+    step_dir.mkdir(mode=0o700)
+    try:
+        (step_dir / "root").mkdir(mode=0o755)
+        (step_dir / "rw").mkdir(mode=0o700)
+        for name, text in (("passwd", passwd), ("group", group)):
+            p = step_dir / name
+            p.write_bytes(text.encode("utf-8", "surrogateescape"))
+            os.chmod(p, 0o644)
+        ns_path.touch(mode=0o600)
+        _build(plan.ops, ns_path)
+    except BaseException:
+        _remove_step_dir(step_dir)
+        raise
+    log.info("step namespace created",
+             extra={"job": spec.job_id, "step": spec.step_id, "ns": str(ns_path),
+                    "cwd": plan.cwd, "overlay": plan.overlay,
+                    "seconds": round(time.monotonic() - t0, 3)})
+    return StepNamespace(ns_path, plan.cwd)
+
+
+def _build(ops: List[Op], ns_path: Path) -> None:
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        os.close(report_r)
+        os.close(go_w)
+        _child(ops, report_w, go_r)
+    os.close(report_w)
+    os.close(go_r)
+    try:
+        line = _read_line(report_r, _CHILD_TIMEOUT)
+        if line != "OK":
+            _, _, rest = line.partition(" ")
+            idx, _, rest = rest.partition(" ")
+            err, _, msg = rest.partition(" ")
+            where = ops[int(idx)] if idx.lstrip("-").isdigit() and 0 <= int(idx) < len(ops) else None
+            hint = f"while doing: {_describe(where)}" if where else ""
+            if not line:
+                msg = "the namespace builder died"
+            raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
+        sc.mount(f"/proc/{pid}/ns/mnt", ns_path, None, sc.MS_BIND)
+    finally:
+        try:
+            os.write(go_w, b"x")
+        except OSError:
+            pass
+        os.close(go_w)
+        os.close(report_r)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+
+def destroy_step_namespace(ns_path: Union[str, Path]) -> None:
+    """Unpin the step's namespace and remove its state; safe to call twice.
+
+    Tasks still inside keep the namespace alive until they exit; the mounts in
+    it (overlay, tmpfs) go away with the last of them.
+    """
+    ns_path = Path(ns_path)
+    if ns_path.name != NS_FILE:
+        raise InvalidArgument(f"{ns_path} is not a step namespace file")
+    for _ in range(16):  # a ns file could have been pinned twice
+        if mount_at(ns_path) is None:
+            break
+        try:
+            sc.umount2(ns_path, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise MountError(f"cannot unpin step namespace {ns_path}: {e}") from None
+    _remove_step_dir(ns_path.parent)
+    log.info("step namespace destroyed", extra={"ns": str(ns_path)})
+
+
+def _remove_step_dir(step_dir: Path) -> None:
+    if not step_dir.exists():
+        return
+    prefix = os.path.realpath(step_dir) + "/"
+    busy = [e.mount_point for e in read_mountinfo() if e.mount_point.startswith(prefix)
+            or e.mount_point == prefix[:-1]]
+    if busy:
+        raise MountError(f"cannot remove {step_dir}: still mounted: {', '.join(busy)}")
+    shutil.rmtree(step_dir, ignore_errors=True)
+
+
+def list_step_namespaces(state_dir: Union[str, Path]) -> Dict[str, Path]:
+    """'<job>.<step>' -> ns file, for every pinned namespace under state_dir."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return {}
+    prefix = os.path.realpath(state_dir) + "/"
+    pinned = {e.mount_point for e in read_mountinfo()
+              if e.mount_point.startswith(prefix) and e.fstype == "nsfs"}
+    return {d.name: d / NS_FILE for d in sorted(state_dir.iterdir())
+            if prefix + d.name + "/" + NS_FILE in pinned}
+
+
+def cleanup_stale(state_dir: Union[str, Path], keep: Iterable[Union[str, Path]]) -> List[str]:
+    """Destroy every step state under state_dir not named in keep ('<job>.<step>' or ns paths)."""
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    names = set()
+    for k in keep:
+        p = Path(k)
+        names.add(p.parent.name if p.name == NS_FILE else str(k))
+    removed = []
+    for d in sorted(state_dir.iterdir()):
+        if d.name in names or not d.is_dir() or d.is_symlink():
+            continue
+        try:
+            destroy_step_namespace(d / NS_FILE)
+            removed.append(d.name)
+        except MountError as e:
+            log.warning("cannot clean up stale step", extra={"step": d.name, "error": str(e)})
+    return removed
