@@ -46,10 +46,21 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"oci-imaged exited {self.proc.returncode}: {self.log()[-3000:]}")
-            if self.socket.exists():
+            if self.socket.exists() and self._accepts():
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"oci-imaged did not start: {self.log()[-3000:]}")
+
+    def _accepts(self) -> bool:
+        import socket
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(self.socket))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -31,7 +31,8 @@ def busybox_layers(os_id: str = "ocitest", version: str = "1", extra_mb: int = 0
                  data=f'NAME="OCI test image"\nID={os_id}\nVERSION_ID="{version}"\n'.encode()),
            Entry("opt/app/.wh.obsolete.txt"),
            Entry("opt/app/hello.sh", data=b"#!/bin/sh\necho hello from the image \"$@\"\n", mode=0o755),
-           Entry("opt/app/setuid-true", data=bb, mode=0o4755)]
+           Entry("opt/app/setuid-true", data=bb, mode=0o4755),
+           Entry("opt/app/data/", "dir", mode=0o777)]
     layers = [base, top]
     if extra_mb:
         layers.append([Entry("opt/blob.bin", data=os.urandom(extra_mb << 20))])

@@ -59,6 +59,11 @@ class DaemonClient:
             return errors.DaemonUnavailable(
                 f"cannot reach oci-imaged at {self.socket_path}: is the daemon running? "
                 f"(systemctl status oci-imaged)")
+        if code == grpc.StatusCode.UNAVAILABLE and ("Socket closed" in details
+                                                    or "Stream removed" in details):
+            return errors.DaemonUnavailable(
+                f"oci-imaged at {self.socket_path} went away during the request "
+                f"(restarted or crashed?); run the command again")
         cls = _BY_STATUS.get(code, errors.OciImageError)
         err = cls(details or code.name)
         err.status = code.name

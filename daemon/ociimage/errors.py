@@ -108,6 +108,12 @@ class InUse(OciImageError):
     status = "FAILED_PRECONDITION"
 
 
+class RuntimeSetupError(OciImageError):
+    """Mounting an image or building a step's namespace failed."""
+
+    status = "INTERNAL"
+
+
 class DaemonUnavailable(OciImageError):
     status = "UNAVAILABLE"
     exit_code = 3

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Union
 
-from ..errors import CacheError, InvalidArgument, OciImageError
+from ..errors import CacheError, InvalidArgument, RuntimeSetupError
 from . import syscalls
 
 log = logging.getLogger("ociimage.runtime")
@@ -34,10 +34,8 @@ _DIGEST = re.compile(r"^(sha256|sha512):([0-9a-f]{64}|[0-9a-f]{128})$")
 _MOUNT_TIMEOUT = 60.0
 
 
-class MountError(OciImageError):
-    """Mounting or unmounting on this node failed (until errors.py has RuntimeSetupError)."""
-
-    status = "INTERNAL"
+# Mount failures are runtime setup errors; the alias keeps this module's vocabulary.
+MountError = RuntimeSetupError
 
 
 # ---- /proc/self/mountinfo ---------------------------------------------------

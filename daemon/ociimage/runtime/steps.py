@@ -1,0 +1,251 @@
+"""Step containers on one node: image ready + leased + mounted once, then a namespace per step.
+
+State that must survive a daemon restart lives in the filesystem: the
+leases in the shared cache, the pinned namespace files and a small record per
+step under <runtime_dir>/steps/<job>.<step>/, the loop mounts in the kernel's
+mount table. recover() rebuilds the in-memory view from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+from ..cache import Cache, DEFAULT_LEASE_TTL
+from ..config import Config
+from ..errors import AccessDenied, InvalidArgument, NotFound
+from ..images import ImageStore
+from ..progress import ProgressEvent, Reporter
+from ..v1 import ociimage_pb2 as pb
+from . import environment
+from .mounts import NodeMounts
+from .namespaces import StepSpec, create_step_namespace, destroy_step_namespace
+
+log = logging.getLogger("ociimage.runtime")
+
+_ID = re.compile(r"^[0-9]{1,12}$|^(batch|extern|interactive)$|^[0-9]{1,12}\+[0-9]{1,6}$")
+
+
+@dataclass
+class StepRecord:
+    job_id: str
+    step_id: str
+    digest: str
+    ns_path: str
+    lease_id: Optional[str]
+    cwd: str
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return (self.job_id, self.step_id)
+
+
+def _check_ids(job_id: str, step_id: str) -> None:
+    if not re.fullmatch(r"[0-9]{1,12}", job_id or "") or not _ID.match(step_id or ""):
+        raise InvalidArgument(f"invalid job/step id {job_id!r}.{step_id!r}")
+
+
+def _user_can_read(path: Path, uid: int, gid: int) -> bool:
+    """Whether uid (primary group gid, plus supplementary groups) may read path, parents included."""
+    import grp
+    import pwd
+    try:
+        name = pwd.getpwuid(uid).pw_name
+        groups = {gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
+    except KeyError:
+        groups = {gid}
+
+    def allowed(st, bits_user, bits_group, bits_other) -> bool:
+        if uid == 0:
+            return True
+        if st.st_uid == uid:
+            return bool(st.st_mode & bits_user)
+        if st.st_gid in groups:
+            return bool(st.st_mode & bits_group)
+        return bool(st.st_mode & bits_other)
+
+    try:
+        for parent in reversed(path.parents):
+            if not allowed(os.stat(parent), stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
+                return False
+        return allowed(os.stat(path), stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+    except OSError:
+        return False
+
+
+class StepManager:
+    def __init__(self, config: Config, cache: Cache, store: ImageStore):
+        self.config = config
+        self.cache = cache
+        self.store = store
+        self.mounts = NodeMounts(config.runtime_dir, idle=config.mount_idle)
+        self.state_dir = config.runtime_dir / "steps"
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock = threading.Lock()
+        self._steps: Dict[Tuple[str, str], StepRecord] = {}
+        self._ttl = config.lease_ttl or DEFAULT_LEASE_TTL
+
+    # ---- accounting for metrics -----------------------------------------
+
+    def mount_count(self) -> int:
+        return len(self.mounts.mounted())
+
+    def lease_count(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._steps.values() if r.lease_id)
+
+    def step_count(self) -> int:
+        with self._lock:
+            return len(self._steps)
+
+    # ---- prepare / release -----------------------------------------------
+
+    def _record_path(self, job_id: str, step_id: str) -> Path:
+        return self.state_dir / f"{job_id}.{step_id}" / "record.json"
+
+    def _local_image(self, request) -> Tuple[str, Path, dict]:
+        """A user's own .sqfs: allowed only by plugstack allow_sqfs, and only if they can read it."""
+        if not request.allow_sqfs:
+            raise AccessDenied("this site does not allow --oci-image with a local .sqfs file; "
+                               "use an image reference instead")
+        path = Path(request.image)
+        if not path.is_absolute() or not path.is_file():
+            raise NotFound(f"image file {request.image} does not exist")
+        if not _user_can_read(path, request.uid, request.gid):
+            raise AccessDenied(f"you cannot read {request.image}")
+        st = path.stat()
+        ident = f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        digest = "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
+        return digest, path, {}
+
+    def prepare(self, request, report: Reporter) -> pb.StepContainer:
+        _check_ids(request.job_id, request.step_id)
+        key = (request.job_id, request.step_id)
+        with self._lock:
+            existing = self._steps.get(key)
+        if existing:  # a retried prepare for the same step gets the same container
+            return self._container(existing, request)
+        lease_id = None
+        if request.image.startswith("/"):
+            digest, sqfs, config = self._local_image(request)
+        else:
+            entry = self.store.pull(request.image, uid=request.uid, report=report)
+            digest, sqfs, config = entry.digest, entry.path, entry.meta.get("config", {})
+            lease_id = self.cache.add_lease(digest, f"job {request.job_id}.{request.step_id}",
+                                            ttl=self._ttl).id
+        try:
+            report(ProgressEvent("mount", message="mounting the image"))
+            rootfs = self.mounts.acquire(digest, sqfs)
+            try:
+                spec = StepSpec(
+                    job_id=request.job_id, step_id=request.step_id, uid=request.uid,
+                    gid=request.gid, user_name=request.user_name or f"user{request.uid}",
+                    home=request.home or "/", rootfs=rootfs,
+                    mounts=[(m.source, m.target, m.read_only) for m in request.mounts],
+                    writable=request.writable, mount_home=request.mount_home,
+                    workdir=request.workdir or None, host_cwd=request.cwd or "/",
+                    image_workdir=config.get("WorkingDir") or None)
+                ns = create_step_namespace(spec, self.state_dir)
+            except BaseException:
+                self.mounts.release(digest)
+                raise
+        except BaseException:
+            if lease_id:
+                self.cache.drop_lease(lease_id)
+            raise
+        record = StepRecord(request.job_id, request.step_id, digest, str(ns.ns_path), lease_id,
+                            str(ns.cwd))
+        rp = self._record_path(*key)
+        rp.parent.mkdir(parents=True, exist_ok=True)
+        rp.write_text(json.dumps(vars(record)))
+        with self._lock:
+            self._steps[key] = record
+        log.info("step prepared", extra={"job": request.job_id, "step": request.step_id,
+                                         "digest": digest, "ns": record.ns_path})
+        return self._container(record, request, config)
+
+    def _container(self, record: StepRecord, request, config: Optional[dict] = None) -> pb.StepContainer:
+        if config is None:
+            entry = self.cache.get(record.digest)
+            config = entry.meta.get("config", {}) if entry else {}
+        to_set, to_unset = environment.merge(config.get("Env") or [], dict(request.environment),
+                                             list(request.env_names))
+        argv_prefix = []
+        if request.entrypoint:
+            argv_prefix = list(config.get("Entrypoint") or [])
+        return pb.StepContainer(ns_path=record.ns_path, cwd=record.cwd,
+                                set_env=[f"{k}={v}" for k, v in sorted(to_set.items())],
+                                unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix)
+
+    def release(self, job_id: str, step_id: str) -> None:
+        _check_ids(job_id, step_id)
+        with self._lock:
+            record = self._steps.pop((job_id, step_id), None)
+        if record is None:
+            return
+        try:
+            destroy_step_namespace(Path(record.ns_path))
+        finally:
+            self.mounts.release(record.digest)
+            if record.lease_id:
+                self.cache.drop_lease(record.lease_id)
+            rp = self._record_path(job_id, step_id)
+            for p in (rp,):
+                try:
+                    p.unlink()
+                except FileNotFoundError:
+                    pass
+            try:
+                rp.parent.rmdir()
+            except OSError:
+                pass
+        log.info("step released", extra={"job": job_id, "step": step_id})
+
+    def release_job(self, job_id: str) -> int:
+        with self._lock:
+            keys = [k for k in self._steps if k[0] == job_id]
+        for k in keys:
+            self.release(*k)
+        return len(keys)
+
+    # ---- restart and housekeeping ---------------------------------------
+
+    def recover(self) -> None:
+        """Adopt the steps, mounts and leases a previous daemon on this node left running."""
+        leases = self.cache.node_leases()
+        for rp in self.state_dir.glob("*/record.json"):
+            try:
+                record = StepRecord(**json.loads(rp.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if not os.path.exists(record.ns_path) or not os.path.ismount(record.ns_path):
+                continue
+            self._steps[record.key] = record
+        self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
+                             for r in self._steps.values()})
+        live = {r.lease_id for r in self._steps.values() if r.lease_id}
+        for lease_id, lease in leases.items():
+            if lease_id in live:
+                self.cache.renew_lease(lease, self._ttl)
+            else:
+                self.cache.drop_lease(lease_id)
+        if self._steps:
+            log.warning("adopted running steps", extra={"steps": len(self._steps)})
+
+    def housekeeping(self) -> None:
+        with self._lock:
+            records = list(self._steps.values())
+        leases = self.cache.node_leases()
+        for r in records:
+            lease = leases.get(r.lease_id) if r.lease_id else None
+            if lease:
+                self.cache.renew_lease(lease, self._ttl)
+        self.mounts.reap()
