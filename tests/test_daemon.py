@@ -131,7 +131,11 @@ def test_sigkill_mid_conversion_then_restart(tmp_path, registry):
         time.sleep(0.01)
     assert any((cache / "tmp").glob("sha256-*")), "conversion never started"
     d.kill()
-    _, err = cli.communicate(timeout=30)
+    try:
+        _, err = cli.communicate(timeout=30)
+    except BaseException:
+        cli.kill()
+        raise
     last = err.decode().strip().splitlines()[-1]
     assert cli.returncode == 3 and last.startswith("oci-image: error: oci-imaged at") and "went away" in last
     assert not list((cache / "images").glob("*.json"))
@@ -146,15 +150,17 @@ def test_sigkill_mid_conversion_then_restart(tmp_path, registry):
 
 def test_sigterm_removes_socket(tmp_path):
     d = DaemonProcess(tmp_path / "d", tmp_path / "cache").start()
-    assert d.stop() == 0
-    assert not d.socket.exists()
-    # a stale socket left by a SIGKILLed daemon does not stop the next one
-    d.start()
-    d.kill()
-    assert d.socket.exists()
-    d.start()
-    assert d.cli("ls").returncode == 0
-    d.stop()
+    try:
+        assert d.stop() == 0
+        assert not d.socket.exists()
+        # a stale socket left by a SIGKILLed daemon does not stop the next one
+        d.start()
+        d.kill()
+        assert d.socket.exists()
+        d.start()
+        assert d.cli("ls").returncode == 0
+    finally:
+        d.stop()
 
 
 def test_prune_quota_spares_leased_images(daemon, registry):
