@@ -1,0 +1,56 @@
+"""The config file: the shipped default parses, bad values are one clear error."""
+from pathlib import Path
+
+import pytest
+
+from ociimage.config import Config, load_config, parse_size
+from ociimage.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_default_config_is_all_defaults():
+    cfg = load_config(ROOT / "packaging" / "config" / "oci-image.conf")
+    default = Config()
+    for field in ("cache_dir", "quota", "lease_ttl", "socket", "runtime_dir", "metrics",
+                  "log_level", "mount_idle", "compression", "level", "jobs"):
+        assert getattr(cfg, field) == getattr(default, field), field
+
+
+def test_values(tmp_path):
+    p = tmp_path / "c.conf"
+    p.write_text("[cache]\ndir = /shared/oci\nquota = 1.5T\n[daemon]\nmetrics = 0.0.0.0:9464\n"
+                 "node = n7\n[registries]\ninsecure = a:5000, b\n[squash]\nlevel = 9\n")
+    cfg = load_config(p)
+    assert cfg.cache_dir == Path("/shared/oci") and cfg.quota == int(1.5 * (1 << 40))
+    assert cfg.metrics == ("0.0.0.0", 9464) and cfg.node == "n7"
+    assert cfg.insecure_registries == ["a:5000", "b"] and cfg.level == 9
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[cache]\nquta = 1G\n", "unknown key 'quta'"),
+    ("[cachee]\n", "unknown section [cachee]"),
+    ("[cache]\nquota = lots\n", "not a size"),
+    ("[cache]\ndir = relative/path\n", "absolute"),
+    ("[squash]\ncompression = zip\n", "compression"),
+    ("[squash]\nlevel = 40\n", "zstd levels are 1 to 22"),
+    ("[daemon]\nmetrics = host:port\n", "HOST:PORT"),
+    ("[daemon]\nlog_level = chatty\n", "log_level"),
+    ("not ini at all", "c.conf"),
+])
+def test_bad_values_are_clear_errors(tmp_path, text, needle):
+    p = tmp_path / "c.conf"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_explicit_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.conf")
+
+
+def test_parse_size():
+    assert parse_size("500M", "x") == 500 << 20 and parse_size("2g", "x") == 2 << 30
+    assert parse_size("1024", "x") == 1024
