@@ -4,9 +4,15 @@ SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3-venv python3-dev gcc make util-linux mount procps \
+# Python dependencies come from Debian too: the same versions on every machine
+# of a release (and what distribution packages of this project would use).
+APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount procps \
 	squashfs-tools-ng squashfs-tools zstd umoci skopeo docker-registry \
-	slurm-wlm slurmctld slurmd libslurm-dev munge curl busybox-static
+	slurm-wlm slurmctld slurmd libslurm-dev munge curl busybox-static \
+	python3-requests python3-filelock python3-zstandard python3-grpcio python3-protobuf \
+	python3-prometheus-client python3-setuptools python3-wheel \
+	python3-pytest python3-cryptography python3-bcrypt \
+	protobuf-compiler protobuf-compiler-grpc
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv plugin proto test demo demo-stop clean
@@ -24,17 +30,17 @@ deps: .deps-stamp
 	@touch $@
 
 venv: $(VENV)/.installed
+# The venv sees Debian's packages; pip only links this project in, offline.
 $(VENV)/.installed: setup.cfg pyproject.toml .deps-stamp
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --no-deps --no-build-isolation --no-index -e .
 	@touch $@
 
 plugin: .deps-stamp
 	$(MAKE) -C plugin
 
-proto: venv
-	$(PY) scripts/protogen.py
+proto: .deps-stamp
+	$(PYTHON) scripts/protogen.py
 
 test: venv plugin
 	$(PY) -m pytest $(PYTEST_ARGS)

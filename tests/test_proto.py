@@ -14,3 +14,12 @@ def test_generated_stubs_are_fresh(tmp_path):
         committed = ROOT / "daemon" / "ociimage" / "v1" / name
         assert committed.read_bytes() == (tmp_path / "ociimage" / "v1" / name).read_bytes(), \
             f"{committed} is stale: run `make proto` and commit the result"
+
+
+def test_stubs_match_the_proto_services():
+    """A changed .proto (e.g. a new RPC) must show up in the stubs the daemon serves."""
+    from ociimage.v1 import ociimage_pb2
+    services = {s.name: [m.name for m in s.methods]
+                for s in ociimage_pb2.DESCRIPTOR.services_by_name.values()}
+    assert services == {"Images": ["Pull", "Resolve", "Inspect", "List", "Remove", "Prune"],
+                        "Containers": ["PrepareStep", "ReleaseStep"]}

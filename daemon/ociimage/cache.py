@@ -147,7 +147,7 @@ class Cache:
 
     def lock(self, digest: str) -> filelock.BaseFileLock:
         """The cross-node lock for one digest (flock on the shared filesystem)."""
-        return filelock.FileLock(str(self._lock_path(digest)), mode=0o644)
+        return filelock.FileLock(str(self._lock_path(digest)))
 
     def acquire(self, digest: str, on_wait: Optional[Callable[[float], None]] = None,
                 timeout: Optional[float] = None) -> filelock.BaseFileLock:
