@@ -12,7 +12,8 @@ REGISTRY=127.0.0.1:$PORT
 IMAGE=$REGISTRY/demo/busybox:latest
 NODES="n1 n2 n3"
 DEMO_USER=ocitest
-VENV=$ROOT/.venv
+INSTALL=${OCI_DEMO_PREFIX:-/opt/oci-image-demo}
+VENV=$INSTALL/venv
 PY=/usr/bin/python3
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
@@ -68,11 +69,12 @@ build_image() {
 
 start() {
   [ "$(id -u)" = 0 ] || { echo "make demo must run as root (it starts slurmd and mounts images)" >&2; exit 1; }
+  say "installing this checkout under $INSTALL"; scripts/install-local.sh "$INSTALL"
   say "registry on $REGISTRY"; start_registry
   say "demo image $IMAGE"; build_image
   say "oci-imaged on $NODES (shared cache $STATE/cache)"; start_daemons
   cat >"$STATE/plugstack.conf" <<EOF
-required $ROOT/plugin/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock
+required $INSTALL/lib/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock
 EOF
   say "3-node Slurm cluster"
   $PY scripts/localcluster.py start --state-dir "$STATE/slurm" --nodes 3 \
