@@ -161,7 +161,7 @@ def test_prune_quota_evicts_least_recently_used_first(tmp_path):
     for i, d in enumerate(ds):
         c.build(d, _writer(b"x" * 1000))
         os.utime(c.images / (entry_name(d) + ".used"), (1000 + i, 1000 + i))
-    c.touch(ds[0])  # most recently used now
+    c.touch(ds[0], resolution=0)  # most recently used now
     removed = c.prune(quota=2000)
     assert [e.digest for e in removed] == [ds[1], ds[2]]
     assert c.get(ds[0]) and c.get(ds[3])

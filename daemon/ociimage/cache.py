@@ -112,6 +112,10 @@ class Cache:
         self.tmp = self.root / "tmp"
         self.leases = self.root / "leases"
         self._lock_poll = lock_poll
+        # Parsed metadata by digest, keyed on the file's identity: a hit on a hot
+        # image costs two stat() calls instead of a read and a JSON parse.
+        self._meta_memo: Dict[str, tuple] = {}
+        self._touched: Dict[str, float] = {}
         try:
             for d in (self.root, self.images, self.locks, self.tmp, self.leases):
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -193,8 +197,16 @@ class Cache:
         """The valid entry for digest, or None. Never returns a partial entry."""
         meta_path = self.meta_path(digest)
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            mst = meta_path.stat()
+            key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
+            memo = self._meta_memo.get(digest)
+            if memo and memo[0] == key:
+                meta = memo[1]
+            else:
+                meta = json.loads(meta_path.read_text(encoding="utf-8"))
+                self._meta_memo[digest] = (key, meta)
         except FileNotFoundError:
+            self._meta_memo.pop(digest, None)
             return None
         except (OSError, ValueError) as e:
             log.warning("unreadable cache metadata", extra={"digest": digest, "error": str(e)})
@@ -214,8 +226,12 @@ class Cache:
             last_used = st.st_mtime
         return CacheEntry(digest, sqfs, meta, st.st_size, last_used)
 
-    def touch(self, digest: str) -> None:
-        """Record a use, for least-recently-used eviction."""
+    def touch(self, digest: str, resolution: float = 30.0) -> None:
+        """Record a use, for least-recently-used eviction (at most every `resolution` seconds)."""
+        now = time.monotonic()
+        if now - self._touched.get(digest, -resolution) < resolution:
+            return
+        self._touched[digest] = now
         p = self._used_path(digest)
         try:
             os.utime(p)
@@ -338,6 +354,8 @@ class Cache:
 
     def _unpublish(self, digest: str) -> None:
         # Metadata first: from that instant the entry is invalid for every reader.
+        self._meta_memo.pop(digest, None)
+        self._touched.pop(digest, None)
         for p in (self.meta_path(digest), self.sqfs_path(digest), self._used_path(digest)):
             try:
                 p.unlink()
