@@ -9,6 +9,10 @@
  *   required /usr/lib/slurm/spank_oci_image.so step_client=/usr/libexec/oci-image-step \
  *            [socket=/run/oci-image/oci-imaged.sock] [allow_sqfs=yes|no]
  *            [default_mounts=SRC:DST[:ro|rw],...] [batch_in_image=no|yes]
+ *            [launcher=/usr/libexec/oci-image/oci-image-launch]
+ *   launcher= is the static program that runs an image's Entrypoint for
+ *   --oci-entrypoint (plugin/oci-image-launch.c); default: oci-image-launch in
+ *   the step client's directory.  Only steps with --oci-entrypoint use it.
  *
  * Step client contract (argv exactly as built below):
  *   local  (srun/sbatch/salloc, as the user, the user's own environment):
@@ -25,6 +29,9 @@
  *         cwd\0/dir\0                  (at most once)
  *         env\0NAME=VALUE\0            (any number)
  *         unsetenv\0NAME\0             (any number)
+ *         entrypoint\0ENCODED\0         (at most once, only with --entrypoint and
+ *                                      an image that has an Entrypoint; the
+ *                                      encoding of plugin/oci-image-launch.c)
  *     STEP_CLIENT release --socket S --job J --step S --node N
  *   The step id is the decimal uint32 Slurm uses (batch step: 4294967291).
  *
@@ -45,9 +52,26 @@
  * The job environment goes to prepare as a memfd on fd 3 (--job-env-fd 3).
  * The working directory passed as --cwd is srun's getcwd(), exported by the
  * local context as OCI_SUBMIT_CWD (else the job's PWD, else "/").
+ *
+ * --oci-entrypoint: SPANK cannot add arguments to a task, and exec'ing from
+ * the plugin would skip what slurmstepd does after the SPANK task hooks
+ * (TaskProlog, TMPDIR, the user's rlimits, PATH lookup).  So in
+ * task_init_privileged the plugin opens the launcher (still in the host's
+ * mount namespace, O_CLOEXEC), enters the step's namespace, and replaces the
+ * task's argv[0] (S_JOB_ARGV; slurmstepd execs task->argv, which is the
+ * step's argv outside --multi-prog) with "/proc/self/fd/N", passing the
+ * original argv[0] and the encoded Entrypoint in OCI_IMAGE_ARGV0 and
+ * OCI_IMAGE_ENTRYPOINT.  slurmstepd's own execve then runs the launcher from
+ * the host through that descriptor: nothing is placed in the image or its
+ * /tmp (which a user mount could hide), and the descriptor is gone once the
+ * launcher runs.  The launcher unsets both variables and execvp()s
+ * Entrypoint + [argv0] + argv[1:].  Without an Entrypoint in the image,
+ * --oci-entrypoint changes nothing.  Not supported with srun --multi-prog
+ * (its per-task argv is not the one SPANK sees).
  */
 
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -83,6 +107,7 @@ static struct {
 	char step_client[PATH_MAX];
 	char socket[PATH_MAX];
 	char default_mounts[4096];
+	char launcher[PATH_MAX];
 	int allow_sqfs;
 	int batch_in_image;
 } cfg;
@@ -113,6 +138,7 @@ static struct {
 	char *out;        /* prepare's stdout (owned) */
 	size_t out_len;
 	const char *ns, *cwd;
+	const char *entrypoint; /* encoded, see oci-image-launch.c; NULL: none */
 	const char *env[1024];
 	size_t n_env;
 	const char *unset[256];
@@ -145,7 +171,8 @@ static struct spank_option options[] = {
 	  "Do not bind mount your home directory. Env: OCI_MOUNT_HOME=0.",
 	  0, O_NO_MOUNT_HOME, opt_cb },
 	{ "oci-entrypoint", NULL,
-	  "Run the image's ENTRYPOINT with the step's command as arguments. "
+	  "Run the image's ENTRYPOINT with the step's command as its arguments "
+	  "(like docker run IMAGE CMD...); no effect for an image without one. "
 	  "Env: OCI_ENTRYPOINT=1.", 0, O_ENTRYPOINT, opt_cb },
 	{ "oci-env", "NAMES",
 	  "Comma-separated names of host variables that override the image's ENV "
@@ -364,6 +391,13 @@ static int parse_args(int ac, char **av)
 			if (copy_val(cfg.step_client, sizeof(cfg.step_client), "step_client", v) < 0)
 				return -1;
 			have_client = 1;
+		} else if (KEY("launcher")) {
+			if (v[0] != '/') {
+				slurm_error(PFX "plugstack.conf: launcher=%s: must be an absolute path", v);
+				return -1;
+			}
+			if (copy_val(cfg.launcher, sizeof(cfg.launcher), "launcher", v) < 0)
+				return -1;
 		} else if (KEY("socket")) {
 			if (v[0] != '/') {
 				slurm_error(PFX "plugstack.conf: socket=%s: must be an absolute path", v);
@@ -391,6 +425,15 @@ static int parse_args(int ac, char **av)
 	if (!have_client) {
 		slurm_error(PFX "plugstack.conf: step_client=PATH is required");
 		return -1;
+	}
+	if (cfg.launcher[0] == '\0') { /* default: next to the step client */
+		const char *slash = strrchr(cfg.step_client, '/');
+		int n = snprintf(cfg.launcher, sizeof(cfg.launcher), "%.*s/oci-image-launch",
+				 (int)(slash - cfg.step_client), cfg.step_client);
+		if (n < 0 || (size_t)n >= sizeof(cfg.launcher)) {
+			slurm_error(PFX "plugstack.conf: step_client: path too long");
+			return -1;
+		}
 	}
 	return 0;
 }
@@ -662,6 +705,27 @@ out:
 
 /* ---- remote context: prepare / enter / release ------------------------- */
 
+/* The encoding of oci-image-launch.c: (element of [A-Za-z0-9/._-+:=@] or %XX, then ',')+ */
+static int entrypoint_ok(const char *v)
+{
+	size_t n = strlen(v);
+
+	if (n == 0 || v[n - 1] != ',' || n > 65536)
+		return 0;
+	for (const char *p = v; *p != '\0'; p++) {
+		if (*p == '%') {
+			if (!isxdigit((unsigned char)p[1]) || !isxdigit((unsigned char)p[2]) ||
+			    (p[1] == '0' && p[2] == '0'))
+				return 0;
+			p += 2;
+		} else if (!((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+			     (*p >= '0' && *p <= '9') || strchr("/._-+:=@,", *p) != NULL)) {
+			return 0;
+		}
+	}
+	return 1;
+}
+
 static int parse_prepare_output(void)
 {
 	char *p = st.out, *end = st.out + st.out_len;
@@ -699,6 +763,12 @@ static int parse_prepare_output(void)
 				return -1;
 			}
 			st.env[st.n_env++] = val;
+		} else if (strcmp(key, "entrypoint") == 0) {
+			if (st.entrypoint != NULL || !opt.entrypoint || !entrypoint_ok(val)) {
+				slurm_error(PFX "step client prepare: bad or unexpected entrypoint record");
+				return -1;
+			}
+			st.entrypoint = val;
 		} else if (strcmp(key, "unsetenv") == 0) {
 			if (val[0] == '\0' || strchr(val, '=') != NULL ||
 			    st.n_unset >= sizeof(st.unset) / sizeof(st.unset[0])) {
@@ -949,15 +1019,63 @@ int slurm_spank_user_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+/* The launcher, opened close-on-exec: slurmstepd's execve of /proc/self/fd/N
+ * still finds it (a static ELF needs no second look at its path). */
+static int open_launcher(void)
+{
+	struct stat sb;
+	int fd = open(cfg.launcher, O_RDONLY | O_CLOEXEC);
+
+	if (fd < 0) {
+		slurm_error(PFX "--oci-entrypoint: cannot open the launcher %s: %s "
+			    "(plugstack.conf launcher=)", cfg.launcher, strerror(errno));
+		return -1;
+	}
+	if (fstat(fd, &sb) < 0 || !S_ISREG(sb.st_mode) || (sb.st_mode & S_IXOTH) == 0) {
+		slurm_error(PFX "--oci-entrypoint: the launcher %s is not an executable file",
+			    cfg.launcher);
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+/* Make slurmstepd exec the launcher instead of the task's argv[0]. */
+static int use_launcher(spank_t sp, int fd)
+{
+	static char path[64];
+	int argc = 0;
+	char **argv = NULL;
+	spank_err_t e;
+
+	if ((e = spank_get_item(sp, S_JOB_ARGV, &argc, &argv)) != ESPANK_SUCCESS ||
+	    argc < 1 || argv == NULL || argv[0] == NULL) {
+		slurm_error(PFX "--oci-entrypoint: cannot get the task's command: %s",
+			    e != ESPANK_SUCCESS ? spank_strerror(e) : "empty");
+		return -1;
+	}
+	if ((e = spank_setenv(sp, "OCI_IMAGE_ARGV0", argv[0], 1)) != ESPANK_SUCCESS ||
+	    (e = spank_setenv(sp, "OCI_IMAGE_ENTRYPOINT", st.entrypoint, 1)) != ESPANK_SUCCESS) {
+		slurm_error(PFX "--oci-entrypoint: setenv: %s", spank_strerror(e));
+		return -1;
+	}
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	argv[0] = path; /* this task process's copy; slurmstepd execs it as is */
+	return 0;
+}
+
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
-	int fd;
+	int fd, launcher_fd = -1;
 	spank_err_t e;
 
 	(void)ac;
 	(void)av;
 	if (!st.active)
 		return st.failed ? -1 : 0;
+	/* the launcher is a host path: open it before leaving the host's namespace */
+	if (st.entrypoint != NULL && (launcher_fd = open_launcher()) < 0)
+		return -1;
 	fd = open(st.ns, O_RDONLY | O_CLOEXEC);
 	if (fd < 0) {
 		slurm_error(PFX "open %s: %s", st.ns, strerror(errno));
@@ -995,6 +1113,8 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 			return -1;
 		}
 	}
+	if (st.entrypoint != NULL)
+		return use_launcher(sp, launcher_fd);
 	return 0;
 }
 

@@ -5,8 +5,9 @@
     release --socket S --job J --step S (slurmstepd, root)
 
 prepare's stdout, parsed by the plugin: ns\\0PATH\\0 cwd\\0DIR\\0 then env\\0NAME=VALUE\\0 and
-unsetenv\\0NAME\\0 records. Progress and errors go to stderr, one line each, which
-the plugin shows in the user's srun output. Exit status 0 only on success.
+unsetenv\\0NAME\\0 records, and with --oci-entrypoint entrypoint\\0ENCODED\\0 (see
+encode_entrypoint). Progress and errors go to stderr, one line each, which the plugin
+shows in the user's srun output. Exit status 0 only on success.
 """
 
 from __future__ import annotations
@@ -102,12 +103,36 @@ def read_job_env(fd: int, limit: int = 4 << 20) -> dict:
     return env
 
 
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+:=@")
+
+
+def encode_entrypoint(argv) -> bytes:
+    """The image's Entrypoint as plugin/oci-image-launch reads it from OCI_IMAGE_ENTRYPOINT.
+
+    Each element is its bytes followed by ','; bytes outside A-Z a-z 0-9 / . _ - + : = @
+    become %XX. Any byte but NUL round-trips (a NUL comes out as %00, which the
+    launcher refuses with a clear message rather than cutting the argument).
+    """
+    out = bytearray()
+    for arg in argv:
+        try:
+            raw = arg.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            raw = arg.encode("utf-8", "surrogatepass")
+        for b in raw:
+            out += bytes((b,)) if b in _PLAIN else b"%%%02X" % b
+        out += b","
+    return bytes(out)
+
+
 def _records(container) -> bytes:
     out = [b"ns", container.ns_path.encode(), b"cwd", container.cwd.encode()]
     for kv in container.set_env:
         out += [b"env", kv.encode()]
     for name in container.unset_env:
         out += [b"unsetenv", name.encode()]
+    if container.argv_prefix:  # only with --oci-entrypoint and an image that has one
+        out += [b"entrypoint", encode_entrypoint(container.argv_prefix)]
     return b"\0".join(out) + b"\0"
 
 

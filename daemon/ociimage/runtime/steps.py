@@ -179,8 +179,14 @@ class StepManager:
         to_set, to_unset = environment.merge(config.get("Env") or [], dict(request.environment),
                                              list(request.env_names))
         argv_prefix = []
-        if request.entrypoint:
-            argv_prefix = list(config.get("Entrypoint") or [])
+        if request.entrypoint:  # --oci-entrypoint: a no-op for an image without one
+            ep = config.get("Entrypoint") or []
+            if isinstance(ep, str):  # not what the OCI spec allows, but seen in the wild
+                ep = [ep]
+            if not isinstance(ep, list) or not all(isinstance(a, str) for a in ep):
+                raise InvalidArgument("--oci-entrypoint: the image's Entrypoint is not a list "
+                                      "of strings")
+            argv_prefix = list(ep)
         return pb.StepContainer(ns_path=record.ns_path, cwd=record.cwd,
                                 set_env=[f"{k}={v}" for k, v in sorted(to_set.items())],
                                 unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix)
