@@ -495,6 +495,46 @@ static void lb_feed(struct linebuf *lb, const char *p, size_t n, int remote)
  * stdout is collected (at most max_out bytes, else failure), stderr is
  * relayed line by line.  Returns 0 if the child ran and exited 0.
  */
+/*
+ * Run argv without waiting for it: the step's completion must not wait for the
+ * release (a Python process start, ~0.1 s). Double fork + setsid so that the
+ * release outlives this slurmstepd and is not in its process group; it ignores
+ * the SIGTERM slurmstepd sends to what is left of the step. If it is lost
+ * anyway, the daemon's lease expiry and stale-step cleanup are the safety net.
+ */
+static int spawn_detached(char *const argv[], char *const envp[])
+{
+	pid_t pid = fork();
+	int status;
+
+	if (pid < 0) {
+		slurm_error(PFX "fork: %s", strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		sigset_t all;
+		int devnull;
+
+		if (setsid() < 0 || fork() != 0)
+			_exit(0);
+		sigemptyset(&all);
+		sigprocmask(SIG_SETMASK, &all, NULL);
+		signal(SIGTERM, SIG_IGN);
+		signal(SIGHUP, SIG_IGN);
+		devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+		if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 ||
+		    dup2(devnull, 2) < 0)
+			_exit(127);
+		execve(argv[0], argv, envp);
+		_exit(127);
+	}
+	while (waitpid(pid, &status, 0) < 0) {
+		if (errno != EINTR)
+			return -1;
+	}
+	return (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : -1;
+}
+
 static int run_child(char *const argv[], char *const envp[], int extra_fd,
 		     size_t max_out, struct child_out *co, int remote, int ignore_term)
 {
@@ -1144,7 +1184,6 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
 	char s_job[16], s_step[16];
 	char *argv[12];
-	struct child_out co;
 
 	(void)sp;
 	(void)ac;
@@ -1165,8 +1204,7 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	argv[8] = "--node";
 	argv[9] = st.node;
 	argv[10] = NULL;
-	if (run_child(argv, clean_env, -1, 4096, &co, 0, 1) < 0)
+	if (spawn_detached(argv, clean_env) < 0)
 		slurm_info(PFX "release of job %s step %s failed (ignored)", s_job, s_step);
-	free(co.buf);
 	return 0;
 }

@@ -2,7 +2,8 @@
 # Install this checkout under PREFIX the way a package would lay it out, so that
 # ordinary users can reach it (a checkout under /root is not readable by them):
 #   PREFIX/venv/      the Python package and its commands (sees Debian's Python packages)
-#   PREFIX/lib/       spank_oci_image.so and the other files built in plugin/
+#   PREFIX/lib/       spank_oci_image.so
+#   PREFIX/venv/bin/  also oci-image-launch, which the plugin looks for next to the step client
 # Used by `make demo` and by the end-to-end tests. Offline: needs only what
 # `make deps` installed.
 set -euo pipefail
@@ -20,7 +21,6 @@ tar -C "$ROOT" --exclude=.git --exclude=.venv --exclude='*.egg-info' --exclude=b
   --force-reinstall "$src" 2>&1 | grep -v "^WARNING: Location" || true
 "$PREFIX/venv/bin/python" -c "import ociimage" >/dev/null
 make -s -C "$ROOT/plugin"
-for f in "$ROOT"/plugin/*.so "$ROOT"/plugin/oci-image-launch; do
-  [ -e "$f" ] && install -m 0755 "$f" "$PREFIX/lib/"
-done
+install -m 0755 "$ROOT"/plugin/spank_oci_image.so "$PREFIX/lib/"
+install -m 0755 "$ROOT"/plugin/oci-image-launch "$PREFIX/venv/bin/"
 chmod 0755 "$PREFIX" "$PREFIX/lib"

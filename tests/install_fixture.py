@@ -35,7 +35,7 @@ class Installed:
 
     @property
     def launcher(self) -> Path:
-        return self.prefix / "lib" / "oci-image-launch"
+        return self.bin / "oci-image-launch"
 
 
 @pytest.fixture(scope="session")
