@@ -1,7 +1,7 @@
 """`oci-image`: the command-line interface.
 
-Standalone commands (`convert`, and any command given --cache-dir) work on
-this machine without a daemon. Without --cache-dir, pull/ls/inspect/rm/prune
+Standalone commands (`convert`, `publish`, and any command given --cache-dir)
+work on this machine without a daemon. Without --cache-dir, pull/ls/inspect/rm/prune
 go through the local oci-imaged over its Unix socket. This is an entry point:
 it turns typed errors into one-line messages and exit codes.
 """
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(default: this host's)")
         sp.add_argument("--insecure-registry", action="append", default=[], metavar="HOST[:PORT]",
                         help="reach this registry over plain HTTP (loopback ones always are)")
+        sp.add_argument("--trusted-squashfs", action="append", default=[],
+                        metavar="HOST[:PORT][/REPO]",
+                        help="also trust ready-to-mount SquashFS images from here "
+                             "(adds to [registries] trusted_squashfs)")
 
     def squash_opts(sp):
         sp.add_argument("--compression", help="squashfs compressor (default zstd)")
@@ -89,6 +93,23 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("digests", nargs="+", metavar="DIGEST")
     rm.add_argument("--cache-dir")
 
+    pub = sub.add_parser(
+        "publish", help="push REF's SquashFS (converted first if needed) to TARGET as a "
+                        "monolithic OCI image that points at REF (no daemon)")
+    pub.add_argument("reference", metavar="REF")
+    pub.add_argument("target", metavar="TARGET",
+                     help="REGISTRY/REPO[:TAG]; without a tag the image is pushed by digest "
+                          "and found through REF's referrers")
+    pub.add_argument("--cache-dir", help="cache to take the SquashFS from (and convert into); "
+                                         "default: [cache] dir of the config file")
+    pub.add_argument("--chunk-size", help="upload blobs larger than this in chunks of it "
+                                          "(default 32M)")
+    pub.add_argument("--mount-from", action="append", default=[], metavar="REPO",
+                     help="a repository of the target registry that may already hold the "
+                          "SquashFS (cross-repository mount instead of an upload)")
+    registry_opts(pub)
+    squash_opts(pub)
+
     pr = sub.add_parser("prune", help="evict unused images, least recently used first")
     pr.add_argument("--quota", help="evict only until the cache is under this size (e.g. 200G)")
     pr.add_argument("--cache-dir")
@@ -108,7 +129,10 @@ def _pull_options(args, cfg):
     from .pull import PullOptions
     from .registry.platform import parse_platform
     return PullOptions(squash=_squash_options(args, cfg),
-                       platform=parse_platform(args.platform) if args.platform else None)
+                       platform=parse_platform(args.platform) if args.platform else None,
+                       trusted_squashfs=list(cfg.trusted_squashfs)
+                       + list(getattr(args, "trusted_squashfs", []) or []),
+                       publish_to=cfg.publish_to)
 
 
 def _client(args, cfg):
@@ -172,6 +196,37 @@ def cmd_pull(args, cfg) -> int:
         print(json.dumps(result, indent=1, sort_keys=True, default=str))
     else:
         print(f"{result['digest']} {result['path']}")
+    return 0
+
+
+def cmd_publish(args, cfg) -> int:
+    from .cache import Cache
+    from .monolithic import is_monolithic, parse_target
+    from .pull import publish_entry, pull_resolved_to_cache, resolve
+    target = parse_target(args.target)
+    chunk = parse_size(args.chunk_size, "--chunk-size") if args.chunk_size else None
+    if chunk is not None and chunk < 1:
+        raise InvalidArgument("--chunk-size must be at least 1 byte")
+    options = _pull_options(args, cfg)
+    client = _client(args, cfg)
+    cache = Cache(Path(args.cache_dir) if args.cache_dir else cfg.cache_dir, node=cfg.node)
+    prog = _progress(args)
+    try:
+        resolved = resolve(client, args.reference, options, prog)
+        if is_monolithic(resolved.manifest):
+            raise InvalidArgument(f"{args.reference} is already a monolithic (SquashFS) image; "
+                                  f"publish the image it was made from, or copy it with skopeo")
+        entry = pull_resolved_to_cache(client, cache, resolved, options, prog)
+        published = publish_entry(client, entry, resolved, target, chunk_size=chunk,
+                                  mount_from=args.mount_from)
+    finally:
+        prog.close()
+    if args.json:
+        print(json.dumps(dict(published.to_json(), source=str(resolved.reference),
+                              source_digest=resolved.manifest.digest),
+                         indent=1, sort_keys=True))
+    else:
+        print(f"{published.manifest_digest} {published.reference}")
     return 0
 
 
@@ -250,7 +305,7 @@ def cmd_prune(args, cfg) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "pull": cmd_pull, "ls": cmd_ls, "inspect": cmd_inspect,
-            "rm": cmd_rm, "prune": cmd_prune}
+            "rm": cmd_rm, "prune": cmd_prune, "publish": cmd_publish}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

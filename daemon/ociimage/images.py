@@ -16,7 +16,7 @@ from .config import Config
 from .errors import Cancelled
 from .metrics import Metrics
 from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
-from .pull import PullOptions, pull_to_cache
+from .pull import PullOptions, publish_conversion, pull_to_cache
 from .reference import Reference, parse_reference
 from .registry.client import RegistryClient
 from .registry.credentials import CredentialStore
@@ -52,11 +52,17 @@ class ImageStore:
         return RegistryClient(credentials=self.credentials_for(uid),
                               insecure_registries=self.config.insecure_registries)
 
+    def site_client(self) -> RegistryClient:
+        """The daemon's own registry identity (root's credentials), for publish_to."""
+        return self.client(None)
+
     def options(self, platform: str = "") -> PullOptions:
         c = self.config
         return PullOptions(squash=SquashOptions(compression=c.compression, level=c.level,
                                                 jobs=c.jobs or None),
-                           platform=parse_platform(platform) if platform else None)
+                           platform=parse_platform(platform) if platform else None,
+                           trusted_squashfs=tuple(c.trusted_squashfs),
+                           publish_to=c.publish_to)
 
     def resolve(self, reference: str, platform: str = "", uid: Optional[int] = None):
         ref = parse_reference(reference)
@@ -81,32 +87,43 @@ class ImageStore:
 
     def _pull(self, ref: Reference, platform: str, uid: Optional[int], report: Reporter) -> CacheEntry:
         started = time.monotonic()
-        converted = {"yes": False, "bytes": 0}
+        counted = {"bytes": 0}
+        outcome: dict = {}
 
         def tracking(ev: ProgressEvent) -> None:
             if self._stopping.is_set():
                 raise Cancelled("the daemon is shutting down; try again when it is back")
             if ev.phase == DOWNLOAD:
-                converted["yes"] = True
-                delta = ev.current - converted["bytes"]
+                delta = ev.current - counted["bytes"]
                 if delta > 0:
                     self.metrics.registry_bytes.inc(delta)
-                    converted["bytes"] = ev.current
+                    counted["bytes"] = ev.current
             report(ev)
 
+        options = self.options(platform)
+        site = self.site_client() if options.publish_to else None
         try:
-            entry = pull_to_cache(self.client(uid), self.cache, ref, self.options(platform), tracking)
+            entry = pull_to_cache(self.client(uid), self.cache, ref, options, tracking,
+                                  site_client=site, outcome=outcome)
         except Exception:
-            if converted["yes"]:
+            if outcome.get("produced") is None and counted["bytes"]:
                 self.metrics.conversions.labels("error").inc()
             raise
-        if converted["yes"]:
+        produced = outcome.get("produced")
+        if produced == "converted":
             self.metrics.conversions.labels("ok").inc()
             self.metrics.conversion_seconds.observe(time.monotonic() - started)
+        if produced:
             self.metrics.cache_misses.inc()
             self.enforce_quota()
         else:
             self.metrics.cache_hits.inc()
+        if produced == "converted" and options.publish_to and site is not None:
+            # Best effort and off the hot path: the step does not wait for the upload.
+            resolved = outcome["resolved"]
+            threading.Thread(target=publish_conversion,
+                             args=(site, entry, resolved, options.publish_to),
+                             daemon=True, name="publish").start()
         return entry
 
     def enforce_quota(self) -> None:

@@ -13,15 +13,16 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Iterator, Optional, Sequence
 
-from . import __version__
+from . import __version__, monolithic
 from .cache import Cache, CacheEntry
 from .errors import OciImageError
 from .flatten import FlattenLimits
 from .layers import open_layer
 from .progress import DONE, DOWNLOAD, RESOLVE, SQUASH, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
+from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
 from .registry.platform import Platform
 from .squash import SquashOptions, squash_layers, writer_version
@@ -37,6 +38,16 @@ class PullOptions:
     squash: SquashOptions = field(default_factory=SquashOptions)
     platform: Optional[Platform] = None
     limits: FlattenLimits = field(default_factory=FlattenLimits)
+    #: [registries] trusted_squashfs: where ready-to-mount SquashFS images may come from
+    trusted_squashfs: Sequence[str] = ()
+    #: [registries] publish_to: REGISTRY/REPO where conversions are published (and looked for)
+    publish_to: Optional[str] = None
+    #: look for a monolithic referrer in trusted repositories before converting
+    discover: bool = True
+
+    def trust(self) -> Trust:
+        # publish_to is the site's own repository for conversions: trusted by configuration
+        return Trust(self.trusted_squashfs, [self.publish_to] if self.publish_to else [])
 
 
 def image_metadata(resolved: ResolvedImage, options: PullOptions) -> dict:
@@ -59,6 +70,7 @@ def image_metadata(resolved: ResolvedImage, options: PullOptions) -> dict:
             "level": options.squash.level,
             "block_size": options.squash.block_size,
         },
+        "origin": {"kind": "converted"},
     }
 
 
@@ -125,7 +137,15 @@ def convert_to_file(client: RegistryClient, reference, out, options: PullOptions
     resolved = resolve(client, reference, options, report)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        meta = convert_resolved(client, resolved, tmp, options, report)
+        if monolithic.is_monolithic(resolved.manifest):
+            # Already a SquashFS: the file is the layer itself (verified); writing a
+            # file mounts nothing, so no trust is needed here.
+            monolithic.download_squashfs(client, resolved.reference, resolved.layers[0], tmp,
+                                         report)
+            meta = _fetched_metadata(resolved, options, resolved.reference, resolved.layers[0],
+                                     monolithic.annotations_of(resolved.manifest), "reference")
+        else:
+            meta = convert_resolved(client, resolved, tmp, options, report)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -141,23 +161,177 @@ def convert_to_file(client: RegistryClient, reference, out, options: PullOptions
     return meta
 
 
-def pull_to_cache(client: RegistryClient, cache: Cache, reference, options: PullOptions,
-                  report: Reporter = silent) -> CacheEntry:
-    """Resolve, then convert unless the cache already holds the digest (once per cluster)."""
-    resolved = resolve(client, reference, options, report)
+def _discover(client: RegistryClient, resolved: ResolvedImage, options: PullOptions,
+              site_client: Optional[RegistryClient]) -> Optional[monolithic.Found]:
+    """A monolithic referrer of resolved in a trusted place: its own repository (if trusted),
+    then the publish_to repository. Registry trouble here only means: convert."""
+    trust = options.trust()
+    if not options.discover or not trust:
+        return None
+    src = resolved.reference
+    places = []
+    if trust.allows(src.domain, src.path):
+        places.append((client, monolithic.repo_ref(src)))
+    if options.publish_to:
+        try:
+            target = monolithic.parse_target(options.publish_to)
+            if (target.domain, target.path) != (src.domain, src.path):
+                places.append((site_client or client, target))
+        except OciImageError as e:
+            log.warning("bad [registries] publish_to", extra={"error": str(e)})
+    for cl, repo in places:
+        try:
+            found = monolithic.find_monolithic(cl, repo, resolved.manifest.digest)
+        except OciImageError as e:
+            log.warning("looking for a ready-to-mount image failed",
+                        extra={"repository": repo.name, "error": str(e)})
+            continue
+        if found:
+            return found
+    return None
+
+
+def _fetched_metadata(resolved: ResolvedImage, options: PullOptions, found_ref: Reference,
+                      layer, annotations: dict, via: str) -> dict:
+    meta = image_metadata(resolved, options)
+    meta["converter"] = monolithic.converter_from_annotations(annotations)
+    meta["origin"] = {"kind": "fetched", "from": str(found_ref), "via": via,
+                      "squashfs_digest": layer.digest}
+    meta["squashfs_digest"] = layer.digest
+    return meta
+
+
+def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: ResolvedImage,
+                           options: PullOptions, report: Reporter = silent, *,
+                           site_client: Optional[RegistryClient] = None,
+                           outcome: Optional[dict] = None) -> CacheEntry:
+    """The cache entry for a resolved image, made once per cluster.
+
+    A monolithic image (one SquashFS layer) is downloaded as is, only from a
+    trusted repository. For an ordinary image the entry is keyed by its own
+    digest however it is made: downloaded from a monolithic referrer in a
+    trusted repository when there is one, else converted here. `outcome`
+    receives produced = "converted" | "fetched" | None (cache hit).
+    """
+    outcome = outcome if outcome is not None else {}
+    outcome["produced"] = None
+    outcome["resolved"] = resolved
     digest = resolved.manifest.digest
+    ref = resolved.reference
 
     def on_wait(waited: float) -> None:
         report(ProgressEvent("wait", message="waiting for another node converting this image",
                              current=int(waited)))
 
-    def producer(tmp: Path) -> dict:
-        log.info("converting", extra={"reference": str(resolved.reference), "digest": digest})
-        return convert_resolved(client, resolved, tmp, options, report)
+    if monolithic.is_monolithic(resolved.manifest):
+        if not options.trust().allows(ref.domain, ref.path):
+            raise monolithic.untrusted_error(ref, resolved.manifest)
 
-    try:
-        entry = cache.build(digest, producer, on_wait=on_wait)
-    except OciImageError:
-        raise
+        def fetch(tmp: Path) -> dict:
+            log.info("fetching ready-to-mount image", extra={"reference": str(ref),
+                                                             "digest": digest})
+            layer = resolved.layers[0]
+            monolithic.download_squashfs(client, ref, layer, tmp, report)
+            outcome["produced"] = "fetched"
+            return _fetched_metadata(resolved, options, ref, layer,
+                                     monolithic.annotations_of(resolved.manifest), "reference")
+
+        entry = cache.build(digest, fetch, on_wait=on_wait)
+        report(ProgressEvent(DONE, message="image ready"))
+        return entry
+
+    entry = cache.get(digest)
+    if entry:
+        cache.touch(digest)
+        report(ProgressEvent(DONE, message="image ready"))
+        return entry
+
+    def producer(tmp: Path) -> dict:
+        found = _discover(client, resolved, options, site_client)
+        if found is not None:
+            try:
+                log.info("fetching the ready-to-mount form instead of converting",
+                         extra={"reference": str(ref), "digest": digest,
+                                "from": str(found.reference), "via": found.via})
+                monolithic.download_squashfs(found.client, found.reference, found.layer, tmp,
+                                             report)
+                outcome["produced"] = "fetched"
+                return _fetched_metadata(resolved, options, found.reference, found.layer,
+                                         found.annotations, found.via)
+            except OciImageError as e:
+                log.warning("cannot use the ready-to-mount image; converting",
+                            extra={"from": str(found.reference), "error": str(e)})
+        log.info("converting", extra={"reference": str(ref), "digest": digest})
+        meta = convert_resolved(client, resolved, tmp, options, report)
+        outcome["produced"] = "converted"
+        return meta
+
+    entry = cache.build(digest, producer, on_wait=on_wait)
     report(ProgressEvent(DONE, message="image ready"))
     return entry
+
+
+def pull_to_cache(client: RegistryClient, cache: Cache, reference, options: PullOptions,
+                  report: Reporter = silent, *, site_client: Optional[RegistryClient] = None,
+                  outcome: Optional[dict] = None) -> CacheEntry:
+    """Resolve, then fetch or convert unless the cache already holds the digest.
+
+    With options.publish_to, a conversion made here is published there
+    (best effort, after the entry is in the cache) unless the caller takes
+    care of it (outcome given: see publish_conversion).
+    """
+    resolved = resolve(client, reference, options, report)
+    mine = outcome is None
+    outcome = {} if outcome is None else outcome
+    entry = pull_resolved_to_cache(client, cache, resolved, options, report,
+                                   site_client=site_client, outcome=outcome)
+    if mine and outcome.get("produced") == "converted" and options.publish_to:
+        publish_conversion(site_client or client, entry, resolved, options.publish_to)
+    return entry
+
+
+def publish_entry(client: RegistryClient, entry: CacheEntry, resolved: ResolvedImage, target,
+                  *, chunk_size: Optional[int] = None, mount_from: Sequence[str] = (),
+                  on_bytes=None) -> "monolithic.Published":
+    """Push a cache entry as the monolithic form of resolved to target.
+
+    The SquashFS is mounted instead of uploaded when it is already in another
+    repository of the target registry: where it was fetched from, the
+    source's repository, or one of mount_from (REPO or REGISTRY/REPO).
+    """
+    target_ref = target if isinstance(target, Reference) else monolithic.parse_target(target)
+    meta = entry.meta
+    candidates = [resolved.reference]
+    for m in mount_from:
+        m = m.strip("/")
+        if "/" in m and ("." in m.split("/", 1)[0] or ":" in m.split("/", 1)[0]
+                         or m.startswith("localhost/")):
+            candidates.append(monolithic.parse_target(m))
+        else:
+            candidates.append(monolithic.Reference(target_ref.domain, m))
+    origin = meta.get("origin") or {}
+    if origin.get("kind") == "fetched" and origin.get("from"):
+        try:
+            candidates.insert(0, parse_reference(origin["from"]))
+        except OciImageError:
+            pass
+    return monolithic.publish(client, entry.path, resolved, target_ref,
+                              meta.get("converter") or {},
+                              squashfs_digest=meta.get("squashfs_digest"),
+                              mount_candidates=candidates, chunk_size=chunk_size,
+                              on_bytes=on_bytes)
+
+
+def publish_conversion(client: RegistryClient, entry: CacheEntry, resolved: ResolvedImage,
+                       target: str) -> Optional["monolithic.Published"]:
+    """[registries] publish_to: best effort; a failure is logged, never raised."""
+    try:
+        published = publish_entry(client, entry, resolved, target)
+    except Exception as e:  # noqa: BLE001 - publishing must never fail a pull
+        log.warning("publishing the conversion failed",
+                    extra={"reference": str(resolved.reference), "target": target,
+                           "error": str(e)})
+        return None
+    log.info("published the conversion", extra={"reference": str(resolved.reference),
+                                                "target": str(published.reference)})
+    return published

@@ -1,4 +1,4 @@
-"""Pull side of the OCI Distribution Spec, on requests.
+"""Pull and push sides of the OCI Distribution Spec, on requests.
 
 Every byte taken from a registry is checked against a digest before use:
 manifests by the digest they were asked for (or, by tag, against the
@@ -7,9 +7,11 @@ followed here rather than by requests, so that Authorization only ever goes
 to the registry's own origin and never to blob storage it redirects to.
 
 The request core (_request: auth, retries, redirects; _raise_for: error
-mapping) is method-agnostic and takes token scopes, so a push side (blob
-upload, manifest PUT, cross-repo mount with `pull,push` scopes) can be added
-as more methods on this class.
+mapping) is method-agnostic and takes token scopes. The push side (blob
+existence check, cross-repository mount, monolithic or chunked upload that
+resumes from the registry's Range after an interruption, manifest PUT) asks
+for `pull,push` on the target and `pull` on a mount source. The referrers
+API is read here; its fallback tag scheme lives with its user (monolithic.py).
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ import ipaddress
 import io
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
-                    Union)
-from urllib.parse import urljoin, urlsplit
+                    Tuple, Union)
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import urllib3
@@ -96,6 +99,67 @@ def _describe(exc: BaseException) -> str:
         return "TLS error"
     return type(exc).__name__
 
+
+MOUNTED = "mounted"
+MAX_REFERRER_PAGES = 20
+DEFAULT_CHUNK_SIZE = 32 << 20
+
+
+class _UploadLost(Exception):
+    """The registry lost an upload session (or never finished it): start over."""
+
+
+@dataclass(frozen=True)
+class PushedManifest:
+    reference: Reference
+    digest: str
+    size: int
+    media_type: str
+    #: the registry answered OCI-Subject: it indexes `subject` itself (referrers API)
+    subject_processed: bool = False
+
+    def descriptor(self, **kw) -> Descriptor:
+        return Descriptor(media_type=self.media_type, digest=self.digest, size=self.size, **kw)
+
+
+def _read_range(source, offset: int, n: int) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source[offset:offset + n])
+    with open(source, "rb") as f:
+        f.seek(offset)
+        data = f.read(n)
+    if len(data) != n:
+        raise OciImageError(f"{source} changed while it was being uploaded")
+    return data
+
+
+def _with_query(url: str, key: str, value: str) -> str:
+    sep = "&" if urlsplit(url).query else "?"
+    return f"{url}{sep}{key}={quote(value, safe=':')}"
+
+
+def _range_end(header: Optional[str]) -> int:
+    """'0-1023' -> 1024 (bytes held); '' -> 0. 'bytes=0-1023' is accepted too."""
+    if not header:
+        return 0
+    value = header.strip()
+    if value.startswith("bytes="):
+        value = value[6:]
+    start, _, end = value.partition("-")
+    try:
+        end_i = int(end)
+    except ValueError:
+        return 0
+    return end_i + 1 if end_i >= 0 else 0
+
+
+def _next_link(header: str) -> Optional[str]:
+    for part in header.split(","):
+        if 'rel="next"' in part or "rel=next" in part:
+            url = part.split(";", 1)[0].strip()
+            if url.startswith("<") and url.endswith(">"):
+                return url[1:-1]
+    return None
 
 class _NoAuth(requests.auth.AuthBase):
     """Passed as auth= so requests does not add ~/.netrc credentials on its own."""
@@ -221,8 +285,11 @@ class RegistryClient:
                  insecure_registries: Iterable[str] = (), timeout: float = 30,
                  retries: int = 5, backoff: float = 0.5, user_agent: str = DEFAULT_USER_AGENT,
                  *, verify: Union[bool, str] = True, session: Optional[requests.Session] = None,
-                 max_retry_after: float = 60.0, max_manifest_size: int = MAX_MANIFEST_SIZE):
+                 max_retry_after: float = 60.0, max_manifest_size: int = MAX_MANIFEST_SIZE,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE):
         self.timeout = timeout
+        #: blobs up to this size go up in one PUT; larger ones in PATCH chunks of it
+        self.chunk_size = chunk_size
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.user_agent = user_agent
@@ -377,14 +444,21 @@ class RegistryClient:
             return resp
 
     def _request(self, method: str, domain: str, path: str, scopes: Sequence[str],
-                 headers: Optional[Mapping[str, str]] = None, *, data=None) -> requests.Response:
+                 headers: Optional[Mapping[str, str]] = None, *, data=None,
+                 url: Optional[str] = None, retries: Optional[int] = None) -> requests.Response:
         """A registry API request with auth, retries on 5xx/429/connection errors.
 
         Returns the final response, whatever its status; the caller maps
-        errors with _raise_for and must close it.
+        errors with _raise_for and must close it. `url` (an upload Location)
+        replaces base_url + path; credentials go with it only when it is on
+        the registry's own origin. `retries` overrides the client's count
+        (0 for requests that are not safe to repeat blindly, e.g. PATCH).
         """
-        url = self.base_url(domain) + path
-        authorization = self.auth.cached_authorization(domain, scopes)
+        base = self.base_url(domain)
+        url = urljoin(base + "/", url) if url else base + path
+        same_origin = _origin(url) == _origin(base)
+        max_retries = self.retries if retries is None else max(0, retries)
+        authorization = self.auth.cached_authorization(domain, scopes) if same_origin else None
         auth_retried = False
         attempt = 0
         while True:
@@ -395,7 +469,7 @@ class RegistryClient:
             try:
                 resp = self._send(method, url, h, data=data)
             except requests.RequestException as e:
-                if attempt >= self.retries:
+                if attempt >= max_retries:
                     raise RegistryUnavailable(f"cannot reach registry {domain}: "
                                               f"{_describe(e)}") from None
                 delay = self._backoff_delay(attempt)
@@ -404,7 +478,7 @@ class RegistryClient:
                 time.sleep(delay)
                 attempt += 1
                 continue
-            if resp.status_code == 401 and not auth_retried:
+            if resp.status_code == 401 and not auth_retried and same_origin:
                 auth_retried = True
                 challenge = resp.headers.get("WWW-Authenticate", "")
                 resp.close()
@@ -413,7 +487,7 @@ class RegistryClient:
                     raise self._auth_error(domain, scopes, anonymous=True)
                 authorization = new
                 continue
-            if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
+            if resp.status_code in _RETRY_STATUSES and attempt < max_retries:
                 delay = self._retry_after(resp)
                 if delay is None:
                     delay = self._backoff_delay(attempt)
@@ -451,8 +525,11 @@ class RegistryClient:
         ch = self.auth._challenges.get(domain)
         if ch is not None and ch.scheme == "bearer":
             # the token server took the credentials but the token grants no access
+            action = "push" if any(s.endswith(",push") or s.endswith(":push")
+                                   for s in scopes) else "pull"
             return AccessDenied(f"access denied to {where}: the credentials for {domain} "
-                                f"do not grant pull access (or the repository does not exist)")
+                                f"do not grant {action} access (or the repository does not "
+                                f"exist)")
         return AuthenticationRequired(
             f"the credentials for {domain} were rejected for {where}: log in again with "
             f"`docker login {domain}` or fix ~/.docker/config.json")
@@ -702,6 +779,326 @@ class RegistryClient:
         with self.open_blob(ref, descriptor) as f:
             return f.read()
 
+
+    # -- push side -------------------------------------------------------
+
+    @staticmethod
+    def push_scopes(ref: Reference, mount_from: Optional[str] = None) -> List[str]:
+        """`pull,push` on the target; `pull` on the repository a blob is mounted from."""
+        scopes = [repository_scope(ref.path, ("pull", "push"))]
+        if mount_from and mount_from != ref.path:
+            scopes.append(repository_scope(mount_from, ("pull",)))
+        return scopes
+
+    def blob_exists(self, ref: Reference, digest: str,
+                    scopes: Optional[Sequence[str]] = None) -> bool:
+        """HEAD /v2/<name>/blobs/<digest>: is the blob in this repository?"""
+        scopes = list(scopes or self.pull_scopes(ref))
+        resp = self._request("HEAD", ref.domain, f"/v2/{ref.path}/blobs/{digest}", scopes)
+        if resp.status_code == 200:
+            resp.close()
+            return True
+        if resp.status_code == 404:
+            resp.close()
+            return False
+        self._raise_for(resp, ref.domain, scopes, f"blob {digest} not found",
+                        f"the existence check of blob {digest}")
+        return False  # not reached
+
+    @staticmethod
+    def _location(resp: requests.Response, what: str) -> str:
+        location = resp.headers.get("Location")
+        if not location:
+            raise RegistryProtocolError(f"the registry answered {what} without a Location")
+        return urljoin(resp.url, location)
+
+    def _start_upload(self, ref: Reference, scopes: Sequence[str]) -> Tuple[str, int]:
+        """POST /v2/<name>/blobs/uploads/ -> (upload URL, the registry's minimum chunk)."""
+        resp = self._request("POST", ref.domain, f"/v2/{ref.path}/blobs/uploads/", scopes,
+                             {"Content-Length": "0"})
+        if resp.status_code != 202:
+            self._raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
+                            f"the upload request to {ref.name}")
+        location = self._location(resp, f"the upload request to {ref.name}")
+        minimum = resp.headers.get("OCI-Chunk-Min-Length", "")
+        resp.close()
+        return location, int(minimum) if minimum.isdigit() else 0
+
+    def mount_blob(self, ref: Reference, digest: str, from_repo: str) -> Optional[str]:
+        """Cross-repository mount (POST .../blobs/uploads/?mount=&from=): MOUNTED, else
+        the upload URL the registry opened instead, or None when it refused."""
+        scopes = self.push_scopes(ref, from_repo)
+        path = (f"/v2/{ref.path}/blobs/uploads/?mount={quote(digest, safe=':')}"
+                f"&from={quote(from_repo, safe='/')}")
+        resp = self._request("POST", ref.domain, path, scopes, {"Content-Length": "0"})
+        try:
+            if resp.status_code == 201:
+                log.info("mounted blob %s into %s from %s", digest, ref.name, from_repo)
+                return MOUNTED
+            if resp.status_code == 202 and resp.headers.get("Location"):
+                log.debug("mount of %s from %s refused; uploading", digest, from_repo)
+                return self._location(resp, "the mount request")
+            log.debug("mount of %s from %s answered HTTP %d", digest, from_repo,
+                      resp.status_code)
+            return None
+        finally:
+            resp.close()
+
+    def push_blob(self, ref: Reference, source: Union[bytes, str, "os.PathLike"], digest: str,
+                  size: int, *, mount_from: Sequence[str] = (),
+                  chunk_size: Optional[int] = None,
+                  on_bytes: Optional[Callable[[int], None]] = None) -> str:
+        """Make blob `digest` exist in ref's repository; return how: "exists",
+        "mounted" or "uploaded".
+
+        Order: HEAD (already there), cross-repository mount from each of
+        `mount_from` (same registry), else upload: one PUT when the blob fits
+        in a chunk, PATCH chunks otherwise. An interrupted chunked upload asks
+        the registry how much it has (GET on the upload URL, Range header) and
+        goes on from there; an upload the registry forgot starts over.
+        """
+        validate_digest(digest)
+        scopes = self.push_scopes(ref)
+        if self.blob_exists(ref, digest, scopes):
+            return "exists"
+        location: Optional[str] = None
+        for repo in mount_from:
+            if not repo or repo == ref.path:
+                continue
+            try:
+                got = self.mount_blob(ref, digest, repo)
+            except OciImageError as e:  # e.g. no pull access to the source: upload instead
+                log.debug("mount of %s from %s failed: %s", digest, repo, e)
+                continue
+            if got == MOUNTED:
+                return "mounted"
+            if got:
+                location = got
+                break
+        chunk = max(1, int(chunk_size or self.chunk_size))
+        restarts = 0
+        while True:
+            minimum = 0
+            if location is None:
+                location, minimum = self._start_upload(ref, scopes)
+            try:
+                if size <= chunk:
+                    self._upload_monolithic(ref, scopes, location, source, digest, size,
+                                            on_bytes)
+                else:
+                    self._upload_chunked(ref, scopes, location, source, digest, size,
+                                         max(chunk, minimum), on_bytes)
+                return "uploaded"
+            except _UploadLost as e:
+                restarts += 1
+                if restarts > self.retries:
+                    raise RegistryUnavailable(f"upload of blob {digest} to {ref.name} kept "
+                                              f"failing: {e}") from None
+                log.info("upload of %s to %s lost (%s); starting over", digest, ref.name, e)
+                location = None
+                time.sleep(self._backoff_delay(restarts - 1))
+
+    def _upload_monolithic(self, ref, scopes, location, source, digest, size, on_bytes) -> None:
+        data = _read_range(source, 0, size)
+        try:
+            resp = self._request("PUT", ref.domain, "", scopes,
+                                 {"Content-Type": "application/octet-stream"},
+                                 data=data, url=_with_query(location, "digest", digest),
+                                 retries=0)
+        except RegistryUnavailable as e:
+            if self._blob_landed(ref, digest, scopes):
+                return
+            raise _UploadLost(str(e)) from None
+        self._finish_upload(ref, scopes, resp, digest)
+        if on_bytes:
+            on_bytes(size)
+
+    def _blob_landed(self, ref, digest, scopes) -> bool:
+        try:
+            return self.blob_exists(ref, digest, scopes)
+        except OciImageError:
+            return False
+
+    def _finish_upload(self, ref, scopes, resp, digest) -> None:
+        status = resp.status_code
+        if status in (200, 201, 204):
+            announced = (resp.headers.get("Docker-Content-Digest") or "").strip()
+            resp.close()
+            if announced and announced != digest:
+                raise DigestMismatch(f"registry {ref.domain} stored blob {announced}, "
+                                     f"we sent {digest}")
+            return
+        if status == 404 or status in _RETRY_STATUSES:
+            resp.close()
+            if self._blob_landed(ref, digest, scopes):
+                return
+            raise _UploadLost(f"HTTP {status} on completing the upload")
+        if status == 400:
+            body = b""
+            try:
+                body = read_limited(resp, MAX_ERROR_BODY) or b""
+            except _STREAM_ERRORS:
+                pass
+            resp.close()
+            if b"DIGEST_INVALID" in body:
+                raise DigestMismatch(f"registry {ref.domain} says the uploaded blob does "
+                                     f"not match {digest}")
+            raise RegistryProtocolError(f"registry {ref.domain} refused the upload of "
+                                        f"{digest} (HTTP 400)")
+        self._raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
+                        f"the upload of blob {digest}")
+
+    def upload_status(self, ref: Reference, scopes: Sequence[str],
+                      location: str) -> Tuple[str, int]:
+        """GET on an upload URL: (the URL to go on with, bytes the registry holds)."""
+        resp = self._request("GET", ref.domain, "", scopes, url=location)
+        try:
+            if resp.status_code == 404:
+                raise _UploadLost("the registry no longer knows the upload")
+            if resp.status_code not in (200, 204):
+                self._raise_for(resp, ref.domain, scopes, "upload not found",
+                                "the upload status request")
+            new = urljoin(resp.url, resp.headers["Location"]) \
+                if resp.headers.get("Location") else location
+            return new, _range_end(resp.headers.get("Range"))
+        finally:
+            resp.close()
+
+    def _upload_chunked(self, ref, scopes, location, source, digest, size, chunk,
+                        on_bytes) -> None:
+        offset = 0
+        failures = 0
+        reported = 0
+        while offset < size:
+            n = min(chunk, size - offset)
+            data = _read_range(source, offset, n)
+            headers = {"Content-Type": "application/octet-stream",
+                       "Content-Range": f"{offset}-{offset + n - 1}"}
+            problem = ""
+            try:
+                resp = self._request("PATCH", ref.domain, "", scopes, headers, data=data,
+                                     url=location, retries=0)
+            except RegistryUnavailable as e:
+                problem = str(e)
+            else:
+                status = resp.status_code
+                if status == 202:
+                    location = self._location(resp, "a chunk upload")
+                    end = _range_end(resp.headers.get("Range"))
+                    resp.close()
+                    offset = end if end > offset else offset + n
+                    failures = 0
+                    if on_bytes and offset > reported:
+                        on_bytes(offset - reported)
+                        reported = offset
+                    continue
+                if status == 404:
+                    resp.close()
+                    raise _UploadLost("the registry no longer knows the upload")
+                if status in (416,) or status in _RETRY_STATUSES:
+                    problem = f"HTTP {status}"
+                    resp.close()
+                else:
+                    self._raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
+                                    f"a chunk upload of blob {digest}")
+            failures += 1
+            if failures > self.retries:
+                raise RegistryUnavailable(f"upload of blob {digest} to {ref.name} kept failing "
+                                          f"at byte {offset}: {problem}")
+            delay = self._backoff_delay(failures - 1)
+            log.info("chunk upload of %s failed at byte %d (%s); asking the registry where to "
+                     "resume in %.2fs", digest, offset, problem, delay)
+            time.sleep(delay)
+            location, offset = self.upload_status(ref, scopes, location)
+            if offset > size:
+                raise _UploadLost(f"the registry holds {offset} bytes of a {size} byte blob")
+            log.info("resuming the upload of %s at byte %d", digest, offset)
+        try:
+            resp = self._request("PUT", ref.domain, "", scopes, {"Content-Length": "0"},
+                                 url=_with_query(location, "digest", digest), retries=0)
+        except RegistryUnavailable as e:
+            if self._blob_landed(ref, digest, scopes):
+                return
+            raise _UploadLost(str(e)) from None
+        self._finish_upload(ref, scopes, resp, digest)
+
+    def put_manifest(self, ref: Reference, raw: bytes, media_type: str) -> "PushedManifest":
+        """PUT a manifest or index under ref's tag (or, untagged, its own digest)."""
+        digest = "sha256:" + ALGORITHMS["sha256"](raw).hexdigest()
+        scopes = self.push_scopes(ref)
+        identifier = ref.tag if ref.tag and not ref.digest else digest
+        if ref.digest and ref.digest != digest:
+            raise DigestMismatch(f"manifest for {ref.familiar()} has digest {digest}")
+        resp = self._request("PUT", ref.domain, f"/v2/{ref.path}/manifests/{identifier}",
+                             scopes, {"Content-Type": media_type}, data=raw)
+        if resp.status_code not in (200, 201, 202):
+            self._raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
+                            f"the manifest upload to {ref.familiar()}")
+        announced = (resp.headers.get("Docker-Content-Digest") or "").strip()
+        subject = (resp.headers.get("OCI-Subject") or "").strip()
+        resp.close()
+        if announced and announced != digest:
+            raise DigestMismatch(f"registry {ref.domain} stored manifest {announced}, "
+                                 f"we sent {digest}")
+        return PushedManifest(reference=ref.with_digest(digest), digest=digest,
+                              size=len(raw), media_type=media_type,
+                              subject_processed=bool(subject))
+
+    def get_referrers(self, ref: Reference, digest: str,
+                      artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
+        """The referrers API (`GET /v2/<name>/referrers/<digest>`), filtered by
+        artifact type; None when the registry does not implement it (404), so
+        the caller falls back to the tag scheme."""
+        validate_digest(digest)
+        scopes = self.pull_scopes(ref)
+        path = f"/v2/{ref.path}/referrers/{digest}"
+        if artifact_type:
+            path += f"?artifactType={quote(artifact_type, safe='')}"
+        out: List[Descriptor] = []
+        url: Optional[str] = None
+        for _ in range(MAX_REFERRER_PAGES):
+            resp = self._request("GET", ref.domain, path, scopes, {"Accept": mt.OCI_INDEX},
+                                 url=url)
+            if resp.status_code in (404, 405, 501) and not out and url is None:
+                resp.close()
+                return None
+            if resp.status_code != 200:
+                self._raise_for(resp, ref.domain, scopes, f"referrers of {digest} not found",
+                                f"the referrers request for {digest}")
+            try:
+                ctype = mt.base_type(resp.headers.get("Content-Type", ""))
+                applied = resp.headers.get("OCI-Filters-Applied", "")
+                link = resp.headers.get("Link", "")
+                raw = read_limited(resp, self.max_manifest_size)
+            except _STREAM_ERRORS as e:
+                raise RegistryUnavailable(f"reading the referrers of {digest} failed: "
+                                          f"{_describe(e)}") from None
+            finally:
+                resp.close()
+            if ctype != mt.OCI_INDEX:
+                # Some servers route unknown paths to a generic 200 page.
+                if not out and url is None:
+                    return None
+                raise RegistryProtocolError(f"referrers of {digest} came as {ctype}")
+            if raw is None:
+                raise LimitExceeded(f"the referrers list of {digest} is too large")
+            try:
+                data = json.loads(raw)
+                items = data.get("manifests") or []
+            except (ValueError, AttributeError):
+                raise RegistryProtocolError(f"referrers list of {digest} is not valid "
+                                            f"JSON") from None
+            for i, d in enumerate(items):
+                desc = Descriptor.from_dict(d, f"referrer {i} of {digest}")
+                if artifact_type and "artifactType" not in applied \
+                        and desc.artifact_type != artifact_type:
+                    continue
+                out.append(desc)
+            nxt = _next_link(link)
+            if not nxt:
+                break
+            url = urljoin(self.base_url(ref.domain) + path, nxt)
+        return out
 
 class _BlobStream(io.RawIOBase):
     """The raw bytes of a blob, reconnecting with Range after a failed read."""

@@ -57,3 +57,7 @@ def is_manifest(media_type: str) -> bool:
 def base_type(content_type: str) -> str:
     """'application/json; charset=utf-8' -> 'application/json'."""
     return content_type.split(";", 1)[0].strip().lower()
+
+
+def is_squashfs_layer(media_type: str) -> bool:
+    return media_type == SQUASHFS_LAYER

@@ -1,0 +1,157 @@
+"""An HTTP proxy in front of the real test registry, for what the registry will not do itself.
+
+* faults: interrupt chosen PATCH requests; the client sees its connection
+  dropped without an answer, so it must ask the registry where to resume.
+  "drop": the registry got none of the chunk; "half": it got the first half
+  (Distribution 2.8 then invalidates the upload session, whose _state token
+  carries the offset, and the client has to start over);
+* a feature Docker Distribution 2.8 lacks: the referrers API
+  (`GET /v2/<name>/referrers/<digest>`), answered from the fallback tag's
+  index the way a registry implementing it would (no server-side filter), with
+  the fallback tag itself hidden so a client can only have used the API.
+
+Everything else is forwarded unchanged, with the proxy's Host so the
+registry's Location URLs point back at the proxy. Requests are logged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional, Tuple
+
+import requests
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "proxy-connection",
+        "te", "trailer", "upgrade"}
+_REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<alg>[a-z0-9]+):(?P<hex>[0-9a-f]+)$")
+_FALLBACK = re.compile(r"^/v2/.+/manifests/sha256-[0-9a-f]{64}$")
+
+
+class RegistryProxy:
+    def __init__(self, upstream: str, *, cut_patches: Optional[Dict[int, str]] = None,
+                 referrers_api: bool = False):
+        self.upstream = upstream.rstrip("/")
+        #: PATCH ordinal (1-based) -> "drop" | "half"
+        self.cut_patches = dict(cut_patches or {})
+        self.referrers_api = referrers_api
+        self.log: List[Tuple[str, str, int]] = []
+        self.patches = 0
+        self._lock = threading.Lock()
+        self._server: Optional[ThreadingHTTPServer] = None
+
+    @property
+    def host(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> "RegistryProxy":
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _record(self, status: int) -> None:
+                with proxy._lock:
+                    proxy.log.append((self.command, self.path, status))
+
+            def _send(self, status: int, headers, body: bytes, length: Optional[str] = None):
+                self.send_response(status)
+                for k, v in headers:
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", length if length is not None else str(len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+                self._record(status)
+
+            def _body(self) -> bytes:
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _forward(self, body: bytes, headers=None):
+                h = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                h.update(headers or {})
+                h["Host"] = proxy.host
+                r = requests.request(self.command, proxy.upstream + self.path, headers=h,
+                                     data=body, allow_redirects=False, stream=True, timeout=60)
+                data = r.raw.read(decode_content=False) if self.command != "HEAD" else b""
+                length = r.headers.get("Content-Length") if self.command == "HEAD" else None
+                return r, data, length
+
+            def _referrers(self, m) -> None:
+                tag = f"{m.group('alg')}-{m.group('hex')}"
+                r = requests.get(f"{proxy.upstream}/v2/{m.group('name')}/manifests/{tag}",
+                                 headers={"Accept": OCI_INDEX,
+                                          "Authorization": self.headers.get("Authorization", "")},
+                                 timeout=30)
+                if r.status_code == 401:
+                    self._send(401, r.headers.items(), r.content)
+                    return
+                manifests = r.json().get("manifests", []) if r.status_code == 200 else []
+                body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                   "manifests": manifests}).encode()
+                self._send(200, [("Content-Type", OCI_INDEX)], body)
+
+            def _handle(self) -> None:
+                body = self._body()
+                path = self.path.split("?", 1)[0]
+                if proxy.referrers_api:
+                    m = _REFERRERS.match(path)
+                    if m and self.command == "GET":
+                        self._referrers(m)
+                        return
+                    if _FALLBACK.match(path) and self.command in ("GET", "HEAD"):
+                        self._send(404, [("Content-Type", "application/json")],
+                                   b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
+                        return
+                extra = None
+                cut = None
+                if self.command == "PATCH":
+                    with proxy._lock:
+                        proxy.patches += 1
+                        cut = proxy.cut_patches.get(proxy.patches)
+                    if cut == "half":
+                        start = int((self.headers.get("Content-Range") or "0-0").split("-")[0])
+                        body = body[:len(body) // 2]
+                        extra = {"Content-Range": f"{start}-{start + len(body) - 1}"}
+                if cut != "drop":
+                    r, data, length = self._forward(body, extra)
+                if cut:
+                    # The registry has the first half; the client hears nothing.
+                    self._record(-1)
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                self._send(r.status_code, r.headers.items(), data, length)
+
+            do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> "RegistryProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
