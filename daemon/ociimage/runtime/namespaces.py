@@ -460,6 +460,28 @@ def _step_dir(state_dir: Path, job_id: str, step_id: str) -> Path:
 
 # ---- create / destroy ---------------------------------------------------------
 
+def _take_namespace_root() -> None:
+    """Make the namespace's root mount this process's root, keeping the cwd.
+
+    setns(CLONE_NEWNS) puts a task at its namespace's root mount, and
+    pivot_root() only replaces that mount when the caller's root is it. When
+    the daemon runs chrooted (in a container, or a chroot like a build or test
+    system) the two differ, and tasks would land outside the image. A root
+    process can leave a chroot: chroot into a directory below the cwd, climb
+    with "..", chroot there. Harmless when not chrooted.
+    """
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.chroot("proc")  # the new root always has /proc (a mountpoint we made)
+        for _ in range(256):
+            os.chdir("..")
+        os.chroot(".")
+        os.fchdir(here)
+    finally:
+        os.close(here)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+
 def _child(ops: List[Op], report_w: int, go_r: int) -> None:
     """In the forked child: build the namespace; never returns."""
     code = 1
@@ -483,6 +505,7 @@ def _child(ops: List[Op], report_w: int, go_r: int) -> None:
                 # pivot_root(".", ".") stacks the old root on the new one, so no
                 # put_old directory is needed in a read-only image
                 os.chdir(op[1])
+                _take_namespace_root()
                 sc.pivot_root(".", ".")
                 sc.umount2(".", sc.MNT_DETACH)
                 os.chdir("/")
