@@ -64,6 +64,12 @@ def test_pull_monolithic_by_its_tag_is_a_download(registry, published, tmp_path)
     assert entry.meta["config"] == origin.meta["config"]  # the source's runtime config
     assert "conversion_seconds" not in entry.meta
     assert layer_fetches(registry, src) == before  # no layer of the source was read
+    # `oci-image convert` of a monolithic image writes the verified layer itself
+    from ociimage.pull import PullOptions, convert_to_file
+    meta = convert_to_file(client(), f"{registry.host}/mono/app:v1-squashfs", tmp_path / "x.sqfs",
+                           PullOptions())
+    assert (tmp_path / "x.sqfs").read_bytes() == origin.path.read_bytes()
+    assert meta["origin"]["kind"] == "fetched"
 
 
 def test_untrusted_monolithic_is_refused(registry, published, tmp_path):
@@ -244,6 +250,16 @@ def test_daemon_runs_monolithic_image_and_never_mounts_untrusted(registry, publi
         DaemonClient(str(daemon.socket)).release_step("702", "0")
     finally:
         daemon.stop()
+        _unmount_under(base)
+
+
+def _unmount_under(path: Path) -> None:
+    """The daemon leaves image mounts for its successor; a test must not."""
+    from ociimage.runtime.mounts import read_mountinfo
+    prefix = os.path.realpath(path) + "/"
+    for m in sorted((e.mount_point for e in read_mountinfo()
+                     if e.mount_point.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", m], check=False)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs as root")
