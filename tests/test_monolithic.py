@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon_proc import DaemonProcess
-from monohelp import client, convert_and_publish, file_sha, layer_fetches, pull, push_source
+from monohelp import client, convert_and_publish, layer_fetches, pull, push_source
 from ocibuild import Pusher, sha256
 from registry_proxy import RegistryProxy
 
@@ -222,7 +222,7 @@ def test_daemon_runs_monolithic_image_and_never_mounts_untrusted(registry, publi
     daemon = DaemonProcess(base, tmp_path / "cache", metrics=False).start()
     try:
         # untrusted (another repository of the same registry): refused, nothing mounted
-        Pusher(registry.url)  # same registry, copy the monolithic image to an untrusted repo
+        # the same monolithic image, copied to a repository the daemon does not trust
         subprocess.run(["skopeo", "copy", "--src-tls-verify=false", "--dest-tls-verify=false",
                         f"docker://{registry.host}/mono/app:v1-squashfs",
                         f"docker://{registry.host}/untrusted/app:v1"], check=True,
