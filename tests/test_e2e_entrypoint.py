@@ -19,9 +19,7 @@ from ociimage.step import encode_entrypoint
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_DIR = ROOT / "plugin"
-PLUGIN = PLUGIN_DIR / "spank_oci_image.so"
 LAUNCHER = PLUGIN_DIR / "oci-image-launch"
-STEP_CLIENT = Path(sys.executable).parent / "oci-image-step"
 
 # prints every argument it gets as <arg>, $0 included, then whether the launcher's
 # variables leaked into the task
@@ -115,10 +113,11 @@ def test_launcher_is_static(launcher):
 # ---- end to end -------------------------------------------------------------------------
 
 from cluster_fixture import cluster_available, start_cluster, stop_cluster  # noqa: E402
+from install_fixture import installed  # noqa: E402,F401 - a fixture
 
 
 @pytest.fixture(scope="module")
-def e2e(registry, launcher):
+def e2e(registry, installed):
     if cluster_available() is not None:
         pytest.skip(str(cluster_available()))
     from daemon_proc import DaemonProcess
@@ -131,8 +130,9 @@ def e2e(registry, launcher):
     conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n")
     daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
                              extra=["--config", str(conf)]).start() for i in (1, 2)]
-    plugstack = (f"required {PLUGIN} step_client={STEP_CLIENT} "
-                 f"socket={base}/%n/oci-imaged.sock launcher={launcher}\n")
+    # the launcher is found next to the installed step client, as in the RPM layout
+    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
+                 f"socket={base}/%n/oci-imaged.sock\n")
     cluster = start_cluster(nodes=2, plugstack_text=plugstack, prefix="oci-e2e-ep-slurm-")
     pusher = Pusher(registry.url)
     layers = busybox_layers()

@@ -21,12 +21,11 @@ import pytest
 
 from cluster_fixture import cluster_available, start_cluster, stop_cluster
 from daemon_proc import DaemonProcess
+from install_fixture import installed  # noqa: F401 - a fixture
 from images import IMAGE_CONFIG, busybox_layers
 from ocibuild import Pusher
 
 ROOT = Path(__file__).resolve().parent.parent
-PLUGIN = ROOT / "plugin" / "spank_oci_image.so"
-STEP_CLIENT = Path(sys.executable).parent / "oci-image-step"
 OPTIONS = ("--oci-image=REF", "--oci-mounts", "--oci-workdir", "--oci-writable", "--oci-mount-home",
            "--no-oci-mount-home", "--oci-entrypoint", "--oci-env", "--oci-batch-in-image")
 
@@ -34,8 +33,9 @@ pytestmark = pytest.mark.skipif(cluster_available() is not None, reason=str(clus
 
 
 class Env:
-    def __init__(self, base: Path, cluster, daemons, registry):
+    def __init__(self, base: Path, cluster, daemons, registry, installed):
         self.base, self.cluster, self.daemons, self.registry = base, cluster, daemons, registry
+        self.installed = installed
         self.cache = base / "cache"
         self.pusher = Pusher(registry.url)
 
@@ -109,19 +109,17 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def e2e(registry):
-    r = subprocess.run(["make", "-C", str(PLUGIN.parent), PLUGIN.name], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
+def e2e(registry, installed):
     base = Path(tempfile.mkdtemp(prefix="oci-e2e-", dir="/tmp"))
     os.chmod(base, 0o755)
     conf = base / "oci-image.conf"
     conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n")
     daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
                              extra=["--config", str(conf)]).start() for i in (1, 2, 3)]
-    plugstack = (f"required {PLUGIN} step_client={STEP_CLIENT} "
+    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
                  f"socket={base}/%n/oci-imaged.sock allow_sqfs=yes\n")
     cluster = start_cluster(nodes=3, plugstack_text=plugstack, prefix="oci-e2e-slurm-")
-    env = Env(base, cluster, daemons, registry)
+    env = Env(base, cluster, daemons, registry, installed)
     try:
         yield env
     finally:
@@ -236,7 +234,7 @@ def test_local_sqfs_file(e2e):
     e2e.push("e2e/local", os_id="localfile")
     out = Path(tempfile.mkdtemp(prefix="oci-e2e-sqfs-", dir="/tmp")) / "img.sqfs"
     os.chmod(out.parent, 0o755)
-    subprocess.run([str(Path(sys.executable).parent / "oci-image"), "convert",
+    subprocess.run([str(e2e.installed.bin / "oci-image"), "convert",
                     e2e.ref("e2e/local"), "-o", str(out)], check=True, capture_output=True)
     os.chmod(out, 0o644)
     r = e2e.srun("-N2", f"--oci-image={out}", "grep", "^ID=", "/etc/os-release")
@@ -477,12 +475,10 @@ def test_no_cost_when_unused(e2e):
           f"no plugin {without * 1000:.0f} ms")
 
 
-def test_bad_plugstack_argument():
+def test_bad_plugstack_argument(installed):
     """An unknown plugstack argument fails the step loudly, in srun and in slurmd's log
     (no step client is ever run, so none is configured here)."""
-    r = subprocess.run(["make", "-C", str(PLUGIN.parent), PLUGIN.name], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    c = start_cluster(nodes=1, plugstack_text=f"required {PLUGIN} step_client=/bin/false bogus=1\n",
+    c = start_cluster(nodes=1, plugstack_text=f"required {installed.plugin} step_client=/bin/false bogus=1\n",
                       prefix="oci-e2e-badps-")
     try:
         r = c.run_as_user(["srun", "-N1", "true"], cwd="/tmp")
