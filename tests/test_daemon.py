@@ -189,3 +189,30 @@ def test_health_service(daemon):
     with pytest.raises(grpc.RpcError) as e:
         stub.Check(health_pb2.HealthCheckRequest(service="nope"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sigterm_mid_conversion_abandons_cleanly(tmp_path, registry):
+    Pusher(registry.url).image("term/img", "v1", busybox_layers(extra_mb=48))
+    cache = tmp_path / "cache"
+    d = DaemonProcess(tmp_path / "d", cache).start()
+    cli = subprocess.Popen([str(d.argv()[0]).replace("oci-imaged", "oci-image"), "--socket",
+                            str(d.socket), "pull", f"{registry.host}/term/img:v1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not any((cache / "tmp").glob("sha256-*")):
+            time.sleep(0.01)
+        assert any((cache / "tmp").glob("sha256-*")), "conversion never started"
+        started = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - started < 15
+        _, err = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    last = err.decode().strip().splitlines()[-1]
+    assert cli.returncode != 0 and last.startswith("oci-image: error:")
+    assert "shutting down" in last or "went away" in last
+    assert not list((cache / "tmp").iterdir())           # nothing partial left
+    assert not list((cache / "images").glob("*.json"))
+    assert not d.socket.exists()
