@@ -1,9 +1,12 @@
 """A private mount namespace per job step, with the image as its root.
 
 Layout on the host, per step, under state_dir/<job>.<step>/:
-    mnt      the namespace, pinned by a bind mount of /proc/<pid>/ns/mnt,
-             so it outlives the short-lived process that built it; tasks
-             enter it with open(mnt) + setns(CLONE_NEWNS) + chdir(cwd)
+    mnt      a symlink to /proc/<holder>/ns/mnt: the process that built the
+             namespace stays as its holder (asleep, in its own session) until
+             the step is released; tasks enter with open(mnt) +
+             setns(CLONE_NEWNS) + chdir(cwd)
+    holder   "<pid> <ns inode>", so a holder is only ever killed or adopted
+             after checking it still holds this namespace
     root/    the new root, rw/ the tmpfs for an overlay's upper layer: both
              stay empty on the host, their mounts exist only in the namespace
     passwd, group   the generated files bind-mounted over the image's
@@ -12,9 +15,11 @@ How the namespace is built: the parent (the daemon) plans everything first
 (resolving paths, checking user mounts, generating passwd/group) into a flat
 list of primitive operations; a forked child unshares, makes every mount
 private (so nothing propagates back to the host or to other steps), runs
-the operations, pivots into the new root and detaches the host's tree. The
-child then waits while the parent bind-mounts its ns file (that must happen
-in the host namespace) and exits. The daemon is a multi-threaded gRPC server,
+the operations, pivots into the new root and detaches the host's tree, then
+stays asleep as the namespace's holder. (Pinning by bind-mounting the ns file
+instead fails with EINVAL at random when the daemon itself runs in a nested
+mount namespace, as in a container: the kernel refuses a bind that could loop
+when namespace ids compare the wrong way.) The daemon is a multi-threaded gRPC server,
 so the child runs nothing but system calls (no logging, no locks, no
 allocation-heavy work) and reports failure through a pipe as one line.
 
@@ -41,6 +46,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import stat
 import time
 from dataclasses import dataclass, field
@@ -50,13 +56,14 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from ..errors import AccessDenied, InvalidArgument, NotFound
 from . import syscalls as sc
 from . import users
-from .mounts import MountError, mount_at, mount_containing, read_mountinfo
+from .mounts import MountError, mount_containing, read_mountinfo
 
 log = logging.getLogger("ociimage.runtime")
 
 _CHILD_TIMEOUT = 60.0
 _MAX_SYMLINKS = 40
 NS_FILE = "mnt"
+HOLDER_FILE = "holder"
 
 # layer kinds for path resolution
 _EMPTY = "\0empty"    # a fresh tmpfs: exists as a directory, holds nothing
@@ -434,23 +441,6 @@ def plan_step(spec: StepSpec, step_dir: Path) -> Plan:
 
 # ---- the state dir ----------------------------------------------------------
 
-def ensure_private(state_dir: Path) -> bool:
-    """Make state_dir sit on a mount with private propagation; True if we had to bind it.
-
-    A ns file bind-mounted on a shared mount would propagate into every peer,
-    including other namespaces on the node, and pin our namespaces there.
-    """
-    state_dir = Path(os.path.realpath(state_dir))
-    m = mount_containing(state_dir)
-    if m.propagation == "private":
-        return False
-    if m.mount_point != str(state_dir):
-        sc.mount(state_dir, state_dir, None, sc.MS_BIND)
-    sc.mount(None, state_dir, None, sc.MS_PRIVATE)
-    log.info("state dir made a private mount", extra={"path": str(state_dir)})
-    return True
-
-
 def _step_dir(state_dir: Path, job_id: str, step_id: str) -> Path:
     name = f"{job_id}.{step_id}"
     if not job_id or not step_id or "/" in name or name.startswith(".") or "\0" in name:
@@ -482,8 +472,8 @@ def _take_namespace_root() -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
-def _child(ops: List[Op], report_w: int, go_r: int) -> None:
-    """In the forked child: build the namespace; never returns."""
+def _child(ops: List[Op], report_w: int) -> None:
+    """In the forked child: build the namespace, then hold it; never returns."""
     code = 1
     i = -1
     try:
@@ -510,9 +500,15 @@ def _child(ops: List[Op], report_w: int, go_r: int) -> None:
                 sc.umount2(".", sc.MNT_DETACH)
                 os.chdir("/")
         i = -1
+        # Hold the namespace until the daemon (this one or its successor)
+        # SIGKILLs us: a session of our own, deaf to the daemon's signals.
+        os.setsid()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_IGN)
         os.write(report_w, b"OK\n")
-        os.read(go_r, 1)  # wait until the parent has pinned the namespace
-        code = 0
+        os.close(report_w)
+        while True:
+            signal.pause()
     except BaseException as e:  # noqa: B902 - everything must reach the parent
         err = getattr(e, "errno", 0) or 0
         msg = str(e).replace("\n", " ")[:800]
@@ -545,9 +541,8 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
     step_dir = _step_dir(state_dir, spec.job_id, spec.step_id)
     ns_path = step_dir / NS_FILE
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    ensure_private(state_dir)
     if step_dir.exists():
-        if mount_at(ns_path) is not None:
+        if holder_of(ns_path) is not None:
             raise InvalidArgument(f"step {spec.job_id}.{spec.step_id} already has a namespace")
         _remove_step_dir(step_dir)
     if not os.path.isdir(spec.rootfs):
@@ -572,7 +567,6 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
             p = step_dir / name
             p.write_bytes(text.encode("utf-8", "surrogateescape"))
             os.chmod(p, 0o644)
-        ns_path.touch(mode=0o600)
         _build(plan.ops, ns_path)
     except BaseException:
         _remove_step_dir(step_dir)
@@ -586,41 +580,60 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
 
 def _build(ops: List[Op], ns_path: Path) -> None:
     report_r, report_w = os.pipe()
-    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(report_r)
-        os.close(go_w)
-        _child(ops, report_w, go_r)
+        _child(ops, report_w)
     os.close(report_w)
-    os.close(go_r)
     try:
         line = _read_line(report_r, _CHILD_TIMEOUT)
-        if line != "OK":
-            _, _, rest = line.partition(" ")
-            idx, _, rest = rest.partition(" ")
-            err, _, msg = rest.partition(" ")
-            where = ops[int(idx)] if idx.lstrip("-").isdigit() and 0 <= int(idx) < len(ops) else None
-            hint = f"while doing: {_describe(where)}" if where else ""
-            if not line:
-                msg = "the namespace builder died"
-            raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
-        sc.mount(f"/proc/{pid}/ns/mnt", ns_path, None, sc.MS_BIND)
+    except BaseException:
+        _kill_holder(pid)
+        raise
     finally:
-        try:
-            os.write(go_w, b"x")
-        except OSError:
-            pass
-        os.close(go_w)
         os.close(report_r)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    if line != "OK":
+        _kill_holder(pid)
+        _, _, rest = line.partition(" ")
+        idx, _, rest = rest.partition(" ")
+        err, _, msg = rest.partition(" ")
+        where = ops[int(idx)] if idx.lstrip("-").isdigit() and 0 <= int(idx) < len(ops) else None
+        hint = f"while doing: {_describe(where)}" if where else ""
+        if not line:
+            msg = "the namespace builder died"
+        raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
+    try:
+        inode = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        (ns_path.parent / HOLDER_FILE).write_text(f"{pid} {inode}\n")
+        os.symlink(f"/proc/{pid}/ns/mnt", ns_path)
+    except BaseException:
+        _kill_holder(pid)
+        raise
+
+
+def _kill_holder(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:  # ours unless a previous daemon started it; then init reaps it
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def holder_of(ns_path: Union[str, Path]) -> Optional[int]:
+    """The pid of the process holding this step's namespace, if it still does."""
+    try:
+        pid_s, ino_s = (Path(ns_path).parent / HOLDER_FILE).read_text().split()
+        pid, inode = int(pid_s), int(ino_s)
+        return pid if os.stat(f"/proc/{pid}/ns/mnt").st_ino == inode else None
+    except (OSError, ValueError):
+        return None
 
 
 def destroy_step_namespace(ns_path: Union[str, Path]) -> None:
-    """Unpin the step's namespace and remove its state; safe to call twice.
+    """Let the step's namespace go and remove its state; safe to call twice.
 
     Tasks still inside keep the namespace alive until they exit; the mounts in
     it (overlay, tmpfs) go away with the last of them.
@@ -628,14 +641,9 @@ def destroy_step_namespace(ns_path: Union[str, Path]) -> None:
     ns_path = Path(ns_path)
     if ns_path.name != NS_FILE:
         raise InvalidArgument(f"{ns_path} is not a step namespace file")
-    for _ in range(16):  # a ns file could have been pinned twice
-        if mount_at(ns_path) is None:
-            break
-        try:
-            sc.umount2(ns_path, sc.MNT_DETACH | sc.UMOUNT_NOFOLLOW)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise MountError(f"cannot unpin step namespace {ns_path}: {e}") from None
+    pid = holder_of(ns_path)
+    if pid is not None:
+        _kill_holder(pid)
     _remove_step_dir(ns_path.parent)
     log.info("step namespace destroyed", extra={"ns": str(ns_path)})
 
@@ -652,15 +660,12 @@ def _remove_step_dir(step_dir: Path) -> None:
 
 
 def list_step_namespaces(state_dir: Union[str, Path]) -> Dict[str, Path]:
-    """'<job>.<step>' -> ns file, for every pinned namespace under state_dir."""
+    """'<job>.<step>' -> ns file, for every step under state_dir whose namespace is held."""
     state_dir = Path(state_dir)
     if not state_dir.is_dir():
         return {}
-    prefix = os.path.realpath(state_dir) + "/"
-    pinned = {e.mount_point for e in read_mountinfo()
-              if e.mount_point.startswith(prefix) and e.fstype == "nsfs"}
     return {d.name: d / NS_FILE for d in sorted(state_dir.iterdir())
-            if prefix + d.name + "/" + NS_FILE in pinned}
+            if d.is_dir() and holder_of(d / NS_FILE) is not None}
 
 
 def cleanup_stale(state_dir: Union[str, Path], keep: Iterable[Union[str, Path]]) -> List[str]:
