@@ -27,7 +27,7 @@ from ..progress import ProgressEvent, Reporter
 from ..v1 import ociimage_pb2 as pb
 from . import environment
 from .mounts import NodeMounts
-from .namespaces import StepSpec, create_step_namespace, destroy_step_namespace
+from .namespaces import StepSpec, create_step_namespace, destroy_step_namespace, holder_of
 
 log = logging.getLogger("ociimage.runtime")
 
@@ -232,7 +232,7 @@ class StepManager:
                 record = StepRecord(**json.loads(rp.read_text()))
             except (OSError, ValueError, TypeError):
                 continue
-            if not os.path.exists(record.ns_path) or not os.path.ismount(record.ns_path):
+            if holder_of(record.ns_path) is None:
                 continue
             self._steps[record.key] = record
         self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
