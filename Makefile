@@ -12,10 +12,10 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount pro
 	python3-requests python3-filelock python3-zstandard python3-grpcio python3-protobuf \
 	python3-prometheus-client python3-setuptools python3-wheel \
 	python3-pytest python3-cryptography python3-bcrypt \
-	protobuf-compiler protobuf-compiler-grpc
+	protobuf-compiler protobuf-compiler-grpc rpm
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv plugin proto test demo demo-stop clean
+.PHONY: all deps venv plugin proto man rpm test demo demo-stop clean
 
 all: venv plugin
 
@@ -41,6 +41,19 @@ plugin: .deps-stamp
 
 proto: .deps-stamp
 	$(PYTHON) scripts/protogen.py
+
+# docs/man/ from the argparse parsers and the plugin's option table (a test
+# fails when the committed pages are stale)
+man:
+	$(PYTHON) scripts/manpages.py
+
+# The RPM, from the working tree (tracked and untracked-but-not-ignored files),
+# into build/rpm/ (RPMS/, SRPMS/). RPMBUILD_FLAGS: e.g. --define 'slurm_include /opt/slurm/include'.
+# Where the rpm database does not know slurm-devel & co. (Debian), BuildRequires are not checked.
+RPM_TOPDIR ?= $(CURDIR)/build/rpm
+RPMBUILD_FLAGS ?= $(if $(wildcard /etc/debian_version),--nodeps)
+rpm:
+	packaging/rpm/build.sh "$(RPM_TOPDIR)" $(RPMBUILD_FLAGS)
 
 test: venv plugin
 	$(PY) -m pytest $(PYTEST_ARGS)
