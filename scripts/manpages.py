@@ -39,6 +39,7 @@ SOURCE = "slurm-oci-image"
 def esc(text: str) -> str:
     """Escape running text for roff: backslashes, hyphens, line-initial control characters."""
     text = text.replace("\\", "\\e").replace("-", "\\-")
+    text = "".join(c if ord(c) < 128 else f"\\[u{ord(c):04X}]" for c in text)
     lines = []
     for line in text.split("\n"):
         if line.startswith((".", "'")):
@@ -243,6 +244,66 @@ def oci_image_page(version: str) -> str:
 
 # ---- oci-imaged(8) --------------------------------------------------------------
 
+CONFIG_FILE = ROOT / "packaging" / "config" / "oci-image.conf"
+
+
+def parse_config_reference() -> Dict[Tuple[str, str], str]:
+    """{(section, key): meaning} from the tables of docs/configuration.md."""
+    out: Dict[Tuple[str, str], str] = {}
+    path = ROOT / "docs" / "configuration.md"
+    if not path.exists():
+        return out
+    section = None
+    for line in path.read_text().splitlines():
+        m = re.match(r"^## \[([a-z_]+)\]", line)
+        if m:
+            section = m.group(1)
+        elif line.startswith("## "):
+            section = None
+        elif section:
+            m = re.match(r"^\| `([a-z_]+)` \|[^|]*\|(.*)\|\s*$", line)
+            if m:
+                out[(section, m.group(1))] = re.sub(r"[`*]", "", m.group(2)).strip()
+    return out
+
+
+def parse_config_file() -> List[Tuple[str, List[Tuple[str, str, str]]]]:
+    """Sections of the packaged, commented config: [(section, [(key, default, comment)])].
+
+    Every key is a commented `#key = value` line; the `# ...` lines right above it
+    describe it. The keys must be exactly those ociimage.config accepts."""
+    from ociimage import config as configmod
+    sections: List[Tuple[str, List[Tuple[str, str, str]]]] = []
+    comment: List[str] = []
+    for line in CONFIG_FILE.read_text().splitlines():
+        s = line.strip()
+        m_sec = re.fullmatch(r"\[([a-z_]+)\]", s)
+        m_key = re.fullmatch(r"#\s?([a-z_]+)\s*=\s*(.*)", s)
+        if m_sec:
+            sections.append((m_sec.group(1), []))
+            comment = []
+        elif m_key and sections:
+            sections[-1][1].append((m_key.group(1), m_key.group(2).strip(), " ".join(comment)))
+            comment = []
+        elif s.startswith("#") and sections:
+            comment.append(s.lstrip("#").strip())
+        else:
+            comment = []
+    # keys the packaged file does not comment on: the meaning from docs/configuration.md
+    reference = parse_config_reference()
+    sections = [(sec, [(k, d, c or reference.get((sec, k), "")) for k, d, c in keys])
+                for sec, keys in sections]
+    known = getattr(configmod, "_KNOWN", None)
+    if known is not None:
+        found = {sec: tuple(k for k, _d, _c in keys) for sec, keys in sections}
+        want = {sec: tuple(keys) for sec, keys in known.items()}
+        if {k: set(v) for k, v in found.items()} != {k: set(v) for k, v in want.items()}:
+            raise SystemExit(f"manpages: {CONFIG_FILE} lists {found} but ociimage.config "
+                             f"accepts {want}: document every key there (commented, with its "
+                             f"default)")
+    return sections
+
+
 DAEMON_DESCRIPTION = """
 oci-imaged runs as root on every node where Slurm job steps may use an OCI
 image (compute nodes; login nodes only need the plugin). It serves a gRPC API on
@@ -273,13 +334,17 @@ def oci_imaged_page(version: str) -> str:
     out += [".SH DESCRIPTION"] + para(DAEMON_DESCRIPTION) + para(DAEMON_DESCRIPTION_2)
     out += [".SH OPTIONS"] + options_section(p, prog)
     out += [".SH CONFIGURATION"]
-    out += para("""/etc/oci-image/oci-image.conf is an INI file with the sections [cache]
-                (dir, quota, lease_ttl), [daemon] (socket, runtime_dir, node, metrics,
-                log_level, mount_idle), [registries] (insecure, trusted_squashfs,
-                publish_to) and [squash] (compression, level, jobs). Every key is optional;
-                an unknown key or a bad value stops the daemon with one line naming it. The
-                packaged file lists every key with its default, commented out; the full
-                reference is docs/configuration.md.""")
+    out += para("""/etc/oci-image/oci-image.conf (another file with --config or
+                OCI_IMAGE_CONFIG) is an INI file; oci-image(1) reads it too. Every key is
+                optional; an unknown section or key, or a bad value, stops the daemon with
+                one line naming it. The keys, with the value the commented file the
+                package installs shows for each (the default, or an example where the
+                text says so):""")
+    for section, keys in parse_config_file():
+        out += [".SS " + f'"[{esc(section)}]"']
+        for key, default, text in keys:
+            tag = bold(key) + " = " + ital(default if default else "(empty)")
+            out += item(tag, text)
     out += [".SH METRICS"]
     out += para("""With [daemon] metrics = HOST:PORT (or --metrics) the daemon serves
                 Prometheus metrics: ociimage_conversions_total, ociimage_cache_hits_total,
