@@ -355,9 +355,11 @@ def oci_imaged_page(version: str) -> str:
     out += para("""Images for a job step are pulled with the job owner's credentials, read
                 from the owner's home directory (podman's and docker's files, as oci-image(1)
                 reads them); credential helper programs named in a user's file are not run
-                as root. An image cached from one user's pull is served to another user only
-                after the registry confirms that user's access to the same digest.
-                publish_to uses root's credentials.""")
+                as root. publish_to uses root's credentials. Known limitation of this version:
+                an image already in the cache is served to any user who names it by digest,
+                without asking the registry whether that user may read it; do not rely on
+                registry permissions to keep a cached image from other users of the
+                cluster.""")
     out += [".SH ENVIRONMENT"]
     out += item(bold("OCI_IMAGE_CONFIG"), "The configuration file when --config is not given.")
     out += [".SH FILES"]

@@ -159,6 +159,19 @@ def test_plugin_exports_only_spank_symbols(built):
     assert not bad, bad
 
 
+def test_plugin_is_built_with_the_projects_flags(built):
+    """plugin/Makefile's own CFLAGS (-fPIC, -fstack-protector-strong, _FORTIFY_SOURCE) and
+    LDFLAGS (-z now) must survive the spec's build command."""
+    so = next(built["root"].glob("usr/lib*/slurm/spank_oci_image.so"))
+    und = subprocess.run(["nm", "-D", "--undefined-only", str(so)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "__stack_chk_fail" in und
+    assert re.search(r"__\w+_chk\b", und.replace("__stack_chk_fail", "")), und
+    dyn = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "BIND_NOW" in dyn and "TEXTREL" not in dyn
+
+
 def test_launcher_is_static(built):
     exe = built["root"] / "usr/libexec/oci-image/oci-image-launch"
     assert os.access(exe, os.X_OK)
