@@ -10,6 +10,8 @@
  *            [socket=/run/oci-image/oci-imaged.sock] [allow_sqfs=yes|no]
  *            [default_mounts=SRC:DST[:ro|rw],...] [batch_in_image=no|yes]
  *            [launcher=/usr/libexec/oci-image/oci-image-launch]
+ *            [prefetch_socket=/run/oci-image/oci-imaged-prefetch.sock|none]
+ *            [record_job=yes|no]
  *   launcher= is the static program that runs an image's Entrypoint for
  *   --oci-entrypoint (plugin/oci-image-launch.c); default: oci-image-launch in
  *   the step client's directory.  Only steps with --oci-entrypoint use it.
@@ -34,6 +36,37 @@
  *                                      encoding of plugin/oci-image-launch.c)
  *     STEP_CLIENT release --socket S --job J --step S --node N
  *   The step id is the decimal uint32 Slurm uses (batch step: 4294967291).
+ *   prefetch (srun/sbatch/salloc, as the user, right after a digest was
+ *           pinned; detached like release, never waited for):
+ *     STEP_CLIENT prefetch --socket PREFETCH_SOCKET --image REF@sha256:<hex> --node HOST
+ *   job epilog (slurmd's job epilog, root, synchronous; stdout/stderr to the slurmd log):
+ *     STEP_CLIENT cleanup-job --socket S --job J --node N
+ *
+ * Slurm-aware cache (issue 7):
+ * - Prefetch: after pinning, the local context spawns "prefetch" detached
+ *   (setsid, double fork): the login node's daemon starts converting while
+ *   the job waits in the queue.  The daemon's main socket is root-only, so it
+ *   listens on a second socket (prefetch_socket=, mode 0666) that serves only
+ *   Prefetch of digest-pinned references, with the daemon's own credentials.
+ * - Recording the digest for the daemon: neither `squeue --json` (22.05) nor
+ *   `scontrol show job` shows a job's environment (OCI_IMAGE_PINNED), and
+ *   init_post_opt runs before sbatch builds the job description from its
+ *   own options, so no shown field can be set before submission.  sbatch
+ *   has no SPANK item for the job id either (allocator context: UID/GID
+ *   only).  So at sbatch's exit (slurm_spank_exit, allocator context, after
+ *   "Submitted batch job"), the plugin finds the job it just submitted
+ *   (this user's newest job from this session, submitted since
+ *   init_post_opt, not tagged yet) and appends " oci-image=REF@sha256:..." to its Comment
+ *   (users may update their own job's comment), in-process with libslurm:
+ *   two RPCs, done before sbatch returns, so a shell loop of sbatch calls
+ *   tags each job before the next is submitted.  record_job=no disables it.
+ *   salloc/srun allocations start running when the plugin could tag them;
+ *   their steps hold leases while they run.
+ * - slurm_spank_job_epilog (slurmd's job epilog context, root, every node
+ *   the job ran on, no slurm.conf Epilog needed) runs cleanup-job, which
+ *   releases whatever the job's steps left on the node (a slurmstepd killed
+ *   with SIGKILL never reaches spank_exit).  It always returns 0: a failing
+ *   job_epilog of a required plugin drains the node.
  *
  * Messages to the user: the step client's stderr is read line by line and
  * relayed with slurm_spank_log() (error level, no "error: " prefix); on
@@ -86,9 +119,15 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <slurm/spank.h>
+/* slurm.h for the job list/update API; its hostlist_t changed from a pointer
+ * type (22.05) to a struct type (23.11+), so keep it out of the way of ours. */
+#define hostlist_t oci_slurm_hostlist_type
+#include <slurm/slurm.h>
+#undef hostlist_t
 
 SPANK_PLUGIN(oci_image, 1)
 
@@ -108,6 +147,8 @@ static struct {
 	char socket[PATH_MAX];
 	char default_mounts[4096];
 	char launcher[PATH_MAX];
+	char prefetch_socket[PATH_MAX]; /* "": prefetch disabled */
+	int record_job;
 	int allow_sqfs;
 	int batch_in_image;
 } cfg;
@@ -370,8 +411,11 @@ static int parse_args(int ac, char **av)
 
 	memset(&cfg, 0, sizeof(cfg));
 	if (copy_val(cfg.socket, sizeof(cfg.socket), "socket",
-		     "/run/oci-image/oci-imaged.sock") < 0)
+		     "/run/oci-image/oci-imaged.sock") < 0 ||
+	    copy_val(cfg.prefetch_socket, sizeof(cfg.prefetch_socket), "prefetch_socket",
+		     "/run/oci-image/oci-imaged-prefetch.sock") < 0)
 		return -1;
+	cfg.record_job = 1;
 	for (int i = 0; i < ac; i++) {
 		const char *a = av[i];
 		const char *eq = strchr(a, '=');
@@ -404,6 +448,20 @@ static int parse_args(int ac, char **av)
 				return -1;
 			}
 			if (copy_val(cfg.socket, sizeof(cfg.socket), "socket", v) < 0)
+				return -1;
+		} else if (KEY("prefetch_socket")) {
+			if (strcmp(v, "none") == 0 || strcmp(v, "off") == 0) {
+				cfg.prefetch_socket[0] = '\0';
+			} else if (v[0] != '/') {
+				slurm_error(PFX "plugstack.conf: prefetch_socket=%s: must be an absolute "
+					    "path or none", v);
+				return -1;
+			} else if (copy_val(cfg.prefetch_socket, sizeof(cfg.prefetch_socket),
+					    "prefetch_socket", v) < 0) {
+				return -1;
+			}
+		} else if (KEY("record_job")) {
+			if (yes_no("record_job", v, &cfg.record_job) < 0)
 				return -1;
 		} else if (KEY("allow_sqfs")) {
 			if (yes_no("allow_sqfs", v, &cfg.allow_sqfs) < 0)
@@ -676,6 +734,36 @@ out:
 
 /* ---- local context: pin the digest -------------------------------------- */
 
+static struct {
+	char pinned[4096]; /* what this process pinned ("": nothing) */
+	time_t since;      /* when (for finding the submitted job) */
+} sub;
+
+static char *const clean_env[] = { "PATH=" SAFE_PATH, "LC_ALL=C.UTF-8", NULL };
+
+/* Fire and forget: the login node's daemon starts converting while the job waits. */
+static void prefetch(const char *pinned)
+{
+	char host[256] = "";
+	char *argv[10];
+
+	if (cfg.prefetch_socket[0] == '\0')
+		return;
+	if (gethostname(host, sizeof(host) - 1) < 0)
+		host[0] = '\0';
+	host[strcspn(host, ".")] = '\0';
+	argv[0] = cfg.step_client;
+	argv[1] = "prefetch";
+	argv[2] = "--socket";
+	argv[3] = cfg.prefetch_socket;
+	argv[4] = "--image";
+	argv[5] = (char *)pinned;
+	argv[6] = "--node";
+	argv[7] = host;
+	argv[8] = NULL;
+	(void)spawn_detached(argv, clean_env); /* a lost prefetch only costs the nodes a pull */
+}
+
 static int pinned_matches(const char *pinned, const char *ref)
 {
 	const char *at = NULL, *p = pinned;
@@ -734,6 +822,9 @@ static int local_post_opt(void)
 		slurm_error(PFX "setenv: %s", strerror(errno));
 		goto out;
 	}
+	snprintf(sub.pinned, sizeof(sub.pinned), "%s", co.buf);
+	sub.since = time(NULL);
+	prefetch(co.buf);
 	/* setenv() is what works: srun sends its process environment to the
 	 * tasks, sbatch/salloc export it to the job (spank_setenv answers
 	 * ESPANK_NOT_REMOTE in srun, sbatch and salloc on 22.05). */
@@ -901,8 +992,6 @@ static void node_name(spank_t sp, char **jobenv)
 	if (st.node[0] == '\0' && gethostname(st.node, sizeof(st.node) - 1) < 0)
 		snprintf(st.node, sizeof(st.node), "unknown");
 }
-
-static char *const clean_env[] = { "PATH=" SAFE_PATH, "LC_ALL=C.UTF-8", NULL };
 
 static int remote_post_opt(spank_t sp)
 {
@@ -1180,6 +1269,64 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
+#define MARK "oci-image="
+
+/*
+ * sbatch, at exit: record the pinned reference in the comment of the job just
+ * submitted (see the header comment).  The job: this user's, from this
+ * session (alloc_sid), submitted since init_post_opt (30 s of clock skew allowed),
+ * not tagged yet; the newest such (job ids grow).  Failures are logged at
+ * debug level only: the job runs the same, it is just not known to eviction.
+ */
+static void record_job(void)
+{
+	job_info_msg_t *msg = NULL;
+	job_info_t *best = NULL;
+	job_desc_msg_t desc;
+	char *comment = NULL;
+	pid_t sid = getsid(0);
+	size_t n;
+
+	if (!cfg.record_job || sub.pinned[0] == '\0' ||
+	    strcmp(program_invocation_short_name, "sbatch") != 0)
+		return;
+	if (slurm_load_job_user(&msg, (uint32_t)getuid(), 0) != 0 || msg == NULL) {
+		slurm_debug(PFX "cannot list your jobs to record the image: %s",
+			    slurm_strerror(slurm_get_errno()));
+		return;
+	}
+	for (uint32_t i = 0; i < msg->record_count; i++) {
+		job_info_t *j = &msg->job_array[i];
+
+		/* not alloc_node: slurmctld names it after the connection's source
+		 * address ("localhost" for 127.0.0.1), not after gethostname() */
+		if (j->alloc_sid != (uint32_t)sid || j->submit_time + 30 < sub.since ||
+		    (j->comment != NULL && strstr(j->comment, MARK) != NULL))
+			continue;
+		if (best == NULL || j->job_id > best->job_id)
+			best = j;
+	}
+	if (best == NULL) {
+		slurm_debug(PFX "submitted job not found; image not recorded");
+		goto out;
+	}
+	n = (best->comment ? strlen(best->comment) + 1 : 0) + strlen(MARK) + strlen(sub.pinned) + 1;
+	comment = malloc(n);
+	if (comment == NULL)
+		goto out;
+	snprintf(comment, n, "%s%s" MARK "%s", best->comment ? best->comment : "",
+		 (best->comment && best->comment[0]) ? " " : "", sub.pinned);
+	slurm_init_job_desc_msg(&desc);
+	desc.job_id = best->job_id;
+	desc.comment = comment;
+	if (slurm_update_job(&desc) != 0)
+		slurm_debug(PFX "cannot record the image in job %u's comment: %s", best->job_id,
+			    slurm_strerror(slurm_get_errno()));
+out:
+	free(comment);
+	slurm_free_job_info_msg(msg);
+}
+
 int slurm_spank_exit(spank_t sp, int ac, char **av)
 {
 	char s_job[16], s_step[16];
@@ -1188,6 +1335,10 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	(void)sp;
 	(void)ac;
 	(void)av;
+	if (spank_context() == S_CTX_ALLOCATOR) {
+		record_job();
+		return 0;
+	}
 	if (spank_context() != S_CTX_REMOTE || !st.prepared)
 		return 0;
 	st.prepared = 0;
@@ -1206,5 +1357,48 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	argv[10] = NULL;
 	if (spawn_detached(argv, clean_env) < 0)
 		slurm_info(PFX "release of job %s step %s failed (ignored)", s_job, s_step);
+	return 0;
+}
+
+/*
+ * The job ended on this node (slurmd's job epilog, root): whatever its steps
+ * left (a step whose slurmstepd was killed never ran spank_exit) is released.
+ * Synchronous, so the node is clean before Slurm calls it idle.  Never fails:
+ * a failing job_epilog of a required plugin drains the node.
+ */
+int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
+{
+	char s_job[16], node[256] = "";
+	const char *v;
+	char *argv[10];
+	struct child_out co;
+	uint32_t jobid = 0;
+
+	/* slurm_spank_init is not called in the job script context (22.05) */
+	if (parse_args(ac, av) < 0)
+		return 0;
+	if (spank_get_item(sp, S_JOB_ID, &jobid) != ESPANK_SUCCESS || jobid == 0) {
+		v = getenv("SLURM_JOB_ID");
+		if (v == NULL || (jobid = (uint32_t)strtoul(v, NULL, 10)) == 0)
+			return 0;
+	}
+	v = getenv("SLURMD_NODENAME");
+	if (v != NULL && *v != '\0')
+		snprintf(node, sizeof(node), "%s", v);
+	else if (gethostname(node, sizeof(node) - 1) < 0)
+		snprintf(node, sizeof(node), "unknown");
+	snprintf(s_job, sizeof(s_job), "%u", jobid);
+	argv[0] = cfg.step_client;
+	argv[1] = "cleanup-job";
+	argv[2] = "--socket";
+	argv[3] = cfg.socket; /* %n: the step client puts in the node name */
+	argv[4] = "--job";
+	argv[5] = s_job;
+	argv[6] = "--node";
+	argv[7] = node;
+	argv[8] = NULL;
+	if (run_child(argv, clean_env, -1, 4096, &co, 0, 1) == 0 && co.len > 0)
+		slurm_info(PFX "%s", co.buf);
+	free(co.buf);
 	return 0;
 }

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from ociimage.config import Config, load_config, parse_size
+from ociimage.config import Config, load_config, parse_size, prefetch_path
 from ociimage.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,3 +54,27 @@ def test_missing_explicit_file(tmp_path):
 def test_parse_size():
     assert parse_size("500M", "x") == 500 << 20 and parse_size("2g", "x") == 2 << 30
     assert parse_size("1024", "x") == 1024
+
+
+def test_prefetch_and_slurm_keys(tmp_path):
+    p = tmp_path / "c.conf"
+    p.write_text("[daemon]\nprefetch_socket = off\nprefetch_rate = 5\n"
+                 "[slurm]\njobs = cli\nconf = /etc/slurm/x.conf\nrefresh = 2.5\n")
+    cfg = load_config(p)
+    assert prefetch_path(cfg) is None and cfg.prefetch_rate == 5
+    assert cfg.slurm_jobs == "cli" and cfg.slurm_conf == "/etc/slurm/x.conf" and cfg.slurm_refresh == 2.5
+    default = load_config(ROOT / "packaging" / "config" / "oci-image.conf")
+    assert prefetch_path(default) == Path("/run/oci-image/oci-imaged-prefetch.sock")
+    assert default.slurm_jobs == "auto"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[slurm]\njobs = sometimes\n", "[slurm] jobs"),
+    ("[daemon]\nprefetch_socket = rel.sock\n", "absolute"),
+    ("[daemon]\nsocket = /run/x.sock\nprefetch_socket = /run/x.sock\n", "must differ"),
+])
+def test_bad_prefetch_and_slurm_values(tmp_path, text, needle):
+    p = tmp_path / "c.conf"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config(p)

@@ -236,7 +236,7 @@ def _listing(args, cfg) -> List[dict]:
         leases = {}
         for le in cache.iter_leases():
             leases.setdefault(le.digest, []).append(f"{le.holder}@{le.node}")
-        return [dict(_entry_json(e), users=leases.get(e.digest, [])) for e in cache.list()]
+        return [dict(_entry_json(e), users=leases.get(e.digest, []), jobs=[]) for e in cache.list()]
     return _daemon_client(args, cfg).list()
 
 
@@ -245,11 +245,12 @@ def cmd_ls(args, cfg) -> int:
     if args.json:
         print(json.dumps(rows, indent=1, sort_keys=True, default=str))
         return 0
-    print(f"{'DIGEST':<19} {'SIZE':>10} {'LAST USE':>10}  {'USED BY':<20} REFERENCE")
+    print(f"{'DIGEST':<19} {'SIZE':>10} {'LAST USE':>10}  {'USED BY':<20} {'JOBS':<20} REFERENCE")
     for r in sorted(rows, key=lambda r: -(r.get("last_used") or 0)):
         users = ",".join(r.get("users") or []) or "-"
+        jobs = ",".join(j.split()[0] for j in r.get("jobs") or []) or "-"
         print(f"{r['digest'][:19]:<19} {_human(r['size']):>10} {_age(r.get('last_used')):>10}  "
-              f"{users[:20]:<20} {r.get('reference', '')}")
+              f"{users[:20]:<20} {jobs[:20]:<20} {r.get('reference', '')}")
     return 0
 
 
@@ -291,15 +292,18 @@ def cmd_rm(args, cfg) -> int:
 
 def cmd_prune(args, cfg) -> int:
     quota = parse_size(args.quota, "--quota") if args.quota else None
-    if args.cache_dir:
+    kept: List[str] = []
+    if args.cache_dir:  # no daemon, so no Slurm view: spares leased images only
         removed = [_entry_json(e) for e in _local_cache(args, cfg).prune(quota=quota)]
     else:
-        removed = _daemon_client(args, cfg).prune(quota=quota)
+        removed, kept = _daemon_client(args, cfg).prune_detail(quota=quota)
     if args.json:
         print(json.dumps(removed, indent=1, sort_keys=True, default=str))
     else:
         for r in removed:
             print(f"removed {r['digest']} ({_human(r['size'])})")
+        for d in kept:
+            print(f"kept {d} (needed by pending or running jobs)")
         print(f"freed {_human(sum(r['size'] for r in removed))}")
     return 0
 

@@ -30,7 +30,7 @@ _BY_STATUS = {
 
 def image_dict(img) -> dict:
     return {"digest": img.digest, "path": img.path, "size": img.size, "reference": img.reference,
-            "last_used": img.last_used, "users": list(img.users),
+            "last_used": img.last_used, "users": list(img.users), "jobs": list(img.jobs),
             "meta": json.loads(img.metadata_json) if img.metadata_json else {}}
 
 
@@ -44,6 +44,7 @@ class DaemonClient:
                      ("grpc.enable_retries", 0)])
         self.images = pbg.ImagesStub(self._channel)
         self.containers = pbg.ContainersStub(self._channel)
+        self.prefetcher = pbg.PrefetchStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -119,10 +120,19 @@ class DaemonClient:
         self._call(self.images.Remove, pb.RemoveRequest(digest=digest))
 
     def prune(self, quota: Optional[int] = None) -> List[dict]:
+        return self.prune_detail(quota)[0]
+
+    def prune_detail(self, quota: Optional[int] = None):
+        """(removed images, digests spared because Slurm jobs need them)."""
         req = pb.PruneRequest()
         if quota is not None:
             req.quota = quota
-        return [image_dict(i) for i in self._call(self.images.Prune, req).removed]
+        r = self._call(self.images.Prune, req)
+        return [image_dict(i) for i in r.removed], list(r.kept_for_jobs)
+
+    def prefetch(self, reference: str) -> dict:
+        r = self._call(self.prefetcher.Prefetch, pb.PrefetchRequest(reference=reference))
+        return {"state": r.state, "digest": r.digest}
 
     # ---- containers ------------------------------------------------------
 
@@ -131,3 +141,7 @@ class DaemonClient:
 
     def release_step(self, job_id: str, step_id: str) -> None:
         self._call(self.containers.ReleaseStep, pb.ReleaseStepRequest(job_id=job_id, step_id=step_id))
+
+    def release_job(self, job_id: str) -> dict:
+        r = self._call(self.containers.ReleaseJob, pb.ReleaseJobRequest(job_id=job_id))
+        return {"steps": r.steps, "leases": r.leases}

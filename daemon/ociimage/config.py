@@ -52,15 +52,24 @@ class Config:
     compression: str = "zstd"
     level: int = 3
     jobs: int = 0
+    prefetch_socket: Optional[Path] = None   # None: oci-imaged-prefetch.sock next to socket
+    prefetch_enabled: bool = True
+    prefetch_rate: int = 30
+    slurm_jobs: str = "auto"
+    slurm_conf: Optional[str] = None
+    slurm_refresh: float = 5.0
     source: Optional[Path] = None
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
     "cache": ("dir", "quota", "lease_ttl"),
-    "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle"),
+    "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
+               "prefetch_socket", "prefetch_rate"),
     "registries": ("insecure", "trusted_squashfs", "publish_to"),
     "squash": ("compression", "level", "jobs"),
+    "slurm": ("jobs", "conf", "refresh"),
 }
+SLURM_MODES = ("auto", "cli", "pyslurm", "off")
 
 
 def _float(sec: str, key: str, text: str, minimum: float = 0.0) -> float:
@@ -121,6 +130,20 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             cfg.log_level = lvl
         if parser.has_option("daemon", "mount_idle"):
             cfg.mount_idle = _float("daemon", "mount_idle", g("daemon", "mount_idle"))
+        if parser.has_option("daemon", "prefetch_socket"):
+            v = g("daemon", "prefetch_socket").strip()
+            if v.lower() in ("off", "no", "none"):
+                cfg.prefetch_enabled = False
+            elif v:
+                cfg.prefetch_socket = Path(v)
+        if parser.has_option("daemon", "prefetch_rate"):
+            cfg.prefetch_rate = int(_float("daemon", "prefetch_rate", g("daemon", "prefetch_rate"), 0))
+        if parser.has_option("slurm", "jobs"):
+            cfg.slurm_jobs = g("slurm", "jobs").strip().lower()
+        if parser.has_option("slurm", "conf"):
+            cfg.slurm_conf = g("slurm", "conf").strip() or None
+        if parser.has_option("slurm", "refresh"):
+            cfg.slurm_refresh = _float("slurm", "refresh", g("slurm", "refresh"), 0)
         if parser.has_option("registries", "insecure"):
             cfg.insecure_registries = _split_list(g("registries", "insecure"))
         if parser.has_option("registries", "trusted_squashfs"):
@@ -146,8 +169,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[squash] level: zstd levels are 1 to 22, not {cfg.level}")
     if not cfg.cache_dir.is_absolute():
         raise ConfigError(f"[cache] dir: {cfg.cache_dir} must be an absolute path")
+    if cfg.slurm_jobs not in SLURM_MODES:
+        raise ConfigError(f"[slurm] jobs: {cfg.slurm_jobs!r} is not one of {', '.join(SLURM_MODES)}")
+    if cfg.prefetch_socket is not None and not cfg.prefetch_socket.is_absolute():
+        raise ConfigError(f"[daemon] prefetch_socket: {cfg.prefetch_socket} must be an absolute path")
+    if cfg.prefetch_enabled and prefetch_path(cfg) == cfg.socket:
+        raise ConfigError("[daemon] prefetch_socket must differ from [daemon] socket")
     if not cfg.node or "/" in cfg.node:
         raise ConfigError(f"[daemon] node: {cfg.node!r} is not a usable node name")
+
+
+def prefetch_path(cfg: Config) -> Optional[Path]:
+    """The prefetch socket: [daemon] prefetch_socket, default next to the main socket; None: off."""
+    if not cfg.prefetch_enabled:
+        return None
+    return cfg.prefetch_socket or cfg.socket.parent / "oci-imaged-prefetch.sock"
 
 
 def parse_listen(text: str) -> Optional[Tuple[str, int]]:

@@ -18,11 +18,11 @@ import grpc
 
 from . import __version__, logs
 from .cache import Cache
-from .config import Config, load_config, parse_listen, parse_size, validate
+from .config import Config, load_config, parse_listen, parse_size, prefetch_path, validate
 from .errors import ConfigError, OciImageError
-from .images import ImageStore
+from .images import ImageStore, Prefetcher
 from .metrics import Metrics
-from .service import ContainersServicer, ImagesServicer
+from .service import ContainersServicer, ImagesServicer, PrefetchServicer
 from .v1 import health_pb2, health_pb2_grpc
 from .v1 import ociimage_pb2_grpc as pbg
 
@@ -32,7 +32,7 @@ log = logging.getLogger("ociimage.daemon")
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1.Health: SERVING until shutdown begins."""
 
-    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers")
+    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers", "ociimage.v1.Prefetch")
 
     def __init__(self) -> None:
         self.serving = True
@@ -72,6 +72,11 @@ class Daemon:
         self.cache = Cache(config.cache_dir, node=config.node)
         self.cache.check_locking()
         self.store = ImageStore(self.cache, config, self.metrics)
+        from .slurm import SlurmJobs, make_backend
+        self.store.slurm = SlurmJobs(make_backend(config.slurm_jobs, config.slurm_conf),
+                                     ttl=config.slurm_refresh)
+        self.prefetcher = Prefetcher(self.store, rate=config.prefetch_rate)
+        self.prefetch_server: Optional[grpc.Server] = None
         from .runtime.steps import StepManager
         self.steps = StepManager(config, self.cache, self.store)
         self.metrics.bind(self.steps.mount_count, self.steps.lease_count, self.steps.step_count)
@@ -80,13 +85,20 @@ class Daemon:
         self._stop = threading.Event()
         self._housekeeper: Optional[threading.Thread] = None
 
-    def start(self) -> None:
-        sock = self.config.socket
+    @staticmethod
+    def _claim(sock: Path) -> None:
         sock.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if sock.exists() or sock.is_symlink():
             if _socket_in_use(sock):
                 raise ConfigError(f"another oci-imaged is already listening on {sock}")
             sock.unlink()  # left by a daemon that died
+
+    def start(self) -> None:
+        sock = self.config.socket
+        self._claim(sock)
+        psock = prefetch_path(self.config)
+        if psock is not None:
+            self._claim(psock)
         self.steps.recover()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="rpc"),
@@ -94,6 +106,7 @@ class Daemon:
                      ("grpc.max_send_message_length", 16 << 20)])
         pbg.add_ImagesServicer_to_server(ImagesServicer(self.store), self.server)
         pbg.add_ContainersServicer_to_server(ContainersServicer(self.steps), self.server)
+        pbg.add_PrefetchServicer_to_server(PrefetchServicer(self.prefetcher), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # The socket must never exist with wider permissions, even for an instant.
         old_umask = os.umask(0o177)
@@ -104,6 +117,8 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
+        if psock is not None:
+            self._start_prefetch_server(psock)
         self.metrics.serve(self.config.metrics)
         self._housekeeper = threading.Thread(target=self._housekeeping, daemon=True,
                                              name="housekeeping")
@@ -111,6 +126,32 @@ class Daemon:
         log.warning("oci-imaged started", extra={"version": __version__, "socket": str(sock),
                                                  "cache": str(self.config.cache_dir),
                                                  "node": self.config.node})
+
+    def _start_prefetch_server(self, psock: Path) -> None:
+        """The world-writable socket: Prefetch (and health) only, a few small requests at a time.
+
+        gRPC's Python server cannot tell who connected (no SO_PEERCRED), so this
+        socket is anonymous by design: anyone on the host may ask the daemon to
+        fetch a digest-pinned image with the daemon's own credentials. That work
+        is bounded (Prefetcher: pinned digests only, deduplicated, rate-limited)
+        and is what any user could cause anyway by submitting a job.
+        """
+        self.prefetch_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch-rpc"),
+            options=[("grpc.max_receive_message_length", 8 << 10),
+                     ("grpc.max_send_message_length", 64 << 10),
+                     ("grpc.max_concurrent_streams", 8)],
+            maximum_concurrent_rpcs=32)
+        pbg.add_PrefetchServicer_to_server(PrefetchServicer(self.prefetcher), self.prefetch_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.prefetch_server)
+        old_umask = os.umask(0o177)
+        try:
+            if not self.prefetch_server.add_insecure_port(f"unix:{psock}"):
+                raise ConfigError(f"cannot listen on {psock}")
+            self.prefetch_server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(psock, 0o666)
 
     def _housekeeping(self) -> None:
         interval = max(1.0, min(30.0, self.config.lease_ttl / 4, self.config.mount_idle / 2 or 1.0))
@@ -130,12 +171,16 @@ class Daemon:
         self._stop.set()
         self.health.serving = False
         self.store.stop()
+        if self.prefetch_server:
+            self.prefetch_server.stop(0)
         if self.server:
             self.server.stop(grace).wait()
-        try:
-            self.config.socket.unlink()
-        except FileNotFoundError:
-            pass
+        for sock in (self.config.socket, prefetch_path(self.config)):
+            try:
+                if sock is not None:
+                    sock.unlink()
+            except FileNotFoundError:
+                pass
         log.warning("oci-imaged stopped")
 
     def wait(self) -> None:
@@ -148,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"oci-imaged {__version__}")
     p.add_argument("--config", help="config file (default /etc/oci-image/oci-image.conf)")
     p.add_argument("--socket", help="override [daemon] socket")
+    p.add_argument("--prefetch-socket", help="override [daemon] prefetch_socket ('off': none)")
     p.add_argument("--runtime-dir", help="override [daemon] runtime_dir")
     p.add_argument("--cache-dir", help="override [cache] dir")
     p.add_argument("--node", help="override [daemon] node (the name used for leases)")
@@ -163,6 +209,11 @@ def config_from_args(args) -> Config:
     cfg = load_config(args.config)
     if args.socket:
         cfg.socket = Path(args.socket)
+    if args.prefetch_socket:
+        if args.prefetch_socket.lower() in ("off", "no", "none"):
+            cfg.prefetch_enabled = False
+        else:
+            cfg.prefetch_enabled, cfg.prefetch_socket = True, Path(args.prefetch_socket)
     if args.runtime_dir:
         cfg.runtime_dir = Path(args.runtime_dir)
     if args.cache_dir:

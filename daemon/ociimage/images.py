@@ -9,11 +9,11 @@ import logging
 import pwd
 import threading
 import time
-from typing import Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from .cache import Cache, CacheEntry
 from .config import Config
-from .errors import Cancelled
+from .errors import Cancelled, InvalidArgument
 from .metrics import Metrics
 from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
 from .pull import PullOptions, publish_conversion, pull_to_cache
@@ -34,6 +34,7 @@ class ImageStore:
         self.metrics = metrics or Metrics()
         self._flights = SingleFlight()
         self._stopping = threading.Event()
+        self.slurm = None  # slurm.SlurmJobs, attached by the daemon
 
     def stop(self) -> None:
         """Make in-flight conversions abandon their work at their next progress event."""
@@ -126,9 +127,112 @@ class ImageStore:
                              daemon=True, name="publish").start()
         return entry
 
+    # ---- eviction that spares what Slurm jobs need ----------------------
+
+    def jobs_by_digest(self) -> Optional[Dict[str, list]]:
+        """{digest: [slurm.Job]} for pending/running jobs; {} without Slurm; None if unknown."""
+        if self.slurm is None or not self.slurm.enabled:
+            return {}
+        return self.slurm.needed()
+
+    def keep_for_jobs(self) -> Tuple[Callable[[str], bool], Dict[str, list]]:
+        """keep(digest) for Cache.prune: images pending/running jobs need; all of them when
+        Slurm cannot be asked (an eviction we cannot justify is never made)."""
+        needed = self.jobs_by_digest()
+        if needed is None:
+            log.warning("Slurm cannot be asked which jobs need which image: evicting nothing",
+                        extra={"error": getattr(self.slurm, "error", None)})
+            return (lambda d: True), {}
+        return (lambda d: d in needed), needed
+
+    def prune(self, quota: Optional[int] = None) -> Tuple[List[CacheEntry], List[str]]:
+        """Evict unleased images no pending/running job needs; returns (removed, kept_for_jobs)."""
+        keep, needed = self.keep_for_jobs()
+        kept: List[str] = []
+
+        def keep_and_note(digest: str) -> bool:
+            if keep(digest):
+                kept.append(digest)
+                return True
+            return False
+
+        removed = self.cache.prune(quota=quota, keep=keep_and_note)
+        if kept:
+            log.info("spared images that Slurm jobs need",
+                     extra={"digests": kept, "jobs": {d: [j.job_id for j in needed.get(d, [])]
+                                                      for d in kept}})
+        return removed, kept
+
     def enforce_quota(self) -> None:
         if self.config.quota is not None:
-            removed = self.cache.prune(quota=self.config.quota)
+            removed, _kept = self.prune(quota=self.config.quota)
             if removed:
                 log.info("quota eviction", extra={"removed": [e.digest for e in removed],
                                                   "quota": self.config.quota})
+
+
+class Prefetcher:
+    """Background pulls asked for by unprivileged submitters (the prefetch socket).
+
+    Bounded work: only digest-pinned references (the content is fixed by the
+    digest, whoever asks), pulled with the daemon's own credentials, one pull
+    per digest at a time (and the cache's single flight and per-digest lock
+    besides), at most `rate` new pulls a minute and `max_running` at once,
+    and a digest that failed is not retried for `retry_after` seconds.
+    """
+
+    def __init__(self, store: ImageStore, rate: int = 30, max_running: int = 4,
+                 retry_after: float = 300.0):
+        self.store = store
+        self.rate = rate
+        self.max_running = max_running
+        self.retry_after = retry_after
+        self._lock = threading.Lock()
+        self._running: Dict[str, str] = {}
+        self._failed: Dict[str, float] = {}
+        self._started: List[float] = []
+
+    def request(self, reference: str) -> Tuple[str, str]:
+        """-> (state, digest); state is cached, started, running or skipped."""
+        ref = parse_reference(reference)
+        if not ref.digest or not ref.digest.startswith("sha256:"):
+            raise InvalidArgument("prefetch needs a digest-pinned reference (NAME@sha256:...)")
+        digest = ref.digest
+        if self.store.cache.get(digest) is not None:
+            return "cached", digest
+        now = time.monotonic()
+        with self._lock:
+            if digest in self._running:
+                return "running", digest
+            failed = self._failed.get(digest)
+            if failed is not None and now - failed < self.retry_after:
+                return "skipped", digest
+            self._started = [t for t in self._started if now - t < 60.0]
+            if len(self._started) >= self.rate or len(self._running) >= self.max_running:
+                log.info("prefetch skipped: rate limit", extra={"digest": digest})
+                return "skipped", digest
+            self._started.append(now)
+            self._running[digest] = str(ref)
+        threading.Thread(target=self._run, args=(str(ref), digest), daemon=True,
+                         name="prefetch").start()
+        return "started", digest
+
+    def _run(self, reference: str, digest: str) -> None:
+        log.info("prefetch started", extra={"reference": reference})
+        t0 = time.monotonic()
+        try:
+            self.store.pull(reference, uid=None)
+            log.info("prefetch done", extra={"reference": reference,
+                                             "seconds": round(time.monotonic() - t0, 2)})
+        except Exception as e:  # noqa: BLE001 - a failed prefetch only costs the nodes a pull
+            with self._lock:
+                self._failed[digest] = time.monotonic()
+            log.warning("prefetch failed (the nodes will pull at step start)",
+                        extra={"reference": reference, "error": str(e)})
+        finally:
+            with self._lock:
+                self._running.pop(digest, None)
+
+    def running(self) -> List[str]:
+        with self._lock:
+            return list(self._running)

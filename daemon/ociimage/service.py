@@ -51,11 +51,12 @@ def progress_pb(ev: ProgressEvent) -> pb.Progress:
                        total=max(0, int(ev.total)), layer=ev.layer, layers=ev.layers)
 
 
-def image_pb(e: CacheEntry, users=()) -> pb.Image:
+def image_pb(e: CacheEntry, users=(), jobs=()) -> pb.Image:
     cfg = e.meta.get("config", {})
     return pb.Image(
         digest=e.digest, path=str(e.path), size=e.size, reference=e.reference,
-        last_used=e.last_used, users=list(users), metadata_json=json.dumps(e.meta, sort_keys=True),
+        last_used=e.last_used, users=list(users), jobs=list(jobs),
+        metadata_json=json.dumps(e.meta, sort_keys=True),
         config=pb.ImageConfig(env=cfg.get("Env") or [], entrypoint=cfg.get("Entrypoint") or [],
                               cmd=cfg.get("Cmd") or [], working_dir=cfg.get("WorkingDir") or "",
                               user=cfg.get("User") or ""))
@@ -108,6 +109,11 @@ class ImagesServicer(pbg.ImagesServicer):
             users.setdefault(le.digest, []).append(f"{le.holder}@{le.node}")
         return users
 
+    def _jobs(self):
+        from .slurm import describe
+        needed = self.store.jobs_by_digest() or {}
+        return {d: describe(jobs) for d, jobs in needed.items()}
+
     def Pull(self, request, context):
         uid = request.uid if request.HasField("uid") else None
         # A hit by digest (every step of a pinned job) needs no worker thread.
@@ -139,12 +145,12 @@ class ImagesServicer(pbg.ImagesServicer):
         e = self.store.cache.get(validate_digest(request.digest))
         if e is None:
             raise NotFound(f"image {request.digest} is not in the cache")
-        return image_pb(e, self._users().get(e.digest, []))
+        return image_pb(e, self._users().get(e.digest, []), self._jobs().get(e.digest, []))
 
     @unary
     def List(self, request, context):
-        users = self._users()
-        return pb.ListResponse(images=[image_pb(e, users.get(e.digest, []))
+        users, jobs = self._users(), self._jobs()
+        return pb.ListResponse(images=[image_pb(e, users.get(e.digest, []), jobs.get(e.digest, []))
                                        for e in self.store.cache.list()])
 
     @unary
@@ -156,8 +162,8 @@ class ImagesServicer(pbg.ImagesServicer):
     @unary
     def Prune(self, request, context):
         quota = request.quota if request.HasField("quota") else None
-        removed = self.store.cache.prune(quota=quota)
-        return pb.PruneResponse(removed=[image_pb(e) for e in removed])
+        removed, kept = self.store.prune(quota=quota)
+        return pb.PruneResponse(removed=[image_pb(e) for e in removed], kept_for_jobs=kept)
 
 
 class ContainersServicer(pbg.ContainersServicer):
@@ -174,3 +180,23 @@ class ContainersServicer(pbg.ContainersServicer):
     def ReleaseStep(self, request, context):
         self.steps.release(request.job_id, request.step_id)
         return pb.ReleaseStepResponse()
+
+    @unary
+    def ReleaseJob(self, request, context):
+        steps, leases = self.steps.release_job(request.job_id)
+        return pb.ReleaseJobResponse(steps=steps, leases=leases)
+
+
+class PrefetchServicer(pbg.PrefetchServicer):
+    """The only service on the world-writable prefetch socket. Answers at once."""
+
+    def __init__(self, prefetcher):
+        self.prefetcher = prefetcher
+
+    @unary
+    def Prefetch(self, request, context):
+        if len(request.reference) > 1024:
+            from .errors import InvalidArgument
+            raise InvalidArgument("reference too long")
+        state, digest = self.prefetcher.request(request.reference)
+        return pb.PrefetchResponse(state=state, digest=digest)

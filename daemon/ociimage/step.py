@@ -3,6 +3,8 @@
     submit  --image REF                 (srun/sbatch/salloc, as the user) -> prints the pinned REF@digest
     prepare --socket S --job J --step S (slurmstepd, root)  -> NUL-separated records on stdout
     release --socket S --job J --step S (slurmstepd, root)
+    prefetch --socket P --image REF@DIGEST (srun/sbatch/salloc, as the user, detached: never waited for)
+    cleanup-job --socket S --job J --node N (slurmd's job epilog, root: what the job left on the node)
 
 prepare's stdout, parsed by the plugin: ns\\0PATH\\0 cwd\\0DIR\\0 then env\\0NAME=VALUE\\0 and
 unsetenv\\0NAME\\0 records, and with --oci-entrypoint entrypoint\\0ENCODED\\0 (see
@@ -182,6 +184,36 @@ def cmd_release(args) -> int:
     return 0
 
 
+def cmd_prefetch(args) -> int:
+    """Ask the local daemon, over its prefetch socket, to start pulling a pinned image.
+
+    Best effort: the plugin runs this detached and never looks at the outcome.
+    """
+    from .client import DaemonClient
+    from .errors import OciImageError
+    if "@sha256:" not in args.image:
+        return _die(f"prefetch: {args.image}: not a digest-pinned reference")
+    try:
+        r = DaemonClient(socket_path(args), timeout=args.timeout).prefetch(args.image)
+    except OciImageError as e:
+        return _die(f"prefetch {args.image}: {e}")
+    print(f"{r['state']} {r['digest']}")
+    return 0
+
+
+def cmd_cleanup_job(args) -> int:
+    """The job ended on this node: release whatever its steps left (a killed slurmstepd)."""
+    from .client import DaemonClient
+    from .errors import OciImageError
+    try:
+        r = DaemonClient(socket_path(args), timeout=args.timeout).release_job(args.job)
+    except OciImageError as e:
+        return _die(f"cleaning up after job {args.job}: {e}")
+    if r["steps"] or r["leases"]:
+        print(f"job {args.job}: released {r['steps']} step(s), {r['leases']} lease(s)")
+    return 0
+
+
 def socket_path(args) -> str:
     """The plugstack socket= value; %n stands for the node name (several daemons on one host)."""
     return args.socket.replace("%n", args.node)
@@ -197,6 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     s = sub.add_parser("submit")
     s.add_argument("--image", required=True)
+    pf = sub.add_parser("prefetch")
+    pf.add_argument("--socket", default="/run/oci-image/oci-imaged-prefetch.sock")
+    pf.add_argument("--image", required=True)
+    pf.add_argument("--node", default="")
+    pf.add_argument("--timeout", type=float, default=10.0)
+    cj = sub.add_parser("cleanup-job")
+    cj.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
+    cj.add_argument("--job", required=True)
+    cj.add_argument("--node", default="")
+    cj.add_argument("--timeout", type=float, default=60.0)
     for name in ("prepare", "release"):
         sp = sub.add_parser(name)
         sp.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
@@ -227,6 +269,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_submit(args)
         if args.command == "prepare":
             return cmd_prepare(args)
+        if args.command == "prefetch":
+            return cmd_prefetch(args)
+        if args.command == "cleanup-job":
+            return cmd_cleanup_job(args)
         return cmd_release(args)
     except KeyboardInterrupt:
         return _die("interrupted", 130)

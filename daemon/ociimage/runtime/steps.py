@@ -27,7 +27,8 @@ from ..progress import ProgressEvent, Reporter
 from ..v1 import ociimage_pb2 as pb
 from . import environment
 from .mounts import NodeMounts
-from .namespaces import StepSpec, create_step_namespace, destroy_step_namespace, holder_of
+from .namespaces import (NS_FILE, StepSpec, create_step_namespace, destroy_step_namespace,
+                         holder_of)
 
 log = logging.getLogger("ociimage.runtime")
 
@@ -215,12 +216,45 @@ class StepManager:
                 pass
         log.info("step released", extra={"job": job_id, "step": step_id})
 
-    def release_job(self, job_id: str) -> int:
+    def release_job(self, job_id: str) -> Tuple[int, int]:
+        """Release every step of the job on this node and any lease it still holds here.
+
+        The safety net for steps whose slurmstepd died before spank_exit (SIGKILL,
+        node trouble): called when the job ends on the node (the plugin's
+        slurm_spank_job_epilog). Returns (steps released, orphaned leases dropped).
+        """
+        _check_ids(job_id, "batch")
         with self._lock:
             keys = [k for k in self._steps if k[0] == job_id]
         for k in keys:
-            self.release(*k)
-        return len(keys)
+            try:
+                self.release(*k)
+            except Exception:  # noqa: BLE001 - release the others all the same
+                log.exception("releasing a step of an ended job failed",
+                              extra={"job": job_id, "step": k[1]})
+        prefix = f"job {job_id}."
+        dropped = 0
+        for lease_id, lease in self.cache.node_leases().items():
+            if lease.holder.startswith(prefix):
+                self.cache.drop_lease(lease_id)
+                dropped += 1
+        # step directories of the job that no record describes (a crash mid-prepare)
+        for d in self.state_dir.glob(f"{job_id}.*"):
+            if (d.name.split(".", 1)[0] == job_id and not (d / "record.json").exists()):
+                try:
+                    destroy_step_namespace(d / NS_FILE)
+                except Exception:  # noqa: BLE001
+                    pass
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+        if keys or dropped:
+            log.warning("released what an ended job left on this node",
+                        extra={"job": job_id, "steps": len(keys), "leases": dropped})
+        else:
+            log.info("job ended, nothing left on this node", extra={"job": job_id})
+        return len(keys), dropped
 
     # ---- restart and housekeeping ---------------------------------------
 

@@ -254,6 +254,11 @@ class ContainersStub(object):
                 request_serializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepRequest.SerializeToString,
                 response_deserializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepResponse.FromString,
                 )
+        self.ReleaseJob = channel.unary_unary(
+                '/ociimage.v1.Containers/ReleaseJob',
+                request_serializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobRequest.SerializeToString,
+                response_deserializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobResponse.FromString,
+                )
 
 
 class ContainersServicer(object):
@@ -275,6 +280,15 @@ class ContainersServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseJob(self, request, context):
+        """Release everything a job left on this node (every step's namespace,
+        image mount reference and lease), e.g. after a step whose slurmstepd
+        was killed. Called when the job ends on the node. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContainersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +301,11 @@ def add_ContainersServicer_to_server(servicer, server):
                     servicer.ReleaseStep,
                     request_deserializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepRequest.FromString,
                     response_serializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepResponse.SerializeToString,
+            ),
+            'ReleaseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseJob,
+                    request_deserializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobRequest.FromString,
+                    response_serializer=ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -329,5 +348,95 @@ class Containers(object):
         return grpc.experimental.unary_unary(request, target, '/ociimage.v1.Containers/ReleaseStep',
             ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepRequest.SerializeToString,
             ociimage_dot_v1_dot_ociimage__pb2.ReleaseStepResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def ReleaseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ociimage.v1.Containers/ReleaseJob',
+            ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobRequest.SerializeToString,
+            ociimage_dot_v1_dot_ociimage__pb2.ReleaseJobResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+
+class PrefetchStub(object):
+    """Served on the prefetch socket (mode 0666) as well as the main one. Anyone
+    who can reach the socket may ask; the daemon pulls with its OWN registry
+    credentials (never a user's), only digest-pinned references, deduplicated
+    and rate-limited. It answers at once: the pull runs in the background.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Prefetch = channel.unary_unary(
+                '/ociimage.v1.Prefetch/Prefetch',
+                request_serializer=ociimage_dot_v1_dot_ociimage__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=ociimage_dot_v1_dot_ociimage__pb2.PrefetchResponse.FromString,
+                )
+
+
+class PrefetchServicer(object):
+    """Served on the prefetch socket (mode 0666) as well as the main one. Anyone
+    who can reach the socket may ask; the daemon pulls with its OWN registry
+    credentials (never a user's), only digest-pinned references, deduplicated
+    and rate-limited. It answers at once: the pull runs in the background.
+    """
+
+    def Prefetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PrefetchServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=ociimage_dot_v1_dot_ociimage__pb2.PrefetchRequest.FromString,
+                    response_serializer=ociimage_dot_v1_dot_ociimage__pb2.PrefetchResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'ociimage.v1.Prefetch', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Prefetch(object):
+    """Served on the prefetch socket (mode 0666) as well as the main one. Anyone
+    who can reach the socket may ask; the daemon pulls with its OWN registry
+    credentials (never a user's), only digest-pinned references, deduplicated
+    and rate-limited. It answers at once: the pull runs in the background.
+    """
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/ociimage.v1.Prefetch/Prefetch',
+            ociimage_dot_v1_dot_ociimage__pb2.PrefetchRequest.SerializeToString,
+            ociimage_dot_v1_dot_ociimage__pb2.PrefetchResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)

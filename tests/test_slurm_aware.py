@@ -1,0 +1,287 @@
+"""Slurm-aware cache on the real 3-node cluster, as the unprivileged test user (issue 7):
+prefetch at submit, eviction that spares what pending jobs need, and the job-epilog safety
+net after a slurmstepd killed with SIGKILL.
+
+Four real daemons share one cache: n1..n3 (the compute nodes) and "login", whose prefetch
+socket the plugin uses (srun/sbatch run on the "login node"). What each daemon did is read
+from its metrics and logs."""
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster_fixture import cluster_available, start_cluster, stop_cluster
+from daemon_proc import DaemonProcess
+from images import IMAGE_CONFIG, busybox_layers
+from install_fixture import installed  # noqa: F401 - a fixture
+from ocibuild import Pusher
+
+from ociimage.slurm import CliBackend, SlurmJobs, parse_squeue_json
+
+pytestmark = pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+class Env:
+    def __init__(self, base, cluster, nodes, login, registry, installed=None):
+        self.base, self.cluster, self.nodes, self.login, self.registry = (
+            base, cluster, nodes, login, registry)
+        self.installed = installed
+        self.cache = base / "cache"
+        self.pusher = Pusher(registry.url)
+
+    @property
+    def daemons(self):
+        return [*self.nodes, self.login]
+
+    def push(self, repo, **kw):
+        return self.pusher.image(repo, "v1", busybox_layers(**kw), config=IMAGE_CONFIG)
+
+    def ref(self, repo):
+        return f"{self.registry.host}/{repo}:v1"
+
+    def conversions(self, d) -> int:
+        import requests
+        text = requests.get(f"http://127.0.0.1:{d.metrics_port}/metrics").text
+        return int(sum(float(l.split()[-1]) for l in text.splitlines()
+                       if l.startswith('ociimage_conversions_total{result="ok"}')))
+
+    def entry(self, digest) -> Path:
+        return self.cache / "images" / (digest.replace(":", "-") + ".json")
+
+    def squeue(self, job) -> str:
+        r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True,
+                           text=True, env=self.cluster.env())
+        return r.stdout.strip()
+
+    def wait_gone(self, job, timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.squeue(job):
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"job {job} still queued: {self.squeue(job)}")
+
+    def sbatch(self, *args, cwd="/tmp") -> str:
+        r = self.cluster.run_as_user(["sbatch", "--parsable", *args], cwd=cwd)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().split(";")[0]
+
+    def leftovers(self):
+        mounts = [l.split()[4] for l in Path("/proc/self/mountinfo").read_text().splitlines()
+                  if l.split()[4].startswith(str(self.base))]
+        leases = sorted(str(p.relative_to(self.cache)) for p in self.cache.glob("leases/*/*.json"))
+        steps = [p for d in self.nodes for p in (d.runtime_dir / "steps").glob("*/record.json")]
+        return mounts, leases, steps
+
+
+@pytest.fixture(scope="module")
+def sa(registry, installed):
+    base = Path(tempfile.mkdtemp(prefix="oci-sa-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
+                 f"socket={base}/%n/oci-imaged.sock "
+                 f"prefetch_socket={base}/login/oci-imaged-prefetch.sock\n")
+    cluster = start_cluster(nodes=3, plugstack_text=plugstack, prefix="oci-sa-slurm-")
+    conf = base / "oci-image.conf"
+    conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n"
+                    f"[slurm]\njobs = cli\nconf = {cluster.conf}\nrefresh = 0\n")
+    daemons = []
+    try:
+        for n in ("n1", "n2", "n3", "login"):
+            daemons.append(DaemonProcess(base, base / "cache", node=n,
+                                         extra=["--config", str(conf)]).start())
+        yield Env(base, cluster, daemons[:3], daemons[3], registry, installed)
+    finally:
+        stop_cluster(cluster)
+        for d in daemons:
+            d.stop()
+        for m in sorted(Env(base, cluster, daemons[:3], None, registry).leftovers()[0], reverse=True):
+            subprocess.run(["umount", "-l", m], check=False)
+        if not os.environ.get("OCI_KEEP_CLUSTER"):
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def test_prefetch_socket_is_world_writable_and_serves_only_prefetch(sa):
+    sock = sa.login.socket.parent / "oci-imaged-prefetch.sock"
+    assert (sock.stat().st_mode & 0o777) == 0o666
+    assert (sa.login.socket.stat().st_mode & 0o777) == 0o600
+    from ociimage.client import DaemonClient
+    from ociimage.errors import InvalidArgument, OciImageError
+    c = DaemonClient(str(sock), timeout=10)
+    with pytest.raises(InvalidArgument, match="digest-pinned"):
+        c.prefetch(sa.ref("sa/whatever"))           # a tag: refused
+    with pytest.raises(OciImageError):
+        c.list()                                    # nothing else is served there
+    # the unprivileged user reaches it through the step client
+    pushed = sa.push("sa/direct", os_id="direct")
+    pinned = f"{sa.ref('sa/direct')}@{pushed.manifest_digest}"
+    r = sa.cluster.run_as_user([str(sa.installed.step_client), "prefetch", "--socket",
+                                str(sock), "--image", pinned])
+    assert r.returncode == 0 and r.stdout.split()[0] in ("started", "running", "cached"), r.stderr
+    deadline = time.monotonic() + 30
+    while not sa.entry(pushed.manifest_digest).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sa.entry(pushed.manifest_digest).exists()
+    r = sa.cluster.run_as_user([str(sa.installed.step_client), "prefetch", "--socket",
+                                str(sock), "--image", pinned])
+    assert r.stdout.split()[0] == "cached", r.stderr
+
+
+def test_sbatch_hold_prefetches_then_runs_without_converting(sa):
+    pushed = sa.push("sa/held", os_id="held")
+    digest = pushed.manifest_digest
+    out = Path(tempfile.mkdtemp(prefix="oci-sa-out-", dir="/tmp"))
+    os.chmod(out, 0o777)
+    before = {d.node: sa.conversions(d) for d in sa.daemons}
+    t0 = time.monotonic()
+    job = sa.sbatch("--hold", "-N2", "-o", str(out / "out"), f"--oci-image={sa.ref('sa/held')}",
+                    "--comment=mine", "--wrap", "srun -N2 grep ^ID= /etc/os-release")
+    submit_s = time.monotonic() - t0
+    # the conversion happens while the job is held
+    deadline = time.monotonic() + 60
+    while not sa.entry(digest).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sa.entry(digest).exists(), sa.login.log()[-2000:]
+    assert sa.squeue(job).startswith("PENDING"), sa.squeue(job)
+    after_prefetch = {d.node: sa.conversions(d) for d in sa.daemons}
+    assert after_prefetch["login"] - before["login"] == 1
+    assert "prefetch done" in sa.login.log()
+    # the job records its pinned image in its comment, after the user's own
+    raw = CliBackend(str(sa.cluster.conf)).raw()
+    DATA.mkdir(exist_ok=True)
+    jobs = {j.job_id: j for j in parse_squeue_json(raw)}
+    assert jobs[job].references == [f"{sa.ref('sa/held')}@{digest}"]
+    assert jobs[job].state == "PENDING"
+    assert json.loads(raw)["jobs"][0]["comment"].startswith("mine ")
+    # released, it runs on two nodes without converting again
+    r = subprocess.run(["scontrol", "release", job], capture_output=True, text=True,
+                       env=sa.cluster.env())
+    assert r.returncode == 0, r.stderr
+    sa.wait_gone(job)
+    text = (out / "out").read_text()
+    assert text.count("ID=held") == 2, text
+    after = {d.node: sa.conversions(d) for d in sa.daemons}
+    assert after == after_prefetch
+    for d in sa.nodes:   # the nodes found it in the cache
+        assert "prefetch" not in d.log()
+    print(f"\nsbatch --hold with prefetch: submit {submit_s * 1000:.0f} ms")
+    shutil.rmtree(out)
+
+
+def test_prune_spares_images_of_pending_jobs(sa):
+    needed = sa.push("sa/needed", os_id="needed")
+    unused = sa.push("sa/unused", os_id="unused")
+    job = sa.sbatch("--hold", f"--oci-image={sa.ref('sa/needed')}", "--wrap", "srun true")
+    n1 = sa.nodes[0]
+    try:
+        deadline = time.monotonic() + 60
+        while not sa.entry(needed.manifest_digest).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        n1.cli("pull", sa.ref("sa/unused"), check=True)
+        listing = {i["digest"]: i for i in json.loads(n1.cli("--json", "ls", check=True).stdout)}
+        assert any(j.startswith(f"{job} ") for j in listing[needed.manifest_digest]["jobs"])
+        assert listing[unused.manifest_digest]["jobs"] == []
+        table = n1.cli("ls", check=True).stdout
+        assert "JOBS" in table and job in table
+        r = n1.cli("prune", "--quota", "1", check=True)
+        assert f"removed {unused.manifest_digest}" in r.stdout
+        assert f"kept {needed.manifest_digest}" in r.stdout
+        assert sa.entry(needed.manifest_digest).exists()
+        assert not sa.entry(unused.manifest_digest).exists()
+    finally:
+        subprocess.run(["scancel", job], env=sa.cluster.env(), check=False)
+    sa.wait_gone(job)
+    # the job is gone: now nothing holds the image
+    r = n1.cli("--json", "prune", "--quota", "1", check=True)
+    assert needed.manifest_digest in r.stdout
+
+
+def test_prune_spares_everything_when_slurm_cannot_be_asked(sa, tmp_path):
+    sa.push("sa/spared", os_id="spared")
+    n1 = sa.nodes[0]
+    n1.cli("pull", sa.ref("sa/spared"), check=True)
+    bad = tmp_path / "oci.conf"
+    bad.write_text(f"[slurm]\njobs = cli\nconf = {tmp_path}/no-such-slurm.conf\n")
+    os.chmod(tmp_path, 0o755)
+    d = DaemonProcess(sa.base, sa.cache, node="broken", extra=["--config", str(bad)]).start()
+    try:
+        r = d.cli("--json", "prune", "--quota", "1", check=True)
+        assert json.loads(r.stdout) == []
+        assert "evicting nothing" in d.log()
+    finally:
+        d.stop()
+
+
+def _stepd_pid(job: str, step: str = "0") -> int:
+    want = f"slurmstepd: [{job}.{step}]"
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "cmdline").read_bytes().replace(b"\0", b" ").decode().startswith(want):
+                    return int(p.name)
+            except OSError:
+                continue
+    raise AssertionError(f"no {want}")
+
+
+def _children(pid: int) -> list:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(p.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def test_sigkill_of_slurmstepd_leaves_nothing_after_the_job(sa):
+    sa.push("sa/killed", os_id="killed")
+    p = subprocess.Popen(["srun", "-N2", f"--oci-image={sa.ref('sa/killed')}", "sh", "-c",
+                          'echo "started $SLURM_JOB_ID"; exec sleep 8'],
+                         cwd="/tmp", env=sa.cluster.user_env(), user=sa.cluster.uid,
+                         group=sa.cluster.gid, extra_groups=[], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    got = b""
+    deadline = time.monotonic() + 60
+    while got.count(b"started") < 2 and time.monotonic() < deadline:
+        if select.select([p.stdout], [], [], 0.2)[0]:
+            got += os.read(p.stdout.fileno(), 4096)
+    assert got.count(b"started") == 2, (got, p.poll())
+    job = got.split()[1].decode()
+    mounts, leases, steps = sa.leftovers()
+    assert len(leases) == 2 and len(steps) == 2
+    pid = _stepd_pid(job)
+    tasks = _children(pid)
+    os.kill(pid, signal.SIGKILL)          # spank_exit never runs in that slurmstepd
+    try:
+        p.wait(40)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["scancel", job], env=sa.cluster.env(), check=False)
+        p.wait(30)
+    sa.wait_gone(job)
+    deadline = time.monotonic() + 30
+    while any(sa.leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert sa.leftovers() == ([], [], []), sa.leftovers()
+    logs = "".join(d.log() for d in sa.nodes)
+    assert re.search(rf'released what an ended job left on this node.*job="?{job}\b', logs), \
+        logs[-3000:]
+    # the killed step's task may outlive its slurmstepd (no longer tracked): end it
+    for t in tasks:
+        try:
+            os.kill(t, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
