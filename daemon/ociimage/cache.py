@@ -371,6 +371,7 @@ class Cache:
         every unleased entry. keep(digest) lets callers spare more images
         (e.g. ones that pending Slurm jobs need).
         """
+        self.sweep_tmp()
         removed: List[CacheEntry] = []
         entries = sorted(self.list(), key=lambda e: e.last_used)
         total = sum(e.size for e in entries)
@@ -393,6 +394,45 @@ class Cache:
                 log.info("evicted image", extra={"digest": e.digest, "size": e.size})
             finally:
                 lk.release()
+        return removed
+
+    def sweep_tmp(self, min_age: float = 3600.0) -> List[Path]:
+        """Remove what crashed writers left in tmp/ for digests nobody is building now.
+
+        A conversion's files belong to the holder of its digest's lock, so they
+        are garbage whenever that lock can be taken; other temp files (lease and
+        layout updates, renamed within milliseconds) once older than min_age.
+        """
+        removed: List[Path] = []
+        now = time.time()
+        for p in self.tmp.iterdir():
+            name = p.name
+            try:
+                if name.startswith(("sha256-", "sha512-")):
+                    algo, _, rest = name.partition("-")
+                    digest = f"{algo}:{rest.split('.', 1)[0]}"
+                    validate_digest(digest)
+                    lk = self.lock(digest)
+                    try:
+                        lk.acquire(timeout=0)
+                    except filelock.Timeout:
+                        continue  # being written right now
+                    try:
+                        p.unlink()
+                    finally:
+                        lk.release()
+                elif now - p.lstat().st_mtime > min_age:
+                    p.unlink()
+                else:
+                    continue
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - a sweep never fails prune
+                log.warning("cannot remove a leftover temp file", extra={"path": str(p),
+                                                                         "error": str(e)})
+                continue
+            removed.append(p)
+            log.info("removed a leftover temp file", extra={"path": str(p)})
         return removed
 
     # ---- leases ----------------------------------------------------------

@@ -90,6 +90,17 @@ class FlattenLimits:
     max_input_bytes: int = 1 << 40
     #: size of one PAX / GNU long-name header, which tarfile holds in memory.
     max_header_bytes: int = 1 << 20
+    #: one layer may always expand to this many bytes ...
+    expansion_floor: int = 1 << 30
+    #: ... and beyond it to at most this many times its compressed size (0: no limit).
+    #: Real layers expand 2-10x; a gzip/zstd bomb of zeros 1000x and more.
+    max_expansion_ratio: int = 100
+
+    def layer_bound(self, compressed_size: int) -> Optional[int]:
+        """The most bytes a layer of this compressed size may expand to (None: unbounded)."""
+        if not self.max_expansion_ratio:
+            return None
+        return max(self.expansion_floor, compressed_size * self.max_expansion_ratio)
 
 
 @dataclass

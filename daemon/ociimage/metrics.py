@@ -34,4 +34,9 @@ class Metrics:
 
     def serve(self, listen: Optional[Tuple[str, int]]) -> None:
         if listen:
-            start_http_server(listen[1], addr=listen[0], registry=self.registry)
+            try:
+                start_http_server(listen[1], addr=listen[0], registry=self.registry)
+            except OSError as e:
+                from .errors import ConfigError
+                raise ConfigError(f"cannot serve metrics on {listen[0]}:{listen[1]}: "
+                                  f"{e.strerror or e}") from None

@@ -17,6 +17,7 @@ WAIT = "wait"          # another process or node is converting the same image
 DOWNLOAD = "download"  # layers streaming through flatten into the SquashFS writer
 SQUASH = "squash"      # writer finishing the image
 FETCH = "fetch"        # downloading a ready-made SquashFS (monolithic image)
+RETRY = "retry"        # a download was interrupted (stall, reset, short body) and resumes
 DONE = "done"
 
 
@@ -61,7 +62,8 @@ class TextProgress:
     def __call__(self, ev: ProgressEvent) -> None:
         now = time.monotonic()
         phase_changed = ev.phase != self._last_phase
-        if not phase_changed and now - self._last < self.interval and ev.phase != DONE:
+        if (not phase_changed and now - self._last < self.interval
+                and ev.phase not in (DONE, RETRY)):  # never drop news of trouble
             return
         self._last, self._last_phase = now, ev.phase
         line = self.format(ev)

@@ -20,7 +20,7 @@ from .cache import Cache, CacheEntry
 from .errors import OciImageError
 from .flatten import FlattenLimits
 from .layers import open_layer
-from .progress import DONE, DOWNLOAD, RESOLVE, SQUASH, ProgressEvent, Reporter, silent
+from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
 from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
@@ -82,6 +82,10 @@ class _Progress:
         self.done = 0
         self.layer = 0
 
+    def on_retry(self, message: str) -> None:
+        self.report(ProgressEvent(RETRY, message=message, current=self.done, total=self.total,
+                                  layer=self.layer, layers=self.layers))
+
     def on_bytes(self, n: int) -> None:
         self.done += n
         self.report(ProgressEvent(DOWNLOAD, current=self.done, total=self.total,
@@ -89,14 +93,18 @@ class _Progress:
 
 
 def _layer_streams(client: RegistryClient, resolved: ResolvedImage,
-                   progress: _Progress) -> Iterator[BinaryIO]:
+                   progress: _Progress, limits: Optional[FlattenLimits] = None
+                   ) -> Iterator[BinaryIO]:
     """Decompressed layer streams, top-most first, each verified against its digest."""
     n = len(resolved.layers)
     for i, desc in enumerate(reversed(resolved.layers)):
         progress.layer = n - i
-        raw = client.open_blob(resolved.reference, desc, on_bytes=progress.on_bytes)
+        raw = client.open_blob(resolved.reference, desc, on_bytes=progress.on_bytes,
+                               on_retry=progress.on_retry)
         try:
-            yield open_layer(raw, desc.media_type)
+            bound = limits.layer_bound(desc.size) if limits else None
+            yield open_layer(raw, desc.media_type, max_bytes=bound,
+                             name=f"layer {n - i} of {len(resolved.layers)} ({desc.digest})")
             # Whatever follows the tar's end must still pass through the
             # digest check, so the layer is only trusted once fully read.
             while raw.read(1 << 20):
@@ -114,7 +122,8 @@ def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
     progress = _Progress(report, total, len(resolved.layers))
     report(ProgressEvent(DOWNLOAD, current=0, total=total, layers=len(resolved.layers)))
     started = time.monotonic()
-    stats = squash_layers(_layer_streams(client, resolved, progress), out, options.squash,
+    stats = squash_layers(_layer_streams(client, resolved, progress, options.limits), out,
+                          options.squash,
                           options.limits)
     meta = image_metadata(resolved, options)
     meta["conversion_seconds"] = round(time.monotonic() - started, 3)

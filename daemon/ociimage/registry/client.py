@@ -760,13 +760,16 @@ class RegistryClient:
         return image
 
     def open_blob(self, ref: Reference, descriptor: Descriptor,
-                  on_bytes: Optional[Callable[[int], None]] = None) -> BinaryIO:
+                  on_bytes: Optional[Callable[[int], None]] = None,
+                  on_retry: Optional[Callable[[str], None]] = None) -> BinaryIO:
         """A verified stream of a blob; resumes with Range after connection trouble.
 
         The digest/size check happens when the stream is read to its end:
-        read it to EOF before trusting what was read.
+        read it to EOF before trusting what was read. on_retry(message) hears
+        of each interruption (a stall past the timeout, a reset, a short
+        body) before the download resumes, so a user can be told.
         """
-        stream = _BlobStream(self, ref, descriptor)
+        stream = _BlobStream(self, ref, descriptor, on_retry=on_retry)
         return VerifyingReader(stream, descriptor.digest, descriptor.size,  # type: ignore
                                name=f"blob {descriptor.digest} of {ref.familiar()}",
                                on_bytes=on_bytes)
@@ -1103,8 +1106,10 @@ class RegistryClient:
 class _BlobStream(io.RawIOBase):
     """The raw bytes of a blob, reconnecting with Range after a failed read."""
 
-    def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor):
+    def __init__(self, client: RegistryClient, ref: Reference, descriptor: Descriptor,
+                 on_retry: Optional[Callable[[str], None]] = None):
         super().__init__()
+        self.on_retry = on_retry
         self.client = client
         self.ref = ref
         self.descriptor = descriptor
@@ -1158,6 +1163,11 @@ class _BlobStream(io.RawIOBase):
         delay = self.client._backoff_delay(self.failures - 1)
         log.debug("blob %s: %s at offset %d; resuming in %.2fs", self.descriptor.digest,
                   reason, self.offset, delay)
+        if self.on_retry is not None:
+            self.on_retry(f"download from {self.ref.domain} interrupted ({_one_line(reason, 120)}) "
+                          f"at {self.offset >> 20} MiB of {self.descriptor.size >> 20} MiB; "
+                          f"resuming in {delay:.0f}s (try {self.failures} of "
+                          f"{self.client.retries})")
         self.reconnects += 1
         time.sleep(delay)
 

@@ -583,6 +583,14 @@ def _build(ops: List[Op], ns_path: Path) -> None:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(report_r)
+        # The holder outlives the daemon (running steps survive a restart): it must
+        # not keep the daemon's listening sockets (gRPC, metrics), cache locks or
+        # other descriptors open, or the next daemon cannot bind its metrics port.
+        try:
+            os.closerange(3, report_w)
+            os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
+        except OSError:
+            pass
         _child(ops, report_w)
     os.close(report_w)
     try:
