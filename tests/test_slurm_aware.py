@@ -29,8 +29,6 @@ from ociimage.slurm import CliBackend, SlurmJobs, parse_squeue_json
 
 pytestmark = pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
 
-DATA = Path(__file__).resolve().parent / "data"
-
 
 class Env:
     def __init__(self, base, cluster, nodes, login, registry, installed=None):
@@ -159,7 +157,8 @@ def test_sbatch_hold_prefetches_then_runs_without_converting(sa):
     assert "prefetch done" in sa.login.log()
     # the job records its pinned image in its comment, after the user's own
     raw = CliBackend(str(sa.cluster.conf)).raw()
-    DATA.mkdir(exist_ok=True)
+    if os.environ.get("OCI_SAVE_SQUEUE_JSON"):  # how tests/data/squeue-22.05-held.json was made
+        Path(os.environ["OCI_SAVE_SQUEUE_JSON"]).write_text(raw)
     jobs = {j.job_id: j for j in parse_squeue_json(raw)}
     assert jobs[job].references == [f"{sa.ref('sa/held')}@{digest}"]
     assert jobs[job].state == "PENDING"

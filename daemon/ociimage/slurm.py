@@ -132,6 +132,12 @@ def installed_slurm_version(runner=subprocess.run) -> Optional[str]:
     return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
+def _major_minor(version: str):
+    """'22.05.8' and pyslurm's '22.5.3' -> (22, 5)."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 class CliBackend:
     name = "cli"
 
@@ -183,7 +189,7 @@ class PyslurmBackend:
             return None
         built = getattr(pyslurm, "__version__", "") or ""
         installed = installed_slurm_version(runner)
-        if not installed or not built.startswith(installed + "."):
+        if not installed or _major_minor(built) != _major_minor(installed):
             log.info("pyslurm does not match the installed Slurm, using the CLI",
                      extra={"pyslurm": built, "slurm": installed})
             return None

@@ -1,0 +1,194 @@
+"""The Slurm adapter (ociimage.slurm) without a cluster: parsing real `squeue --json` output,
+the choice of back end (pyslurm only when it matches the installed Slurm), caching, and what
+eviction does when Slurm cannot be asked.
+
+tests/data/squeue-22.05-held.json is real output of Debian 12's Slurm 22.05.8, captured from
+the test cluster by tests/test_slurm_aware.py (OCI_SAVE_SQUEUE_JSON=...): one held sbatch job
+whose comment is the user's "mine" plus the marker the plugin appended."""
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ociimage.cache import Cache
+from ociimage.config import Config
+from ociimage.images import ImageStore, Prefetcher
+from ociimage.errors import InvalidArgument
+from ociimage.slurm import (CliBackend, Job, PyslurmBackend, SlurmJobs, SlurmUnavailable,
+                            make_backend, markers, parse_squeue_json)
+
+DATA = Path(__file__).resolve().parent / "data"
+D1 = "sha256:" + "1" * 64
+D2 = "sha256:" + "2" * 64
+
+
+def test_real_22_05_output():
+    raw = (DATA / "squeue-22.05-held.json").read_text()
+    assert json.loads(raw)["meta"]["Slurm"]["release"].startswith("22.05")
+    jobs = parse_squeue_json(raw)
+    assert len(jobs) == 1
+    j = jobs[0]
+    assert j.job_id == "1" and j.state == "PENDING" and j.user == "ocitest"
+    assert len(j.references) == 1 and j.references[0].endswith(
+        "@sha256:1149a19311da5f59a0b7a373f635b98d2e088f58f03bf8d2893386a9f868d98b")
+    assert j.digests == ["sha256:1149a19311da5f59a0b7a373f635b98d2e088f58f03bf8d2893386a9f868d98b"]
+
+
+def test_newer_data_parser_layout():
+    """>= 23.02 (v0.0.39+): job_state is a list, numbers may be {set, number} objects
+    (written after the published OpenAPI schema, not captured: no such Slurm here)."""
+    raw = json.dumps({"jobs": [
+        {"job_id": 7, "job_state": ["PENDING", "REQUEUED"], "user_name": "u",
+         "comment": f"oci-image=reg/a@{D1}", "admin_comment": "",
+         "array_job_id": {"set": True, "number": 0}, "array_task_id": {"set": False, "number": 0}},
+        {"job_id": 9, "job_state": ["RUNNING"], "user_name": "u", "comment": "",
+         "admin_comment": f"x oci-image=reg/b:1@{D2}",
+         "array_job_id": {"set": True, "number": 8}, "array_task_id": {"set": True, "number": 1}},
+        {"job_id": 10, "job_state": ["COMPLETED"], "comment": f"oci-image=reg/c@{D1}"},
+    ], "errors": [], "warnings": []})
+    jobs = parse_squeue_json(raw)
+    assert [(j.job_id, j.state, j.digests) for j in jobs] == [
+        ("7", "PENDING", [D1]), ("8_1", "RUNNING", [D2]), ("10", "COMPLETED", [D1])]
+
+
+@pytest.mark.parametrize("text, want", [
+    (f"oci-image=r/x@{D1}", [f"r/x@{D1}"]),
+    (f"my comment oci-image=r/x:tag@{D1} oci-image=r/y@{D2}", [f"r/x:tag@{D1}", f"r/y@{D2}"]),
+    (f"oci-image=r/x@{D1},oci-image=r/x@{D1}", [f"r/x@{D1}"]),
+    (f"xoci-image=r/x@{D1}", []),                      # not a marker of ours
+    ("oci-image=r/x:latest", []),                      # not pinned
+    (f"oci-image=r/x@{D1[:-1]}", []),                  # truncated digest
+    (None, []),
+])
+def test_markers(text, want):
+    assert markers(text) == want
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ("not json", "unparseable"),
+    ('{"meta": {}}', "no 'jobs'"),
+    ('{"jobs": [], "errors": [{"error": "Unable to contact slurm controller"}]}', "controller"),
+])
+def test_bad_output_means_unavailable(raw, needle):
+    with pytest.raises(SlurmUnavailable, match=needle):
+        parse_squeue_json(raw)
+
+
+def _runner(stdout="", returncode=0, stderr="", calls=None):
+    def run(argv, **kw):
+        if calls is not None:
+            calls.append((argv, kw.get("env", {}).get("SLURM_CONF")))
+        if argv[:2] == ["squeue", "--version"]:
+            return subprocess.CompletedProcess(argv, 0, "slurm-wlm 22.05.8\n", "")
+        return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+    return run
+
+
+def test_cli_backend_runs_squeue_json_with_the_configured_slurm_conf():
+    calls = []
+    raw = (DATA / "squeue-22.05-held.json").read_text()
+    b = CliBackend("/etc/slurm/other.conf", runner=_runner(raw, calls=calls))
+    assert [j.job_id for j in b.jobs()] == ["1"]
+    assert calls == [(["squeue", "--json"], "/etc/slurm/other.conf")]
+    b = CliBackend(runner=_runner("", 1, "squeue: error: Unable to contact slurm controller"))
+    with pytest.raises(SlurmUnavailable, match="Unable to contact"):
+        b.jobs()
+
+
+def test_pyslurm_is_used_only_when_it_matches_the_installed_slurm(monkeypatch):
+    # not installed here (PyPI has 25.11 only; Debian ships 22.05/24.11): the CLI is used
+    monkeypatch.delitem(sys.modules, "pyslurm", raising=False)
+    assert PyslurmBackend.load(_runner()) is None or "pyslurm" in sys.modules
+    b = make_backend("pyslurm", runner=_runner())
+    assert isinstance(b, CliBackend)
+    assert make_backend("off") is None
+    assert isinstance(make_backend("cli", runner=_runner()), CliBackend)
+
+    fake = types.ModuleType("pyslurm")
+    fake.__version__ = "25.11.0"
+    monkeypatch.setitem(sys.modules, "pyslurm", fake)
+    assert PyslurmBackend.load(_runner()) is None          # built for another Slurm
+
+    class FakeJob:
+        def __init__(self, jid, state, comment):
+            self.id, self.state, self.comment, self.admin_comment = jid, state, comment, ""
+            self.user_name = "u"
+
+    fake.__version__ = "22.5.3"
+    fake.Jobs = types.SimpleNamespace(load=lambda: {
+        1: FakeJob(1, "PENDING", f"oci-image=r/x@{D1}"), 2: FakeJob(2, "RUNNING", "")})
+    # pyslurm's versions are 22.5.x for Slurm 22.05 (the runner's squeue says 22.05.8)
+    b = make_backend("auto", runner=_runner())
+    assert isinstance(b, PyslurmBackend)
+    assert [(j.job_id, j.digests) for j in b.jobs()] == [("1", [D1]), ("2", [])]
+
+
+class FakeBackend:
+    def __init__(self):
+        self.calls = 0
+        self.fail = False
+        self.jobs_ = [Job("5", "PENDING", "u", [f"r/x@{D1}"]), Job("6", "RUNNING", "u", [f"r/y@{D1}"]),
+                      Job("7", "COMPLETED", "u", [f"r/z@{D2}"])]
+
+    def jobs(self):
+        self.calls += 1
+        if self.fail:
+            raise SlurmUnavailable("slurmctld is down")
+        return self.jobs_
+
+
+def test_slurm_jobs_cache_and_failure():
+    now = [100.0]
+    b = FakeBackend()
+    sj = SlurmJobs(b, ttl=5, clock=lambda: now[0])
+    needed = sj.needed()
+    assert {d: [j.job_id for j in js] for d, js in needed.items()} == {D1: ["5", "6"]}  # not 7
+    sj.needed()
+    assert b.calls == 1                      # cached for ttl seconds
+    now[0] += 6
+    b.fail = True
+    assert sj.needed() is None and "down" in sj.error
+    assert SlurmJobs(None).needed() == {}    # off: nothing needed, nothing unknown
+
+
+def _store(tmp_path, backend):
+    cache = Cache(tmp_path / "cache", node="n1")
+    store = ImageStore(cache, Config(cache_dir=tmp_path / "cache"))
+    store.slurm = SlurmJobs(backend, ttl=0)
+    for d in (D1, D2):
+        cache.build(d, lambda p: (p.write_bytes(b"x" * 10), {"reference": "r"})[1])
+    return cache, store
+
+
+def test_prune_spares_needed_images_and_everything_when_slurm_is_down(tmp_path):
+    b = FakeBackend()
+    cache, store = _store(tmp_path, b)
+    b.fail = True
+    removed, kept = store.prune(quota=1)
+    assert removed == [] and sorted(kept) == [D1, D2]       # unknown: evict nothing
+    b.fail = False
+    removed, kept = store.prune(quota=1)
+    assert [e.digest for e in removed] == [D2] and kept == [D1]
+    assert cache.get(D1) is not None
+
+
+def test_prefetch_requires_a_pinned_digest_and_deduplicates(tmp_path, monkeypatch):
+    cache, store = _store(tmp_path, None)
+    p = Prefetcher(store, rate=2)
+    with pytest.raises(InvalidArgument, match="digest-pinned"):
+        p.request("reg.example.org/a:latest")
+    assert p.request(f"reg.example.org/a@{D1}") == ("cached", D1)
+    started = []
+    release = __import__("threading").Event()
+    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append((ref, uid)), release.wait(5)))
+    D3, D4, D5 = ("sha256:" + c * 64 for c in "345")
+    assert p.request(f"reg.example.org/a@{D3}") == ("started", D3)
+    assert p.request(f"reg.example.org/b@{D3}") == ("running", D3)     # one pull per digest
+    assert p.request(f"reg.example.org/a@{D4}") == ("started", D4)
+    assert p.request(f"reg.example.org/a@{D5}") == ("skipped", D5)     # rate: 2 a minute
+    release.set()
+    assert all(uid is None for _ref, uid in started)                   # the daemon's credentials
