@@ -650,3 +650,16 @@ def test_orphaned_step_namespace_is_cleaned_after_a_crash(tmp_path, registry, da
         from ociimage.runtime.namespaces import destroy_step_namespace
         if (d.runtime_dir / "steps" / "801.0").exists():
             destroy_step_namespace(ns.ns_path)
+
+
+def test_lease_renewal_never_resurrects_a_released_lease(tmp_path):
+    """Housekeeping renews leases from a snapshot while steps are released: a renewal that
+    lands after the release must not bring the lease back (found by test_soak's 64 steps:
+    2 of 64 leases outlived their steps, blocking rm/prune for the lease TTL)."""
+    cache = Cache(tmp_path / "cache", node="n1")
+    cache.build("sha256:" + "ef" * 32, lambda tmp: (tmp.write_bytes(b"hsqs"), {})[1])
+    lease = cache.add_lease("sha256:" + "ef" * 32, "job 1.0")
+    snapshot = cache.node_leases()[lease.id]
+    cache.drop_lease(lease.id)
+    cache.renew_lease(snapshot, 600)
+    assert cache.node_leases() == {} and cache.leases_for("sha256:" + "ef" * 32) == []

@@ -28,6 +28,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,7 @@ class Cache:
         # image costs two stat() calls instead of a read and a JSON parse.
         self._meta_memo: Dict[str, tuple] = {}
         self._touched: Dict[str, float] = {}
+        self._lease_lock = threading.Lock()
         try:
             for d in (self.root, self.images, self.locks, self.tmp, self.leases):
                 d.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -462,17 +464,23 @@ class Cache:
         return lease
 
     def renew_lease(self, lease: Lease, ttl: float = DEFAULT_LEASE_TTL) -> None:
-        lease.expires = time.time() + ttl
-        tmp = self.tmp / f"lease.{self.node}.{lease.id}"
-        _write_json_durably(tmp, lease.to_json())
-        os.replace(tmp, lease.path)
+        """Extend a lease that still exists; never brings back one dropped meanwhile
+        (housekeeping renews from a snapshot while steps are being released)."""
+        with self._lease_lock:
+            if not lease.path.exists():
+                return
+            lease.expires = time.time() + ttl
+            tmp = self.tmp / f"lease.{self.node}.{lease.id}"
+            _write_json_durably(tmp, lease.to_json())
+            os.replace(tmp, lease.path)
 
     def drop_lease(self, lease_or_id) -> None:
         lease_id = lease_or_id.id if isinstance(lease_or_id, Lease) else lease_or_id
-        try:
-            (self._node_lease_dir(self.node) / f"{lease_id}.json").unlink()
-        except FileNotFoundError:
-            pass
+        with self._lease_lock:
+            try:
+                (self._node_lease_dir(self.node) / f"{lease_id}.json").unlink()
+            except FileNotFoundError:
+                pass
 
     def iter_leases(self, *, include_expired: bool = False) -> Iterator[Lease]:
         now = time.time()
