@@ -12,6 +12,13 @@
  *            [launcher=/usr/libexec/oci-image/oci-image-launch]
  *            [prefetch_socket=/run/oci-image/oci-imaged-prefetch.sock|none]
  *            [record_job=yes|no]
+ *            [pyxis_aliases=no|yes]
+ *   pyxis_aliases=yes also registers pyxis' option names (--container-image,
+ *   --container-mounts, ...) with our meanings, for sites moving from pyxis.
+ *   Refused (logged, aliases not registered) when a pyxis plugin is loaded in
+ *   the same process: SPANK cannot show a plugin another plugin's options, and
+ *   a name registered twice is silently disabled for whichever registers
+ *   second, so we look for a loaded shared object named *pyxis* instead.
  *   launcher= is the static program that runs an image's Entrypoint for
  *   --oci-entrypoint (plugin/oci-image-launch.c); default: oci-image-launch in
  *   the step client's directory.  Only steps with --oci-entrypoint use it.
@@ -108,6 +115,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <link.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -151,12 +159,13 @@ static struct {
 	int record_job;
 	int allow_sqfs;
 	int batch_in_image;
+	int pyxis_aliases;
 } cfg;
 
 /* ---- user options -------------------------------------------------------- */
 
 enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME,
-       O_ENTRYPOINT, O_ENV, O_BATCH };
+       O_ENTRYPOINT, O_ENV, O_BATCH, O_READONLY, O_NO_ENTRYPOINT, O_C_IMAGE };
 
 static struct {
 	char *image;
@@ -226,6 +235,73 @@ static struct spank_option options[] = {
 	SPANK_OPTIONS_TABLE_END
 };
 
+/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */
+static struct spank_option pyxis_aliases[] = {
+	{ "container-image", "REF",
+	  "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://.",
+	  1, O_C_IMAGE, opt_cb },
+	{ "container-mounts", "SRC:DST[:ro],...", "Alias of --oci-mounts (oci-image).",
+	  1, O_MOUNTS, opt_cb },
+	{ "container-workdir", "DIR", "Alias of --oci-workdir (oci-image).", 1, O_WORKDIR, opt_cb },
+	{ "container-writable", NULL, "Alias of --oci-writable (oci-image).", 0, O_WRITABLE, opt_cb },
+	{ "container-readonly", NULL, "The image read-only, the default (oci-image).",
+	  0, O_READONLY, opt_cb },
+	{ "container-mount-home", NULL, "Alias of --oci-mount-home (oci-image).",
+	  0, O_MOUNT_HOME, opt_cb },
+	{ "no-container-mount-home", NULL, "Alias of --no-oci-mount-home (oci-image).",
+	  0, O_NO_MOUNT_HOME, opt_cb },
+	{ "container-env", "NAMES", "Alias of --oci-env (oci-image).", 1, O_ENV, opt_cb },
+	{ "container-entrypoint", NULL, "Alias of --oci-entrypoint (oci-image).",
+	  0, O_ENTRYPOINT, opt_cb },
+	{ "no-container-entrypoint", NULL, "Do not run the image's ENTRYPOINT, the default "
+	  "(oci-image).", 0, O_NO_ENTRYPOINT, opt_cb },
+	SPANK_OPTIONS_TABLE_END
+};
+
+/* Is a pyxis plugin loaded in this process?  slurm dlopen()s every plugstack
+ * plugin before calling any slurm_spank_init, so the order does not matter. */
+static int find_pyxis(struct dl_phdr_info *info, size_t size, void *data)
+{
+	const char *name = info->dlpi_name, *base;
+
+	(void)size;
+	(void)data;
+	if (name == NULL || *name == '\0')
+		return 0;
+	base = strrchr(name, '/');
+	base = base ? base + 1 : name;
+	return strstr(base, "pyxis") != NULL;
+}
+
+static int set_str(char **dst, const char *name, const char *val);
+
+/* pyxis' REGISTRY#IMAGE and docker:// to a docker reference; USER@ is dropped */
+static int set_pyxis_image(const char *val)
+{
+	char buf[4096];
+	const char *hash, *p = val;
+	int n;
+
+	if (val == NULL || *val == '\0')
+		return set_str(&opt.image, "container-image", val);
+	if (strncmp(p, "docker://", 9) == 0)
+		p += 9;
+	hash = strchr(p, '#');
+	if (hash == NULL || p[0] == '/')
+		return set_str(&opt.image, "container-image", p);
+	{
+		const char *at = memchr(p, '@', (size_t)(hash - p));
+		if (at != NULL)
+			p = at + 1;
+	}
+	n = snprintf(buf, sizeof(buf), "%.*s/%s", (int)(hash - p), p, hash + 1);
+	if (n < 0 || (size_t)n >= sizeof(buf)) {
+		slurm_error(PFX "--container-image: value too long");
+		return -1;
+	}
+	return set_str(&opt.image, "container-image", buf);
+}
+
 static int set_str(char **dst, const char *name, const char *val)
 {
 	char *dup;
@@ -274,6 +350,9 @@ static int opt_cb(int val, const char *optarg, int remote)
 	}
 	case O_ENTRYPOINT: opt.entrypoint = 1; return 0;
 	case O_BATCH: opt.batch_in_image = 1; return 0;
+	case O_READONLY: opt.writable = 0; return 0;
+	case O_NO_ENTRYPOINT: opt.entrypoint = 0; return 0;
+	case O_C_IMAGE: return set_pyxis_image(optarg);
 	default: return -1;
 	}
 }
@@ -468,6 +547,9 @@ static int parse_args(int ac, char **av)
 				return -1;
 		} else if (KEY("batch_in_image")) {
 			if (yes_no("batch_in_image", v, &cfg.batch_in_image) < 0)
+				return -1;
+		} else if (KEY("pyxis_aliases")) {
+			if (yes_no("pyxis_aliases", v, &cfg.pyxis_aliases) < 0)
 				return -1;
 		} else if (KEY("default_mounts")) {
 			if (check_mounts("default_mounts", v) < 0 ||
@@ -1094,12 +1176,28 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 	if (parse_args(ac, av) < 0)
 		/* slurmd must keep running: it logs, steps then fail in slurmstepd */
 		return ctx == S_CTX_SLURMD ? 0 : -1;
+	if (cfg.pyxis_aliases && dl_iterate_phdr(find_pyxis, NULL) != 0) {
+		cfg.pyxis_aliases = 0;
+		if (ctx == S_CTX_SLURMD)
+			slurm_error(PFX "pyxis_aliases=yes ignored: pyxis is loaded too "
+				    "(its --container-* options stay pyxis')");
+		else
+			slurm_verbose(PFX "pyxis_aliases=yes ignored: pyxis is loaded too");
+	}
 	if (ctx != S_CTX_LOCAL && ctx != S_CTX_REMOTE && ctx != S_CTX_ALLOCATOR)
 		return 0;
 	for (int i = 0; options[i].name != NULL; i++) {
 		spank_err_t e = spank_option_register(sp, &options[i]);
 		if (e != ESPANK_SUCCESS) {
 			slurm_error(PFX "cannot register --%s: %s", options[i].name, spank_strerror(e));
+			return -1;
+		}
+	}
+	for (int i = 0; cfg.pyxis_aliases && pyxis_aliases[i].name != NULL; i++) {
+		spank_err_t e = spank_option_register(sp, &pyxis_aliases[i]);
+		if (e != ESPANK_SUCCESS) {
+			slurm_error(PFX "cannot register --%s: %s", pyxis_aliases[i].name,
+				    spank_strerror(e));
 			return -1;
 		}
 	}

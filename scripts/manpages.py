@@ -482,6 +482,12 @@ PLUGSTACK_ARGS: Dict[str, Tuple[str, str]] = {
     "record_job": ("yes|no", """Whether sbatch records the pinned image in the job's Comment
                    (oci-image=REF@sha256:...) so that the daemons can see which pending jobs
                    need which images and eviction spares them (default yes)."""),
+    "pyxis_aliases": ("no|yes", """Also register pyxis' option names (--container-image,
+                      --container-mounts, --container-workdir, --container-writable,
+                      --container-readonly, --[no-]container-mount-home, --container-env,
+                      --[no-]container-entrypoint) with this plugin's meanings, for sites
+                      moving from pyxis (default no). Ignored, with a message in slurmd's
+                      log, when a pyxis plugin is loaded too."""),
 }
 
 #: variables the plugin sets (not read from users); described, not parsed.

@@ -58,13 +58,15 @@ class Config:
     slurm_jobs: str = "auto"
     slurm_conf: Optional[str] = None
     slurm_refresh: float = 5.0
+    hooks_dir: Path = Path("/etc/oci-image/hooks.d")   # step hooks (runtime/hooks.py)
+    hooks_timeout: float = 60.0
     source: Optional[Path] = None
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
     "cache": ("dir", "quota", "lease_ttl"),
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
-               "prefetch_socket", "prefetch_rate"),
+               "prefetch_socket", "prefetch_rate", "hooks_dir", "hooks_timeout"),
     "registries": ("insecure", "trusted_squashfs", "publish_to"),
     "squash": ("compression", "level", "jobs"),
     "slurm": ("jobs", "conf", "refresh"),
@@ -138,6 +140,12 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
                 cfg.prefetch_socket = Path(v)
         if parser.has_option("daemon", "prefetch_rate"):
             cfg.prefetch_rate = int(_float("daemon", "prefetch_rate", g("daemon", "prefetch_rate"), 0))
+        if parser.has_option("daemon", "hooks_dir"):
+            cfg.hooks_dir = Path(g("daemon", "hooks_dir").strip())
+            if not cfg.hooks_dir.is_absolute():
+                raise ConfigError(f"[daemon] hooks_dir: {cfg.hooks_dir} must be an absolute path")
+        if parser.has_option("daemon", "hooks_timeout"):
+            cfg.hooks_timeout = _float("daemon", "hooks_timeout", g("daemon", "hooks_timeout"), 1)
         if parser.has_option("slurm", "jobs"):
             cfg.slurm_jobs = g("slurm", "jobs").strip().lower()
         if parser.has_option("slurm", "conf"):

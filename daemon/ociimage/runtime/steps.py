@@ -25,7 +25,7 @@ from ..errors import AccessDenied, InvalidArgument, NotFound
 from ..images import ImageStore
 from ..progress import ProgressEvent, Reporter
 from ..v1 import ociimage_pb2 as pb
-from . import environment
+from . import environment, hooks
 from .mounts import NodeMounts
 from .namespaces import (NS_FILE, StepSpec, create_step_namespace, destroy_step_namespace,
                          holder_of)
@@ -155,6 +155,8 @@ class StepManager:
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
                     image_workdir=config.get("WorkingDir") or None)
                 ns = create_step_namespace(spec, self.state_dir)
+                # site hooks (GPUs, MPI, ...); on failure the namespace is destroyed
+                hooks.run_for_step(self.config, ns.ns_path, request, digest, config)
             except BaseException:
                 self.mounts.release(digest)
                 raise
