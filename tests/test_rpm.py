@@ -63,6 +63,9 @@ def test_package_name_version_and_file_list(built):
         "/usr/bin/oci-image", "/usr/bin/oci-imaged",
         "/usr/libexec/oci-image/oci-image-step",
         "/usr/libexec/oci-image/oci-image-launch",   # next to the step client: the plugin's default
+        "/usr/libexec/oci-image/oci-image-pyxis-importer",
+        "/usr/share/oci-image/hooks/nvidia", "/usr/share/oci-image/hooks/pmi",
+        "/usr/share/oci-image/hooks/ocihook.py", "/etc/oci-image/hooks.d",
         "/usr/lib/systemd/system/oci-imaged.service",
         "/etc/oci-image/oci-image.conf",
         "/etc/slurm/plugstack.conf.d/oci-image.conf",
