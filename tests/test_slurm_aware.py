@@ -178,6 +178,71 @@ def test_sbatch_hold_prefetches_then_runs_without_converting(sa):
     shutil.rmtree(out)
 
 
+class SlowBlobs:
+    """A proxy in front of the test registry that holds every blob GET for `delay` seconds,
+    so that a conversion is still running when the job's nodes ask for the same digest."""
+
+    def __init__(self, upstream: str, delay: float):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        import requests
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _go(self, head=False):
+                if "/blobs/" in self.path and not head:
+                    time.sleep(delay)
+                r = requests.request(self.command, upstream + self.path, stream=False,
+                                     headers={k: v for k, v in self.headers.items()
+                                              if k.lower() in ("accept", "authorization", "range")})
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length",
+                                         "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(r.content)
+
+            def do_GET(self):
+                self._go()
+
+            def do_HEAD(self):
+                self._go(head=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        import threading
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+
+
+def test_nodes_wait_for_the_prefetch_conversion(sa):
+    """A job that starts while its image is still being prefetched: the nodes wait on the
+    digest's cache lock for that conversion instead of starting their own."""
+    pushed = sa.push("sa/race", os_id="race")
+    slow = SlowBlobs(sa.registry.url, delay=3.0)
+    try:
+        pinned = f"{slow.host}/sa/race:v1@{pushed.manifest_digest}"
+        before = sum(sa.conversions(d) for d in sa.daemons)
+        sock = sa.login.socket.parent / "oci-imaged-prefetch.sock"
+        r = sa.cluster.run_as_user([str(sa.installed.step_client), "prefetch", "--socket",
+                                    str(sock), "--image", pinned])
+        assert r.stdout.split()[0] == "started", r.stderr
+        r = sa.cluster.run_as_user(["srun", "-N3", f"--oci-image={pinned}", "grep", "^ID=",
+                                    "/etc/os-release"], cwd="/tmp", timeout=180)
+        assert r.returncode == 0 and r.stdout.split() == ["ID=race"] * 3, r.stderr
+        assert sum(sa.conversions(d) for d in sa.daemons) - before == 1
+        assert sa.conversions(sa.login) >= 1
+        assert "waiting for another node converting this image" in r.stderr, r.stderr
+    finally:
+        slow.stop()
+
+
 def test_prune_spares_images_of_pending_jobs(sa):
     needed = sa.push("sa/needed", os_id="needed")
     unused = sa.push("sa/unused", os_id="unused")

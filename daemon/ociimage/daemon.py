@@ -108,6 +108,9 @@ class Daemon:
         pbg.add_ContainersServicer_to_server(ContainersServicer(self.steps), self.server)
         pbg.add_PrefetchServicer_to_server(PrefetchServicer(self.prefetcher), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # the prefetch socket first: once the main socket answers, both are ready
+        if psock is not None:
+            self._start_prefetch_server(psock)
         # The socket must never exist with wider permissions, even for an instant.
         old_umask = os.umask(0o177)
         try:
@@ -117,8 +120,6 @@ class Daemon:
         finally:
             os.umask(old_umask)
         os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
-        if psock is not None:
-            self._start_prefetch_server(psock)
         self.metrics.serve(self.config.metrics)
         self._housekeeper = threading.Thread(target=self._housekeeping, daemon=True,
                                              name="housekeeping")
