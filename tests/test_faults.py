@@ -501,7 +501,7 @@ def test_prune_racing_with_steps(tmp_path, registry, daemon_factory):
     t = threading.Thread(target=pruner)
     t.start()
     try:
-        for i in range(30):
+        for i in range(20):
             try:
                 prepare(d, ref if i % 2 else pinned, f"5{i:02d}")
                 release(d, f"5{i:02d}")
@@ -520,7 +520,8 @@ RACE_FAILURES: list = []
 
 # ---- daemon killed or restarted while steps run -------------------------------------------
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+                                 signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_daemon_restart_while_steps_run(sig, tmp_path, registry, daemon_factory):
     img = Pusher(registry.url).image(f"faults/restart{sig}", "v1", busybox_layers(os_id=f"r{sig}"))
     d = daemon_factory()
