@@ -204,9 +204,6 @@ def token_daemon(tmp_path, token_registry):
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="product gap: a digest-pinned cache hit is served to any "
-                   "user without asking the registry (images.py ImageStore.pull / service.py "
-                   "Pull hit paths); ociimage.access.AccessChecker is the fix, not yet wired in")
 def test_cached_private_image_is_not_served_to_a_user_without_access(token_registry, token_daemon):
     _, reg, priv, _ = token_registry
     a = ensure_user(PRIV_USER)

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .access import AccessChecker
 from .cache import Cache, CacheEntry
 from .config import Config
 from .errors import Cancelled, InvalidArgument
@@ -35,6 +36,10 @@ class ImageStore:
         self._flights = SingleFlight()
         self._stopping = threading.Event()
         self.slurm = None  # slurm.SlurmJobs, attached by the daemon
+        # A cache hit is keyed by digest alone: before handing a private image to
+        # a user, the registry must confirm that user may pull it.
+        self.access = AccessChecker(self.client, anonymous_client=RegistryClient(
+            credentials=None, insecure_registries=config.insecure_registries))
 
     def stop(self) -> None:
         """Make in-flight conversions abandon their work at their next progress event."""
@@ -69,20 +74,25 @@ class ImageStore:
         ref = parse_reference(reference)
         return self.client(uid).resolve(ref, platform=self.options(platform).platform)
 
-    def lookup(self, reference: str) -> Optional[CacheEntry]:
-        """A cache hit for a reference that already names a digest, without asking the registry."""
+    def lookup(self, reference: str, uid: Optional[int] = None) -> Optional[CacheEntry]:
+        """A cache hit for a reference that already names a digest, if uid may use it.
+
+        Raises AccessDenied for a private image the registry does not let uid pull.
+        """
         ref = parse_reference(reference)
-        return self.cache.get(ref.digest) if ref.digest else None
+        entry = self.cache.get(ref.digest) if ref.digest else None
+        if entry is not None:
+            self.access.check(entry, uid)
+        return entry
 
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
-        if ref.digest:
-            entry = self.cache.get(ref.digest)
-            if entry:
-                self.metrics.cache_hits.inc()
-                self.cache.touch(ref.digest)
-                return entry
+        entry = self.lookup(reference, uid)
+        if entry:
+            self.metrics.cache_hits.inc()
+            self.cache.touch(entry.digest)
+            return entry
         key = f"{ref}|{platform}|{uid}"
         return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep), report)
 

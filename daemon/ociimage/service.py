@@ -118,7 +118,7 @@ class ImagesServicer(pbg.ImagesServicer):
         uid = request.uid if request.HasField("uid") else None
         # A hit by digest (every step of a pinned job) needs no worker thread.
         try:
-            entry = self.store.lookup(request.reference)
+            entry = self.store.lookup(request.reference, uid)
         except Exception as e:  # noqa: BLE001
             _fail(context, e)
             return
