@@ -51,9 +51,11 @@ class DaemonClient:
 
     def _error(self, e: grpc.RpcError) -> errors.OciImageError:
         code, details = e.code(), e.details() or ""
-        if code == grpc.StatusCode.UNAVAILABLE and (
-                "connect" in details.lower() or "No such file" in details
-                or "Connection refused" in details or "Permission denied" in details):
+        # Only a transport failure names the socket; the daemon's own UNAVAILABLE
+        # answers (an unreachable registry) never do.
+        transport = "failed to connect to all addresses" in details or \
+            f"unix:{self.socket_path}" in details
+        if code == grpc.StatusCode.UNAVAILABLE and transport:
             if "Permission denied" in details:
                 return errors.AccessDenied(f"permission denied on {self.socket_path}: "
                                            f"only root may use the oci-imaged socket")

@@ -27,8 +27,8 @@ from ..progress import ProgressEvent, Reporter
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
 from .mounts import NodeMounts
-from .namespaces import (NS_FILE, StepSpec, create_step_namespace, destroy_step_namespace,
-                         holder_of)
+from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace,
+                         destroy_step_namespace, holder_of)
 
 log = logging.getLogger("ociimage.runtime")
 
@@ -127,6 +127,20 @@ class StepManager:
         digest = "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
         return digest, path, {}
 
+    def _pull_and_lease(self, request, report: Reporter, attempts: int = 3):
+        """Pull, then lease: a prune between the two can evict the image, so pull again."""
+        holder = f"job {request.job_id}.{request.step_id}"
+        for attempt in range(attempts):
+            entry = self.store.pull(request.image, uid=request.uid, report=report)
+            try:
+                return entry, self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
+            except NotFound:
+                if attempt == attempts - 1:
+                    raise
+                log.info("image evicted between pull and lease, pulling again",
+                         extra={"digest": entry.digest, "holder": holder})
+        raise AssertionError("unreachable")
+
     def prepare(self, request, report: Reporter) -> pb.StepContainer:
         _check_ids(request.job_id, request.step_id)
         key = (request.job_id, request.step_id)
@@ -138,10 +152,8 @@ class StepManager:
         if request.image.startswith("/"):
             digest, sqfs, config = self._local_image(request)
         else:
-            entry = self.store.pull(request.image, uid=request.uid, report=report)
+            entry, lease_id = self._pull_and_lease(request, report)
             digest, sqfs, config = entry.digest, entry.path, entry.meta.get("config", {})
-            lease_id = self.cache.add_lease(digest, f"job {request.job_id}.{request.step_id}",
-                                            ttl=self._ttl).id
         try:
             report(ProgressEvent("mount", message="mounting the image"))
             rootfs = self.mounts.acquire(digest, sqfs)
@@ -199,6 +211,9 @@ class StepManager:
         with self._lock:
             record = self._steps.pop((job_id, step_id), None)
         if record is None:
+            # Unknown here, e.g. built by a daemon that died before recording it:
+            # whatever is left of it must still go.
+            self._destroy_unrecorded(f"{job_id}.{step_id}")
             return
         try:
             destroy_step_namespace(Path(record.ns_path))
@@ -217,6 +232,12 @@ class StepManager:
             except OSError:
                 pass
         log.info("step released", extra={"job": job_id, "step": step_id})
+
+    def _destroy_unrecorded(self, name: str) -> None:
+        ns_path = self.state_dir / name / NS_FILE
+        if (self.state_dir / name).is_dir():
+            destroy_step_namespace(ns_path)
+            log.warning("released an unrecorded step", extra={"step": name})
 
     def release_job(self, job_id: str) -> Tuple[int, int]:
         """Release every step of the job on this node and any lease it still holds here.
@@ -271,6 +292,9 @@ class StepManager:
             if holder_of(record.ns_path) is None:
                 continue
             self._steps[record.key] = record
+        # Steps a dying daemon built but never recorded: nobody will release them.
+        for name in cleanup_stale(self.state_dir, keep=[f"{j}.{s}" for j, s in self._steps]):
+            log.warning("removed an unrecorded step left by a crash", extra={"step": name})
         self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
                              for r in self._steps.values()})
         live = {r.lease_id for r in self._steps.values() if r.lease_id}
