@@ -246,6 +246,10 @@ class _Flattener:
         self.pend_tree: set = set()
         self.pend_opaque: set = set()
         self.pend_nondir: set = set()  # this layer's non-dirs shadowed by an upper dir
+        # Directories that exist only because an emitted entry lies below them
+        # (no entry of their own yet), with the layer that implied them: a lower
+        # layer's non-directory there must not be emitted over them.
+        self.implied: Dict[str, int] = {}
         self.tarinfo_cls = _tarinfo_class(limits)
 
     # -- accounting ---------------------------------------------------------
@@ -365,6 +369,18 @@ class _Flattener:
             return
 
         rec = seen.get(path)
+        implied = self.implied.get(path) if rec is None else None
+        if implied is not None and typ != DIR:
+            # e.g. an upper layer's up/x over a lower layer's symlink up (the
+            # CVE-2021-29136 layout): the directory wins, nothing is followed.
+            if implied < layer:
+                self.pend_nondir.add(path)
+                self.rules += 1
+                self._track()
+                self.skip("shadowed", warn=False)
+            else:
+                self.skip("duplicate", name, "a non-directory where this layer has a directory")
+            return
         if rec is not None and rec[0] < layer:
             # An upper layer owns this path; a non-directory here still hides
             # what lower layers have below it.
@@ -391,6 +407,14 @@ class _Flattener:
             seen[path] = (layer, REG, None)
         else:
             seen[path] = (layer, typ, meta)
+        self.implied.pop(path, None)
+        cut = path.rfind("/")
+        while cut > 0:
+            anc = path[:cut]
+            if anc in seen or anc in self.implied:
+                break
+            self.implied[anc] = layer
+            cut = anc.rfind("/")
 
     def whiteout(self, name: str, parts: List[str], base: str) -> None:
         parent = "/".join(parts[:-1])
