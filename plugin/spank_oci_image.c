@@ -857,6 +857,51 @@ static int pinned_matches(const char *pinned, const char *ref)
 	return strlen(ref) == (size_t)(at - pinned) && strncmp(pinned, ref, (size_t)(at - pinned)) == 0;
 }
 
+/* An absolute path with no ".." component (the daemon re-checks everything). */
+static int path_ok(const char *p, size_t n)
+{
+	if (n == 0 || p[0] != '/')
+		return 0;
+	for (size_t i = 0; i + 1 < n; i++) {
+		if (p[i] == '/' && p[i + 1] == '.' && (i + 2 == n || p[i + 2] == '/' ||
+		    (p[i + 2] == '.' && (i + 3 == n || p[i + 3] == '/'))))
+			return 0;
+	}
+	return 1;
+}
+
+/* --oci-mounts=SRC[:DST[:ro|rw]],...: refuse a bad value at submit, not at every step. */
+static int mounts_ok(const char *v)
+{
+	const char *item = v;
+
+	while (item != NULL && *item != '\0') {
+		const char *end = strchr(item, ',');
+		size_t len = end ? (size_t)(end - item) : strlen(item);
+		const char *f[4];
+		size_t fl[4];
+		int nf = 0;
+		const char *q = item;
+
+		while (q < item + len && nf < 4) {
+			const char *c = memchr(q, ':', (size_t)(item + len - q));
+			f[nf] = q;
+			fl[nf] = c ? (size_t)(c - q) : (size_t)(item + len - q);
+			nf++;
+			q = c ? c + 1 : item + len;
+		}
+		if (len > 0 && (nf > 3 || q < item + len || !path_ok(f[0], fl[0]) ||
+		    (nf >= 2 && !path_ok(f[1], fl[1])) ||
+		    (nf == 3 && !((fl[2] == 2 && (!strncmp(f[2], "ro", 2) || !strncmp(f[2], "rw", 2))))))) {
+			slurm_error(PFX "--oci-mounts: \"%.*s\" is not SRC:DST[:ro|rw] with absolute paths and no '..' "
+				    "(e.g. /scratch/me:/data:ro)", (int)(len > 200 ? 200 : len), item);
+			return 0;
+		}
+		item = end ? end + 1 : NULL;
+	}
+	return 1;
+}
+
 static int local_post_opt(void)
 {
 	const char *pinned;
@@ -867,6 +912,12 @@ static int local_post_opt(void)
 
 	if (env_fallbacks(get_local, NULL) < 0)
 		return -1;
+	if (opt.mounts != NULL && !mounts_ok(opt.mounts))
+		return -1;
+	if (opt.workdir != NULL && !path_ok(opt.workdir, strlen(opt.workdir))) {
+		slurm_error(PFX "--oci-workdir: \"%.200s\" is not an absolute path", opt.workdir);
+		return -1;
+	}
 	if (opt.image == NULL)
 		return 0;
 	/* slurmstepd has no SPANK item for the step's working directory and the

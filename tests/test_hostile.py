@@ -421,11 +421,8 @@ def test_malformed_srun_options(sec_cluster, sec_image, option, expect):
 @needs_cluster
 @pytest.mark.parametrize("option", [
     "--oci-image=bad ref!",
-    pytest.param("--oci-mounts=/a:/b:zz", marks=pytest.mark.xfail(strict=True, reason=(
-        "gap: plugin/spank_oci_image.c does not validate --oci-mounts at submit; sbatch "
-        "accepts the job and every step of it fails later"))),
-    pytest.param("--oci-mounts=relative:/x", marks=pytest.mark.xfail(strict=True, reason=(
-        "gap: --oci-mounts not validated at submit (as above)")))])
+    "--oci-mounts=/a:/b:zz", "--oci-mounts=relative:/x", "--oci-mounts=/a:/b/../../etc",
+    "--oci-workdir=relative"])
 def test_malformed_sbatch_options(sec_cluster, sec_image, option):
     r = sec_cluster.cluster.run_as_user(["sbatch", option, "--wrap", "srun true"], cwd="/tmp")
     assert r.returncode != 0 and "Submitted batch job" not in r.stdout, r.stdout
