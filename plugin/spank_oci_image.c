@@ -1126,6 +1126,43 @@ static void node_name(spank_t sp, char **jobenv)
 		snprintf(st.node, sizeof(st.node), "unknown");
 }
 
+/*
+ * "<socket's directory>/jobs/<jobid>" (with %n in socket= replaced by the node
+ * name): made before a step of the job is prepared on this node, so that the
+ * job epilog runs the cleanup only where a job used an image. Every other job
+ * ends exactly as without the plugin.
+ */
+static int job_marker(char *buf, size_t n, uint32_t jobid, const char *node, int make_dir)
+{
+	char sock[PATH_MAX], *slash;
+	size_t o = 0;
+
+	for (const char *p = cfg.socket; *p != '\0' && o + 1 < sizeof(sock); p++) {
+		if (p[0] == '%' && p[1] == 'n') {
+			size_t l = strlen(node);
+			if (o + l + 1 >= sizeof(sock))
+				return -1;
+			memcpy(sock + o, node, l);
+			o += l;
+			p++;
+		} else {
+			sock[o++] = *p;
+		}
+	}
+	sock[o] = '\0';
+	slash = strrchr(sock, '/');
+	if (slash == NULL || slash == sock)
+		return -1;
+	*slash = '\0';
+	if (make_dir) {
+		char dir[PATH_MAX];
+		if ((size_t)snprintf(dir, sizeof(dir), "%s/jobs", sock) >= sizeof(dir) ||
+		    (mkdir(dir, 0700) < 0 && errno != EEXIST))
+			return -1;
+	}
+	return (size_t)snprintf(buf, n, "%s/jobs/%u", sock, jobid) < n ? 0 : -1;
+}
+
 static int remote_post_opt(spank_t sp)
 {
 	char **jobenv = NULL;
@@ -1193,6 +1230,13 @@ static int remote_post_opt(spank_t sp)
 	argv[ac] = NULL;
 #undef ARG
 
+	{
+		char marker[PATH_MAX];
+		int mfd;
+		if (job_marker(marker, sizeof(marker), st.jobid, st.node, 1) == 0 &&
+		    (mfd = open(marker, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600)) >= 0)
+			close(mfd);
+	}
 	fd = env_memfd(jobenv);
 	if (fd < 0)
 		goto fail;
@@ -1517,7 +1561,7 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
  */
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 {
-	char s_job[16], node[256] = "";
+	char s_job[16], node[256] = "", marker[PATH_MAX];
 	const char *v;
 	char *argv[10];
 	struct child_out co;
@@ -1536,6 +1580,8 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 		snprintf(node, sizeof(node), "%s", v);
 	else if (gethostname(node, sizeof(node) - 1) < 0)
 		snprintf(node, sizeof(node), "unknown");
+	if (job_marker(marker, sizeof(marker), jobid, node, 0) < 0 || access(marker, F_OK) < 0)
+		return 0; /* no step of this job used an image here */
 	snprintf(s_job, sizeof(s_job), "%u", jobid);
 	argv[0] = cfg.step_client;
 	argv[1] = "cleanup-job";
@@ -1549,5 +1595,6 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	if (run_child(argv, clean_env, -1, 4096, &co, 0, 1) == 0 && co.len > 0)
 		slurm_info(PFX "%s", co.buf);
 	free(co.buf);
+	unlink(marker);
 	return 0;
 }

@@ -49,6 +49,8 @@ class DaemonProcess:
             if self.socket.exists() and self._accepts():
                 return self
             time.sleep(0.05)
+        self.proc.kill()  # never leave a half-started daemon behind
+        self.proc.wait()
         raise RuntimeError(f"oci-imaged did not start: {self.log()[-3000:]}")
 
     def _accepts(self) -> bool:
