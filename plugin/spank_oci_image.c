@@ -1556,7 +1556,7 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 /*
  * The job ended on this node (slurmd's job epilog, root): whatever its steps
  * left (a step whose slurmstepd was killed never ran spank_exit) is released.
- * Synchronous, so the node is clean before Slurm calls it idle.  Never fails:
+ * Detached (the daemon does the work right after).  Never fails:
  * a failing job_epilog of a required plugin drains the node.
  */
 int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
@@ -1564,7 +1564,6 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	char s_job[16], node[256] = "", marker[PATH_MAX];
 	const char *v;
 	char *argv[10];
-	struct child_out co;
 	uint32_t jobid = 0;
 
 	/* slurm_spank_init is not called in the job script context (22.05) */
@@ -1592,9 +1591,10 @@ int slurm_spank_job_epilog(spank_t sp, int ac, char **av)
 	argv[6] = "--node";
 	argv[7] = node;
 	argv[8] = NULL;
-	if (run_child(argv, clean_env, -1, 4096, &co, 0, 1) == 0 && co.len > 0)
-		slurm_info(PFX "%s", co.buf);
-	free(co.buf);
+	/* Detached, like the step release: the job's end (and a standalone srun)
+	 * must not wait for a Python start; the daemon does the work. */
+	if (spawn_detached(argv, clean_env) < 0)
+		slurm_info(PFX "job %s: cleanup could not be started", s_job);
 	unlink(marker);
 	return 0;
 }
