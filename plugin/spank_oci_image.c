@@ -957,7 +957,11 @@ static int local_post_opt(void)
 	}
 	snprintf(sub.pinned, sizeof(sub.pinned), "%s", co.buf);
 	sub.since = time(NULL);
-	prefetch(co.buf);
+	/* sbatch/salloc jobs may wait in the queue: worth converting meanwhile. An
+	 * srun's own step starts right away and its nodes pull anyway; a prefetch
+	 * there would only compete with them. */
+	if (spank_context() == S_CTX_ALLOCATOR)
+		prefetch(co.buf);
 	/* setenv() is what works: srun sends its process environment to the
 	 * tasks, sbatch/salloc export it to the job (spank_setenv answers
 	 * ESPANK_NOT_REMOTE in srun, sbatch and salloc on 22.05). */
