@@ -308,3 +308,109 @@ class _ZstdFrames:
         elif st == "checksum":
             self._state, self._need = "magic", 4
             self.frames += 1
+
+
+class ReadAhead(io.RawIOBase):
+    """Decompress (and download) a layer in a thread, ahead of its reader.
+
+    zlib and zstd release the GIL while they work, and so does the socket
+    read, so the layer's decompression overlaps the tar parsing and the
+    SquashFS writer instead of taking turns with them. At most `depth` chunks
+    wait in memory. The reader sees the thread's exception (a digest mismatch,
+    a corrupt layer, a cancelled pull) at the point where it would have read
+    past it; drain() finishes the layer, digest check included.
+    """
+
+    _END = object()
+
+    def __init__(self, inner: "LayerReader", depth: int = 8, chunk: int = CHUNK):
+        super().__init__()
+        import queue
+        import threading
+        self._inner = inner
+        self._q: "queue.Queue" = queue.Queue(maxsize=depth)
+        self._buf = memoryview(b"")
+        self._done = False
+        self._error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(chunk,), daemon=True,
+                                        name="layer-read-ahead")
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, chunk: int) -> None:
+        try:
+            while not self._stop.is_set():
+                part = self._inner.read(chunk)
+                if not part:
+                    self._inner.drain()  # the compressed rest, so the digest is checked
+                    break
+                if not self._put(part):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the reader
+            self._put(e)
+            return
+        self._put(self._END)
+
+    def readable(self) -> bool:
+        return True
+
+    def _next(self) -> bool:
+        if self._done:
+            return False
+        item = self._q.get()
+        if item is self._END:
+            self._done = True
+            return False
+        if isinstance(item, BaseException):
+            self._done = True
+            self._error = item
+            raise item
+        self._buf = memoryview(item)
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        if size is None or size < 0:
+            parts = [bytes(self._buf)]
+            self._buf = memoryview(b"")
+            while self._next():
+                parts.append(bytes(self._buf))
+            self._buf = memoryview(b"")
+            return b"".join(parts)
+        while not self._buf:
+            if not self._next():
+                return b""
+        out = bytes(self._buf[:size])
+        self._buf = self._buf[size:]
+        return out
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def drain(self) -> int:
+        """Wait for the layer's end (and digest check); return decompressed bytes skipped."""
+        skipped = len(self._buf)
+        self._buf = memoryview(b"")
+        while self._next():
+            skipped += len(self._buf)
+            self._buf = memoryview(b"")
+        if self._error is not None:
+            raise self._error
+        return skipped
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()

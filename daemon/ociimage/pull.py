@@ -19,7 +19,7 @@ from . import __version__, monolithic
 from .cache import Cache, CacheEntry
 from .errors import OciImageError
 from .flatten import FlattenLimits
-from .layers import open_layer
+from .layers import ReadAhead, open_layer
 from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
 from .monolithic import Trust
@@ -101,15 +101,19 @@ def _layer_streams(client: RegistryClient, resolved: ResolvedImage,
         progress.layer = n - i
         raw = client.open_blob(resolved.reference, desc, on_bytes=progress.on_bytes,
                                on_retry=progress.on_retry)
+        ahead = None
         try:
             bound = limits.layer_bound(desc.size) if limits else None
-            yield open_layer(raw, desc.media_type, max_bytes=bound,
-                             name=f"layer {n - i} of {len(resolved.layers)} ({desc.digest})")
+            ahead = ReadAhead(open_layer(raw, desc.media_type, max_bytes=bound,
+                                         name=f"layer {n - i} of {len(resolved.layers)} "
+                                              f"({desc.digest})"))
+            yield ahead
             # Whatever follows the tar's end must still pass through the
             # digest check, so the layer is only trusted once fully read.
-            while raw.read(1 << 20):
-                pass
+            ahead.drain()
         finally:
+            if ahead is not None:
+                ahead.close()
             close = getattr(raw, "close", None)
             if close:
                 close()
