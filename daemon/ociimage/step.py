@@ -58,8 +58,8 @@ def cmd_submit(args) -> int:
     from .errors import OciImageError
     image = args.image.strip()
     if image.startswith("/"):
-        if not image.endswith(".sqfs") and not image.endswith(".squashfs"):
-            return _die(f"--oci-image={image}: a local image must be a .sqfs file")
+        if not image.endswith((".sqfs", ".squashfs", ".sqsh")):
+            return _die(f"--oci-image={image}: a local image must be a .sqfs (or enroot .sqsh) file")
         if not os.path.isfile(image):
             return _die(f"--oci-image={image}: no such file")
         print(os.path.realpath(image))
