@@ -7,10 +7,8 @@ on a real 2-node cluster with the real plugin, step client and daemons, as the t
 """
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -112,61 +110,47 @@ def test_launcher_is_static(launcher):
 
 # ---- end to end -------------------------------------------------------------------------
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster  # noqa: E402
+from cluster_fixture import cluster_available  # noqa: E402
 from install_fixture import installed  # noqa: E402,F401 - a fixture
+from localsite import start_site, stop_site  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def e2e(registry, installed):
     if cluster_available() is not None:
         pytest.skip(str(cluster_available()))
-    from daemon_proc import DaemonProcess
     from images import IMAGE_CONFIG, busybox_layers
     from ocibuild import Pusher
 
-    base = Path(tempfile.mkdtemp(prefix="oci-e2e-ep-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    conf = base / "oci-image.conf"
-    conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n")
-    daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
-                             extra=["--config", str(conf)]).start() for i in (1, 2)]
     # the launcher is found next to the installed step client, as in the RPM layout
-    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
-                 f"socket={base}/%n/oci-imaged.sock\n")
-    cluster = start_cluster(nodes=2, plugstack_text=plugstack, prefix="oci-e2e-ep-slurm-")
-    pusher = Pusher(registry.url)
-    layers = busybox_layers()
-    refs = {}
-    for name, config in {
-        "hello": IMAGE_CONFIG,  # Entrypoint ["/opt/app/hello.sh"]
-        "argv": dict(IMAGE_CONFIG, Entrypoint=["/bin/sh", "-c", ARGV_SCRIPT,
-                                               "ep $0 \n'%41,\""]),
-        "noep": {k: v for k, v in IMAGE_CONFIG.items() if k != "Entrypoint"},
-        "missing": dict(IMAGE_CONFIG, Entrypoint=["/no/such/entrypoint"]),
-        "shell": dict(IMAGE_CONFIG, Entrypoint=["sh", "-c"]),  # found through the image's PATH
-    }.items():
-        pusher.image(f"e2e-ep/{name}", "v1", layers, config=config)
-        refs[name] = f"{registry.host}/e2e-ep/{name}:v1"
-
-    def srun(*args, env=None, shell=None):
-        argv = ["srun", *args]
-        if env:
-            argv = ["env", *[f"{k}={v}" for k, v in env.items()], *argv]
-        if shell:
-            argv = ["sh", "-c", shell + '; exec "$@"', "sh", *argv]
-        return cluster.run_as_user(argv, cwd="/tmp", timeout=60)
-
+    site = start_site(installed, "oci-e2e-ep-", nodes=2)
     try:
+        cluster = site.cluster
+        pusher = Pusher(registry.url)
+        layers = busybox_layers()
+        refs = {}
+        for name, config in {
+            "hello": IMAGE_CONFIG,  # Entrypoint ["/opt/app/hello.sh"]
+            "argv": dict(IMAGE_CONFIG, Entrypoint=["/bin/sh", "-c", ARGV_SCRIPT,
+                                                   "ep $0 \n'%41,\""]),
+            "noep": {k: v for k, v in IMAGE_CONFIG.items() if k != "Entrypoint"},
+            "missing": dict(IMAGE_CONFIG, Entrypoint=["/no/such/entrypoint"]),
+            "shell": dict(IMAGE_CONFIG, Entrypoint=["sh", "-c"]),  # found through the image's PATH
+        }.items():
+            pusher.image(f"e2e-ep/{name}", "v1", layers, config=config)
+            refs[name] = f"{registry.host}/e2e-ep/{name}:v1"
+
+        def srun(*args, env=None, shell=None):
+            argv = ["srun", *args]
+            if env:
+                argv = ["env", *[f"{k}={v}" for k, v in env.items()], *argv]
+            if shell:
+                argv = ["sh", "-c", shell + '; exec "$@"', "sh", *argv]
+            return cluster.run_as_user(argv, cwd="/tmp", timeout=60)
+
         yield srun, refs
     finally:
-        stop_cluster(cluster)
-        for d in daemons:
-            d.stop()
-        mounts = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
-                  if line.split()[4].startswith(str(base))]
-        for m in sorted(mounts, reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        stop_site(site)
 
 
 def test_entrypoint_gets_the_command_as_arguments(e2e):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster
-from daemon_proc import DaemonProcess
+from cluster_fixture import cluster_available
+from localsite import start_site, stop_site
 from install_fixture import installed  # noqa: F401 - a fixture
 from images import IMAGE_CONFIG, busybox_layers
 from ocibuild import Entry, Pusher
@@ -73,32 +73,19 @@ class Env:
 
 @pytest.fixture(scope="module")
 def e2e(registry, installed):
-    base = Path(tempfile.mkdtemp(prefix="oci-e2e-p9-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    hooks_dir = base / "hooks.d"
-    hooks_dir.mkdir(mode=0o755)
-    conf = base / "oci-image.conf"
-    conf.write_text(f"[daemon]\nmount_idle = 1\nhooks_dir = {hooks_dir}\nhooks_timeout = 20\n"
-                    f"socket = {base}/n1/oci-imaged.sock\n[cache]\nlease_ttl = 60\n"
-                    f"dir = {base}/cache\n")
-    os.chmod(conf, 0o644)
-    daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
-                             extra=["--config", str(conf)]).start() for i in (1, 2)]
-    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
-                 f"socket={base}/%n/oci-imaged.sock pyxis_aliases=yes\n")
-    cluster = start_cluster(nodes=2, plugstack_text=plugstack, prefix="oci-e2e-p9-slurm-")
-    env = Env(base, cluster, daemons, registry, installed, hooks_dir, conf, plugstack)
+    def conf(base):
+        (base / "hooks.d").mkdir(mode=0o755)
+        return (f"[daemon]\nmount_idle = 1\nhooks_dir = {base / 'hooks.d'}\nhooks_timeout = 20\n"
+                f"socket = {base}/n1/oci-imaged.sock\n[cache]\nlease_ttl = 60\n"
+                f"dir = {base}/cache\n")
+
+    site = start_site(installed, "oci-e2e-p9-", nodes=2, plugstack_args="pyxis_aliases=yes",
+                      daemon_conf=conf)
     try:
-        yield env
+        yield Env(site.base, site.cluster, site.daemons, registry, installed,
+                  site.base / "hooks.d", site.conf, site.plugstack)
     finally:
-        stop_cluster(cluster)
-        for d in daemons:
-            d.stop()
-        for m in sorted(env.leftovers()[0] + [l.split()[4] for l in Path(
-                "/proc/self/mountinfo").read_text().splitlines()
-                if l.split()[4].startswith(str(base))], reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        shutil.rmtree(base, ignore_errors=True)
+        stop_site(site)
 
 
 # ---- the pyxis importer -----------------------------------------------------------------

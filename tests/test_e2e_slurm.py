@@ -12,7 +12,6 @@ import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from cluster_fixture import cluster_available, start_cluster, stop_cluster
-from daemon_proc import DaemonProcess
 from install_fixture import installed  # noqa: F401 - a fixture
+from localsite import start_site, stop_site
 from images import IMAGE_CONFIG, busybox_layers
 from ocibuild import Pusher
 
@@ -110,26 +109,11 @@ class Env:
 
 @pytest.fixture(scope="module")
 def e2e(registry, installed):
-    base = Path(tempfile.mkdtemp(prefix="oci-e2e-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    conf = base / "oci-image.conf"
-    conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n")
-    daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
-                             extra=["--config", str(conf)]).start() for i in (1, 2, 3)]
-    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
-                 f"socket={base}/%n/oci-imaged.sock allow_sqfs=yes\n")
-    cluster = start_cluster(nodes=3, plugstack_text=plugstack, prefix="oci-e2e-slurm-")
-    env = Env(base, cluster, daemons, registry, installed)
+    site = start_site(installed, "oci-e2e-", nodes=3, plugstack_args="allow_sqfs=yes")
     try:
-        yield env
+        yield Env(site.base, site.cluster, site.daemons, registry, installed)
     finally:
-        stop_cluster(cluster)
-        for d in daemons:
-            d.stop()
-        for m in sorted(env.leftovers()[0], reverse=True):
-            subprocess.run(["umount", "-l", m], check=False)
-        if not os.environ.get("OCI_KEEP_CLUSTER"):
-            shutil.rmtree(base, ignore_errors=True)
+        stop_site(site)
 
 
 def _wait_clean(e2e, timeout=15):

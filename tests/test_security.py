@@ -26,10 +26,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster
+from cluster_fixture import cluster_available
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from install_fixture import installed  # noqa: F401 - a fixture
+from localsite import start_site, stop_site, unmount_under
 from ocibuild import Entry, Pusher
 from registry_server import RegistryServer
 from token_issuer import TokenIssuer
@@ -185,14 +186,6 @@ def _release(daemon, job):
     DaemonClient(str(daemon.socket)).release_step(job, "0")
 
 
-def _unmount_under(path: Path) -> None:
-    from ociimage.runtime.mounts import read_mountinfo
-    prefix = os.path.realpath(path) + "/"
-    for m in sorted((e.mount_point for e in read_mountinfo() if e.mount_point.startswith(prefix)),
-                    reverse=True):
-        subprocess.run(["umount", "-l", m], check=False)
-
-
 @pytest.fixture
 def token_daemon(tmp_path, token_registry):
     base = tmp_path / "d"
@@ -200,7 +193,7 @@ def token_daemon(tmp_path, token_registry):
     d = DaemonProcess(base, tmp_path / "cache", extra=["--log-level", "debug"]).start()
     yield d
     d.stop()
-    _unmount_under(base)
+    unmount_under(base)
 
 
 @needs_root
@@ -310,24 +303,11 @@ def sec_cluster(registry, installed, tmp_path_factory):
     """3 daemons + 3-node Slurm, plugin loaded with the default allow_sqfs=no."""
     if cluster_available():
         pytest.skip(cluster_available())
-    base = Path(tempfile.mkdtemp(prefix="oci-sec-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    conf = base / "oci-image.conf"
-    conf.write_text("[daemon]\nmount_idle = 1\n[cache]\nlease_ttl = 60\n")
-    daemons = [DaemonProcess(base, base / "cache", node=f"n{i}",
-                             extra=["--config", str(conf)]).start() for i in (1, 2, 3)]
-    plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
-                 f"socket={base}/%n/oci-imaged.sock\n")
-    cluster = start_cluster(nodes=3, plugstack_text=plugstack, prefix="oci-sec-slurm-")
-    env = SecEnv(base, cluster, daemons, registry, installed)
+    site = start_site(installed, "oci-sec-", nodes=3)
     try:
-        yield env
+        yield SecEnv(site.base, site.cluster, site.daemons, registry, installed)
     finally:
-        stop_cluster(cluster)
-        for d in daemons:
-            d.stop()
-        _unmount_under(base)
-        shutil.rmtree(base, ignore_errors=True)
+        stop_site(site)
 
 
 @pytest.fixture(scope="module")
