@@ -39,7 +39,6 @@ host's shadow file as root).
 
 from __future__ import annotations
 
-import errno
 import gc
 import grp
 import logging
@@ -56,7 +55,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from ..errors import AccessDenied, InvalidArgument, NotFound
 from . import syscalls as sc
 from . import users
-from .mounts import MountError, mount_containing, read_mountinfo
+from .mounts import MountError, read_mountinfo
 
 log = logging.getLogger("ociimage.runtime")
 
