@@ -241,6 +241,7 @@ def test_destroy_is_idempotent_and_leaves_nothing(make, host):
     assert ns.list_step_namespaces(host / "state") == {"100.0": step.ns_path}
     holder = ns.holder_of(step.ns_path)
     assert holder is not None and os.path.exists(f"/proc/{holder}")
+    assert Path(f"/proc/{holder}/comm").read_text().strip() == "oci-ns-holder"
     ns.destroy_step_namespace(step.ns_path)
     ns.destroy_step_namespace(step.ns_path)
     assert not ns_dir.exists()

@@ -500,8 +500,14 @@ def _child(ops: List[Op], report_w: int) -> None:
                 os.chdir("/")
         i = -1
         # Hold the namespace until the daemon (this one or its successor)
-        # SIGKILLs us: a session of our own, deaf to the daemon's signals.
+        # SIGKILLs us: a session of our own, deaf to the daemon's signals, and a
+        # name of our own in ps/top (the command line is still the daemon's).
         os.setsid()
+        try:
+            with open("/proc/self/comm", "w") as f:
+                f.write("oci-ns-holder")
+        except OSError:
+            pass
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
         os.write(report_w, b"OK\n")
