@@ -471,7 +471,7 @@ def _take_namespace_root() -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
-def _child(ops: List[Op], report_w: int) -> None:
+def _child(ops: List[Op], report_w: int, go_r: int) -> None:
     """In the forked child: build the namespace, then hold it; never returns."""
     code = 1
     i = -1
@@ -512,6 +512,9 @@ def _child(ops: List[Op], report_w: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
         os.write(report_w, b"OK\n")
         os.close(report_w)
+        if os.read(go_r, 1) != b"x":
+            os._exit(1)  # the daemon died before recording us: hold nothing for nobody
+        os.close(go_r)
         while True:
             signal.pause()
     except BaseException as e:  # noqa: B902 - everything must reach the parent
@@ -585,43 +588,47 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
 
 def _build(ops: List[Op], ns_path: Path) -> None:
     report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child
-        os.close(report_r)
         # The holder outlives the daemon (running steps survive a restart): it must
         # not keep the daemon's listening sockets (gRPC, metrics), cache locks or
         # other descriptors open, or the next daemon cannot bind its metrics port.
         try:
-            os.closerange(3, report_w)
-            os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
+            lo, hi = sorted((report_w, go_r))
+            os.closerange(3, lo)
+            os.closerange(lo + 1, hi)
+            os.closerange(hi + 1, os.sysconf("SC_OPEN_MAX"))
         except OSError:
             pass
-        _child(ops, report_w)
+        _child(ops, report_w, go_r)
     os.close(report_w)
+    os.close(go_r)
     try:
-        line = _read_line(report_r, _CHILD_TIMEOUT)
+        try:
+            line = _read_line(report_r, _CHILD_TIMEOUT)
+        finally:
+            os.close(report_r)
+        if line != "OK":
+            _, _, rest = line.partition(" ")
+            idx, _, rest = rest.partition(" ")
+            err, _, msg = rest.partition(" ")
+            where = ops[int(idx)] if idx.lstrip("-").isdigit() and 0 <= int(idx) < len(ops) else None
+            hint = f"while doing: {_describe(where)}" if where else ""
+            if not line:
+                msg = "the namespace builder died"
+            raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
+        inode = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+        (ns_path.parent / HOLDER_FILE).write_text(f"{pid} {inode}\n")
+        os.symlink(f"/proc/{pid}/ns/mnt", ns_path)
+        # Only now, recorded, may it hold the namespace: had we died before this
+        # byte, it would see EOF and exit rather than hold it for nobody.
+        os.write(go_w, b"x")
     except BaseException:
         _kill_holder(pid)
         raise
     finally:
-        os.close(report_r)
-    if line != "OK":
-        _kill_holder(pid)
-        _, _, rest = line.partition(" ")
-        idx, _, rest = rest.partition(" ")
-        err, _, msg = rest.partition(" ")
-        where = ops[int(idx)] if idx.lstrip("-").isdigit() and 0 <= int(idx) < len(ops) else None
-        hint = f"while doing: {_describe(where)}" if where else ""
-        if not line:
-            msg = "the namespace builder died"
-        raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
-    try:
-        inode = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-        (ns_path.parent / HOLDER_FILE).write_text(f"{pid} {inode}\n")
-        os.symlink(f"/proc/{pid}/ns/mnt", ns_path)
-    except BaseException:
-        _kill_holder(pid)
-        raise
+        os.close(go_w)
 
 
 def _kill_holder(pid: int) -> None:
