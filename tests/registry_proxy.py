@@ -21,6 +21,8 @@ import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from loopback_http import LoopbackServer
 from typing import Dict, List, Optional, Tuple
 
 import requests
@@ -32,7 +34,7 @@ _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<alg>[a-z0-9]+):(?P<hex
 _FALLBACK = re.compile(r"^/v2/.+/manifests/sha256-[0-9a-f]{64}$")
 
 
-class RegistryProxy:
+class RegistryProxy(LoopbackServer):
     def __init__(self, upstream: str, *, cut_patches: Optional[Dict[int, str]] = None,
                  referrers_api: bool = False):
         self.upstream = upstream.rstrip("/")
@@ -138,20 +140,5 @@ class RegistryProxy:
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = do_DELETE = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "RegistryProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -19,6 +19,8 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from loopback_http import LoopbackServer
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 from urllib.parse import parse_qsl, urlsplit
@@ -33,7 +35,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-class TokenIssuer:
+class TokenIssuer(LoopbackServer):
     """users: name -> password; grants: name -> {repo pattern: [actions]}.
 
     The user "" is the anonymous one (grants[""] applies to requests without
@@ -202,20 +204,5 @@ class TokenIssuer:
                 user = issuer.refresh_tokens[values["refresh_token"]]
                 self._issue(user, scopes, values.get("service", ""), "refresh_token")
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        self._serve(Handler)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> "TokenIssuer":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
