@@ -12,6 +12,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .access import AccessChecker
+from .asuser import Identity
 from .cache import Cache, CacheEntry
 from .config import Config
 from .errors import Cancelled, InvalidArgument
@@ -46,13 +47,15 @@ class ImageStore:
         self._stopping.set()
 
     def credentials_for(self, uid: Optional[int]) -> CredentialStore:
+        """The credentials of uid's own files, read as uid (None: the daemon's own)."""
         if uid is None:
             return CredentialStore()
         try:
             home = pwd.getpwuid(uid).pw_dir
         except KeyError:
             return CredentialStore(home="/nonexistent", environ={})
-        return CredentialStore(home=home, environ={"XDG_RUNTIME_DIR": f"/run/user/{uid}"})
+        return CredentialStore(home=home, environ={"XDG_RUNTIME_DIR": f"/run/user/{uid}"},
+                               as_user=Identity.of_user(uid))
 
     def client(self, uid: Optional[int] = None) -> RegistryClient:
         return RegistryClient(credentials=self.credentials_for(uid),

@@ -22,13 +22,21 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
+
+from ..asuser import read_file_safely
+from ..errors import NotFound
+
+if TYPE_CHECKING:
+    from ..asuser import Identity
 
 log = logging.getLogger("ociimage.registry")
 
 DOCKER_HUB = "docker.io"
 # The key `docker login` writes for Docker Hub, and what helpers expect for it.
 DOCKER_HUB_SERVER_URL = "https://index.docker.io/v1/"
+# A docker/podman config is a few KiB; anything near this is not one.
+MAX_FILE_BYTES = 1 << 20
 _HUB_ALIASES = {"index.docker.io", "registry-1.docker.io", "registry.hub.docker.com", DOCKER_HUB}
 
 
@@ -75,13 +83,16 @@ class CredentialStore:
 
     home/env default to the current user's; the daemon and tests pass them
     explicitly (credentials of another user must be read with that user's
-    home and environment).
+    home and environment). as_user: the root daemon reading a job user's
+    files reads them *as that user* (asuser.read_files), so a symlink to
+    another user's file, a FIFO or a huge file gets them nothing.
     """
 
     def __init__(self, home: Optional[os.PathLike] = None,
                  env: Optional[Mapping[str, str]] = None, helper_timeout: float = 30.0, *,
                  environ: Optional[Mapping[str, str]] = None,
-                 allow_helpers: Optional[bool] = None):
+                 allow_helpers: Optional[bool] = None,
+                 as_user: Optional["Identity"] = None, max_file_bytes: int = MAX_FILE_BYTES):
         if env is None:
             env = environ  # alias used by callers that say "environ"
         self.env: Mapping[str, str] = dict(os.environ if env is None else env)
@@ -93,6 +104,11 @@ class CredentialStore:
             home = self.env.get("HOME") or Path.home()
         self.home = Path(home)
         self.helper_timeout = helper_timeout
+        self.as_user = as_user
+        self.max_file_bytes = max_file_bytes
+        if as_user is not None:
+            self.allow_helpers = False  # never a user's program, whoever runs us
+        self._loaded: Optional[Dict[Path, Optional[dict]]] = None
 
     def files(self) -> List[Path]:
         """The files consulted, in order (whether or not they exist)."""
@@ -109,8 +125,11 @@ class CredentialStore:
 
     def get(self, domain: str) -> Optional[Credentials]:
         domain = normalize_registry(domain)
+        if self._loaded is None:
+            # all files at once: for another user that is one helper process
+            self._loaded = self._load_all(self.files())
         for path in self.files():
-            config = self._load(path)
+            config = self._loaded.get(path)
             if config is None:
                 continue
             creds = self._from_config(config, domain, path)
@@ -120,15 +139,30 @@ class CredentialStore:
         log.debug("no credentials for %s", domain)
         return None
 
-    def _load(self, path: Path) -> Optional[dict]:
-        try:
-            with open(path, "rb") as f:
-                data = json.load(f)
-        except FileNotFoundError:
+    def _load_all(self, paths: List[Path]) -> Dict[Path, Optional[dict]]:
+        if self.as_user is not None:
+            from ..asuser import read_files
+            raw = read_files(self.as_user, [str(p) for p in paths], limit=self.max_file_bytes)
+        else:
+            raw = []
+            for p in paths:
+                try:
+                    raw.append(read_file_safely(str(p), self.max_file_bytes))
+                except OSError as e:
+                    raw.append(e)
+        return {p: self._parse(p, r) for p, r in zip(paths, raw)}
+
+    @staticmethod
+    def _parse(path: Path, raw) -> Optional[dict]:
+        if not isinstance(raw, bytes):
+            if not isinstance(raw, (FileNotFoundError, NotFound)):
+                # the content may hold secrets: name the error only
+                log.debug("ignoring unreadable credentials file %s (%s)", path, raw)
             return None
-        except (OSError, ValueError) as e:
-            # the content may hold secrets: name the error class only
-            log.debug("ignoring unreadable credentials file %s (%s)", path, type(e).__name__)
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            log.debug("ignoring credentials file %s (%s)", path, type(e).__name__)
             return None
         if not isinstance(data, dict):
             log.debug("ignoring credentials file %s: not a JSON object", path)
