@@ -336,6 +336,15 @@ def test_make_group_replaces_clashes():
     assert out.splitlines() == ["root:x:0:", f"video:x:44:{NAME}", f"{GROUP}:x:{GID}:"]
 
 
+def plan_of(spec, step_dir):
+    sources = ns.open_sources(spec)
+    try:
+        return ns.plan_step(spec, step_dir, sources)
+    finally:
+        for o in sources.values():
+            getattr(o, "close", lambda: None)()
+
+
 def test_plan_working_directory_rules(tmp_path):
     root = tmp_path / "root"
     for d in ("etc", "proc", "sys", "dev", "tmp", "data", "work"):
@@ -349,23 +358,22 @@ def test_plan_working_directory_rules(tmp_path):
     spec = ns.StepSpec("1", "0", 0, 0, "root", str(home), root,
                        mounts=[(str(src), "/data", False)], host_cwd=str(src / "deep"),
                        image_workdir="/work")
-    assert ns.plan_step(spec, tmp_path / "st").cwd == "/data/deep"
+    assert plan_of(spec, tmp_path / "st").cwd == "/data/deep"
     spec.host_cwd = str(home / "sub")
-    plan = ns.plan_step(spec, tmp_path / "st")
+    plan = plan_of(spec, tmp_path / "st")
     assert plan.cwd == str(home / "sub")
     assert not plan.overlay  # the home is under /tmp: its mount point is made in the tmpfs
     spec.mounts.append((str(src), "/newdir/sub", True))
-    assert ns.plan_step(spec, tmp_path / "st").overlay  # /newdir is not in the image
+    assert plan_of(spec, tmp_path / "st").overlay  # /newdir is not in the image
     spec.mounts.pop()
     spec.mount_home = False
-    plan = ns.plan_step(spec, tmp_path / "st")
+    plan = plan_of(spec, tmp_path / "st")
     assert plan.cwd == "/work" and not plan.overlay
     spec.image_workdir = None
-    assert ns.plan_step(spec, tmp_path / "st").cwd == "/"
+    assert plan_of(spec, tmp_path / "st").cwd == "/"
     spec.workdir = "/data/x"
-    assert ns.plan_step(spec, tmp_path / "st").cwd == "/data/x"
-    assert ns.plan_step(spec, tmp_path / "st").ops[-1] == ("pivot", str(tmp_path / "st" / "root"))
-    assert errno.EROFS  # (EROFS is what the live tests check for)
+    assert plan_of(spec, tmp_path / "st").cwd == "/data/x"
+    assert plan_of(spec, tmp_path / "st").ops[-1] == ("pivot", str(tmp_path / "st" / "root"))
 
 
 @needs_root

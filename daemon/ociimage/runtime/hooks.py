@@ -18,7 +18,10 @@ namespace is built and before any task enters it ([daemon] hooks_dir, default
     OCI_HOOK_IMAGE_CONFIG         a JSON file: the image's config (Env, Entrypoint, ...)
     OCI_HOOK_JOB_ENV              a file: the job's environment, NUL-separated NAME=VALUE
     OCI_HOOK_STATE_DIR            a root-only directory for this step, removed with it
-    plus the job's variables a hook needs directly: SLURM_*, CUDA_VISIBLE_DEVICES,
+    OCI_HOOK_USER_MOUNTS          JSON list of the container paths the user controls
+                                  (home, --oci-mounts): never write below them as root
+    plus the job's variables a hook needs directly: SLURM_* (not SLURM_CONF: a
+    root hook must not run Slurm commands against a configuration the user chose), CUDA_VISIBLE_DEVICES,
     GPU_DEVICE_ORDINAL, ROCR_VISIBLE_DEVICES, NVIDIA_VISIBLE_DEVICES,
     NVIDIA_DRIVER_CAPABILITIES, PMI_*, PMIX_* (never PATH, LD_* or the like:
     hooks run as root and the job's environment is the user's to set).
@@ -40,7 +43,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from ..errors import RuntimeSetupError
 
@@ -50,6 +53,7 @@ SAFE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PASS_EXACT = frozenset(("CUDA_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "ROCR_VISIBLE_DEVICES",
                          "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES"))
 _PASS_PREFIX = ("SLURM_", "PMI_", "PMIX_")
+_NEVER = frozenset(("SLURM_CONF",))
 _SKIP_SUFFIX = ("~", ".rpmnew", ".rpmsave", ".rpmorig", ".swp", ".bak")
 
 
@@ -84,9 +88,11 @@ def list_hooks(hooks_dir: Path) -> List[Path]:
 
 def hook_environment(*, pid: int, job_id: str, step_id: str, uid: int, gid: int, user: str,
                      home: str, node: str, digest: str, config_path: Path, job_env_path: Path,
-                     state_dir: Path, job_env: Mapping[str, str]) -> Dict[str, str]:
+                     state_dir: Path, job_env: Mapping[str, str],
+                     user_mounts: Sequence[str] = ()) -> Dict[str, str]:
     env = {k: v for k, v in job_env.items()
-           if (k in _PASS_EXACT or k.startswith(_PASS_PREFIX)) and "\0" not in v}
+           if (k in _PASS_EXACT or k.startswith(_PASS_PREFIX)) and k not in _NEVER
+           and "\0" not in v}
     env.update({
         "PATH": SAFE_PATH, "LC_ALL": "C.UTF-8",
         "OCI_HOOK_PID": str(pid), "OCI_HOOK_NS": f"/proc/{pid}/ns/mnt",
@@ -96,6 +102,7 @@ def hook_environment(*, pid: int, job_id: str, step_id: str, uid: int, gid: int,
         "OCI_HOOK_HOME": home, "OCI_HOOK_NODE": node, "OCI_HOOK_IMAGE_DIGEST": digest,
         "OCI_HOOK_IMAGE_CONFIG": str(config_path), "OCI_HOOK_JOB_ENV": str(job_env_path),
         "OCI_HOOK_STATE_DIR": str(state_dir),
+        "OCI_HOOK_USER_MOUNTS": json.dumps(list(user_mounts)),
     })
     return env
 
@@ -137,7 +144,8 @@ def run_hooks(hooks: List[Path], env: Dict[str, str], timeout: float, *, job: st
         log.info("step hook ran", extra=extra)
 
 
-def run_for_step(config, ns_path, request, digest: str, image_config: Optional[dict]) -> None:
+def run_for_step(config, ns_path, request, digest: str, image_config: Optional[dict],
+                 user_mounts: Sequence[str] = ()) -> None:
     """Run the site's hooks for a freshly built step namespace; on failure destroy it and raise."""
     hooks_dir = Path(getattr(config, "hooks_dir", "/etc/oci-image/hooks.d"))
     from .namespaces import destroy_step_namespace, holder_of
@@ -162,7 +170,7 @@ def run_for_step(config, ns_path, request, digest: str, image_config: Optional[d
             gid=request.gid, user=request.user_name or f"user{request.uid}",
             home=request.home or "/", node=request.node or getattr(config, "node", ""),
             digest=digest, config_path=cfg_path, job_env_path=env_path, state_dir=state,
-            job_env=job_env)
+            job_env=job_env, user_mounts=user_mounts)
         run_hooks(hooks, env, float(getattr(config, "hooks_timeout", 60.0)),
                   job=request.job_id, step=request.step_id)
     except BaseException:

@@ -155,18 +155,22 @@ class NodeMounts:
 
     # ---- public API -------------------------------------------------------
 
-    def acquire(self, digest: str, sqfs_path: Union[str, Path]) -> Path:
-        """Mount the image if needed and take a reference; returns the mount point."""
+    def acquire(self, digest: str, sqfs_path: Union[str, Path], fd: Optional[int] = None) -> Path:
+        """Mount the image if needed and take a reference; returns the mount point.
+
+        fd: the file opened already (a user's own .sqfs, opened as the user):
+        mounted from the descriptor, never by its path again.
+        """
         target = self._mountpoint(digest)
         with self._lock:
             img = self._images.get(digest)
             if img is None or mount_at(target) is None:
                 source = str(sqfs_path)
-                if not os.path.isfile(source):
+                if fd is None and not os.path.isfile(source):
                     raise CacheError(f"image file {source} for {digest} does not exist")
                 self._ensure_dirs()
                 if mount_at(target) is None:  # not even by an earlier daemon
-                    self._mount(source, target)
+                    self._mount(source, target, fd)
                 refs = img.refs if img else 0
                 img = self._images[digest] = _Image(digest, target, source, refs)
             img.refs += 1
@@ -255,13 +259,15 @@ class NodeMounts:
 
     # ---- helpers (called with the lock held) ------------------------------
 
-    def _mount(self, source: str, target: Path) -> None:
+    def _mount(self, source: str, target: Path, fd: Optional[int] = None) -> None:
         target.mkdir(exist_ok=True, mode=0o755)
-        cmd = ["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", "--", source, str(target)]
+        what = source if fd is None else f"/proc/self/fd/{fd}"  # mount(8) inherits the fd
+        cmd = ["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", "--", what, str(target)]
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=_MOUNT_TIMEOUT)
+                                  stderr=subprocess.PIPE, timeout=_MOUNT_TIMEOUT,
+                                  pass_fds=() if fd is None else (fd,))
         except (OSError, subprocess.TimeoutExpired) as e:
             self._rmdir(target)
             raise MountError(f"cannot mount image {source}: {e}") from None

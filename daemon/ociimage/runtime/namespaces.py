@@ -52,7 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from ..errors import AccessDenied, InvalidArgument, NotFound
+from .. import asuser
+from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from . import syscalls as sc
 from . import users
 from .mounts import MountError, read_mountinfo
@@ -85,12 +86,19 @@ class StepSpec:
     host_cwd: str = "/"
     image_workdir: Optional[str] = None
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
+    groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
+
+    def identity(self) -> asuser.Identity:
+        if self.groups:
+            return asuser.Identity(self.uid, self.gid, tuple(self.groups))
+        return asuser.Identity.of_user(self.uid, self.gid)
 
 
 @dataclass(frozen=True)
 class StepNamespace:
     ns_path: Path
     cwd: str
+    user_mounts: Tuple[str, ...] = ()  # container paths the user controls (home, --oci-mounts)
 
 
 # ---- path resolution inside the container ----------------------------------
@@ -229,12 +237,22 @@ def read_image_file(rootfs: Union[str, Path], path: str,
 
 # ---- planning ----------------------------------------------------------------
 
-Op = tuple  # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path) | ("pivot", root)
+# ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path)
+# | ("bindfd", fd, target, read_only, canonical) | ("setattr", target, attrs, legacy_flags)
+# | ("pivot", root)
+Op = tuple
+
+#: Mount user binds with open_tree/mount_setattr/move_mount (Linux >= 5.12). Without
+#: it a bind is non-recursive (its submounts, whose flags a remount would not change,
+#: stay behind) and made from a descriptor reopened and checked to be the same file.
+USE_MOUNT_API = sc.have_mount_api()
 
 
 def _describe(op: Op) -> str:
     if op[0] == "mount":
         return f"mount {op[1]} on {op[2]}"
+    if op[0] == "bindfd":
+        return f"bind {op[4]} on {op[2]}"
     return f"{op[0]} {op[1]}"
 
 
@@ -242,28 +260,6 @@ def _check_abs(what: str, path: str) -> str:
     if not path or not path.startswith("/") or "\0" in path:
         raise InvalidArgument(f"{what} {path!r} must be an absolute path")
     return os.path.normpath(path)
-
-
-def _user_may_reach(path: str, uid: int, gid: int, groups: Iterable[int]) -> bool:
-    """Whether uid can look path up: search permission on every directory above it."""
-    if uid == 0:
-        return True
-    gids = set(groups) | {gid}
-    p = Path(path)
-    for d in reversed(p.parents):
-        try:
-            st = os.stat(d)
-        except OSError:
-            return False
-        if st.st_uid == uid:
-            ok = st.st_mode & stat.S_IXUSR
-        elif st.st_gid in gids:
-            ok = st.st_mode & stat.S_IXGRP
-        else:
-            ok = st.st_mode & stat.S_IXOTH
-        if not ok:
-            return False
-    return True
 
 
 def _overlay_safe(path: str) -> str:
@@ -277,11 +273,18 @@ class Plan:
     ops: List[Op]
     cwd: str
     overlay: bool
+    user_mounts: Tuple[str, ...] = ()
+
+
+Sources = Mapping[str, Union[asuser.Opened, OciImageError]]
 
 
 class _Planner:
-    def __init__(self, spec: StepSpec, step_dir: Path):
+    """sources: what the user named, opened as the user ("home", "cwd", "mount:<i>")."""
+
+    def __init__(self, spec: StepSpec, step_dir: Path, sources: Sources):
         self.spec = spec
+        self.sources = sources
         self.step_dir = step_dir
         self.root = str(step_dir / "root")
         self.rootfs = str(spec.rootfs)
@@ -291,6 +294,7 @@ class _Planner:
         self.system: List[Op] = []
         self.user: List[Op] = []
         self.visible: List[Tuple[str, str]] = []  # (host dir, container dir) for the cwd
+        self.user_targets: List[str] = []
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -321,10 +325,17 @@ class _Planner:
             t = self.target(name, True, name)
             self.layers[t] = _OPAQUE
             if name == "/proc":
+                # a proc of our own, with the host's hidepid=/gid=/subset= (per mount since 5.8)
                 self.system.append(("mount", "proc", self.host(t), "proc",
-                                    sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, None))
+                                    sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, host_proc_options()))
             else:
                 self.system.append(("mount", name, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
+                # the host's submounts of /dev and /sys (pts, mqueue, cgroup, securityfs, ...)
+                # come along: none of them may honour setuid bits in here
+                attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+                                                if name == "/sys" else 0)
+                legacy = sc.MS_NOSUID | (sc.MS_NODEV | sc.MS_NOEXEC if name == "/sys" else 0)
+                self.system.append(("setattr", self.host(t), attrs, legacy, name))
             if name == "/dev" and os.path.isdir("/dev/shm"):
                 # a per-step /dev/shm: shared by the step's tasks, freed with the step
                 self.system.append(("mount", "shm", self.host(t) + "/shm", "tmpfs",
@@ -334,46 +345,46 @@ class _Planner:
         self.system.append(("mount", "tmpfs", self.host(t), "tmpfs",
                             sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
 
+    def _source(self, key: str, src: str) -> asuser.Opened:
+        o = self.sources.get(key)
+        if isinstance(o, asuser.Opened):
+            return o
+        if isinstance(o, NotFound):
+            raise NotFound(f"mount source {src} does not exist")
+        if isinstance(o, AccessDenied):
+            raise AccessDenied(f"mount source {src}: {str(o).split(': ', 1)[-1]}")
+        raise o if isinstance(o, OciImageError) else InvalidArgument(f"mount source {src}: not opened")
+
     def plan_binds(self) -> None:
         spec = self.spec
-        binds: List[Tuple[str, str, bool, str]] = []
+        binds: List[Tuple[asuser.Opened, str, bool, str]] = []
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
-            if os.path.isdir(home):
-                binds.append((os.path.realpath(home), home, False, "home"))
+            o = self.sources.get("home")
+            if isinstance(o, asuser.Opened) and o.is_dir:
+                binds.append((o, home, False, "home"))
             else:
-                log.warning("home directory missing on host, not mounted",
-                            extra={"home": home, "job": spec.job_id})
-        try:
-            groups = os.getgrouplist(spec.user_name, spec.gid) if spec.uid else []
-        except (OSError, KeyError):
-            groups = []
-        for src, dst, ro in spec.mounts:
+                log.warning("home directory not usable by its user, not mounted",
+                            extra={"home": home, "job": spec.job_id, "error": str(o)})
+        for i, (src, dst, ro) in enumerate(spec.mounts):
             src = _check_abs("mount source", src)
             dst = _check_abs("mount target", dst)
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
-            real = os.path.realpath(src)
-            if not os.path.exists(real):
-                raise NotFound(f"mount source {src} does not exist")
-            if not _user_may_reach(real, spec.uid, spec.gid, groups):
-                raise AccessDenied(f"mount source {src}: permission denied")
-            binds.append((real, dst, bool(ro), f"mount {src}:{dst}"))
+            binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}"))
         # parents before children, so a nested target resolves through its parent mount
         binds.sort(key=lambda b: len(_split(b[1])))
-        for real, dst, ro, what in binds:
-            is_dir = os.path.isdir(real)
-            t = self.target(dst, is_dir, what)
+        for o, dst, ro, what in binds:
+            t = self.target(dst, o.is_dir, what)
             for protected in self.protected:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
-            flags = sc.mount_flags_of(real) | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
-            self.user.append(("mount", real, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
-            self.user.append(("mount", None, self.host(t), None,
-                              sc.MS_REMOUNT | sc.MS_BIND | flags, None))
-            self.layers[t] = real if is_dir else _OPAQUE
-            if is_dir:
-                self.visible.append((real, t))
+            # from the descriptor the user opened: nothing can be swapped in after the check
+            self.user.append(("bindfd", o.fd, self.host(t), ro, o.path))
+            self.user_targets.append(t)
+            self.layers[t] = o.path if o.is_dir else _OPAQUE
+            if o.is_dir:
+                self.visible.append((o.path, t))
 
     def plan(self) -> Plan:
         spec = self.spec
@@ -412,14 +423,15 @@ class _Planner:
         ops += self.user
         ops += etc
         ops.append(("pivot", self.root))
-        return Plan(ops, self.working_dir(), overlay)
+        return Plan(ops, self.working_dir(), overlay, tuple(self.user_targets))
 
     def working_dir(self) -> str:
         spec = self.spec
         if spec.workdir:
             return _check_abs("working directory", spec.workdir)
-        if spec.host_cwd and spec.host_cwd.startswith("/"):
-            cwd = os.path.realpath(spec.host_cwd)
+        cwd_src = self.sources.get("cwd")
+        if isinstance(cwd_src, asuser.Opened):
+            cwd = cwd_src.path  # resolved by the user: root's realpath could see more
             best = None
             for host, cont in self.visible:
                 if cwd == host or cwd.startswith(host.rstrip("/") + "/"):
@@ -433,9 +445,43 @@ class _Planner:
         return "/"
 
 
-def plan_step(spec: StepSpec, step_dir: Path) -> Plan:
+def plan_step(spec: StepSpec, step_dir: Path, sources: Sources) -> Plan:
     """The operations that build the step's root under step_dir (no side effects)."""
-    return _Planner(spec, Path(step_dir)).plan()
+    return _Planner(spec, Path(step_dir), sources).plan()
+
+
+def open_sources(spec: StepSpec) -> Dict[str, Union[asuser.Opened, OciImageError]]:
+    """Everything the step names on the host, opened as its user (one helper process)."""
+    keys, paths = [], []
+    if spec.mount_home and spec.home and spec.home != "/":
+        keys.append("home")
+        paths.append(spec.home)
+    if spec.host_cwd and spec.host_cwd.startswith("/"):
+        keys.append("cwd")
+        paths.append(spec.host_cwd)
+    for i, (src, _dst, _ro) in enumerate(spec.mounts):
+        keys.append(f"mount:{i}")
+        paths.append(_check_abs("mount source", src))
+    return dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
+
+
+def _close_sources(sources: Sources) -> None:
+    for o in sources.values():
+        if isinstance(o, asuser.Opened):
+            o.close()
+
+
+def host_proc_options(entries: Optional[List] = None) -> Optional[str]:
+    """The host /proc's hidepid=/gid=/subset= options, to give the container's proc the same."""
+    proc = None
+    for e in entries if entries is not None else read_mountinfo():
+        if e.mount_point == "/proc" and e.fstype == "proc":
+            proc = e
+    if proc is None:
+        return None
+    keep = [o for o in proc.super_options.split(",")
+            if o.split("=", 1)[0] in ("hidepid", "gid", "subset")]
+    return ",".join(keep) or None
 
 
 # ---- the state dir ----------------------------------------------------------
@@ -471,18 +517,98 @@ def _take_namespace_root() -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
+_NOFOLLOW = asuser.RESOLVE_NO_SYMLINKS | asuser.RESOLVE_NO_MAGICLINKS
+
+
+def _open_target(path: str) -> int:
+    """A mount point planned as canonical: any symlink on the way now is a swap; refuse it."""
+    return asuser.openat2(path, asuser.O_PATH, _NOFOLLOW)
+
+
+def _detach_binds(ops: List[Op]) -> Dict[int, int]:
+    """Before unshare: detached, recursively nosuid,nodev copies of the user's bind sources.
+
+    open_tree() only clones mounts of the caller's own namespace, and the
+    descriptors were opened in the daemon's; mount_setattr(AT_RECURSIVE) is the
+    only way to reach every submount a recursive bind carries.
+    """
+    trees: Dict[int, int] = {}
+    if not USE_MOUNT_API:
+        return trees
+    for i, op in enumerate(ops):
+        if op[0] != "bindfd":
+            continue
+        tree = sc.open_tree(op[1], "", sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC |
+                            sc.AT_EMPTY_PATH | sc.AT_RECURSIVE)
+        attrs = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | (sc.MOUNT_ATTR_RDONLY if op[3] else 0)
+        sc.mount_setattr(tree, "", sc.AT_EMPTY_PATH | sc.AT_RECURSIVE, attrs, sc.MS_PRIVATE)
+        trees[i] = tree
+    return trees
+
+
+def _bind_legacy(op: Op) -> None:
+    """Without the new mount API: a non-recursive bind of the same file, checked by identity."""
+    _, fd, target, ro, canonical = op
+    want = os.fstat(fd)
+    again = os.open(canonical, asuser.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        got = os.fstat(again)
+        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
+            raise OSError(16, f"{canonical} changed while the step started")
+        tfd = _open_target(target)
+        try:
+            tpath = f"/proc/self/fd/{tfd}"
+            sc.mount(f"/proc/self/fd/{again}", tpath, None, sc.MS_BIND, None)
+            flags = sc.mount_flags_of(target) | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
+            sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
+            # the remount went by path: make sure it reached the bind just made
+            st, vfs = os.stat(target, follow_symlinks=False), os.statvfs(target)
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) or \
+                    not vfs.f_flag & os.ST_NOSUID or not vfs.f_flag & os.ST_NODEV:
+                raise OSError(16, f"{target} changed while the step started")
+        finally:
+            os.close(tfd)
+    finally:
+        os.close(again)
+
+
+def _setattr_legacy(target: str, flags: int) -> None:
+    """Without mount_setattr: remount every mount at or below target, one by one."""
+    prefix = target.rstrip("/") + "/"
+    for e in read_mountinfo():
+        if e.mount_point == target or e.mount_point.startswith(prefix):
+            sc.mount(None, e.mount_point, None,
+                     sc.MS_REMOUNT | sc.MS_BIND | sc.mount_flags_of(e.mount_point) | flags, None)
+
+
 def _child(ops: List[Op], report_w: int, go_r: int) -> None:
     """In the forked child: build the namespace, then hold it; never returns."""
     code = 1
     i = -1
     try:
         gc.disable()  # no finalizers of the parent's objects may run here
+        trees = _detach_binds(ops)
         sc.unshare(sc.CLONE_NEWNS)
         sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
         for i, op in enumerate(ops):
             kind = op[0]
             if kind == "mount":
                 sc.mount(op[1], op[2], op[3], op[4], op[5])
+            elif kind == "bindfd":
+                if i in trees:
+                    tfd = _open_target(op[2])
+                    try:
+                        sc.move_mount(trees[i], "", tfd, "",
+                                      sc.MOVE_MOUNT_F_EMPTY_PATH | sc.MOVE_MOUNT_T_EMPTY_PATH)
+                    finally:
+                        os.close(tfd)
+                else:
+                    _bind_legacy(op)
+            elif kind == "setattr":
+                if USE_MOUNT_API:
+                    sc.mount_setattr(sc.AT_FDCWD, op[1], sc.AT_RECURSIVE, op[2])
+                else:
+                    _setattr_legacy(op[1], op[3])
             elif kind == "mkdir":
                 try:
                     os.mkdir(op[1], op[2])
@@ -499,6 +625,8 @@ def _child(ops: List[Op], report_w: int, go_r: int) -> None:
                 sc.umount2(".", sc.MNT_DETACH)
                 os.chdir("/")
         i = -1
+        for fd in set(trees.values()) | {op[1] for op in ops if op[0] == "bindfd"}:
+            os.close(fd)  # the holder must not pin the user's directories
         # Hold the namespace until the daemon (this one or its successor)
         # SIGKILLs us: a session of our own, deaf to the daemon's signals, and a
         # name of our own in ps/top (the command line is still the daemon's).
@@ -546,9 +674,11 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
     """Build and pin the step's mount namespace; returns its ns file and the task cwd."""
     t0 = time.monotonic()
     state_dir = Path(state_dir)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # canonical, so the builder can refuse any symlink below it (RESOLVE_NO_SYMLINKS)
+    state_dir = Path(os.path.realpath(state_dir))
     step_dir = _step_dir(state_dir, spec.job_id, spec.step_id)
     ns_path = step_dir / NS_FILE
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     if step_dir.exists():
         if holder_of(ns_path) is not None:
             raise InvalidArgument(f"step {spec.job_id}.{spec.step_id} already has a namespace")
@@ -565,25 +695,28 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
     passwd = users.make_passwd(read_image_file(spec.rootfs, "/etc/passwd"), spec.user_name,
                                spec.uid, spec.gid, spec.home or "/")
     group = users.make_group(read_image_file(spec.rootfs, "/etc/group"), group_name, spec.gid)
-    plan = plan_step(spec, step_dir)
-
-    step_dir.mkdir(mode=0o700)
+    sources = open_sources(spec)
     try:
-        (step_dir / "root").mkdir(mode=0o755)
-        (step_dir / "rw").mkdir(mode=0o700)
-        for name, text in (("passwd", passwd), ("group", group)):
-            p = step_dir / name
-            p.write_bytes(text.encode("utf-8", "surrogateescape"))
-            os.chmod(p, 0o644)
-        _build(plan.ops, ns_path)
-    except BaseException:
-        _remove_step_dir(step_dir)
-        raise
+        plan = plan_step(spec, step_dir, sources)
+        step_dir.mkdir(mode=0o700)
+        try:
+            (step_dir / "root").mkdir(mode=0o755)
+            (step_dir / "rw").mkdir(mode=0o700)
+            for name, text in (("passwd", passwd), ("group", group)):
+                p = step_dir / name
+                p.write_bytes(text.encode("utf-8", "surrogateescape"))
+                os.chmod(p, 0o644)
+            _build(plan.ops, ns_path)
+        except BaseException:
+            _remove_step_dir(step_dir)
+            raise
+    finally:
+        _close_sources(sources)
     log.info("step namespace created",
              extra={"job": spec.job_id, "step": spec.step_id, "ns": str(ns_path),
                     "cwd": plan.cwd, "overlay": plan.overlay,
                     "seconds": round(time.monotonic() - t0, 3)})
-    return StepNamespace(ns_path, plan.cwd)
+    return StepNamespace(ns_path, plan.cwd, plan.user_mounts)
 
 
 def _build(ops: List[Op], ns_path: Path) -> None:
@@ -594,11 +727,14 @@ def _build(ops: List[Op], ns_path: Path) -> None:
         # The holder outlives the daemon (running steps survive a restart): it must
         # not keep the daemon's listening sockets (gRPC, metrics), cache locks or
         # other descriptors open, or the next daemon cannot bind its metrics port.
+        # The bind sources' descriptors stay until the namespace is built.
+        keep = sorted({report_w, go_r} | {op[1] for op in ops if op[0] == "bindfd"})
         try:
-            lo, hi = sorted((report_w, go_r))
-            os.closerange(3, lo)
-            os.closerange(lo + 1, hi)
-            os.closerange(hi + 1, os.sysconf("SC_OPEN_MAX"))
+            lo = 3
+            for fd in keep:
+                os.closerange(lo, fd)
+                lo = fd + 1
+            os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
         except OSError:
             pass
         _child(ops, report_w, go_r)
@@ -619,7 +755,7 @@ def _build(ops: List[Op], ns_path: Path) -> None:
                 msg = "the namespace builder died"
             raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
         inode = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-        (ns_path.parent / HOLDER_FILE).write_text(f"{pid} {inode}\n")
+        (ns_path.parent / HOLDER_FILE).write_text(f"{pid} {inode} {process_start(pid)}\n")
         os.symlink(f"/proc/{pid}/ns/mnt", ns_path)
         # Only now, recorded, may it hold the namespace: had we died before this
         # byte, it would see EOF and exit rather than hold it for nobody.
@@ -642,14 +778,40 @@ def _kill_holder(pid: int) -> None:
         pass
 
 
+def process_start(pid: int) -> int:
+    """A process's start time (field 22 of /proc/PID/stat): with the pid, names it for good."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat_line = f.read()
+    return int(stat_line[stat_line.rindex(b")") + 2:].split()[19])
+
+
+@dataclass(frozen=True)
+class Holder:
+    pid: int
+    ns_inode: int
+    start: int
+
+
+def holder_info(ns_path: Union[str, Path]) -> Optional[Holder]:
+    """The process holding this step's namespace, if it still does (pid, ns inode, start)."""
+    try:
+        fields = (Path(ns_path).parent / HOLDER_FILE).read_text().split()
+        pid, inode = int(fields[0]), int(fields[1])
+        if os.stat(f"/proc/{pid}/ns/mnt").st_ino != inode:
+            return None
+        start = process_start(pid)
+        # a holder recorded by an older daemon has no start time: the inode must do
+        if len(fields) > 2 and int(fields[2]) != start:
+            return None
+        return Holder(pid, inode, start)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def holder_of(ns_path: Union[str, Path]) -> Optional[int]:
     """The pid of the process holding this step's namespace, if it still does."""
-    try:
-        pid_s, ino_s = (Path(ns_path).parent / HOLDER_FILE).read_text().split()
-        pid, inode = int(pid_s), int(ino_s)
-        return pid if os.stat(f"/proc/{pid}/ns/mnt").st_ino == inode else None
-    except (OSError, ValueError):
-        return None
+    h = holder_info(ns_path)
+    return h.pid if h else None
 
 
 def destroy_step_namespace(ns_path: Union[str, Path]) -> None:

@@ -19,16 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from .. import asuser
 from ..cache import Cache, DEFAULT_LEASE_TTL
 from ..config import Config
-from ..errors import AccessDenied, InvalidArgument, NotFound
+from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
 from ..progress import ProgressEvent, Reporter
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
 from .mounts import NodeMounts
 from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace,
-                         destroy_step_namespace, holder_of)
+                         destroy_step_namespace, holder_info, holder_of)
 
 log = logging.getLogger("ociimage.runtime")
 
@@ -52,34 +53,6 @@ class StepRecord:
 def _check_ids(job_id: str, step_id: str) -> None:
     if not re.fullmatch(r"[0-9]{1,12}", job_id or "") or not _ID.match(step_id or ""):
         raise InvalidArgument(f"invalid job/step id {job_id!r}.{step_id!r}")
-
-
-def _user_can_read(path: Path, uid: int, gid: int) -> bool:
-    """Whether uid (primary group gid, plus supplementary groups) may read path, parents included."""
-    import grp
-    import pwd
-    try:
-        name = pwd.getpwuid(uid).pw_name
-        groups = {gid} | {g.gr_gid for g in grp.getgrall() if name in g.gr_mem}
-    except KeyError:
-        groups = {gid}
-
-    def allowed(st, bits_user, bits_group, bits_other) -> bool:
-        if uid == 0:
-            return True
-        if st.st_uid == uid:
-            return bool(st.st_mode & bits_user)
-        if st.st_gid in groups:
-            return bool(st.st_mode & bits_group)
-        return bool(st.st_mode & bits_other)
-
-    try:
-        for parent in reversed(path.parents):
-            if not allowed(os.stat(parent), stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH):
-                return False
-        return allowed(os.stat(path), stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
-    except OSError:
-        return False
 
 
 class StepManager:
@@ -112,20 +85,30 @@ class StepManager:
     def _record_path(self, job_id: str, step_id: str) -> Path:
         return self.state_dir / f"{job_id}.{step_id}" / "record.json"
 
-    def _local_image(self, request) -> Tuple[str, Path, dict]:
-        """A user's own .sqfs: allowed only by plugstack allow_sqfs, and only if they can read it."""
+    def _local_image(self, request) -> Tuple[str, asuser.Opened, dict]:
+        """A user's own .sqfs: allowed only by plugstack allow_sqfs, and only if they can read it.
+
+        Opened as the user, and mounted from that descriptor: a symlink into
+        another user's directory, or a file swapped in after a check, gets nothing.
+        """
         if not request.allow_sqfs:
             raise AccessDenied("this site does not allow --oci-image with a local .sqfs file; "
                                "use an image reference instead")
-        path = Path(request.image)
-        if not path.is_absolute() or not path.is_file():
+        if not os.path.isabs(request.image):
+            raise InvalidArgument(f"image file {request.image} must be an absolute path")
+        [opened] = asuser.open_paths(asuser.Identity.of_user(request.uid, request.gid),
+                                     [request.image], flags=os.O_RDONLY | os.O_NONBLOCK)
+        if isinstance(opened, NotFound):
             raise NotFound(f"image file {request.image} does not exist")
-        if not _user_can_read(path, request.uid, request.gid):
+        if isinstance(opened, OciImageError):
             raise AccessDenied(f"you cannot read {request.image}")
-        st = path.stat()
-        ident = f"{os.path.realpath(path)}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        if not stat.S_ISREG(opened.mode):
+            opened.close()
+            raise InvalidArgument(f"image file {request.image} is not a regular file")
+        st = os.fstat(opened.fd)
+        ident = f"{opened.path}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
         digest = "sha256:" + hashlib.sha256(ident.encode()).hexdigest()
-        return digest, path, {}
+        return digest, opened, {}
 
     def _pull_and_lease(self, request, report: Reporter, attempts: int = 3):
         """Pull, then lease: a prune between the two can evict the image, so pull again."""
@@ -149,14 +132,20 @@ class StepManager:
         if existing:  # a retried prepare for the same step gets the same container
             return self._container(existing, request)
         lease_id = None
+        local = None
         if request.image.startswith("/"):
-            digest, sqfs, config = self._local_image(request)
+            digest, local, config = self._local_image(request)
+            sqfs = Path(local.path)
         else:
             entry, lease_id = self._pull_and_lease(request, report)
             digest, sqfs, config = entry.digest, entry.path, entry.meta.get("config", {})
         try:
             report(ProgressEvent("mount", message="mounting the image"))
-            rootfs = self.mounts.acquire(digest, sqfs)
+            try:
+                rootfs = self.mounts.acquire(digest, sqfs, fd=local.fd if local else None)
+            finally:
+                if local:
+                    local.close()
             try:
                 spec = StepSpec(
                     job_id=request.job_id, step_id=request.step_id, uid=request.uid,
@@ -168,7 +157,8 @@ class StepManager:
                     image_workdir=config.get("WorkingDir") or None)
                 ns = create_step_namespace(spec, self.state_dir)
                 # site hooks (GPUs, MPI, ...); on failure the namespace is destroyed
-                hooks.run_for_step(self.config, ns.ns_path, request, digest, config)
+                hooks.run_for_step(self.config, ns.ns_path, request, digest, config,
+                                   user_mounts=ns.user_mounts)
             except BaseException:
                 self.mounts.release(digest)
                 raise
@@ -202,9 +192,15 @@ class StepManager:
                 raise InvalidArgument("--oci-entrypoint: the image's Entrypoint is not a list "
                                       "of strings")
             argv_prefix = list(ep)
-        return pb.StepContainer(ns_path=record.ns_path, cwd=record.cwd,
+        holder = holder_info(record.ns_path)
+        if holder is None:
+            raise NotFound(f"the namespace of step {record.job_id}.{record.step_id} is gone",
+                           hint="start the step again")
+        return pb.StepContainer(ns_path=f"/proc/{holder.pid}/ns/mnt", cwd=record.cwd,
                                 set_env=[f"{k}={v}" for k, v in sorted(to_set.items())],
-                                unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix)
+                                unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix,
+                                holder_pid=holder.pid, holder_start=holder.start,
+                                ns_inode=holder.ns_inode)
 
     def release(self, job_id: str, step_id: str) -> None:
         _check_ids(job_id, step_id)

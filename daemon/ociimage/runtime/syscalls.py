@@ -122,3 +122,63 @@ def mount_flags_of(path: PathLike) -> int:
     """The per-mount MS_* flags of the mount holding path (for bind remounts)."""
     f_flag = os.statvfs(path).f_flag
     return sum(ms for st, ms in _ST_TO_MS if f_flag & st)
+
+
+# ---- the new mount API (Linux >= 5.2; mount_setattr >= 5.12) ------------------
+# The same syscall numbers on every architecture (allocated after the tables merged).
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+
+AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x04
+MOVE_MOUNT_T_EMPTY_PATH = 0x40
+MOUNT_ATTR_RDONLY = 0x01
+MOUNT_ATTR_NOSUID = 0x02
+MOUNT_ATTR_NODEV = 0x04
+MOUNT_ATTR_NOEXEC = 0x08
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def open_tree(dirfd: int, path: PathLike, flags: int) -> int:
+    """A detached copy of the mount tree at dirfd/path (OPEN_TREE_CLONE); returns its fd."""
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPEN_TREE), ctypes.c_int(dirfd),
+                       ctypes.c_char_p(_b(path)), ctypes.c_uint(flags))
+    if fd < 0:
+        raise _fail(f"open_tree({dirfd}, {os.fsdecode(path)!r})")
+    return int(fd)
+
+
+def move_mount(from_fd: int, from_path: PathLike, to_fd: int, to_path: PathLike,
+               flags: int) -> None:
+    if _libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(from_fd),
+                     ctypes.c_char_p(_b(from_path)), ctypes.c_int(to_fd),
+                     ctypes.c_char_p(_b(to_path)), ctypes.c_uint(flags)) != 0:
+        raise _fail(f"move_mount({from_fd} -> {to_fd} {os.fsdecode(to_path)!r})")
+
+
+def mount_setattr(dirfd: int, path: PathLike, flags: int, attr_set: int,
+                  propagation: int = 0) -> None:
+    """Set mount attributes (AT_RECURSIVE: on every mount of the tree, submounts included)."""
+    attr = _MountAttr(attr_set, 0, propagation, 0)
+    if _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(dirfd),
+                     ctypes.c_char_p(_b(path)), ctypes.c_uint(flags), ctypes.byref(attr),
+                     ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
+        raise _fail(f"mount_setattr({dirfd}, {os.fsdecode(path)!r}, {attr_set:#x})")
+
+
+def have_mount_api() -> bool:
+    """Whether this kernel has open_tree/move_mount/mount_setattr (Linux >= 5.12)."""
+    attr = _MountAttr(0, 0, 0, 0)
+    # an invalid fd: EBADF means the call exists, ENOSYS that it does not
+    rc = _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(-1), ctypes.c_char_p(b""),
+                       ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
+                       ctypes.c_size_t(ctypes.sizeof(attr)))
+    return not (rc < 0 and ctypes.get_errno() == 38)
