@@ -124,6 +124,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -188,6 +189,10 @@ static struct {
 	char *out;        /* prepare's stdout (owned) */
 	size_t out_len;
 	const char *ns, *cwd;
+	/* the namespace's holder: entered only if the process at holder_pid still
+	 * started at holder_start and its namespace has inode ns_inode */
+	unsigned long holder_pid;
+	unsigned long long holder_start, ns_inode;
 	const char *entrypoint; /* encoded, see oci-image-launch.c; NULL: none */
 	const char *env[1024];
 	size_t n_env;
@@ -1018,6 +1023,14 @@ static int parse_prepare_output(void)
 				return -1;
 			}
 			st.ns = val;
+		} else if (strcmp(key, "holder") == 0) {
+			char tail;
+			if (st.holder_pid != 0 ||
+			    sscanf(val, "%lu %llu %llu%c", &st.holder_pid, &st.holder_start,
+				   &st.ns_inode, &tail) != 3 || st.holder_pid == 0 || st.ns_inode == 0) {
+				slurm_error(PFX "step client prepare: bad or repeated holder");
+				return -1;
+			}
 		} else if (strcmp(key, "cwd") == 0) {
 			if (st.cwd != NULL || val[0] != '/') {
 				slurm_error(PFX "step client prepare: bad or repeated cwd");
@@ -1049,8 +1062,8 @@ static int parse_prepare_output(void)
 			return -1;
 		}
 	}
-	if (st.ns == NULL) {
-		slurm_error(PFX "step client prepare: no ns record");
+	if (st.ns == NULL || st.holder_pid == 0) {
+		slurm_error(PFX "step client prepare: no ns or holder record");
 		return -1;
 	}
 	return 0;
@@ -1390,6 +1403,60 @@ static int use_launcher(spank_t sp, int fd)
 	return 0;
 }
 
+/* Field 22 (starttime) of /proc/PID/stat; 0 if unreadable. */
+static unsigned long long process_start(unsigned long pid)
+{
+	char path[64], buf[1024], *p;
+	unsigned long long start = 0;
+	ssize_t n;
+	int fd, field;
+
+	snprintf(path, sizeof(path), "/proc/%lu/stat", pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
+		return 0;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0)
+		return 0;
+	buf[n] = '\0';
+	if ((p = strrchr(buf, ')')) == NULL)
+		return 0;
+	/* after ") " comes field 3 (state); starttime is field 22 */
+	for (field = 2; field < 22 && p != NULL; field++)
+		p = strchr(p + 1, ' ');
+	if (p != NULL)
+		start = strtoull(p + 1, NULL, 10);
+	return start;
+}
+
+/*
+ * The step's namespace, opened through its holder's pid and verified: a
+ * holder that died and whose pid was reused (by any process, in a namespace
+ * of its own making) must never be entered as root.  The pid is checked by
+ * its start time after the open, so the descriptor was taken while the holder
+ * itself had that pid, and the namespace by its inode.
+ */
+static int open_holder_ns(void)
+{
+	char path[64];
+	struct stat sb;
+	int fd;
+
+	snprintf(path, sizeof(path), "/proc/%lu/ns/mnt", st.holder_pid);
+	if ((fd = open(path, O_RDONLY | O_CLOEXEC)) < 0) {
+		slurm_error(PFX "the step's namespace is gone (%s: %s)", path, strerror(errno));
+		return -1;
+	}
+	if (fstat(fd, &sb) < 0 || (unsigned long long)sb.st_ino != st.ns_inode ||
+	    process_start(st.holder_pid) != st.holder_start) {
+		slurm_error(PFX "the step's namespace holder %lu is not the one the daemon made; "
+			    "not entering it", st.holder_pid);
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
 int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 {
 	int fd, launcher_fd = -1;
@@ -1402,17 +1469,20 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 	/* the launcher is a host path: open it before leaving the host's namespace */
 	if (st.entrypoint != NULL && (launcher_fd = open_launcher()) < 0)
 		return -1;
-	fd = open(st.ns, O_RDONLY | O_CLOEXEC);
-	if (fd < 0) {
-		slurm_error(PFX "open %s: %s", st.ns, strerror(errno));
+	if ((fd = open_holder_ns()) < 0)
 		return -1;
-	}
 	if (setns(fd, CLONE_NEWNS) < 0) {
 		slurm_error(PFX "setns %s: %s", st.ns, strerror(errno));
 		close(fd);
 		return -1;
 	}
 	close(fd);
+	/* No exec in the container may gain privileges (setuid/setgid bits, file
+	 * capabilities), whatever a mount's flags say. */
+	if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) {
+		slurm_error(PFX "prctl(PR_SET_NO_NEW_PRIVS): %s", strerror(errno));
+		return -1;
+	}
 	if (st.cwd != NULL && chdir(st.cwd) < 0) {
 		slurm_error(PFX "cannot change to directory %s in the image: %s", st.cwd, strerror(errno));
 		return -1;

@@ -128,7 +128,9 @@ def encode_entrypoint(argv) -> bytes:
 
 
 def _records(container) -> bytes:
-    out = [b"ns", container.ns_path.encode(), b"cwd", container.cwd.encode()]
+    out = [b"ns", container.ns_path.encode(), b"cwd", container.cwd.encode(),
+           b"holder", b"%d %d %d" % (container.holder_pid, container.holder_start,
+                                     container.ns_inode)]
     for kv in container.set_env:
         out += [b"env", kv.encode()]
     for name in container.unset_env:
