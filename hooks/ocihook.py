@@ -9,12 +9,18 @@ namespace (setns) and attaches the clone with move_mount(). Linux >= 5.2.
 
 A mount target missing in the (read-only) image is made in a throw-away
 overlay of its nearest existing parent directory, whose upper layer lives on
-a tmpfs private to the step; never under /dev, /proc or /sys (the host's).
+a tmpfs mounted over that very directory (so no path the user controls is
+involved: not the container's /tmp, which a user may bind to a host
+directory); never under /dev, /proc or /sys (the host's), never inside the
+user's own mounts (OCI_HOOK_USER_MOUNTS), and never through a symbolic link:
+hooks run as root, and writing through a path the user controls would let
+them make root create files anywhere they can point a link.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 from typing import Dict, List, Optional
@@ -94,39 +100,76 @@ def _mount_points() -> List[str]:
         return [line.split()[4].replace("\\040", " ") for line in f]
 
 
-_overlays = 0
+def user_mounts() -> List[str]:
+    """Container paths of the user's own mounts (home, --oci-mounts), from the daemon."""
+    try:
+        paths = json.loads(os.environ.get("OCI_HOOK_USER_MOUNTS", "[]"))
+    except ValueError:
+        raise HookError("OCI_HOOK_USER_MOUNTS is not a JSON list") from None
+    return [p for p in paths if isinstance(p, str) and p.startswith("/")]
+
+
+def _inside(path: str, roots) -> Optional[str]:
+    for r in roots:
+        if path == r or path.startswith(r.rstrip("/") + "/"):
+            return r
+    return None
+
+
+def _overlay_over(parent: str) -> None:
+    """Make parent writable for the step: an overlay with its upper layer on a tmpfs of ours.
+
+    The image's directory is cloned first (a detached copy), a tmpfs is mounted
+    over parent to hold upper/, work/ and lower/, the clone is attached at lower/,
+    and the overlay is stacked on parent on top of all that.
+    """
+    lower = clone_tree(parent)
+    try:
+        mount("tmpfs", parent, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0700")
+        for d in ("upper", "work", "lower"):
+            os.mkdir(f"{parent}/{d}", 0o700)
+        attach(lower, f"{parent}/lower")
+    finally:
+        os.close(lower)
+    os.chmod(f"{parent}/upper", 0o755)
+    mount("overlay", parent, "overlay", MS_NOSUID | MS_NODEV,
+          f"lowerdir={parent}/lower,upperdir={parent}/upper,workdir={parent}/work")
 
 
 def ensure_target(path: str, is_dir: bool) -> None:
     """Make path exist in the container (we are inside its namespace)."""
-    global _overlays
+    path = os.path.normpath(path)
+    if os.path.realpath(path) != path and os.path.lexists(path):
+        raise HookError(f"{path}: is or goes through a symbolic link in the container; "
+                        f"refusing to mount there")
     if os.path.lexists(path):
         return
     parent = os.path.dirname(path.rstrip("/")) or "/"
     missing = [path]
-    while not os.path.isdir(parent):
+    while not os.path.lexists(parent):
         missing.append(parent)
         parent = os.path.dirname(parent) or "/"
+    if os.path.islink(parent) or not os.path.isdir(parent) or os.path.realpath(parent) != parent:
+        raise HookError(f"{path}: {parent} goes through a symbolic link in the container; "
+                        f"refusing to create a mount point there")
     if any(parent == f or parent.startswith(f + "/") for f in FORBIDDEN):
         raise HookError(f"{path}: cannot create a mount point under {parent} (the host's)")
+    mine = _inside(parent, user_mounts())
+    if mine is not None:
+        raise HookError(f"{path}: cannot create a mount point inside your mount {mine}; "
+                        f"mount it elsewhere")
     if not _writable(parent):
         below = [m for m in _mount_points() if m.startswith(parent.rstrip("/") + "/")]
         if parent == "/" or below:
             raise HookError(f"{path}: cannot create it: {parent} is read-only and has mounts "
                             f"below it")
-        _overlays += 1
-        base = f"/tmp/.oci-hook-{os.getpid()}-{_overlays}"
-        os.makedirs(base + "/upper", mode=0o755)
-        os.makedirs(base + "/work", mode=0o700)
-        os.chmod(base, 0o700)
-        mount("overlay", parent, "overlay", MS_NOSUID | MS_NODEV,
-              f"lowerdir={parent},upperdir={base}/upper,workdir={base}/work")
+        _overlay_over(parent)
     for p in reversed(missing[1:]):
         os.mkdir(p, 0o755)
     if is_dir:
         os.mkdir(path, 0o755)
     else:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
 
 
 def bind_into(ns_path: str, binds: List[tuple], symlinks: List[tuple] = ()) -> None:

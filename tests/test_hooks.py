@@ -1,6 +1,7 @@
 """Step hooks without a cluster: the [daemon] hooks_dir/hooks_timeout keys, which files
 run and in what order, the environment they get, failures and timeouts."""
 
+import json
 import os
 import time
 from pathlib import Path
@@ -77,10 +78,14 @@ def test_environment_passes_only_what_hooks_need(tmp_path):
                            state_dir=tmp_path, job_env={
                                "SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0,1",
                                "PMI_FD": "5", "PMIX_RANK": "0", "LD_PRELOAD": "/evil.so",
-                               "PATH": "/evil", "PYTHONPATH": "/evil", "HOME": "/x"})
+                               "PATH": "/evil", "PYTHONPATH": "/evil", "HOME": "/x",
+                               "SLURM_CONF": "/home/alice/evil.conf"},
+                           user_mounts=["/home/alice", "/data"])
     assert env["OCI_HOOK_NS"] == "/proc/42/ns/mnt" and env["OCI_HOOK_ROOTFS"] == "/proc/42/root"
     assert env["OCI_HOOK_PID"] == "42" and env["OCI_HOOK_USER"] == "alice"
     assert env["SLURM_JOB_GPUS"] == "0,1" and env["CUDA_VISIBLE_DEVICES"] == "0,1"
     assert env["PMI_FD"] == "5" and env["PMIX_RANK"] == "0"
     assert "LD_PRELOAD" not in env and "PYTHONPATH" not in env and "HOME" not in env
     assert not env["PATH"].startswith("/evil")
+    assert "SLURM_CONF" not in env  # a root hook must not use the user's Slurm configuration
+    assert json.loads(env["OCI_HOOK_USER_MOUNTS"]) == ["/home/alice", "/data"]
