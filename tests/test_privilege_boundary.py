@@ -1,0 +1,297 @@
+"""The privilege boundary, attacked by ordinary users on the real cluster.
+
+Each test is an attack that worked against the first version (the daemon and
+the plugin are root on every node): it must fail now, and each checks that
+the legitimate use next to it still works, so a test cannot pass by breaking
+everything. The daemons, Slurm, the registry and the mounts are all real.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from cluster_fixture import cluster_available
+from images import IMAGE_CONFIG, busybox_layers
+from install_fixture import installed  # noqa: F401 - a fixture
+from localsite import start_site, stop_site
+from ocibuild import Pusher
+from registry_server import RegistryServer
+import rootfs
+from test_security import docker_login, ensure_user, euid_binary
+
+needs_cluster = pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
+
+VICTIM = "ocipriv"
+SECRET = "TOPSECRET-of-the-victim"
+
+
+class Site:
+    def __init__(self, site, registry, pusher):
+        self.site, self.cluster, self.registry, self.pusher = site, site.cluster, registry, pusher
+        self.base = site.base
+
+    def srun(self, *args, user=None, timeout=120):
+        """srun as the cluster's test user (or another user), from /tmp."""
+        if user is None:
+            return self.cluster.run_as_user(["srun", *args], cwd="/tmp", timeout=timeout)
+        pw = pwd.getpwnam(user)
+        return subprocess.run(["runuser", "-u", user, "--", "env", f"SLURM_CONF={self.cluster.conf}",
+                               f"HOME={pw.pw_dir}", f"USER={user}", "srun", *args],
+                              capture_output=True, text=True, timeout=timeout, cwd="/tmp",
+                              env=self.cluster.env())
+
+    def as_user(self, argv, user=None, **kw):
+        user = user or self.cluster.user
+        return subprocess.run(["runuser", "-u", user, "--", *argv], capture_output=True,
+                              text=True, **kw)
+
+    def loops(self):
+        out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+        return sorted(l.split(":", 1)[0] for l in out.splitlines())
+
+
+@pytest.fixture(scope="module")
+def pb_site(installed, tmp_path_factory):
+    """3 daemons + 3 nodes (allow_sqfs=yes, to attack it) and a Basic-auth registry."""
+    if cluster_available():
+        pytest.skip(cluster_available())
+    d = tmp_path_factory.mktemp("pb-reg")
+    htpasswd = d / "htpasswd"
+    htpasswd.write_text("alice:" + bcrypt.hashpw(b"alice-pw-S3cret", bcrypt.gensalt(5)).decode() + "\n")
+    with RegistryServer(d / "reg", auth=("htpasswd", str(htpasswd))) as reg:
+        site = start_site(installed, "oci-pb-", nodes=3, plugstack_args="allow_sqfs=yes")
+        try:
+            p = Pusher(reg.url)
+            p.s.auth = ("alice", "alice-pw-S3cret")
+            yield Site(site, reg, p)
+        finally:
+            stop_site(site)
+
+
+@pytest.fixture(scope="module")
+def public_ref(pb_site):
+    """An image the attacker may use (pushed to the same registry: logins are per registry,
+    so anonymous pulls fail here; the test user gets a login of their own for it)."""
+    img = pb_site.pusher.image("pub/app", "v1", busybox_layers(os_id="pub"), config=IMAGE_CONFIG)
+    docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+    return f"{pb_site.registry.host}/pub/app:v1@{img.manifest_digest}"
+
+
+@pytest.fixture
+def scratch():
+    """A directory under /tmp that ordinary users can traverse; removed afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="oci-pb-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+        mp = line.split()[4]
+        if mp.startswith(str(d)):
+            subprocess.run(["umount", "-l", mp], check=False)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _setuid_probe_on_submount(scratch: Path, owner: pwd.struct_passwd) -> Path:
+    """scratch/data (the user's) with a tmpfs *submount* at data/sub holding a setuid-root
+    probe: the kind of thing a site has (a scratch or apps filesystem mounted suid)."""
+    data = scratch / "data"
+    (data / "sub").mkdir(parents=True)
+    os.chown(data, owner.pw_uid, owner.pw_gid)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(data / "sub")], check=True)
+    probe = data / "sub" / "euid"
+    probe.write_bytes(euid_binary(scratch))
+    os.chmod(probe, 0o4755)
+    (scratch / "euid.c").unlink()
+    (scratch / "euid").unlink()
+    return probe
+
+
+@needs_cluster
+def test_setuid_program_on_a_bind_submount_gains_nothing(pb_site, public_ref, scratch):
+    user = pwd.getpwnam(pb_site.cluster.user)
+    probe = _setuid_probe_on_submount(scratch, user)
+    # control: on the host the probe really is setuid root for this user
+    r = pb_site.as_user([str(probe)])
+    assert r.stdout.strip() == "euid=0", r.stderr
+    data = scratch / "data"
+    r = pb_site.srun("-N2", f"--oci-image={public_ref}", f"--oci-mounts={data}:/data",
+                     "sh", "-c", "ls -l /data/sub/euid; /data/sub/euid; grep NoNewPrivs /proc/self/status")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("-rwsr-xr-x") == 2  # the bit is there ...
+    assert r.stdout.count(f"euid={user.pw_uid}") == 2 and "euid=0" not in r.stdout  # ... and void
+    assert r.stdout.count("NoNewPrivs:\t1") == 2
+
+
+@needs_cluster
+def test_host_root_bound_into_the_container_is_nosuid_everywhere(pb_site, public_ref, scratch):
+    """--oci-mounts=/:/host brings the host's /proc, /sys, cgroups and every other submount;
+    none may honour a setuid bit or a device node."""
+    user = pwd.getpwnam(pb_site.cluster.user)
+    probe = _setuid_probe_on_submount(scratch, user)
+    r = pb_site.srun("-N1", f"--oci-image={public_ref}", "--oci-mounts=/:/host",
+                     "sh", "-c", f"/host{probe}; cat /proc/self/mountinfo")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"euid={user.pw_uid}"
+    host_mounts = [l.split() for l in lines[1:] if l.split()[4].startswith("/host")]
+    points = {m[4] for m in host_mounts}
+    # the host's tree really came along, submounts and all
+    assert {"/host", "/host/proc", "/host/sys", f"/host{probe.parent}"} <= points, points
+    for m in host_mounts:
+        opts = m[5].split(",")
+        assert "nosuid" in opts and "nodev" in opts, f"{m[4]} mounted {m[5]}"
+
+
+@needs_cluster
+def test_bind_source_swapped_for_a_symlink_never_binds_the_target(pb_site, public_ref, scratch):
+    """The attacker swaps their bind source between a directory and a symlink to a directory
+    only root can reach, while steps start: a check-then-mount-by-path would bind the target."""
+    user = pwd.getpwnam(pb_site.cluster.user)
+    locked = scratch / "locked"          # 0700 root: the user cannot get past it
+    (locked / "inner").mkdir(parents=True)
+    (locked / "inner" / "marker").write_text(SECRET + "\n")
+    os.chmod(locked, 0o700)
+    os.chmod(locked / "inner", 0o755)
+    os.chmod(locked / "inner" / "marker", 0o644)
+    play = scratch / "play"
+    play.mkdir()
+    os.chown(play, user.pw_uid, user.pw_gid)
+    swapper = textwrap.dedent(f"""
+        import os, time
+        os.chdir({str(play)!r})
+        os.mkdir("src.dir"); open("src.dir/marker", "w").write("MINE\\n")
+        os.symlink({str(locked / "inner")!r}, "src.lnk")
+        os.rename("src.dir", "src")
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not os.path.exists("stop"):
+            os.rename("src", "src.dir"); os.symlink({str(locked / "inner")!r}, "src")
+            os.unlink("src"); os.rename("src.dir", "src")
+    """)
+    attacker = subprocess.Popen(["runuser", "-u", user.pw_name, "--", sys.executable, "-c", swapper])
+    try:
+        time.sleep(0.5)
+        outcomes = []
+        for _ in range(25):
+            r = pb_site.srun("-N1", f"--oci-image={public_ref}", f"--oci-mounts={play}/src:/data",
+                             "cat", "/data/marker", timeout=60)
+            outcomes.append(r.stdout + r.stderr)
+    finally:
+        (play / "stop").touch()
+        attacker.wait(timeout=30)
+    assert not any(SECRET in o for o in outcomes), [o for o in outcomes if SECRET in o][:1]
+    mine = sum("MINE" in o for o in outcomes)
+    assert mine >= 1, outcomes[:3]  # the race ran: steps did start with the user's directory
+    for o in outcomes:
+        if "MINE" not in o:  # refused outright: one line that says why, never a traceback
+            assert "Traceback" not in o and ("does not exist" in o or "denied" in o or
+                                             "changed while" in o), o
+
+
+@needs_cluster
+def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch):
+    victim = ensure_user(VICTIM)
+    attacker = pwd.getpwnam(pb_site.cluster.user)
+    vdir = Path(victim.pw_dir) / "private-images"
+    vdir.mkdir(exist_ok=True)
+    os.chown(vdir, victim.pw_uid, victim.pw_gid)
+    os.chmod(vdir, 0o700)
+    content = rootfs.make_rootfs(scratch / "content")
+    (content / "etc" / "os-release").write_text(f"ID={SECRET}\n")
+    img = rootfs.make_squashfs(content, vdir / "victim.sqfs")
+    os.chown(img, victim.pw_uid, victim.pw_gid)
+    os.chmod(img, 0o644)  # readable in itself: only the 0700 directory protects it
+    mine = scratch / "mine"
+    mine.mkdir()
+    os.chown(mine, attacker.pw_uid, attacker.pw_gid)
+    pb_site.as_user(["ln", "-s", str(img), str(mine / "img.sqfs")], check=True)
+    # control: the attacker's own .sqfs is allowed here and works
+    own = mine / "own.sqfs"
+    shutil.copy(img, own)
+    os.chown(own, attacker.pw_uid, attacker.pw_gid)
+    r = pb_site.srun("-N1", f"--oci-image={own}", "cat", "/etc/os-release")
+    assert r.returncode == 0 and SECRET in r.stdout, r.stderr
+    before = pb_site.loops()
+    time.sleep(0.1)
+    r = pb_site.srun("-N1", f"--oci-image={mine / 'img.sqfs'}", "cat", "/etc/os-release")
+    assert r.returncode != 0 and SECRET not in r.stdout
+    assert "cannot read" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    # the victim themself may
+    r = pb_site.srun("-N1", f"--oci-image={img}", "cat", "/etc/os-release", user=VICTIM)
+    assert r.returncode == 0 and SECRET in r.stdout, r.stderr
+    assert len(pb_site.loops()) <= len(before) + 1
+
+
+@pytest.fixture
+def victim_login(pb_site):
+    """The victim's docker login (alice) and a private image only a login can pull."""
+    ensure_user(VICTIM)
+    cfg = docker_login(VICTIM, pb_site.registry.host, "alice", "alice-pw-S3cret")
+    img = pb_site.pusher.image("priv/app", "v1", busybox_layers(os_id="private-victim"),
+                               config=IMAGE_CONFIG)
+    return cfg, f"{pb_site.registry.host}/priv/app:v1@{img.manifest_digest}"
+
+
+def _attacker_docker_dir(pb_site) -> Path:
+    pw = pwd.getpwnam(pb_site.cluster.user)
+    d = Path(pw.pw_dir) / ".docker"
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir()
+    os.chown(d, pw.pw_uid, pw.pw_gid)
+    return d
+
+
+@needs_cluster
+def test_another_users_credentials_through_a_symlink(pb_site, public_ref, victim_login):
+    cfg, private = victim_login
+    d = _attacker_docker_dir(pb_site)
+    try:
+        pb_site.as_user(["ln", "-s", str(cfg), str(d / "config.json")], check=True)
+        r = pb_site.srun("-N1", f"--oci-image={private}", "cat", "/etc/os-release")
+        assert r.returncode != 0 and "private-victim" not in r.stdout
+        assert "authentication required" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        # the victim, with the same file as their own, may
+        r = pb_site.srun("-N1", f"--oci-image={private}", "cat", "/etc/os-release", user=VICTIM)
+        assert r.returncode == 0 and "private-victim" in r.stdout, r.stderr
+    finally:
+        shutil.rmtree(d)
+        docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+
+
+@needs_cluster
+def test_fifo_or_huge_credentials_file_neither_hangs_nor_exhausts_the_daemon(pb_site, public_ref):
+    img = pb_site.pusher.image("priv/other", "v1", busybox_layers(os_id="private-other"),
+                               config=IMAGE_CONFIG)
+    private = f"{pb_site.registry.host}/priv/other:v1@{img.manifest_digest}"
+    d = _attacker_docker_dir(pb_site)
+    daemon = pb_site.site.daemons[0]
+    try:
+        for make, what in ((["mkfifo", str(d / "config.json")], "fifo"),
+                           (["truncate", "-s", "8G", str(d / "config.json")], "sparse")):
+            pb_site.as_user(make, check=True)
+            t0 = time.monotonic()
+            r = pb_site.srun("-N1", "-w", "n1", f"--oci-image={private}", "true", timeout=90)
+            took = time.monotonic() - t0
+            assert r.returncode != 0 and "authentication required" in r.stderr, (what, r.stderr)
+            assert took < 30, (what, took)
+            rss_kb = int(next(l.split()[1] for l in Path(f"/proc/{daemon.proc.pid}/status").read_text()
+                              .splitlines() if l.startswith("VmRSS:")))
+            assert rss_kb < 512 * 1024, (what, rss_kb)
+            os.unlink(d / "config.json")
+        # the daemon still serves this user (with a working login again) and others
+        docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+        r = pb_site.srun("-N1", "-w", "n1", f"--oci-image={public_ref}", "echo", "OK")
+        assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+        docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
