@@ -8,6 +8,7 @@ execs a program of the image.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -423,3 +424,73 @@ def test_create_from_a_threaded_process(node, host):
         assert result["seconds"] < 5
     finally:
         ns.destroy_step_namespace(step.ns_path)
+
+
+@needs_root
+@pytest.mark.parametrize("mount_api", [True, False], ids=["mount-api", "legacy"])
+def test_user_bind_submounts_are_nosuid_or_left_behind(make, host, monkeypatch, mount_api):
+    """A submount below a bind source (mounted suid by the site) either comes along
+    nosuid,nodev (mount_setattr AT_RECURSIVE) or, without the new mount API, stays
+    behind (a non-recursive bind): never as it is."""
+    if mount_api and not ns.USE_MOUNT_API:
+        pytest.skip("this kernel lacks open_tree/mount_setattr")
+    monkeypatch.setattr(ns, "USE_MOUNT_API", mount_api)
+    sub = host / "src-rw" / "sub"
+    sub.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", str(sub)], check=True)
+    try:
+        (sub / "marker").write_text("SUBMOUNT\n")
+        step = make(mounts=[(str(host / "src-rw"), "/data", False)])
+        r = enter(step, "cat /data/file; cat /data/sub/marker; grep ' /data' /proc/self/mountinfo")
+        lines = r.stdout.splitlines()
+        assert lines[0] == "src-rw", r.stderr
+        binds = [l.split() for l in lines if " /data" in l]
+        assert binds and all("nosuid" in b[5].split(",") and "nodev" in b[5].split(",")
+                             for b in binds), binds
+        if mount_api:
+            assert "SUBMOUNT" in lines and {b[4] for b in binds} == {"/data", "/data/sub"}
+        else:
+            assert "SUBMOUNT" not in r.stdout and {b[4] for b in binds} == {"/data"}
+    finally:
+        subprocess.run(["umount", "-l", str(sub)], check=False)
+
+
+HIDEPID = r"""
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+from ociimage.runtime import namespaces as ns
+subprocess.run(["mount", "-t", "proc", "-o", "hidepid=invisible", "proc", "/proc"], check=True)
+spec = ns.StepSpec(**json.loads(sys.argv[2]))
+spec.rootfs = __import__("pathlib").Path(spec.rootfs)
+step = ns.create_step_namespace(spec, sys.argv[3])
+try:
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(str(step.ns_path), os.O_RDONLY)
+        ns.sc.setns(fd, ns.sc.CLONE_NEWNS)
+        os.chdir("/")
+        os.setgroups([]); os.setgid(spec.gid); os.setuid(spec.uid)
+        opts = [l.split()[-1] for l in open("/proc/self/mountinfo") if l.split()[4] == "/proc"]
+        visible = os.path.exists("/proc/1")
+        print(json.dumps({"opts": opts, "pid1": visible}), flush=True)
+        os._exit(0)
+    os.waitpid(pid, 0)
+finally:
+    ns.destroy_step_namespace(step.ns_path)
+"""
+
+
+@needs_root
+def test_container_proc_keeps_the_hosts_hidepid(node, host):
+    """With the host's /proc mounted hidepid=invisible, the container's /proc is too: a user
+    sees only their own processes inside as outside (run in a private mount namespace with
+    a proc of its own, so the machine's /proc is left alone)."""
+    spec = dict(job_id="200", step_id="0", uid=UID, gid=GID, user_name=NAME, home="/",
+                rootfs=str(node), group_name=GROUP, mount_home=False)
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", HIDEPID,
+                        str(ROOT / "daemon"), json.dumps(spec), str(host / "state")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(seen["opts"]) == 1 and "hidepid=invisible" in seen["opts"][0].split(","), seen
+    assert seen["pid1"] is False  # init is root's: hidden from the user, as on the host
