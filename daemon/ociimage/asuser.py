@@ -7,24 +7,30 @@ privileges leak: root follows a symlink into another user's 0700 directory,
 ignores ACLs, blocks on a FIFO, and a check-then-use by path races a user
 swapping a directory for a symlink in between.
 
-So the lookups happen in a short-lived forked child that first becomes the
-user for good (supplementary groups, gid, uid: setgroups + setresgid +
-setresuid, so no capability survives), and the kernel enforces every
-permission. The child hands back
+So the lookups happen in a one-shot thread that first becomes the user for
+good. Linux credentials belong to threads; glibc's setresuid() changes every
+thread of the process, but the raw system calls (setgroups, setresgid,
+setresuid, made here with syscall(2)) change only the calling one. That
+thread drops every capability with its uid (all three uids non-zero), so the
+kernel checks every permission, ACLs included, as for the user's own
+process; it opens what it was asked for and exits, never to run anything
+else. The descriptors it opened belong to the process (threads share the
+descriptor table):
 
-  - for `open_paths`: O_PATH descriptors (SCM_RIGHTS over a socketpair), which
-    the caller mounts from (a descriptor cannot be swapped afterwards);
-  - for `read_files`: the bytes of regular files, size-capped, opened
-    O_NONBLOCK (a FIFO or a device is refused, never waited on).
+  - `open_paths`: O_PATH descriptors, which the caller mounts from (a
+    descriptor cannot be swapped afterwards);
+  - `read_files`: the bytes of regular files, size-capped, opened O_NONBLOCK
+    (a FIFO or a device is refused, never waited on).
 
 Magic links (/proc/PID/root, /proc/PID/fd/N, ...) are never followed
 (openat2 RESOLVE_NO_MAGICLINKS): they would jump into another process's
-namespace or file table. The whole exchange has a deadline; a child stuck
-on a hung filesystem is killed and the caller gets a one-line error.
+namespace or file table. The whole lookup has a deadline; a thread stuck on a
+hung filesystem is abandoned (and closes what it opens if it ever returns),
+and the caller gets a one-line error.
 
-A fork of the (multi-threaded) daemon is cheap (about a millisecond) and is
-the only way to get a process with another user's credentials without exec:
-the child runs nothing but system calls and exits.
+Why a thread and not a forked child: it costs about 0.1 ms, and fork() from a
+gRPC handler thread hangs with Debian 13's grpcio (its fork handler waits for
+the thread pool to go idle).
 """
 
 from __future__ import annotations
@@ -32,25 +38,17 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import gc
 import os
 import pwd
-import select
-import signal
-import socket
 import stat
-import struct
 import threading
-import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from .errors import AccessDenied, NotFound, OciImageError
 
 DEFAULT_TIMEOUT = 10.0
-_HDR = struct.Struct("=BiiI")  # kind, errno, st_mode, payload length
-_OK_FD, _OK_DATA, _ERR = 1, 2, 3
-_NOT_REGULAR, _TOO_LARGE = -1, -2  # our own reasons, beside errno values
+_OK_FD, _OK_DATA = 1, 2  # what a lookup hands back: a descriptor, or a file's bytes
 
 # <linux/openat2.h>
 _SYS_OPENAT2 = 437  # the same number on every architecture (a post-5.x syscall)
@@ -149,144 +147,103 @@ def _user_error(err: int, path: str) -> OciImageError:
 Result = Union[Opened, bytes, OciImageError]
 
 
-def _become(ident: Identity) -> None:
-    os.setgroups(list(ident.groups) or [ident.gid])
-    os.setresgid(ident.gid, ident.gid, ident.gid)
-    os.setresuid(ident.uid, ident.uid, ident.uid)
-    if ident.uid != 0 and os.geteuid() == 0:  # belt and braces: never go on as root
-        os._exit(99)
+# raw syscall numbers (glibc's wrappers would change every thread of the daemon)
+_SYS_CREDS = {  # machine: (setgroups, setresuid, setresgid)
+    "x86_64": (116, 117, 119), "aarch64": (159, 147, 149), "riscv64": (159, 147, 149),
+    "ppc64le": (81, 164, 169), "ppc64": (81, 164, 169), "s390x": (206, 208, 210),
+}
 
 
-def _serve(sock: socket.socket, ident: Identity, kind: int, paths: Sequence[str],
-           limit: int, flags: int) -> None:
-    """In the child: the user's lookups, one framed reply per path."""
-    _become(ident)
-    for path in paths:
-        fd = -1
-        try:
-            if kind == _OK_FD:
-                # openat2 refuses any other flag beside O_PATH (EINVAL)
-                fd = openat2(path, flags if flags & O_PATH else flags | os.O_NOCTTY,
-                             RESOLVE_NO_MAGICLINKS)
-                st = os.fstat(fd)
-                sock.sendmsg([_HDR.pack(_OK_FD, 0, st.st_mode, 0)],
-                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
-            else:
-                fd = openat2(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY,
-                             RESOLVE_NO_MAGICLINKS)
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    sock.sendall(_HDR.pack(_ERR, _NOT_REGULAR, 0, 0))
-                    continue
-                data = os.read(fd, limit + 1) if st.st_size <= limit else b""
-                if st.st_size > limit or len(data) > limit:
-                    sock.sendall(_HDR.pack(_ERR, _TOO_LARGE, 0, 0))
-                    continue
-                sock.sendall(_HDR.pack(_OK_DATA, 0, st.st_mode, len(data)) + data)
-        except OSError as e:
-            sock.sendall(_HDR.pack(_ERR, e.errno or errno.EIO, 0, 0))
-        finally:
-            if fd >= 0:
-                os.close(fd)
+def _become_thread(ident: Identity) -> None:
+    """This thread only, for good: the user's groups, gid and uid; no capability left."""
+    import platform
+    nrs = _SYS_CREDS.get(platform.machine())
+    if nrs is None:
+        raise UserAccessError(f"acting as a user is not implemented on {platform.machine()}")
+    setgroups, setresuid, setresgid = nrs
+    groups = list(ident.groups) or [ident.gid]
+    arr = (ctypes.c_uint * len(groups))(*groups)
+    for nr, args in ((setgroups, (ctypes.c_size_t(len(groups)), arr)),
+                     (setresgid, tuple(ctypes.c_uint(ident.gid) for _ in range(3))),
+                     (setresuid, tuple(ctypes.c_uint(ident.uid) for _ in range(3)))):
+        if _libc.syscall(ctypes.c_long(nr), *args) != 0:
+            err = ctypes.get_errno()
+            raise UserAccessError(f"cannot act as uid {ident.uid}: {os.strerror(err)}")
+    if os.geteuid() != ident.uid or os.getegid() != ident.gid:  # this thread's, from the kernel
+        raise UserAccessError(f"cannot act as uid {ident.uid}")
 
 
-def _recv_exact(sock: socket.socket, n: int, deadline: float) -> Tuple[bytes, List[int]]:
-    buf, fds = b"", []
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([sock], [], [], left)[0]:
-            raise TimeoutError
-        data, anc, _flags, _addr = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * 4))
-        for level, typ, payload in anc:
-            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                usable = len(payload) - len(payload) % 4
-                fds += list(struct.unpack(f"{usable // 4}i", payload[:usable]))
-        if not data:
-            raise EOFError
-        buf += data
-    return buf, fds
-
-
-def _reap(pid: int) -> None:
+def _lookup(kind: int, path: str, limit: int, flags: int) -> Result:
+    """One path, in the thread that is the user; errors are results."""
+    fd = -1
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return
-    if not done:  # stuck in the kernel (a hung filesystem): reap it when it lets go
-        threading.Thread(target=lambda: _waitpid_quietly(pid), daemon=True,
-                         name="asuser-reaper").start()
+        if kind == _OK_FD:
+            # openat2 refuses any other flag beside O_PATH (EINVAL)
+            fd = openat2(path, flags if flags & O_PATH else flags | os.O_NOCTTY,
+                         RESOLVE_NO_MAGICLINKS)
+            opened = Opened(fd, os.fstat(fd).st_mode, path)
+            fd = -1
+            return opened
+        fd = openat2(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY, RESOLVE_NO_MAGICLINKS)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return AccessDenied(f"{path} is not a regular file")
+        data = os.read(fd, limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            return AccessDenied(f"{path} is larger than {limit} bytes")
+        return data
+    except OSError as e:
+        return _user_error(e.errno or errno.EIO, path)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
-def _waitpid_quietly(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+def _close_all(results) -> None:
+    for r in results:
+        if isinstance(r, Opened):
+            r.close()
 
 
 def _run(ident: Identity, kind: int, paths: Sequence[str], limit: int,
          timeout: float, flags: int = O_PATH) -> List[Result]:
     if not paths:
         return []
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
+    lock = threading.Lock()
+    box: dict = {"results": [], "abandoned": False}
+
+    def work() -> None:
         try:
-            gc.disable()  # no finalizer of the parent's objects may run here
-            parent.close()
-            _serve(child, ident, kind, paths, limit, flags)
-        except BaseException:  # noqa: B902 - the parent sees EOF and reports it
-            code = 1
-        finally:
-            os._exit(code)
-    child.close()
-    results: List[Result] = []
-    deadline = time.monotonic() + timeout
-    try:
-        for path in paths:
+            _become_thread(ident)
+            for path in paths:
+                box["results"].append(_lookup(kind, path, limit, flags))
+        except BaseException as e:  # noqa: B902 - reported to the caller
+            box["error"] = e
+        with lock:
+            if box["abandoned"]:  # the caller gave up on us: keep nothing open
+                _close_all(box["results"])
+
+    t = threading.Thread(target=work, daemon=True, name=f"as-uid-{ident.uid}")
+    t.start()
+    t.join(timeout)
+    with lock:
+        if t.is_alive():
+            box["abandoned"] = True
+            _close_all(box["results"])
+            raise UserAccessError(f"looking up {', '.join(paths)[:200]} as {ident.describe()} "
+                                  f"did not finish in {timeout:g} s (a hung filesystem?)")
+    if "error" in box:
+        _close_all(box["results"])
+        err = box["error"]
+        raise err if isinstance(err, OciImageError) else UserAccessError(
+            f"cannot act as {ident.describe()}: {err}")
+    results = box["results"]
+    for r in results:
+        if isinstance(r, Opened):  # canonical path, read by root (the user may not see /proc/self/fd)
             try:
-                hdr, fds = _recv_exact(parent, _HDR.size, deadline)
-            except TimeoutError:
-                raise UserAccessError(
-                    f"looking up {path} as {ident.describe()} did not finish in {timeout:g} s "
-                    f"(a hung filesystem?)") from None
-            except EOFError:
-                raise UserAccessError(f"the helper looking up {path} as {ident.describe()} "
-                                      f"died") from None
-            what, err, mode, length = _HDR.unpack(hdr)
-            if what == _OK_FD and len(fds) == 1:
-                fd = fds[0]
-                try:
-                    canonical = os.readlink(f"/proc/self/fd/{fd}")
-                except OSError:
-                    canonical = path
-                results.append(Opened(fd, mode, canonical))
-            elif what == _OK_DATA:
-                for fd in fds:
-                    os.close(fd)
-                results.append(_recv_exact(parent, length, deadline)[0] if length else b"")
-            else:
-                for fd in fds:
-                    os.close(fd)
-                if err == _NOT_REGULAR:
-                    results.append(AccessDenied(f"{path} is not a regular file"))
-                elif err == _TOO_LARGE:
-                    results.append(AccessDenied(f"{path} is larger than {limit} bytes"))
-                else:
-                    results.append(_user_error(err, path))
-    except BaseException:
-        for r in results:
-            if isinstance(r, Opened):
-                r.close()
-        raise
-    finally:
-        parent.close()
-        _reap(pid)
+                r.path = os.readlink(f"/proc/self/fd/{r.fd}")
+            except OSError:
+                pass
     return results
 
 
