@@ -40,6 +40,8 @@ class Config:
     cache_dir: Path = Path("/var/lib/oci-image/cache")
     quota: Optional[int] = None
     lease_ttl: float = 600.0
+    lock_timeout: float = 60.0          # a cache lock's short critical sections
+    convert_timeout: float = 3600.0     # waiting for another node's conversion
     socket: Path = Path("/run/oci-image/oci-imaged.sock")
     runtime_dir: Path = Path("/run/oci-image")
     node: str = field(default_factory=socketlib.gethostname)
@@ -64,7 +66,7 @@ class Config:
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
-    "cache": ("dir", "quota", "lease_ttl"),
+    "cache": ("dir", "quota", "lease_ttl", "lock_timeout", "convert_timeout"),
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
                "prefetch_socket", "prefetch_rate", "hooks_dir", "hooks_timeout"),
     "registries": ("insecure", "trusted_squashfs", "publish_to"),
@@ -117,6 +119,11 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             cfg.quota = None if q in ("", "none", "0") else parse_size(q, "[cache] quota")
         if parser.has_option("cache", "lease_ttl"):
             cfg.lease_ttl = _float("cache", "lease_ttl", g("cache", "lease_ttl"), 10)
+        if parser.has_option("cache", "lock_timeout"):
+            cfg.lock_timeout = _float("cache", "lock_timeout", g("cache", "lock_timeout"), 1)
+        if parser.has_option("cache", "convert_timeout"):
+            cfg.convert_timeout = _float("cache", "convert_timeout",
+                                         g("cache", "convert_timeout"), 1)
         if parser.has_option("daemon", "socket"):
             cfg.socket = Path(g("daemon", "socket"))
         if parser.has_option("daemon", "runtime_dir"):

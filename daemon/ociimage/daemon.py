@@ -69,7 +69,9 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.cache = Cache(config.cache_dir, node=config.node)
+        self.cache = Cache(config.cache_dir, node=config.node, lock_timeout=config.lock_timeout,
+                           convert_timeout=config.convert_timeout)
+        self.cache.secure()  # a cache from an older version was world-readable
         self.cache.check_locking()
         self.store = ImageStore(self.cache, config, self.metrics)
         from .slurm import SlurmJobs, make_backend
