@@ -317,6 +317,14 @@ def test_a_stuck_lock_ends_in_a_one_line_timeout(reg, site):
 
 # ---- (4) the user socket knows who is calling ---------------------------------------------
 
+def _wait_log(site, line, timeout=10):
+    """Whether line shows up in the daemon's log (written just after the fact it reports)."""
+    deadline = time.monotonic() + timeout
+    while line not in site.daemon.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return line in site.daemon.log()
+
+
 def _wait_state(site, user, image, want, timeout=30):
     deadline = time.monotonic() + timeout
     while True:
@@ -341,8 +349,8 @@ def test_prefetch_pulls_with_the_callers_credentials_only(reg, site):
     assert served and all(s == 401 for _m, _p, s in served), served
     assert not site.entry(siteonly.manifest_digest).exists()
     other_uid = pwd.getpwnam(OTHER_USER).pw_uid
-    assert f'"prefetch failed (the nodes will pull at step start)" reference="{pinned}" ' \
-           f'uid={other_uid}' in site.daemon.log()
+    assert _wait_log(site, f'"prefetch failed (the nodes will pull at step start)" '
+                           f'reference="{pinned}" uid={other_uid}')
     # the user gets nothing through the importer's op either
     r = as_user(OTHER_USER, "import sys, ociimage.usersock as u\n"
                 "print(u.request(sys.argv[1], {'op': 'open', 'image': sys.argv[2]}))",
@@ -355,7 +363,7 @@ def test_prefetch_pulls_with_the_callers_credentials_only(reg, site):
     assert _wait_state(site, PRIV_USER, mine_pinned, "cached").stdout.startswith("cached")
     assert site.entry(mine.manifest_digest).exists()
     priv_uid = pwd.getpwnam(PRIV_USER).pw_uid
-    assert f'"prefetch done" reference="{mine_pinned}" uid={priv_uid}' in site.daemon.log()
+    assert _wait_log(site, f'"prefetch done" reference="{mine_pinned}" uid={priv_uid}')
     # now cached, it is still nothing for a user the registry refuses
     r = step_prefetch(site, OTHER_USER, mine_pinned)
     assert r.returncode != 0 and "you may use the private image" in r.stderr, r.stderr
@@ -446,3 +454,66 @@ def test_user_socket_is_bounded_against_idle_huge_and_slow_clients(reg, site):
     for answer in out["idle"] + [out["trickle"]]:
         assert "not complete within 2 s" in answer, out
     assert out["total_s"] < 12, out
+
+
+# ---- the pyxis importer, now that the cache is root's alone ------------------------------
+
+OPEN_OP = r"""
+import json, os, sys
+import ociimage.usersock as u
+from ociimage.errors import OciImageError
+try:
+    reply, fd = u.request(sys.argv[1], {"op": "open", "image": sys.argv[2]})
+except OciImageError as e:
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"reply": reply, "fd": fd is not None,
+                      "head": os.pread(fd, 4, 0).decode() if fd is not None else ""}))
+"""
+
+
+def importer(site, user, *args, env=None):
+    pw = pwd.getpwnam(user)
+    e = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "PYTHONDONTWRITEBYTECODE": "1",
+         "SLURM_JOB_ID": "705", "SLURM_STEP_ID": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "ociimage.pyxis_importer", "--config",
+                           str(site.conf), *args], user=pw.pw_uid, group=pw.pw_gid,
+                          extra_groups=[], env=e, cwd="/", stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_pyxis_importer_hands_a_private_image_only_to_users_the_registry_allows(reg, site):
+    login(PRIV_USER, reg, "alice")
+    login(OTHER_USER, reg, None)
+    img, pinned = push(reg, "priv/pyxis")
+    uri = f"docker://{reg.host}#priv/pyxis:v1"
+    # the user who may pull it: converted on a miss (with alice's credentials), then a
+    # private copy of the user's own that enroot can read
+    r = importer(site, PRIV_USER, "get", uri)
+    assert r.returncode == 0, r.stderr
+    path = Path(r.stdout.strip())
+    pw = pwd.getpwnam(PRIV_USER)
+    assert path.parent == Path(f"/tmp/oci-image-pyxis.{pw.pw_uid}")
+    st, dst = path.stat(), path.parent.stat()
+    assert (st.st_uid, st.st_mode & 0o777, dst.st_uid, dst.st_mode & 0o777) == \
+        (pw.pw_uid, 0o600, pw.pw_uid, 0o700)
+    cached = site.cache / "images" / (img.manifest_digest.replace(":", "-") + ".sqfs")
+    assert path.read_bytes() == cached.read_bytes()
+    assert _wait_log(site, f'"image handed to a user" uid={pw.pw_uid}')
+    r2 = importer(site, PRIV_USER, "get", uri)      # pyxis may ask twice: the same path
+    assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
+    for _ in range(2):                              # release, twice as pyxis does
+        rel = importer(site, PRIV_USER, "release")
+        assert rel.returncode == 0 and rel.stdout == "", rel.stderr
+    assert not path.exists() and cached.exists()
+    # a user the registry refuses: the importer stops at their own resolve ...
+    r = importer(site, OTHER_USER, "get", uri)
+    assert r.returncode != 0 and r.stdout == "" and "authentication required" in r.stderr, r
+    # ... and asking the daemon directly with the pinned digest gets no descriptor
+    r = as_user(OTHER_USER, OPEN_OP, str(site.psock), pinned)
+    out = json.loads(r.stdout)
+    assert "you may use the private image" in out.get("error", ""), out
+    # control: the same request as the allowed user gets the SquashFS
+    out = json.loads(as_user(PRIV_USER, OPEN_OP, str(site.psock), pinned).stdout)
+    assert out["fd"] and out["head"] == "hsqs" and out["reply"]["state"] == "ready", out
+    assert not any(Path("/tmp").glob(f"oci-image-pyxis.{pwd.getpwnam(OTHER_USER).pw_uid}/*"))
