@@ -53,8 +53,9 @@
  * - Prefetch: after pinning, the local context spawns "prefetch" detached
  *   (setsid, double fork): the login node's daemon starts converting while
  *   the job waits in the queue.  The daemon's main socket is root-only, so it
- *   listens on a second socket (prefetch_socket=, mode 0666) that serves only
- *   Prefetch of digest-pinned references, with the daemon's own credentials.
+ *   listens on a second socket (prefetch_socket=, mode 0666), not gRPC: it
+ *   knows each caller's uid (SO_PEERCRED) and pulls digest-pinned references
+ *   with that user's own credentials only (daemon/ociimage/usersock.py).
  * - Recording the digest for the daemon: neither `squeue --json` (22.05) nor
  *   `scontrol show job` shows a job's environment (OCI_IMAGE_PINNED), and
  *   init_post_opt runs before sbatch builds the job description from its

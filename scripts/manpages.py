@@ -473,9 +473,9 @@ PLUGSTACK_ARGS: Dict[str, Tuple[str, str]] = {
                        runs on the host so that it can call srun)."""),
     "default_mounts": ("SRC:DST[:ro|rw],...", """Site bind mounts added to every container,
                        absolute paths, e.g. /scratch:/scratch,/apps:/apps:ro."""),
-    "prefetch_socket": ("PATH|none", """The daemon's prefetch socket (mode 0666; it serves
-                        only prefetch requests for digest-pinned references, which the daemon
-                        pulls with its own credentials). After pinning the digest, srun, sbatch
+    "prefetch_socket": ("PATH|none", """The daemon's user socket (mode 0666; the daemon knows
+                        each caller's uid from SO_PEERCRED and pulls digest-pinned references
+                        with that user's own credentials only). After pinning the digest, srun, sbatch
                         and salloc ask the local daemon through it to start pulling the image
                         while the job waits in the queue. Default
                         /run/oci-image/oci-imaged-prefetch.sock; none disables prefetch."""),

@@ -119,11 +119,18 @@ def test_pyxis_importer_contract(e2e):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("\n") == 1
     path = Path(r.stdout.strip())
-    assert path.is_absolute() and path.parent == e2e.cache / "images" and path.suffix == ".sqfs"
+    # the shared cache is root's alone: the user gets a private copy of their own
+    # (made from a descriptor the daemon passed after the registry access check)
+    assert path.is_absolute() and path.suffix == ".sqfs"
+    assert path.parent == Path(f"/tmp/oci-image-pyxis.{e2e.cluster.uid}")
+    assert path.stat().st_uid == e2e.cluster.uid and (path.stat().st_mode & 0o777) == 0o600
     # enroot create reads it as the user
     head = subprocess.run(["head", "-c", "4", str(path)], capture_output=True,
                           user=e2e.cluster.uid, group=e2e.cluster.gid)
     assert head.stdout == b"hsqs"
+    digest = path.name.split(".")[2]
+    cached = [p for p in (e2e.cache / "images").glob(f"sha256-{digest}*.sqfs")]
+    assert len(cached) == 1 and cached[0].read_bytes() == path.read_bytes()
     # converted once: a second get is a cache hit, same file
     r2 = _importer(e2e, env, "get", uri)
     assert r2.returncode == 0 and r2.stdout == r.stdout, r2.stderr
@@ -131,11 +138,13 @@ def test_pyxis_importer_contract(e2e):
     for _ in range(2):
         rel = _importer(e2e, env, "release")
         assert rel.returncode == 0 and rel.stdout == "", rel.stderr
-    assert path.exists()  # the shared cache entry is not the user's to delete
-    # as root (an admin, a prolog): the daemon pulls with the job user's credentials
+    assert not path.exists()     # the step's copy is gone ...
+    assert cached[0].exists()    # ... the shared cache entry is not the user's to delete
+    # as root (an admin, a prolog): the daemon pulls with the job user's credentials and
+    # root reads the cache itself
     root_env = dict(env, OCI_IMAGE_CONFIG=str(e2e.conf))
     rr = _importer(e2e, root_env, "get", uri, as_root=True)
-    assert rr.returncode == 0 and rr.stdout == r.stdout, rr.stderr
+    assert rr.returncode == 0 and rr.stdout == f"{cached[0]}\n", rr.stderr
     # failures: non-zero exit, one line on stderr, nothing on stdout
     for bad, why in ((f"docker://{e2e.registry.host}#p9/nothere:v1", "not found"),
                      ("dockerd://busybox", "not supported")):

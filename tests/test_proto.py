@@ -22,5 +22,4 @@ def test_stubs_match_the_proto_services():
     services = {s.name: [m.name for m in s.methods]
                 for s in ociimage_pb2.DESCRIPTOR.services_by_name.values()}
     assert services == {"Images": ["Pull", "Resolve", "Inspect", "List", "Remove", "Prune"],
-                        "Containers": ["PrepareStep", "ReleaseStep", "ReleaseJob"],
-                        "Prefetch": ["Prefetch"]}
+                        "Containers": ["PrepareStep", "ReleaseStep", "ReleaseJob"]}

@@ -178,17 +178,34 @@ def test_prune_spares_needed_images_and_everything_when_slurm_is_down(tmp_path):
 
 def test_prefetch_requires_a_pinned_digest_and_deduplicates(tmp_path, monkeypatch):
     cache, store = _store(tmp_path, None)
-    p = Prefetcher(store, rate=2)
+    p = Prefetcher(store, rate=2, rate_per_user=2)
     with pytest.raises(InvalidArgument, match="digest-pinned"):
-        p.request("reg.example.org/a:latest")
-    assert p.request(f"reg.example.org/a@{D1}") == ("cached", D1)
+        p.request("reg.example.org/a:latest", 0)
+    assert p.request(f"reg.example.org/a@{D1}", 0) == ("cached", D1, "")
     started = []
     release = __import__("threading").Event()
     monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append((ref, uid)), release.wait(5)))
     D3, D4, D5 = ("sha256:" + c * 64 for c in "345")
-    assert p.request(f"reg.example.org/a@{D3}") == ("started", D3)
-    assert p.request(f"reg.example.org/b@{D3}") == ("running", D3)     # one pull per digest
-    assert p.request(f"reg.example.org/a@{D4}") == ("started", D4)
-    assert p.request(f"reg.example.org/a@{D5}") == ("skipped", D5)     # rate: 2 a minute
+    assert p.request(f"reg.example.org/a@{D3}", 1000) == ("started", D3, "")
+    assert p.request(f"reg.example.org/b@{D3}", 1000) == ("running", D3, "")  # one pull per digest
+    assert p.request(f"reg.example.org/a@{D4}", 1000) == ("started", D4, "")
+    assert p.request(f"reg.example.org/a@{D5}", 1000)[:2] == ("skipped", D5)  # rate: 2 a minute
     release.set()
-    assert all(uid is None for _ref, uid in started)                   # the daemon's credentials
+    # every pull ran with the caller's uid, never the daemon's own credentials (None)
+    assert sorted(started) == [(f"reg.example.org/a@{D3}", 1000), (f"reg.example.org/a@{D4}", 1000)]
+
+
+def test_prefetch_limits_per_uid_leave_other_users_alone(tmp_path, monkeypatch):
+    cache, store = _store(tmp_path, None)
+    p = Prefetcher(store, rate=30, max_running=4, rate_per_user=10, running_per_user=2)
+    release = __import__("threading").Event()
+    started = []
+    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append(uid), release.wait(5)))
+    ds = ["sha256:" + f"{i:02x}" * 32 for i in range(6)]
+    assert [p.request(f"r.example/a@{d}", 1001)[0] for d in ds[:3]] == ["started", "started",
+                                                                           "skipped"]
+    assert "this user's" in p.request(f"r.example/a@{ds[3]}", 1001)[2]
+    assert p.request(f"r.example/a@{ds[4]}", 1002)[0] == "started"      # another uid proceeds
+    assert p.request(f"r.example/a@{ds[0]}", 1002)[0] == "started"      # same digest, own pull
+    release.set()
+    assert sorted(started) == [1001, 1001, 1002, 1002]

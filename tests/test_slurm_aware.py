@@ -116,11 +116,15 @@ def test_prefetch_socket_is_world_writable_and_serves_only_prefetch(sa):
     assert (sa.login.socket.stat().st_mode & 0o777) == 0o600
     from ociimage.client import DaemonClient
     from ociimage.errors import InvalidArgument, OciImageError
-    c = DaemonClient(str(sock), timeout=10)
+    from ociimage.usersock import request
     with pytest.raises(InvalidArgument, match="digest-pinned"):
-        c.prefetch(sa.ref("sa/whatever"))           # a tag: refused
+        request(str(sock), {"op": "prefetch", "image": sa.ref("sa/whatever")})  # a tag: refused
+    with pytest.raises(InvalidArgument, match="unknown op"):
+        request(str(sock), {"op": "list", "image": ""})     # nothing else is served there
+    c = DaemonClient(str(sock), timeout=10)
     with pytest.raises(OciImageError):
-        c.list()                                    # nothing else is served there
+        c.list()                                            # and it speaks no gRPC
+    c.close()
     # the unprivileged user reaches it through the step client
     pushed = sa.push("sa/direct", os_id="direct")
     pinned = f"{sa.ref('sa/direct')}@{pushed.manifest_digest}"
@@ -131,6 +135,12 @@ def test_prefetch_socket_is_world_writable_and_serves_only_prefetch(sa):
     while not sa.entry(pushed.manifest_digest).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert sa.entry(pushed.manifest_digest).exists()
+    # pulled as the user who asked (the daemon knows the caller from SO_PEERCRED)
+    line = f'"prefetch done" reference="{pinned}" uid={sa.cluster.uid}'
+    deadline = time.monotonic() + 10      # logged just after the entry is published
+    while line not in sa.login.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line in sa.login.log()
     r = sa.cluster.run_as_user([str(sa.installed.step_client), "prefetch", "--socket",
                                 str(sock), "--image", pinned])
     assert r.stdout.split()[0] == "cached", r.stderr

@@ -19,13 +19,23 @@ lock is held, because only the lock holder writes there.
 
 Lock files are never deleted: removing an flock file while another process
 waits on it would let two holders in at once.
+
+Everything here is root's alone (issue 13): directories are 0700 and files 0600,
+created so (mkdir/open modes, a writer's umask), never widened and narrowed
+afterwards, so no user can read a private image, its metadata or the leases, or
+open a lock file to hold it. `secure()` narrows a cache made by an older
+version (0755/0644) once, at daemon start. Every lock wait has a deadline and
+ends in LockTimeout, one line naming the lock and the setting.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import stat
 import secrets
 import socket
 import threading
@@ -34,15 +44,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-import filelock
-
 from .digests import validate_digest
-from .errors import CacheError, ConfigError, InUse, NoSpace, NotFound
+from .errors import CacheError, ConfigError, InUse, LockTimeout, NoSpace, NotFound
 
 log = logging.getLogger("ociimage.cache")
 
 LAYOUT_VERSION = 1
 DEFAULT_LEASE_TTL = 600.0
+#: short critical sections (lease, remove): a wait this long means a stuck peer
+DEFAULT_LOCK_TIMEOUT = 60.0
+#: waiting for another node's conversion of the same image
+DEFAULT_CONVERT_TIMEOUT = 3600.0
+
+#: modes of everything the cache creates, and the umask its writers run with
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+UMASK = 0o077
 
 
 def entry_name(digest: str) -> str:
@@ -78,6 +95,97 @@ class Lease:
                 "holder": self.holder, "expires": self.expires}
 
 
+class FlockLock:
+    """An exclusive flock(2) on one lock file, with a deadline.
+
+    Replaces filelock (3.9 creates lock files 0777 less the umask, 0755 under the
+    usual 022, so any user could open one and hold a shared lock forever). The file is opened
+    once, 0600 with O_NOFOLLOW, and polled with a non-blocking flock on that one
+    descriptor: on Lustre every open is a metadata-server request.
+    """
+
+    def __init__(self, path: Path, what: str, poll: float = 0.05):
+        self.path = Path(path)
+        self.what = what
+        self.poll = poll
+        self._fd: Optional[int] = None
+
+    @property
+    def is_locked(self) -> bool:
+        return self._fd is not None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free now; False if someone holds it."""
+        if self._fd is not None:
+            raise CacheError(f"{self.what}: lock already held by this object")
+        fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise CacheError(f"cannot lock {self.path}: {e.strerror}") from None
+        self._fd = fd
+        return True
+
+    def acquire(self, timeout: float, setting: str,
+                on_wait: Optional[Callable[[float], None]] = None) -> "FlockLock":
+        """Wait at most timeout seconds (LockTimeout after), on_wait(waited) about once a second."""
+        if self._fd is not None:
+            raise CacheError(f"{self.what}: lock already held by this object")
+        fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
+        start = time.monotonic()
+        said = start
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    self._fd, fd = fd, None
+                    return self
+                except OSError as e:
+                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise CacheError(f"cannot lock {self.path}: {e.strerror}") from None
+                now = time.monotonic()
+                if now - start >= timeout:
+                    raise LockTimeout(f"timed out after {now - start:.0f} s waiting for the cache "
+                                      f"lock of {self.what} (another node's oci-imaged holds it; "
+                                      f"{setting})")
+                if on_wait and now - said >= 1.0:
+                    said = now
+                    on_wait(now - start)
+                time.sleep(min(self.poll, max(0.0, timeout - (now - start))))
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor drops the flock
+
+    def __enter__(self) -> "FlockLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _open_private(path: Path, flags: int) -> int:
+    """open(2) a cache file as root's alone: created 0600, never through a symlink."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as e:
+        raise CacheError(f"cannot open {path}: {e.strerror}") from None
+
+
+def create_private_file(path: Path) -> None:
+    """Create an empty file 0600 (the producer then writes it, keeping the mode)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE)
+    os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -95,7 +203,10 @@ def _fsync_file(path: Path) -> None:
 
 
 def _write_json_durably(path: Path, data: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    # 0600 from the start: O_TRUNC on an existing temp file keeps its (0600) mode.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 FILE_MODE)
+    with open(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, sort_keys=True)
         f.write("\n")
         f.flush()
@@ -105,8 +216,12 @@ def _write_json_durably(path: Path, data: dict) -> None:
 class Cache:
     """A cache directory shared by every node's daemon (and standalone CLI runs)."""
 
-    def __init__(self, root, *, node: Optional[str] = None, lock_poll: float = 0.05):
+    def __init__(self, root, *, node: Optional[str] = None, lock_poll: float = 0.05,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+                 convert_timeout: float = DEFAULT_CONVERT_TIMEOUT):
         self.root = Path(root)
+        self.lock_timeout = lock_timeout
+        self.convert_timeout = convert_timeout
         self.node = node or socket.gethostname()
         self.images = self.root / "images"
         self.locks = self.root / "locks"
@@ -120,7 +235,7 @@ class Cache:
         self._lease_lock = threading.Lock()
         try:
             for d in (self.root, self.images, self.locks, self.tmp, self.leases):
-                d.mkdir(mode=0o755, parents=True, exist_ok=True)
+                d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             marker = self.root / "layout.json"
             if not marker.exists():
                 tmp = self.tmp / f"layout.{os.getpid()}.{secrets.token_hex(4)}"
@@ -134,6 +249,43 @@ class Cache:
         if layout != LAYOUT_VERSION:
             raise ConfigError(f"cache directory {self.root} has layout {layout}, "
                               f"this version understands {LAYOUT_VERSION}")
+
+    def secure(self) -> int:
+        """Narrow a cache made by an older version (0755 dirs, 0644 files) to root's alone.
+
+        The root directory first: from that instant no user can open anything
+        below it by path, whatever the modes further down. Then every directory
+        and file below (symlinks are never followed). Returns how many entries
+        were narrowed. A descriptor a user opened before this keeps working until
+        closed: which is why every lock wait has a deadline.
+        """
+        changed = 0
+
+        def narrow(path: str, st: os.stat_result, mode: int) -> None:
+            nonlocal changed
+            if stat.S_IMODE(st.st_mode) & ~mode:
+                os.chmod(path, stat.S_IMODE(st.st_mode) & mode, follow_symlinks=False)
+                changed += 1
+            if st.st_uid != 0 and os.geteuid() == 0:
+                log.warning("cache file not owned by root", extra={"path": path, "uid": st.st_uid})
+
+        try:
+            narrow(str(self.root), os.lstat(self.root), DIR_MODE)
+            for top, dirs, files in os.walk(self.root, followlinks=False):
+                for name in dirs + files:
+                    path = os.path.join(top, name)
+                    st = os.lstat(path)
+                    if stat.S_ISDIR(st.st_mode):
+                        narrow(path, st, DIR_MODE)
+                    elif stat.S_ISREG(st.st_mode):
+                        narrow(path, st, FILE_MODE)
+        except OSError as e:
+            raise ConfigError(f"cannot make the cache directory {self.root} root-only: "
+                              f"{e.strerror or e}") from None
+        if changed:
+            log.warning("made the image cache root-only (left by an older version)",
+                        extra={"cache": str(self.root), "narrowed": changed})
+        return changed
 
     # ---- paths -----------------------------------------------------------
 
@@ -151,32 +303,32 @@ class Cache:
 
     # ---- locks -----------------------------------------------------------
 
-    def lock(self, digest: str) -> filelock.BaseFileLock:
-        """The cross-node lock for one digest (flock on the shared filesystem)."""
-        return filelock.FileLock(str(self._lock_path(digest)))
+    def lock(self, digest: str) -> FlockLock:
+        """The cross-node lock for one digest (flock on the shared filesystem), not yet taken."""
+        return FlockLock(self._lock_path(digest), digest, poll=self._lock_poll)
 
     def acquire(self, digest: str, on_wait: Optional[Callable[[float], None]] = None,
-                timeout: Optional[float] = None) -> filelock.BaseFileLock:
-        """Acquire the digest's lock, calling on_wait(seconds_waited) about once a second."""
-        lk = self.lock(digest)
-        start = time.monotonic()
-        while True:
-            try:
-                lk.acquire(timeout=1.0, poll_interval=self._lock_poll)
-                return lk
-            except filelock.Timeout:
-                waited = time.monotonic() - start
-                if timeout is not None and waited >= timeout:
-                    raise CacheError(f"timed out after {waited:.0f}s waiting for the cache lock of {digest}")
-                if on_wait:
-                    on_wait(waited)
+                timeout: Optional[float] = None, *, converting: bool = False) -> FlockLock:
+        """Acquire the digest's lock, calling on_wait(seconds_waited) about once a second.
+
+        The deadline is timeout, else [cache] convert_timeout when the caller waits
+        for another node's conversion (converting=True), else [cache] lock_timeout:
+        a peer holds the lock only for a conversion or a short critical section,
+        so a longer wait is a stuck node and must end in one line, not a hang.
+        """
+        if timeout is not None:
+            limit, setting = timeout, "timeout"
+        elif converting:
+            limit, setting = self.convert_timeout, f"[cache] convert_timeout = {self.convert_timeout:g}"
+        else:
+            limit, setting = self.lock_timeout, f"[cache] lock_timeout = {self.lock_timeout:g}"
+        return self.lock(digest).acquire(limit, setting, on_wait)
 
     def check_locking(self) -> None:
         """Fail early on a filesystem where flock does not work (e.g. Lustre without -o flock)."""
         probe = self.locks / f"probe.{self.node}.{os.getpid()}"
-        import fcntl
         try:
-            fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
         except OSError as e:
             raise ConfigError(f"cannot create files in {self.locks}: {e.strerror}") from None
         try:
@@ -238,7 +390,10 @@ class Cache:
         try:
             os.utime(p)
         except FileNotFoundError:
-            p.touch()
+            try:
+                create_private_file(p)
+            except FileExistsError:
+                pass
 
     def list(self) -> List[CacheEntry]:
         out = []
@@ -267,7 +422,7 @@ class Cache:
         if entry:
             self.touch(digest)
             return entry
-        lk = self.acquire(digest, on_wait=on_wait)
+        lk = self.acquire(digest, on_wait=on_wait, converting=True)
         try:
             entry = self.get(digest)
             if entry:
@@ -301,14 +456,21 @@ class Cache:
         tmp_sqfs = self.tmp / (stem + ".sqfs")
         tmp_meta = self.tmp / (stem + ".json")
         try:
+            # 0600 before the producer writes a byte: Python writers (open "wb"),
+            # downloads and tar2sqfs --force truncate it and keep the mode; the
+            # SquashFS writer also runs with UMASK (SquashOptions.umask).
+            create_private_file(tmp_sqfs)
             meta = dict(producer(tmp_sqfs))
             _fsync_file(tmp_sqfs)
-            os.chmod(tmp_sqfs, 0o644)
+            st = os.lstat(tmp_sqfs)
+            if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
+                # never chmod a file others may already have opened: refuse it
+                raise CacheError(f"the image written for {digest} is mode "
+                                 f"{stat.S_IMODE(st.st_mode):o}, not {FILE_MODE:o}: not publishing it")
             meta["digest"] = digest
-            meta["size"] = tmp_sqfs.stat().st_size
+            meta["size"] = st.st_size
             meta.setdefault("created", time.time())
             _write_json_durably(tmp_meta, meta)
-            os.chmod(tmp_meta, 0o644)
             os.replace(tmp_sqfs, self.sqfs_path(digest))
             os.replace(tmp_meta, self.meta_path(digest))
             _fsync_dir(self.images)
@@ -383,9 +545,7 @@ class Cache:
             if keep(e.digest):
                 continue
             lk = self.lock(e.digest)
-            try:
-                lk.acquire(timeout=0)
-            except filelock.Timeout:
+            if not lk.try_acquire():
                 continue  # being converted or removed by someone else right now
             try:
                 if self.leases_for(e.digest) or self.get(e.digest) is None:
@@ -415,9 +575,7 @@ class Cache:
                     digest = f"{algo}:{rest.split('.', 1)[0]}"
                     validate_digest(digest)
                     lk = self.lock(digest)
-                    try:
-                        lk.acquire(timeout=0)
-                    except filelock.Timeout:
+                    if not lk.try_acquire():
                         continue  # being written right now
                     try:
                         p.unlink()
@@ -450,7 +608,7 @@ class Cache:
         lease = Lease(lease_id or secrets.token_hex(8), validate_digest(digest), self.node, holder,
                       time.time() + ttl)
         d = self._node_lease_dir(self.node)
-        d.mkdir(exist_ok=True)
+        d.mkdir(mode=DIR_MODE, exist_ok=True)
         lease.path = d / f"{lease.id}.json"
         lk = self.acquire(digest)
         try:

@@ -149,7 +149,8 @@ def _progress(args):
 
 def _local_cache(args, cfg):
     from .cache import Cache
-    return Cache(Path(args.cache_dir), node=cfg.node)
+    return Cache(Path(args.cache_dir), node=cfg.node, lock_timeout=cfg.lock_timeout,
+                 convert_timeout=cfg.convert_timeout)
 
 
 def _entry_json(e) -> dict:
@@ -209,7 +210,8 @@ def cmd_publish(args, cfg) -> int:
         raise InvalidArgument("--chunk-size must be at least 1 byte")
     options = _pull_options(args, cfg)
     client = _client(args, cfg)
-    cache = Cache(Path(args.cache_dir) if args.cache_dir else cfg.cache_dir, node=cfg.node)
+    cache = Cache(Path(args.cache_dir) if args.cache_dir else cfg.cache_dir, node=cfg.node,
+                  lock_timeout=cfg.lock_timeout, convert_timeout=cfg.convert_timeout)
     prog = _progress(args)
     try:
         resolved = resolve(client, args.reference, options, prog)

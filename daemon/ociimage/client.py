@@ -44,7 +44,6 @@ class DaemonClient:
                      ("grpc.enable_retries", 0)])
         self.images = pbg.ImagesStub(self._channel)
         self.containers = pbg.ContainersStub(self._channel)
-        self.prefetcher = pbg.PrefetchStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -131,10 +130,6 @@ class DaemonClient:
             req.quota = quota
         r = self._call(self.images.Prune, req)
         return [image_dict(i) for i in r.removed], list(r.kept_for_jobs)
-
-    def prefetch(self, reference: str) -> dict:
-        r = self._call(self.prefetcher.Prefetch, pb.PrefetchRequest(reference=reference))
-        return {"state": r.state, "digest": r.digest}
 
     # ---- containers ------------------------------------------------------
 

@@ -40,6 +40,8 @@ class Config:
     cache_dir: Path = Path("/var/lib/oci-image/cache")
     quota: Optional[int] = None
     lease_ttl: float = 600.0
+    lock_timeout: float = 60.0          # a cache lock's short critical sections
+    convert_timeout: float = 3600.0     # waiting for another node's conversion
     socket: Path = Path("/run/oci-image/oci-imaged.sock")
     runtime_dir: Path = Path("/run/oci-image")
     node: str = field(default_factory=socketlib.gethostname)
@@ -54,7 +56,11 @@ class Config:
     jobs: int = 0
     prefetch_socket: Optional[Path] = None   # None: oci-imaged-prefetch.sock next to socket
     prefetch_enabled: bool = True
-    prefetch_rate: int = 30
+    prefetch_rate: int = 30                  # new prefetch pulls a minute, all users
+    prefetch_rate_per_user: int = 10         # ... per uid
+    prefetch_running: int = 4                # prefetch pulls at once, all users
+    prefetch_running_per_user: int = 2       # ... per uid
+    prefetch_request_timeout: float = 5.0    # a user socket request must arrive within this
     slurm_jobs: str = "auto"
     slurm_conf: Optional[str] = None
     slurm_refresh: float = 5.0
@@ -64,9 +70,11 @@ class Config:
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
-    "cache": ("dir", "quota", "lease_ttl"),
+    "cache": ("dir", "quota", "lease_ttl", "lock_timeout", "convert_timeout"),
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
-               "prefetch_socket", "prefetch_rate", "hooks_dir", "hooks_timeout"),
+               "prefetch_socket", "prefetch_rate", "prefetch_rate_per_user", "prefetch_running",
+               "prefetch_running_per_user", "prefetch_request_timeout", "hooks_dir",
+               "hooks_timeout"),
     "registries": ("insecure", "trusted_squashfs", "publish_to"),
     "squash": ("compression", "level", "jobs"),
     "slurm": ("jobs", "conf", "refresh"),
@@ -117,6 +125,11 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             cfg.quota = None if q in ("", "none", "0") else parse_size(q, "[cache] quota")
         if parser.has_option("cache", "lease_ttl"):
             cfg.lease_ttl = _float("cache", "lease_ttl", g("cache", "lease_ttl"), 10)
+        if parser.has_option("cache", "lock_timeout"):
+            cfg.lock_timeout = _float("cache", "lock_timeout", g("cache", "lock_timeout"), 1)
+        if parser.has_option("cache", "convert_timeout"):
+            cfg.convert_timeout = _float("cache", "convert_timeout",
+                                         g("cache", "convert_timeout"), 1)
         if parser.has_option("daemon", "socket"):
             cfg.socket = Path(g("daemon", "socket"))
         if parser.has_option("daemon", "runtime_dir"):
@@ -140,6 +153,12 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
                 cfg.prefetch_socket = Path(v)
         if parser.has_option("daemon", "prefetch_rate"):
             cfg.prefetch_rate = int(_float("daemon", "prefetch_rate", g("daemon", "prefetch_rate"), 0))
+        for key in ("prefetch_rate_per_user", "prefetch_running", "prefetch_running_per_user"):
+            if parser.has_option("daemon", key):
+                setattr(cfg, key, int(_float("daemon", key, g("daemon", key), 0)))
+        if parser.has_option("daemon", "prefetch_request_timeout"):
+            cfg.prefetch_request_timeout = _float("daemon", "prefetch_request_timeout",
+                                                  g("daemon", "prefetch_request_timeout"), 0.1)
         if parser.has_option("daemon", "hooks_dir"):
             cfg.hooks_dir = Path(g("daemon", "hooks_dir").strip())
             if not cfg.hooks_dir.is_absolute():

@@ -22,7 +22,8 @@ from .config import Config, load_config, parse_listen, parse_size, prefetch_path
 from .errors import ConfigError, OciImageError
 from .images import ImageStore, Prefetcher
 from .metrics import Metrics
-from .service import ContainersServicer, ImagesServicer, PrefetchServicer
+from .service import ContainersServicer, ImagesServicer
+from .usersock import UserRequests, UserSocketServer
 from .v1 import health_pb2, health_pb2_grpc
 from .v1 import ociimage_pb2_grpc as pbg
 
@@ -32,7 +33,7 @@ log = logging.getLogger("ociimage.daemon")
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """grpc.health.v1.Health: SERVING until shutdown begins."""
 
-    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers", "ociimage.v1.Prefetch")
+    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers")
 
     def __init__(self) -> None:
         self.serving = True
@@ -69,14 +70,19 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.cache = Cache(config.cache_dir, node=config.node)
+        self.cache = Cache(config.cache_dir, node=config.node, lock_timeout=config.lock_timeout,
+                           convert_timeout=config.convert_timeout)
+        self.cache.secure()  # a cache from an older version was world-readable
         self.cache.check_locking()
         self.store = ImageStore(self.cache, config, self.metrics)
         from .slurm import SlurmJobs, make_backend
         self.store.slurm = SlurmJobs(make_backend(config.slurm_jobs, config.slurm_conf),
                                      ttl=config.slurm_refresh)
-        self.prefetcher = Prefetcher(self.store, rate=config.prefetch_rate)
-        self.prefetch_server: Optional[grpc.Server] = None
+        self.prefetcher = Prefetcher(self.store, rate=config.prefetch_rate,
+                                     max_running=config.prefetch_running,
+                                     rate_per_user=config.prefetch_rate_per_user,
+                                     running_per_user=config.prefetch_running_per_user)
+        self.prefetch_server: Optional[UserSocketServer] = None
         from .runtime.steps import StepManager
         self.steps = StepManager(config, self.cache, self.store)
         self.metrics.bind(self.steps.mount_count, self.steps.lease_count, self.steps.step_count)
@@ -106,7 +112,6 @@ class Daemon:
                      ("grpc.max_send_message_length", 16 << 20)])
         pbg.add_ImagesServicer_to_server(ImagesServicer(self.store), self.server)
         pbg.add_ContainersServicer_to_server(ContainersServicer(self.steps), self.server)
-        pbg.add_PrefetchServicer_to_server(PrefetchServicer(self.prefetcher), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         # the prefetch socket first: once the main socket answers, both are ready
         if psock is not None:
@@ -129,30 +134,17 @@ class Daemon:
                                                  "node": self.config.node})
 
     def _start_prefetch_server(self, psock: Path) -> None:
-        """The world-writable socket: Prefetch (and health) only, a few small requests at a time.
+        """The world-writable user socket: not gRPC, which cannot say who is calling.
 
-        gRPC's Python server cannot tell who connected (no SO_PEERCRED), so this
-        socket is anonymous by design: anyone on the host may ask the daemon to
-        fetch a digest-pinned image with the daemon's own credentials. That work
-        is bounded (Prefetcher: pinned digests only, deduplicated, rate-limited)
-        and is what any user could cause anyway by submitting a job.
+        usersock.py serves it: each connection's uid comes from SO_PEERCRED and
+        every request (prefetch, open for the pyxis importer) runs with that uid's
+        rights only; connections are bounded per uid and in all, requests in size
+        and time.
         """
-        self.prefetch_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch-rpc"),
-            options=[("grpc.max_receive_message_length", 8 << 10),
-                     ("grpc.max_send_message_length", 64 << 10),
-                     ("grpc.max_concurrent_streams", 8)],
-            maximum_concurrent_rpcs=32)
-        pbg.add_PrefetchServicer_to_server(PrefetchServicer(self.prefetcher), self.prefetch_server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.prefetch_server)
-        old_umask = os.umask(0o177)
-        try:
-            if not self.prefetch_server.add_insecure_port(f"unix:{psock}"):
-                raise ConfigError(f"cannot listen on {psock}")
-            self.prefetch_server.start()
-        finally:
-            os.umask(old_umask)
-        os.chmod(psock, 0o666)
+        self.prefetch_server = UserSocketServer(
+            psock, UserRequests(self.store, self.prefetcher),
+            request_timeout=self.config.prefetch_request_timeout)
+        self.prefetch_server.start()
 
     def _housekeeping(self) -> None:
         interval = max(1.0, min(30.0, self.config.lease_ttl / 4, self.config.mount_idle / 2 or 1.0))
@@ -173,7 +165,7 @@ class Daemon:
         self.health.serving = False
         self.store.stop()
         if self.prefetch_server:
-            self.prefetch_server.stop(0)
+            self.prefetch_server.stop()
         if self.server:
             self.server.stop(grace).wait()
         for sock in (self.config.socket, prefetch_path(self.config)):

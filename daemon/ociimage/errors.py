@@ -102,6 +102,12 @@ class CacheError(OciImageError):
     status = "INTERNAL"
 
 
+class LockTimeout(CacheError):
+    """A cache lock stayed held past its deadline (a stuck or dead peer)."""
+
+    status = "DEADLINE_EXCEEDED"
+
+
 class InUse(OciImageError):
     """An operation would remove an image that a lease holds."""
 

@@ -185,67 +185,84 @@ class ImageStore:
 
 
 class Prefetcher:
-    """Background pulls asked for by unprivileged submitters (the prefetch socket).
+    """Background pulls asked for by unprivileged submitters (the user socket).
 
-    Bounded work: only digest-pinned references (the content is fixed by the
-    digest, whoever asks), pulled with the daemon's own credentials, one pull
-    per digest at a time (and the cache's single flight and per-digest lock
-    besides), at most `rate` new pulls a minute and `max_running` at once,
-    and a digest that failed is not retried for `retry_after` seconds.
+    Each pull runs with the CALLER's registry credentials (uid from SO_PEERCRED,
+    usersock.py), never the daemon's own: a user can only make the daemon fetch
+    what the registry would give that user. Bounded work: only digest-pinned
+    references, one pull per digest and uid at a time (and the cache's single
+    flight and per-digest lock besides), at most `rate` new pulls a minute and
+    `max_running` at once in all, `rate_per_user` and `running_per_user` per
+    uid, and a (digest, uid) that failed is not retried for `retry_after` seconds.
     """
 
     def __init__(self, store: ImageStore, rate: int = 30, max_running: int = 4,
-                 retry_after: float = 300.0):
+                 retry_after: float = 300.0, rate_per_user: int = 10, running_per_user: int = 2):
         self.store = store
         self.rate = rate
         self.max_running = max_running
+        self.rate_per_user = rate_per_user
+        self.running_per_user = running_per_user
         self.retry_after = retry_after
         self._lock = threading.Lock()
-        self._running: Dict[str, str] = {}
-        self._failed: Dict[str, float] = {}
-        self._started: List[float] = []
+        self._running: Dict[Tuple[str, int], str] = {}
+        self._failed: Dict[Tuple[str, int], Tuple[float, str]] = {}
+        self._started: List[Tuple[float, int]] = []
 
-    def request(self, reference: str) -> Tuple[str, str]:
-        """-> (state, digest); state is cached, started, running or skipped."""
+    def request(self, reference: str, uid: int) -> Tuple[str, str, str]:
+        """-> (state, digest, reason); state is cached, started, running or skipped.
+
+        A cached image is "cached" only for a uid the registry lets pull it
+        (AccessDenied otherwise): the answer is the same one a step would get.
+        """
         ref = parse_reference(reference)
         if not ref.digest or not ref.digest.startswith("sha256:"):
             raise InvalidArgument("prefetch needs a digest-pinned reference (NAME@sha256:...)")
         digest = ref.digest
-        if self.store.cache.get(digest) is not None:
-            return "cached", digest
+        if self.store.lookup(str(ref), uid) is not None:
+            return "cached", digest, ""
+        key = (digest, uid)
         now = time.monotonic()
         with self._lock:
-            if digest in self._running:
-                return "running", digest
-            failed = self._failed.get(digest)
-            if failed is not None and now - failed < self.retry_after:
-                return "skipped", digest
-            self._started = [t for t in self._started if now - t < 60.0]
+            if key in self._running:
+                return "running", digest, ""
+            failed = self._failed.get(key)
+            if failed is not None and now - failed[0] < self.retry_after:
+                return "skipped", digest, f"failed recently: {failed[1]}"
+            self._started = [(t, u) for t, u in self._started if now - t < 60.0]
+            mine_started = sum(1 for _t, u in self._started if u == uid)
+            mine_running = sum(1 for _d, u in self._running if u == uid)
+            reason = ""
             if len(self._started) >= self.rate or len(self._running) >= self.max_running:
-                log.info("prefetch skipped: rate limit", extra={"digest": digest})
-                return "skipped", digest
-            self._started.append(now)
-            self._running[digest] = str(ref)
-        threading.Thread(target=self._run, args=(str(ref), digest), daemon=True,
+                reason = "the daemon's prefetch limit"
+            elif mine_started >= self.rate_per_user or mine_running >= self.running_per_user:
+                reason = "this user's prefetch limit"
+            if reason:
+                log.info("prefetch skipped: rate limit", extra={"digest": digest, "uid": uid,
+                                                                "limit": reason})
+                return "skipped", digest, reason
+            self._started.append((now, uid))
+            self._running[key] = str(ref)
+        threading.Thread(target=self._run, args=(str(ref), digest, uid), daemon=True,
                          name="prefetch").start()
-        return "started", digest
+        return "started", digest, ""
 
-    def _run(self, reference: str, digest: str) -> None:
-        log.info("prefetch started", extra={"reference": reference})
+    def _run(self, reference: str, digest: str, uid: int) -> None:
+        log.info("prefetch started", extra={"reference": reference, "uid": uid})
         t0 = time.monotonic()
         try:
-            self.store.pull(reference, uid=None)
-            log.info("prefetch done", extra={"reference": reference,
+            self.store.pull(reference, uid=uid)
+            log.info("prefetch done", extra={"reference": reference, "uid": uid,
                                              "seconds": round(time.monotonic() - t0, 2)})
         except Exception as e:  # noqa: BLE001 - a failed prefetch only costs the nodes a pull
             with self._lock:
-                self._failed[digest] = time.monotonic()
+                self._failed[(digest, uid)] = (time.monotonic(), str(e))
             log.warning("prefetch failed (the nodes will pull at step start)",
-                        extra={"reference": reference, "error": str(e)})
+                        extra={"reference": reference, "uid": uid, "error": str(e)})
         finally:
             with self._lock:
-                self._running.pop(digest, None)
+                self._running.pop((digest, uid), None)
 
-    def running(self) -> List[str]:
+    def running(self) -> List[Tuple[str, int]]:
         with self._lock:
             return list(self._running)

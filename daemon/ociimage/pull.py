@@ -7,6 +7,7 @@ writer. Nothing is extracted to disk; the only file written is the SquashFS.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
 from . import __version__, monolithic
+from .cache import UMASK as cache_umask
 from .cache import Cache, CacheEntry
 from .errors import OciImageError
 from .flatten import FlattenLimits
@@ -229,6 +231,10 @@ def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: Resol
     outcome = outcome if outcome is not None else {}
     outcome["produced"] = None
     outcome["resolved"] = resolved
+    # The shared cache is root's alone: the SquashFS writer creates its output
+    # with the cache's umask, never readable by others (Cache._publish checks).
+    options = dataclasses.replace(options, squash=dataclasses.replace(options.squash,
+                                                                      umask=cache_umask))
     digest = resolved.manifest.digest
     ref = resolved.reference
 

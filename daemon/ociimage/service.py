@@ -185,18 +185,3 @@ class ContainersServicer(pbg.ContainersServicer):
     def ReleaseJob(self, request, context):
         steps, leases = self.steps.release_job(request.job_id)
         return pb.ReleaseJobResponse(steps=steps, leases=leases)
-
-
-class PrefetchServicer(pbg.PrefetchServicer):
-    """The only service on the world-writable prefetch socket. Answers at once."""
-
-    def __init__(self, prefetcher):
-        self.prefetcher = prefetcher
-
-    @unary
-    def Prefetch(self, request, context):
-        if len(request.reference) > 1024:
-            from .errors import InvalidArgument
-            raise InvalidArgument("reference too long")
-        state, digest = self.prefetcher.request(request.reference)
-        return pb.PrefetchResponse(state=state, digest=digest)

@@ -57,6 +57,9 @@ class SquashOptions:
     block_size: int = 131072
     #: compressor threads; None: one per CPU (at most 16).
     jobs: Optional[int] = None
+    #: umask the writer runs with (the shared cache: 0o077, so its output is never
+    #: readable by others, even for an instant); None: the caller's.
+    umask: Optional[int] = None
 
     def validate(self) -> None:
         if self.compression not in COMPRESSORS:
@@ -204,7 +207,9 @@ class SquashFSWriter:
         log.debug("starting squashfs writer", extra={"argv": argv})
         try:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE, close_fds=True)
+                                         stderr=subprocess.PIPE, close_fds=True,
+                                         umask=-1 if self.options.umask is None
+                                         else self.options.umask)
         except OSError as e:
             raise SquashError(f"cannot start {writer.name}: {e.strerror}",
                               hint=_INSTALL_HINT) from None

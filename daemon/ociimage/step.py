@@ -187,19 +187,24 @@ def cmd_release(args) -> int:
 
 
 def cmd_prefetch(args) -> int:
-    """Ask the local daemon, over its prefetch socket, to start pulling a pinned image.
+    """Ask the local daemon, over its user socket, to start pulling a pinned image.
 
-    Best effort: the plugin runs this detached and never looks at the outcome.
+    The daemon pulls it with this user's own registry credentials (it knows the
+    caller from SO_PEERCRED). Best effort: the plugin runs this detached and never
+    looks at the outcome. No gRPC here: the user socket is a one-line protocol.
     """
-    from .client import DaemonClient
     from .errors import OciImageError
+    from .usersock import request
     if "@sha256:" not in args.image:
         return _die(f"prefetch: {args.image}: not a digest-pinned reference")
     try:
-        r = DaemonClient(socket_path(args), timeout=args.timeout).prefetch(args.image)
+        r, fd = request(socket_path(args), {"op": "prefetch", "image": args.image},
+                        timeout=args.timeout)
     except OciImageError as e:
         return _die(f"prefetch {args.image}: {e}")
-    print(f"{r['state']} {r['digest']}")
+    if fd is not None:  # never asked for one
+        os.close(fd)
+    print(f"{r.get('state')} {r.get('digest')}" + (f" ({r['reason']})" if r.get("reason") else ""))
     return 0
 
 
