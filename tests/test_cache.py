@@ -181,3 +181,48 @@ def test_unwritable_cache_dir_is_a_config_error(tmp_path):
     f.write_text("")
     with pytest.raises(ConfigError):
         Cache(f / "sub")
+
+
+def test_everything_created_is_root_s_alone_and_narrowed_when_old(tmp_path):
+    """Modes at creation (the cache is root's alone), and secure() for an older cache."""
+    c = Cache(tmp_path / "c", node="n1")
+    d = dg("modes")
+    c.build(d, _writer(b"m" * 5000))
+    c.add_lease(d, "job 1.0")
+    paths = [tmp_path / "c"] + list((tmp_path / "c").rglob("*"))
+    assert {p.suffix for p in paths} >= {".sqfs", ".json", ".used", ".lock"}
+    for p in paths:
+        assert (p.lstat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600), p
+    for p in paths:                          # what the previous version left
+        os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    assert c.secure() == len(paths)
+    for p in paths:
+        assert (p.lstat().st_mode & 0o777) == (0o700 if p.is_dir() else 0o600), p
+    assert c.secure() == 0
+
+
+def test_lock_wait_ends_in_a_one_line_timeout(tmp_path):
+    import fcntl
+    from ociimage.errors import LockTimeout
+    c = Cache(tmp_path / "c", lock_timeout=0.3, convert_timeout=0.5)
+    d = dg("stuck")
+    held = c.lock(d)
+    assert held.try_acquire()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockTimeout) as e:
+            c.acquire(d)
+        assert 0.3 <= time.monotonic() - t0 < 2
+        assert "\n" not in str(e.value) and "[cache] lock_timeout = 0.3" in str(e.value)
+        with pytest.raises(LockTimeout, match=r"\[cache\] convert_timeout = 0.5"):
+            c.build(d, _writer(b"x"))
+        # a shared flock (what a user used to hold) blocks it the same way: hence deadlines
+        fd = os.open(c._lock_path(dg("shared")), os.O_RDONLY | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        with pytest.raises(LockTimeout):
+            c.acquire(dg("shared"))
+        os.close(fd)
+        c.acquire(dg("shared")).release()
+    finally:
+        held.release()
+    c.acquire(d).release()

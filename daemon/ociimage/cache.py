@@ -110,10 +110,6 @@ class FlockLock:
         self.poll = poll
         self._fd: Optional[int] = None
 
-    @property
-    def is_locked(self) -> bool:
-        return self._fd is not None
-
     def try_acquire(self) -> bool:
         """Take the lock if it is free now; False if someone holds it."""
         if self._fd is not None:
@@ -163,12 +159,6 @@ class FlockLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the only descriptor drops the flock
-
-    def __enter__(self) -> "FlockLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def _open_private(path: Path, flags: int) -> int:
@@ -264,7 +254,9 @@ class Cache:
         def narrow(path: str, st: os.stat_result, mode: int) -> None:
             nonlocal changed
             if stat.S_IMODE(st.st_mode) & ~mode:
-                os.chmod(path, stat.S_IMODE(st.st_mode) & mode, follow_symlinks=False)
+                # path is no symlink (lstat said so) and no user could have replaced
+                # it since: the directories above were root's (0755) all along
+                os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
                 changed += 1
             if st.st_uid != 0 and os.geteuid() == 0:
                 log.warning("cache file not owned by root", extra={"path": path, "uid": st.st_uid})

@@ -226,6 +226,9 @@ class Prefetcher:
         with self._lock:
             if key in self._running:
                 return "running", digest, ""
+            if len(self._failed) > 4096:  # bounded memory whatever users ask for
+                self._failed = {k: v for k, v in self._failed.items()
+                                if now - v[0] < self.retry_after}
             failed = self._failed.get(key)
             if failed is not None and now - failed[0] < self.retry_after:
                 return "skipped", digest, f"failed recently: {failed[1]}"

@@ -156,11 +156,15 @@ def _copy_out(src: int, size: int, dir_fd: int, name: str) -> None:
     out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=dir_fd)
     try:
-        done = 0
+        done, in_kernel = 0, True
         while done < size:
-            try:
-                n = os.copy_file_range(src, out, size - done, done, done)
-            except OSError:  # not across these filesystems: plain reads
+            n = -1
+            if in_kernel:
+                try:
+                    n = os.copy_file_range(src, out, size - done, done, done)
+                except OSError:  # not across these filesystems (EXDEV, ENOSYS...): plain reads
+                    in_kernel = False
+            if not in_kernel:
                 n = os.pwrite(out, os.pread(src, min(1 << 20, size - done), done), done)
             if n <= 0:
                 raise ImportError_(f"the image ended after {done} of {size} bytes")
