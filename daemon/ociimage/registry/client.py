@@ -1267,6 +1267,7 @@ class _BlobStream(io.RawIOBase):
         if self.resp is not None:
             self.resp.close()
             self.resp = None
+            self.transfer.detach()
         self.failures += 1
         if self.failures > self.client.retries:
             raise RegistryUnavailable(f"download of blob {self.descriptor.digest} from "
@@ -1317,6 +1318,7 @@ class _BlobStream(io.RawIOBase):
                 self._unwatch()
                 self.resp.close()
                 self.resp = None
+                self.transfer.detach()
                 return 0
             self.offset += len(chunk)
             self.transfer.progress(len(chunk))
@@ -1336,4 +1338,5 @@ class _BlobStream(io.RawIOBase):
         if self.resp is not None:
             self.resp.close()
             self.resp = None
+        self.transfer.detach()
         super().close()

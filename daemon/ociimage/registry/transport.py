@@ -243,6 +243,12 @@ class Transfer:
             return f"it took longer than {self.seconds:.0f}s ({self.limit_name})"
         return None
 
+    def detach(self) -> None:
+        """Forget the connections used so far: once their response is closed they go back
+        to the pool, and an abort later must not cut a request that reuses one."""
+        with self._lock:
+            self._conns.clear()
+
     def check(self, now: float) -> Optional[str]:
         """Called by the watchdog only (it keeps the rate samples)."""
         hard = self._hard_reason(now)
