@@ -101,7 +101,14 @@ stop() {
     if alive "$STATE/$n/pid"; then kill "$(cat "$STATE/$n/pid")"; fi
   done
   for n in $NODES; do
+    # oci-imaged exits within its [daemon] stop_timeout (5s) whatever is in flight;
+    # one still there after 10s is stuck: kill it rather than leave it behind
     for _ in $(seq 100); do alive "$STATE/$n/pid" || break; sleep 0.1; done
+    if alive "$STATE/$n/pid"; then
+      say "oci-imaged $n did not stop on SIGTERM; killing it"
+      kill -KILL "$(cat "$STATE/$n/pid")" 2>/dev/null || true
+      rm -f "$STATE/$n/oci-imaged.sock" "$STATE/$n/oci-imaged-prefetch.sock"
+    fi
     rm -f "$STATE/$n/pid"
   done
   # Step namespaces and image mounts outlive a daemon on purpose (running

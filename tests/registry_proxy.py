@@ -5,6 +5,15 @@
   "drop": the registry got none of the chunk; "half": it got the first half
   (Distribution 2.8 then invalidates the upload session, whose _state token
   carries the offset, and the client has to start over);
+* a tarpit: blob bodies over `tarpit_over` bytes are sent a few bytes at a
+  time (`tarpit_bytes` every `tarpit_interval` seconds) after honest headers,
+  the way a hostile or broken server holds a client's thread;
+* redirects: blob GETs answered 307 to `redirect_blobs` + "/_storage" + path
+  (any URL: another host name for this proxy, plain http, a metadata address);
+  "/_storage/..." is served here from the registry, without credentials, like
+  blob storage behind a registry;
+* a token realm: with `bearer_realm`, every /v2/ request without
+  Authorization is answered 401 with a Bearer challenge naming that realm;
 * a feature Docker Distribution 2.8 lacks: the referrers API
   (`GET /v2/<name>/referrers/<digest>`), answered from the fallback tag's
   index the way a registry implementing it would (no server-side filter), with
@@ -20,6 +29,7 @@ import json
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from loopback_http import LoopbackServer
@@ -32,12 +42,23 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "prox
         "te", "trailer", "upgrade"}
 _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<alg>[a-z0-9]+):(?P<hex>[0-9a-f]+)$")
 _FALLBACK = re.compile(r"^/v2/.+/manifests/sha256-[0-9a-f]{64}$")
+_BLOB = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
+STORAGE = "/_storage"
 
 
 class RegistryProxy(LoopbackServer):
     def __init__(self, upstream: str, *, cut_patches: Optional[Dict[int, str]] = None,
-                 referrers_api: bool = False):
+                 referrers_api: bool = False, tarpit: bool = False, tarpit_over: int = 4096,
+                 tarpit_bytes: int = 2, tarpit_interval: float = 0.2,
+                 redirect_blobs: Optional[str] = None, bearer_realm: Optional[str] = None):
         self.upstream = upstream.rstrip("/")
+        self.tarpit, self.tarpit_over = tarpit, tarpit_over
+        self.tarpit_bytes, self.tarpit_interval = tarpit_bytes, tarpit_interval
+        #: blob GETs trickled so far, and those whose client hung up on the tarpit
+        self.trickling = 0
+        self.trickle_ended = 0
+        self.redirect_blobs = redirect_blobs
+        self.bearer_realm = bearer_realm
         #: PATCH ordinal (1-based) -> "drop" | "half"
         self.cut_patches = dict(cut_patches or {})
         self.referrers_api = referrers_api
@@ -103,9 +124,45 @@ class RegistryProxy(LoopbackServer):
                                    "manifests": manifests}).encode()
                 self._send(200, [("Content-Type", OCI_INDEX)], body)
 
+            def _trickle(self, r, data: bytes) -> None:
+                self.send_response(r.status_code)
+                for k, v in r.headers.items():
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                with proxy._lock:
+                    proxy.trickling += 1
+                self._record(-2)
+                try:
+                    for i in range(0, len(data), proxy.tarpit_bytes):
+                        self.wfile.write(data[i:i + proxy.tarpit_bytes])
+                        self.wfile.flush()
+                        time.sleep(proxy.tarpit_interval)
+                except OSError:  # the client gave up: what the tarpit tests wait for
+                    with proxy._lock:
+                        proxy.trickle_ended += 1
+                self.close_connection = True
+
             def _handle(self) -> None:
                 body = self._body()
                 path = self.path.split("?", 1)[0]
+                if path.startswith(STORAGE + "/"):
+                    asked, self.path = self.path, self.path[len(STORAGE):]
+                    if "Authorization" in self.headers:
+                        del self.headers["Authorization"]
+                    r, data, length = self._forward(body)
+                    self.path = asked  # logged as asked
+                    self._send(r.status_code, r.headers.items(), data, length)
+                    return
+                if proxy.bearer_realm and path.startswith("/v2/") and \
+                        "Authorization" not in self.headers:
+                    self._send(401, [("WWW-Authenticate", f'Bearer realm="{proxy.bearer_realm}",'
+                                                          f'service="proxy"')], b"")
+                    return
+                if proxy.redirect_blobs and self.command == "GET" and _BLOB.match(path):
+                    self._send(307, [("Location", proxy.redirect_blobs + STORAGE + self.path)], b"")
+                    return
                 if proxy.referrers_api:
                     m = _REFERRERS.match(path)
                     if m and self.command == "GET":
@@ -127,6 +184,10 @@ class RegistryProxy(LoopbackServer):
                         extra = {"Content-Range": f"{start}-{start + len(body) - 1}"}
                 if cut != "drop":
                     r, data, length = self._forward(body, extra)
+                if proxy.tarpit and self.command == "GET" and _BLOB.match(path) \
+                        and r.status_code in (200, 206) and len(data) > proxy.tarpit_over:
+                    self._trickle(r, data)
+                    return
                 if cut:
                     # The registry has the first half; the client hears nothing.
                     self._record(-1)

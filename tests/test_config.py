@@ -13,7 +13,10 @@ def test_shipped_default_config_is_all_defaults():
     cfg = load_config(ROOT / "packaging" / "config" / "oci-image.conf")
     default = Config()
     for field in ("cache_dir", "quota", "lease_ttl", "socket", "runtime_dir", "metrics",
-                  "log_level", "mount_idle", "compression", "level", "jobs"):
+                  "log_level", "mount_idle", "compression", "level", "jobs",
+                  "max_pulls_per_uid", "max_requests_per_uid", "stop_timeout",
+                  "connect_timeout", "stall_timeout", "request_timeout", "min_rate",
+                  "rate_window"):
         assert getattr(cfg, field) == getattr(default, field), field
 
 
@@ -37,6 +40,10 @@ def test_values(tmp_path):
     ("[daemon]\nmetrics = host:port\n", "HOST:PORT"),
     ("[daemon]\nlog_level = chatty\n", "log_level"),
     ("not ini at all", "c.conf"),
+    ("[registries]\nmin_rate = fast\n", "min_rate"),
+    ("[registries]\nrequest_timeout = 0\n", "request_timeout: must be at least"),
+    ("[daemon]\nmax_pulls_per_uid = 0\n", "max_pulls_per_uid: must be at least 1"),
+    ("[daemon]\nmax_pulls_per_uid = 8\nmax_requests_per_uid = 4\n", "max_requests_per_uid (4)"),
 ])
 def test_bad_values_are_clear_errors(tmp_path, text, needle):
     p = tmp_path / "c.conf"
@@ -44,6 +51,21 @@ def test_bad_values_are_clear_errors(tmp_path, text, needle):
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_deadline_and_fairness_keys(tmp_path):
+    p = tmp_path / "c.conf"
+    p.write_text("[daemon]\nmax_pulls_per_uid = 2\nmax_requests_per_uid = 10\nstop_timeout = 3\n"
+                 "[registries]\nconnect_timeout = 4\nstall_timeout = 8\nrequest_timeout = 20\n"
+                 "min_rate = 1M\nrate_window = 15\n")
+    cfg = load_config(p)
+    assert (cfg.max_pulls_per_uid, cfg.max_requests_per_uid, cfg.stop_timeout) == (2, 10, 3.0)
+    lim = cfg.net_limits()
+    assert (lim.connect, lim.stall, lim.request, lim.min_rate, lim.rate_window) == \
+        (4.0, 8.0, 20.0, 1 << 20, 15.0)
+    assert lim.blob_deadline(10 << 20) == 30.0  # request_timeout + size at min_rate
+    p.write_text("[registries]\nmin_rate = 0\n")
+    assert load_config(p).net_limits().blob_deadline(1 << 40) == 60.0
 
 
 def test_missing_explicit_file(tmp_path):

@@ -152,17 +152,44 @@ def test_metadata(tmp_path):
     o = find(t, "owned")
     assert (o.mode, o.uid, o.gid, o.mtime) == (0o640, 123456, 654321, 1234567890)
     assert (find(t, "big-ids").uid, find(t, "big-ids").gid) == (3_000_000, 4_000_000)
-    assert find(t, "x").xattrs == {"user.foo": b"bar", "security.capability": cap.encode(),
-                                   "user.bin": b"\xff\x00\xfe"}
-    assert find(t, "xdir").xattrs == {"trusted.t": b"v"}
+    # only user.* survives: see test_security_and_trusted_xattrs_are_dropped
+    assert find(t, "x").xattrs == {"user.foo": b"bar", "user.bin": b"\xff\x00\xfe"}
+    assert find(t, "xdir").xattrs == {}
     assert find(t, "dropped-xattr").xattrs == {}
-    assert any("system.posix_acl_access" in w for w in stats.warnings)
+    assert stats.dropped_xattrs == {"security": 1, "trusted": 1, "system": 1}
     assert find(t, "sym-abs").target == b"/etc/passwd"
     assert find(t, "sym-rel").target == b"../../../../x" and find(t, "sym-rel").mtime == 42
     n, s = find(t, "dev/null"), find(t, "dev/sda")
     assert n.kind == "char" and n.rdev == os.makedev(1, 3) and n.mode == 0o666
     assert s.kind == "block" and s.rdev == os.makedev(8, 0) and s.gid == 6
     assert find(t, "fifo").kind == "fifo" and find(t, "fifo").mode == 0o600
+
+
+def test_security_and_trusted_xattrs_are_dropped(tmp_path, caplog):
+    """An image must not set file capabilities, LSM labels or root-only trusted.* metadata
+    (e.g. overlayfs' trusted.overlay.*) on the host that mounts it; user.* stays."""
+    cap = "\x01\x00\x00\x02\x00\x04\x00\x00" + "\x00" * 12  # cap_net_bind_service
+    layer = [
+        E("bin", **D),
+        E("bin/ping", data=b"#!", xattrs={"security.capability": cap, "user.keep": "yes"}),
+        E("label", data=b"l", xattrs={"security.selinux": "system_u:object_r:shadow_t:s0"}),
+        E("opq", kind="dir", mode=0o755, xattrs={"trusted.overlay.opaque": "y",
+                                                  "trusted.overlay.redirect": "/etc"}),
+        E("acl", data=b"a", xattrs={"system.posix_acl_access": "x", "user.a": "1"}),
+    ]
+    lower = [E("bin", **D), E("bin/lower", data=b"x", xattrs={"security.ima": "sig"})]
+    with caplog.at_level(logging.DEBUG, logger="ociimage.flatten"):
+        stats, t = squash(tmp_path, layer, lower)
+    assert find(t, "bin/ping").xattrs == {"user.keep": b"yes"}
+    assert find(t, "label").xattrs == {}
+    assert find(t, "opq").xattrs == {}
+    assert find(t, "acl").xattrs == {"user.a": b"1"}
+    assert find(t, "bin/lower").xattrs == {}
+    assert stats.dropped_xattrs == {"security": 3, "trusted": 2, "system": 1}
+    assert not [w for w in stats.warnings if "xattr" in w]
+    summary = [r for r in caplog.records if "dropped xattrs" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].levelno == logging.DEBUG
+    assert "security.* 3" in summary[0].getMessage() and "trusted.* 2" in summary[0].getMessage()
 
 
 def test_hostile_names(tmp_path, caplog):

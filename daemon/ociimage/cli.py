@@ -139,7 +139,8 @@ def _client(args, cfg):
     from .registry.client import RegistryClient
     from .registry.credentials import CredentialStore
     return RegistryClient(credentials=CredentialStore(),
-                          insecure_registries=list(cfg.insecure_registries) + args.insecure_registry)
+                          insecure_registries=list(cfg.insecure_registries) + args.insecure_registry,
+                          limits=cfg.net_limits())
 
 
 def _progress(args):

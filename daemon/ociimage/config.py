@@ -66,7 +66,23 @@ class Config:
     slurm_refresh: float = 5.0
     hooks_dir: Path = Path("/etc/oci-image/hooks.d")   # step hooks (runtime/hooks.py)
     hooks_timeout: float = 60.0
+    # fairness between users, and how long a SIGTERM may take (see docs/configuration.md)
+    max_pulls_per_uid: int = 4
+    max_requests_per_uid: int = 64
+    stop_timeout: float = 5.0
+    # registry deadlines: registry/transport.py NetLimits
+    connect_timeout: float = 10.0
+    stall_timeout: float = 30.0
+    request_timeout: float = 60.0
+    min_rate: int = 16 << 10
+    rate_window: float = 60.0
     source: Optional[Path] = None
+
+    def net_limits(self):
+        from .registry.transport import NetLimits
+        return NetLimits(connect=self.connect_timeout, stall=self.stall_timeout,
+                         request=self.request_timeout, min_rate=self.min_rate,
+                         rate_window=self.rate_window)
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
@@ -74,8 +90,9 @@ _KNOWN: Dict[str, Tuple[str, ...]] = {
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
                "prefetch_socket", "prefetch_rate", "prefetch_rate_per_user", "prefetch_running",
                "prefetch_running_per_user", "prefetch_request_timeout", "hooks_dir",
-               "hooks_timeout"),
-    "registries": ("insecure", "trusted_squashfs", "publish_to"),
+               "hooks_timeout", "max_pulls_per_uid", "max_requests_per_uid", "stop_timeout"),
+    "registries": ("insecure", "trusted_squashfs", "publish_to", "connect_timeout",
+                   "stall_timeout", "request_timeout", "min_rate", "rate_window"),
     "squash": ("compression", "level", "jobs"),
     "slurm": ("jobs", "conf", "refresh"),
 }
@@ -165,6 +182,19 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
                 raise ConfigError(f"[daemon] hooks_dir: {cfg.hooks_dir} must be an absolute path")
         if parser.has_option("daemon", "hooks_timeout"):
             cfg.hooks_timeout = _float("daemon", "hooks_timeout", g("daemon", "hooks_timeout"), 1)
+        for key, minimum in (("max_pulls_per_uid", 1), ("max_requests_per_uid", 1)):
+            if parser.has_option("daemon", key):
+                setattr(cfg, key, int(_float("daemon", key, g("daemon", key), minimum)))
+        if parser.has_option("daemon", "stop_timeout"):
+            cfg.stop_timeout = _float("daemon", "stop_timeout", g("daemon", "stop_timeout"), 0.5)
+        for key, minimum in (("connect_timeout", 0.1), ("stall_timeout", 0.1),
+                             ("request_timeout", 0.1), ("rate_window", 0.5)):
+            if parser.has_option("registries", key):
+                setattr(cfg, key, _float("registries", key, g("registries", key), minimum))
+        if parser.has_option("registries", "min_rate"):
+            v = g("registries", "min_rate").strip()
+            cfg.min_rate = 0 if v in ("0", "off", "none") else \
+                parse_size(v, "[registries] min_rate (bytes per second)")
         if parser.has_option("slurm", "jobs"):
             cfg.slurm_jobs = g("slurm", "jobs").strip().lower()
         if parser.has_option("slurm", "conf"):
@@ -202,6 +232,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[daemon] prefetch_socket: {cfg.prefetch_socket} must be an absolute path")
     if cfg.prefetch_enabled and prefetch_path(cfg) == cfg.socket:
         raise ConfigError("[daemon] prefetch_socket must differ from [daemon] socket")
+    if cfg.max_requests_per_uid < cfg.max_pulls_per_uid:
+        raise ConfigError(f"[daemon] max_requests_per_uid ({cfg.max_requests_per_uid}) must be at "
+                          f"least max_pulls_per_uid ({cfg.max_pulls_per_uid})")
     if not cfg.node or "/" in cfg.node:
         raise ConfigError(f"[daemon] node: {cfg.node!r} is not a usable node name")
 

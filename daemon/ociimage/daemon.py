@@ -10,6 +10,7 @@ import socket as socketlib
 import stat
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import List, Optional
@@ -107,7 +108,9 @@ class Daemon:
             self._claim(psock)
         self.steps.recover()
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=128, thread_name_prefix="rpc"),
+            # Blocked requests hold a thread each; [daemon] max_requests_per_uid keeps one
+            # user to a fraction of these.
+            futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="rpc"),
             options=[("grpc.max_receive_message_length", 4 << 20),
                      ("grpc.max_send_message_length", 16 << 20)])
         pbg.add_ImagesServicer_to_server(ImagesServicer(self.store), self.server)
@@ -155,26 +158,36 @@ class Daemon:
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop serving; in-flight conversions are abandoned cleanly (no partial files).
+    def stop(self, grace: Optional[float] = None) -> None:
+        """Stop serving within grace seconds ([daemon] stop_timeout); in-flight pulls are
+        abandoned cleanly (sockets shut, temporary files removed, nothing partial published).
 
         Step namespaces and image mounts stay: running steps keep working and
         a restarted daemon adopts them.
         """
+        budget = self.config.stop_timeout if grace is None else grace
+        deadline = time.monotonic() + budget
         self._stop.set()
         self.health.serving = False
         self.store.stop()
         if self.prefetch_server:
             self.prefetch_server.stop()
         if self.server:
-            self.server.stop(grace).wait()
+            # other requests (release, prune) get most of the budget to finish; then their
+            # RPCs are cancelled, which cancels what they wait for
+            self.server.stop(budget * 0.6).wait(budget)
+        if not self.store.wait_idle(max(0.1, deadline - time.monotonic())):
+            log.warning("an abandoned pull is still winding down at exit")
+        self.remove_sockets()
+        log.warning("oci-imaged stopped")
+
+    def remove_sockets(self) -> None:
         for sock in (self.config.socket, prefetch_path(self.config)):
             try:
                 if sock is not None:
                     sock.unlink()
             except FileNotFoundError:
                 pass
-        log.warning("oci-imaged stopped")
 
     def wait(self) -> None:
         self._stop.wait()
@@ -246,8 +259,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while not stop.wait(3600):
         pass
+
+    def backstop() -> None:
+        # stop() itself is bounded; this is for whatever is not
+        time.sleep(cfg.stop_timeout + 5)
+        log.error("stopping takes too long; exiting now")
+        daemon.remove_sockets()
+        _exit(1)
+
+    threading.Thread(target=backstop, daemon=True, name="stop-backstop").start()
     daemon.stop()
+    # A request thread stuck where no cancellation reaches (the interpreter would join it
+    # at exit) must not keep a stopped daemon alive.
+    _exit(0)
     return 0
+
+
+def _exit(code: int) -> None:
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -127,3 +127,9 @@ class DaemonUnavailable(OciImageError):
 
 class Cancelled(OciImageError):
     status = "CANCELLED"
+
+
+class NetworkPolicyError(OciImageError):
+    """A registry, redirect or token realm points where the daemon must not go."""
+
+    status = "PERMISSION_DENIED"

@@ -26,8 +26,13 @@ was replaced by an upper layer, or is not a regular file) is dropped.
 Ownership is numeric (user and group names are dropped so the result does
 not depend on the host's passwd); modes keep setuid/setgid/sticky; mtimes are
 kept (whole seconds, as SquashFS stores them); xattrs from PAX
-`SCHILY.xattr.*` (and `LIBARCHIVE.xattr.*`) headers are kept for the
-namespaces SquashFS can store (user, trusted, security). Symlinks are kept as
+`SCHILY.xattr.*` (and `LIBARCHIVE.xattr.*`) headers are kept in the `user.`
+namespace only. `security.*` (file capabilities, SELinux/SMACK labels, IMA/EVM)
+and `trusted.*` (root-only metadata such as overlayfs' `trusted.overlay.*`)
+are policy that the image author does not get to set on a host that mounts
+the image as root; they are dropped, counted, and logged at debug level.
+`system.*` (POSIX ACLs) is dropped too: SquashFS cannot store it, and the
+mode bits still carry the owner/group/other permissions. Symlinks are kept as
 they are: they resolve inside the container at run time. Device nodes and
 fifos are kept too: the image is always mounted `nodev`, so a device node in
 an image grants nothing.
@@ -67,7 +72,10 @@ _MAX_WARNINGS = 200
 _MAX_LINK_CHAIN = 64
 _WH = ".wh."
 _OPQ = ".wh..wh..opq"
-_XATTR_NAMESPACES = ("user.", "trusted.", "security.")
+#: xattr namespaces kept in the image (see the module docstring for why only user.)
+_XATTR_KEEP = ("user.",)
+#: namespaces dropped by policy or because SquashFS cannot hold them: counted, not warned
+_XATTR_DROP = ("security.", "trusted.", "system.")
 
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = (tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
                                       tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
@@ -114,6 +122,8 @@ class FlattenStats:
     skipped: Dict[str, int] = field(default_factory=dict)
     #: human-readable warnings (capped); skipped holds the full counts.
     warnings: List[str] = field(default_factory=list)
+    #: xattrs dropped by namespace ("security", "trusted", "system"), over all entries.
+    dropped_xattrs: Dict[str, int] = field(default_factory=dict)
 
 
 # A record per claimed path: (layer index from the top, type, meta). meta is
@@ -208,7 +218,7 @@ def _clean(name: str) -> Tuple[Optional[List[str]], str]:
 
 
 def _xattrs(pax: Dict[str, str]) -> Tuple[Optional[Dict[str, str]], List[str]]:
-    """xattrs SquashFS can store, and the names of those it cannot."""
+    """The xattrs to keep, and the names of those dropped."""
     out: Dict[str, str] = {}
     dropped: List[str] = []
     for key, value in pax.items():
@@ -226,7 +236,7 @@ def _xattrs(pax: Dict[str, str]) -> Tuple[Optional[Dict[str, str]], List[str]]:
             value = raw.decode(_ENC, _ERR)
         else:
             continue
-        if name.startswith(_XATTR_NAMESPACES) and "\0" not in name:
+        if name.startswith(_XATTR_KEEP) and "\0" not in name:
             out[name] = value
         else:
             dropped.append(name)
@@ -454,8 +464,13 @@ class _Flattener:
         if m.pax_headers:
             xattrs, dropped = _xattrs(m.pax_headers)
             for x in dropped:
+                if x.startswith(_XATTR_DROP) and "\0" not in x:
+                    ns = x.split(".", 1)[0]
+                    counts = self.stats.dropped_xattrs
+                    counts[ns] = counts.get(ns, 0) + 1
+                    continue
                 self.warn(f"layer {self.layer} from the top: dropped xattr {x!r} of {name!r}: "
-                          "SquashFS stores only user., trusted. and security. xattrs",
+                          "only user. xattrs are kept",
                           layer=self.layer, entry=repr(name), xattr=repr(x))
         mtime = m.mtime
         if not isinstance(mtime, int):
@@ -516,6 +531,10 @@ class _Flattener:
                 continue
             self.header(path, LNK, meta[:4] + (target,) + meta[5:])
             self.stats.hardlinks += 1
+        if self.stats.dropped_xattrs:
+            log.debug("dropped xattrs outside user.: %s",
+                      ", ".join(f"{ns}.* {n}" for ns, n in sorted(self.stats.dropped_xattrs.items())),
+                      extra={"dropped_xattrs": dict(self.stats.dropped_xattrs)})
         # End of archive: two zero blocks.
         self.out.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
         self.out.flush()

@@ -9,13 +9,15 @@ import logging
 import pwd
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 from .access import AccessChecker
 from .asuser import Identity
 from .cache import Cache, CacheEntry
 from .config import Config
-from .errors import Cancelled, InvalidArgument
+from . import cancel
+from .errors import Cancelled, InvalidArgument, LimitExceeded
 from .metrics import Metrics
 from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
 from .pull import PullOptions, publish_conversion, pull_to_cache
@@ -28,6 +30,57 @@ from .squash import SquashOptions
 
 log = logging.getLogger("ociimage.images")
 
+SHUTTING_DOWN = "the daemon is shutting down; try again when it is back"
+
+
+class UidGate:
+    """Per-uid caps on the pulls in progress, so one user cannot take every worker thread.
+
+    A uid may have at most max_pulls distinct pulls (keys) in progress and at
+    most max_requests requests waiting on them (the same image asked for by
+    many steps at once is one pull and many requests). Beyond either, the
+    request fails at once with RESOURCE_EXHAUSTED; other uids are not affected.
+    Requests without a uid are the admin's own (oci-image pull as root) or
+    prefetches, which the Prefetcher bounds itself: they are not capped here.
+    """
+
+    def __init__(self, max_pulls: int, max_requests: int):
+        self.max_pulls, self.max_requests = max_pulls, max_requests
+        self._lock = threading.Lock()
+        self._keys: Dict[Optional[int], Dict[str, int]] = {}
+
+    @contextmanager
+    def slot(self, uid: Optional[int], key: str) -> Iterator[None]:
+        if uid is None:
+            yield
+            return
+        who = f"uid {uid}"
+        with self._lock:
+            keys = self._keys.setdefault(uid, {})
+            if key not in keys and len(keys) >= self.max_pulls:
+                raise LimitExceeded(f"{who} already has {len(keys)} image pulls in progress on "
+                                    f"this node ([daemon] max_pulls_per_uid); wait for them to "
+                                    f"finish and try again")
+            if sum(keys.values()) >= self.max_requests:
+                raise LimitExceeded(f"{who} already has {sum(keys.values())} requests waiting "
+                                    f"for image pulls on this node ([daemon] "
+                                    f"max_requests_per_uid); try again later")
+            keys[key] = keys.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                keys = self._keys[uid]
+                keys[key] -= 1
+                if not keys[key]:
+                    del keys[key]
+                if not keys:
+                    del self._keys[uid]
+
+    def in_progress(self, uid: Optional[int]) -> int:
+        with self._lock:
+            return len(self._keys.get(uid, {}))
+
 
 class ImageStore:
     def __init__(self, cache: Cache, config: Config, metrics: Optional[Metrics] = None):
@@ -36,15 +89,22 @@ class ImageStore:
         self.metrics = metrics or Metrics()
         self._flights = SingleFlight()
         self._stopping = threading.Event()
+        self.gate = UidGate(config.max_pulls_per_uid, config.max_requests_per_uid)
         self.slurm = None  # slurm.SlurmJobs, attached by the daemon
         # A cache hit is keyed by digest alone: before handing a private image to
         # a user, the registry must confirm that user may pull it.
         self.access = AccessChecker(self.client, anonymous_client=RegistryClient(
-            credentials=None, insecure_registries=config.insecure_registries))
+            credentials=None, insecure_registries=config.insecure_registries,
+            limits=config.net_limits()))
 
     def stop(self) -> None:
-        """Make in-flight conversions abandon their work at their next progress event."""
+        """Abandon in-flight pulls now: their sockets are shut, their waits end (no partial
+        files: each conversion removes its temporary file on the way out)."""
         self._stopping.set()
+        self._flights.cancel_all(SHUTTING_DOWN)
+
+    def wait_idle(self, timeout: float) -> bool:
+        return self._flights.wait_idle(timeout)
 
     def credentials_for(self, uid: Optional[int]) -> CredentialStore:
         """The credentials of uid's own files, read as uid (None: the daemon's own)."""
@@ -59,7 +119,8 @@ class ImageStore:
 
     def client(self, uid: Optional[int] = None) -> RegistryClient:
         return RegistryClient(credentials=self.credentials_for(uid),
-                              insecure_registries=self.config.insecure_registries)
+                              insecure_registries=self.config.insecure_registries,
+                              limits=self.config.net_limits())
 
     def site_client(self) -> RegistryClient:
         """The daemon's own registry identity (root's credentials), for publish_to."""
@@ -97,16 +158,21 @@ class ImageStore:
             self.cache.touch(entry.digest)
             return entry
         key = f"{ref}|{platform}|{uid}"
-        return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep), report)
+        with self.gate.slot(uid, key):
+            return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep), report)
 
     def _pull(self, ref: Reference, platform: str, uid: Optional[int], report: Reporter) -> CacheEntry:
         started = time.monotonic()
         counted = {"bytes": 0}
         outcome: dict = {}
 
+        token = cancel.current()  # the flight's: cancelled when nobody waits any more
+
         def tracking(ev: ProgressEvent) -> None:
+            # also called about once a second while waiting for another converter's lock
             if self._stopping.is_set():
-                raise Cancelled("the daemon is shutting down; try again when it is back")
+                raise Cancelled(SHUTTING_DOWN)
+            token.check()
             if ev.phase == DOWNLOAD:
                 delta = ev.current - counted["bytes"]
                 if delta > 0:

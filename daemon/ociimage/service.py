@@ -12,6 +12,7 @@ from typing import Iterator
 
 import grpc
 
+from . import cancel
 from .cache import CacheEntry
 from .errors import OciImageError
 from .images import ImageStore
@@ -62,15 +63,32 @@ def image_pb(e: CacheEntry, users=(), jobs=()) -> pb.Image:
                               user=cfg.get("User") or ""))
 
 
-def stream_with_progress(work, context, wrap_progress, wrap_result) -> Iterator:
+CLIENT_GONE = "the client went away"
+
+
+def rpc_token(context: grpc.ServicerContext) -> cancel.CancelToken:
+    """A token cancelled when the RPC ends: the client cancelled, disconnected or timed out,
+    or the server is stopping. (It fires after a normal end too, when nothing listens.)"""
+    token = cancel.CancelToken()
+    if not context.add_callback(lambda: token.cancel(CLIENT_GONE)):
+        token.cancel(CLIENT_GONE)  # already over
+    return token
+
+
+def stream_with_progress(work, context, wrap_progress, wrap_result,
+                         token: "cancel.CancelToken" = None) -> Iterator:
     """Run work(report) in a thread, yielding progress messages as they come, then the result.
 
-    A client that disconnects stops receiving progress but the work goes on
-    (other nodes or requests may be waiting for the same conversion).
+    The work runs under the RPC's cancellation token: when the client goes
+    away, this handler returns at once and the work gives up at its next
+    waiting point, unless it is a pull another request still waits for
+    (SingleFlight keeps that one going).
     """
     q: "queue.Queue" = queue.Queue(maxsize=256)
     done = object()
+    gone = object()
     outcome = {}
+    token = token or rpc_token(context)
 
     def report(ev: ProgressEvent) -> None:
         try:
@@ -80,19 +98,41 @@ def stream_with_progress(work, context, wrap_progress, wrap_result) -> Iterator:
 
     def run():
         try:
-            outcome["result"] = work(report)
+            with cancel.scope(token):
+                outcome["result"] = work(report)
         except BaseException as e:  # noqa: BLE001
             outcome["error"] = e
         finally:
-            q.put(done)
+            # once the handler has gone nobody drains the queue: never block on it then
+            while True:
+                try:
+                    q.put(done, timeout=0.5)
+                    break
+                except queue.Full:
+                    if token.cancelled:
+                        break
+
+    def wake() -> None:
+        try:
+            q.put_nowait(gone)
+        except queue.Full:  # the handler is not blocked on an empty queue then
+            pass
 
     threading.Thread(target=run, daemon=True, name="pull-worker").start()
-    while True:
-        item = q.get()
-        if item is done:
-            break
-        if context.is_active():
-            yield wrap_progress(progress_pb(item))
+    unregister = token.on_cancel(wake)
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            if item is gone or token.cancelled:
+                if "error" in outcome or "result" in outcome:
+                    continue  # finished meanwhile: drain to `done`
+                return  # nobody to answer: free this thread, the work winds down by itself
+            if context.is_active():
+                yield wrap_progress(progress_pb(item))
+    finally:
+        unregister()
     if "error" in outcome:
         _fail(context, outcome["error"])
         return
@@ -116,9 +156,11 @@ class ImagesServicer(pbg.ImagesServicer):
 
     def Pull(self, request, context):
         uid = request.uid if request.HasField("uid") else None
+        token = rpc_token(context)
         # A hit by digest (every step of a pinned job) needs no worker thread.
         try:
-            entry = self.store.lookup(request.reference, uid)
+            with cancel.scope(token):  # the access check may ask the registry
+                entry = self.store.lookup(request.reference, uid)
         except Exception as e:  # noqa: BLE001
             _fail(context, e)
             return
@@ -129,7 +171,8 @@ class ImagesServicer(pbg.ImagesServicer):
             return
         yield from stream_with_progress(
             lambda report: self.store.pull(request.reference, request.platform, uid, report),
-            context, lambda p: pb.PullEvent(progress=p), lambda e: pb.PullEvent(image=image_pb(e)))
+            context, lambda p: pb.PullEvent(progress=p), lambda e: pb.PullEvent(image=image_pb(e)),
+            token)
 
     @unary
     def Resolve(self, request, context):

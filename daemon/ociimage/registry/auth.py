@@ -13,12 +13,14 @@ mount) with the same machinery.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 from ..errors import (AccessDenied, AuthenticationRequired, RegistryProtocolError,
                       RegistryUnavailable)
@@ -140,7 +142,8 @@ class _Token:
     expires_at: float
 
 
-# fetch(method, url, *, headers, params, data) -> requests.Response, with retries
+# fetch(method, url, *, headers, params, data, what) -> requests.Response, with retries and
+# the network policy applied to url (a realm on a link-local address is never contacted)
 Fetcher = Callable[..., "object"]
 
 
@@ -149,8 +152,11 @@ class Authenticator:
 
     def __init__(self, fetch: Fetcher, credentials_for: Callable[[str], Optional[Credentials]],
                  *, may_send_secrets_to: Callable[[str], bool] = lambda url: True,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 operation: Callable[[str], ContextManager] = lambda what: contextlib.nullcontext()):
         self._fetch = fetch
+        #: operation(what): the deadline a token request (with its body) runs under
+        self._operation = operation
         self._credentials_for = credentials_for
         self._may_send_secrets_to = may_send_secrets_to
         self.clock = clock
@@ -245,6 +251,12 @@ class Authenticator:
         params: List[Tuple[str, str]] = []
         if ch.service:
             params.append(("service", ch.service))
+        p = urlsplit(realm)
+        what = f"the token realm {p.scheme}://{p.netloc}{p.path} named by registry {domain}"
+        with self._operation(f"the token request to {p.netloc} for registry {domain}"):
+            return self._request_token(domain, realm, ch, scopes, creds, headers, params, what)
+
+    def _request_token(self, domain, realm, ch, scopes, creds, headers, params, what) -> _Token:
         self.token_requests += 1
         if creds and creds.identity_token:
             # OAuth2 refresh-token grant, as Docker does for identity tokens.
@@ -253,14 +265,14 @@ class Authenticator:
             if scopes:
                 data.append(("scope", " ".join(scopes)))
             log.debug("requesting token for %s from its realm (refresh token)", domain)
-            resp = self._fetch("POST", realm, headers=headers, data=data)
+            resp = self._fetch("POST", realm, headers=headers, data=data, what=what)
         else:
             params += [("scope", s) for s in scopes]
             if creds and creds.has_basic:
                 headers["Authorization"] = basic_header(creds)
             log.debug("requesting %s token for %s scopes %s",
                       "authenticated" if creds else "anonymous", domain, " ".join(scopes))
-            resp = self._fetch("GET", realm, headers=headers, params=params)
+            resp = self._fetch("GET", realm, headers=headers, params=params, what=what)
         try:
             return self._parse_token_response(domain, resp, creds)
         finally:

@@ -4,7 +4,12 @@ Every byte taken from a registry is checked against a digest before use:
 manifests by the digest they were asked for (or, by tag, against the
 Docker-Content-Digest header), blobs while streaming. Redirects are
 followed here rather than by requests, so that Authorization only ever goes
-to the registry's own origin and never to blob storage it redirects to.
+to the registry's own origin and never to blob storage it redirects to, and
+so that each redirect target passes the network policy (transport.py: plain
+http only to loopback and insecure registries, never to link-local or
+metadata addresses). Every operation runs under a deadline, blobs also under
+a minimum rate, and all of it under the cancellation token of the work that
+asked (cancel.py): a server that trickles bytes cannot hold a thread.
 
 The request core (_request: auth, retries, redirects; _raise_for: error
 mapping) is method-agnostic and takes token scopes. The push side (blob
@@ -16,7 +21,8 @@ API is read here; its fallback tag scheme lives with its user (monolithic.py).
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
+import functools
 import io
 import json
 import logging
@@ -34,15 +40,18 @@ import requests
 import urllib3
 
 from .. import __version__
+from ..cancel import CancelToken, current as current_token
 from ..digests import ALGORITHMS, VerifyingReader, is_valid_digest, validate_digest
-from ..errors import (AccessDenied, AuthenticationRequired, DigestMismatch, LimitExceeded,
-                      NotFound, OciImageError, PlatformNotFound, RegistryProtocolError,
-                      RegistryUnavailable, UnsupportedMediaType)
+from ..errors import (AccessDenied, AuthenticationRequired, Cancelled, DigestMismatch,
+                      LimitExceeded, NotFound, OciImageError, PlatformNotFound,
+                      RegistryProtocolError, RegistryUnavailable, UnsupportedMediaType)
 from ..reference import Reference
 from . import mediatypes as mt
 from .auth import Authenticator, read_limited, repository_scope
 from .credentials import Credentials
 from .platform import Platform, host_platform, select_platform
+from .transport import (WATCHDOG, NetLimits, NetPolicy, Transfer, active_transfers,
+                        guarded_session, watching)
 
 log = logging.getLogger("ociimage.registry")
 
@@ -160,6 +169,18 @@ def _next_link(header: str) -> Optional[str]:
             if url.startswith("<") and url.endswith(">"):
                 return url[1:-1]
     return None
+
+def _registry_op(kind: str):
+    """Run a client method as one registry operation (RegistryClient._operation)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(self, target, *args, **kwargs):
+            name = target.familiar() if isinstance(target, Reference) else str(target)
+            with self._operation(f"{kind} ({name})"):
+                return fn(self, target, *args, **kwargs)
+        return wrapper
+    return deco
+
 
 class _NoAuth(requests.auth.AuthBase):
     """Passed as auth= so requests does not add ~/.netrc credentials on its own."""
@@ -286,8 +307,13 @@ class RegistryClient:
                  retries: int = 5, backoff: float = 0.5, user_agent: str = DEFAULT_USER_AGENT,
                  *, verify: Union[bool, str] = True, session: Optional[requests.Session] = None,
                  max_retry_after: float = 60.0, max_manifest_size: int = MAX_MANIFEST_SIZE,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE):
-        self.timeout = timeout
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, limits: Optional[NetLimits] = None,
+                 resolver=None, cancel: Optional[CancelToken] = None):
+        # `timeout` is the stall timeout when no limits are given (older callers)
+        self.limits = limits or NetLimits(connect=min(NetLimits.connect, timeout), stall=timeout)
+        self.timeout = self.limits.stall
+        #: None: the token current() on the thread doing each operation
+        self._cancel = cancel
         #: blobs up to this size go up in one PUT; larger ones in PATCH chunks of it
         self.chunk_size = chunk_size
         self.retries = max(0, int(retries))
@@ -295,23 +321,9 @@ class RegistryClient:
         self.user_agent = user_agent
         self.max_retry_after = max_retry_after
         self.max_manifest_size = max_manifest_size
-        self.session = session or requests.Session()
+        self.policy = NetPolicy(insecure_registries, resolver=resolver)
+        self.session = guarded_session(self.policy, session)
         self.session.verify = verify
-        self._insecure_names = set()
-        self._insecure_nets = []
-        for entry in insecure_registries:
-            entry = entry.strip().lower()
-            for scheme in ("http://", "https://"):
-                if entry.startswith(scheme):
-                    entry = entry[len(scheme):]
-            entry = entry.rstrip("/")
-            try:
-                if "/" in entry:
-                    self._insecure_nets.append(ipaddress.ip_network(entry, strict=False))
-                    continue
-            except ValueError:
-                pass
-            self._insecure_names.add(entry)
         if credentials is None:
             lookup: Callable[[str], Optional[Credentials]] = lambda domain: None
         elif callable(credentials) and not hasattr(credentials, "get"):
@@ -319,7 +331,8 @@ class RegistryClient:
         else:
             lookup = credentials.get
         self.auth = Authenticator(self._fetch_plain, lookup,
-                                  may_send_secrets_to=self._may_send_secrets_to)
+                                  may_send_secrets_to=self._may_send_secrets_to,
+                                  operation=self._operation)
 
     # -- context manager -------------------------------------------------
 
@@ -340,19 +353,7 @@ class RegistryClient:
 
     def is_plain_http(self, domain: str) -> bool:
         """Loopback registries and configured insecure registries speak plain http."""
-        domain = domain.lower()
-        host = self._hostname(domain)
-        if host == "localhost" or host.endswith(".localhost"):
-            return True
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
-        if ip is not None and ip.is_loopback:
-            return True
-        if domain in self._insecure_names or host in self._insecure_names:
-            return True
-        return ip is not None and any(ip in net for net in self._insecure_nets)
+        return self.policy.plain_http_allowed(domain)
 
     def base_url(self, domain: str) -> str:
         host = DOCKER_HUB_REGISTRY if domain == DOCKER_HUB else domain
@@ -363,6 +364,69 @@ class RegistryClient:
         if p.scheme.lower() == "https":
             return True
         return self.is_plain_http(p.netloc)
+
+    # -- deadlines and cancellation --------------------------------------
+
+    def _token(self) -> CancelToken:
+        return self._cancel or current_token()
+
+    def _transfer(self, what: str, deadline: Optional[float] = None, *,
+                  blob_size: Optional[int] = None) -> Transfer:
+        lim = self.limits
+        if blob_size is not None:
+            return Transfer(what, lim.blob_deadline(blob_size), min_rate=lim.min_rate,
+                            window=lim.rate_window, cancel=self._token(),
+                            limit_name="[registries] request_timeout plus the size at min_rate")
+        return Transfer(what, deadline or lim.request, cancel=self._token(),
+                        limit_name="[registries] request_timeout")
+
+    @staticmethod
+    def _abort_error(t: Transfer) -> OciImageError:
+        if t.cancelled:
+            return Cancelled(t.reason)
+        return RegistryUnavailable(f"{t.what} was abandoned: {t.reason}",
+                                   hint="the registry is too slow or stalling; try again later")
+
+    def _raise_if_aborted(self, *extra: Transfer) -> None:
+        """Raise the typed error of an operation on this thread that ran out or was cancelled."""
+        token = self._token()
+        for t in list(extra) + active_transfers():
+            if t.expired():
+                raise self._abort_error(t) from None
+        token.check()
+
+    @contextlib.contextmanager
+    def _operation(self, what: str, deadline: Optional[float] = None):
+        """One registry operation, retries included, bounded by request_timeout (or deadline).
+
+        Whatever the operation raised after its transfer was abandoned (a
+        reset socket, a short body) is replaced by the reason it was abandoned.
+        """
+        t = self._transfer(what, deadline)
+        t.expired()
+        with watching(t):
+            try:
+                yield t
+            except OciImageError:
+                if t.reason is not None:
+                    raise self._abort_error(t) from None
+                raise
+            except _STREAM_ERRORS:
+                if t.reason is not None:
+                    raise self._abort_error(t) from None
+                raise
+            if t.reason is not None:
+                raise self._abort_error(t)
+
+    def _sleep(self, delay: float, *extra: Transfer) -> None:
+        """A backoff that ends early when the work is cancelled or out of time."""
+        limit = delay
+        for t in list(extra) + active_transfers():
+            left = t.remaining()
+            if left is not None:
+                limit = min(limit, max(0.0, left) + 0.01)
+        self._token().wait(limit)
+        self._raise_if_aborted(*extra)
 
     # -- transport -------------------------------------------------------
 
@@ -391,19 +455,23 @@ class RegistryClient:
         return max(0.0, min(delay, self.max_retry_after))
 
     def _send(self, method: str, url: str, headers: Mapping[str, str], *,
-              params=None, data=None) -> requests.Response:
+              params=None, data=None, what: str = "") -> requests.Response:
         """One exchange, following redirects by hand.
 
         Authorization is kept only while the URL stays on the origin it was
-        meant for; blob storage behind a redirect never sees it.
+        meant for; blob storage behind a redirect never sees it. Each URL,
+        the first and every redirect target, passes the network policy first.
         """
         origin = _origin(url)
+        self.policy.check_url(url, what or f"the request to {origin[1]}")
         for _ in range(MAX_REDIRECTS + 1):
             h = dict(headers)
             if _origin(url) != origin:
                 h.pop("Authorization", None)
+            self._raise_if_aborted()
             resp = self.session.request(method, url, headers=h, params=params, data=data,
-                                        stream=True, timeout=self.timeout,
+                                        stream=True,
+                                        timeout=(self.limits.connect, self.limits.stall),
                                         allow_redirects=False, auth=_NoAuth())
             log.debug("%s %s -> %d", method, _url_for_log(url), resp.status_code)
             location = resp.headers.get("Location")
@@ -413,6 +481,8 @@ class RegistryClient:
             new_url = urljoin(resp.url, location)
             if urlsplit(new_url).scheme.lower() not in ("http", "https"):
                 raise RegistryProtocolError(f"{_origin(url)[1]} redirected to a non-http URL")
+            self.policy.check_url(new_url, f"the redirect from {urlsplit(url).netloc} to "
+                                           f"{_url_for_log(new_url)}")
             if resp.status_code == 303 and method not in ("GET", "HEAD"):
                 method, data = "GET", None
             # the query is now part of the new URL
@@ -420,25 +490,26 @@ class RegistryClient:
         raise RegistryProtocolError(f"too many redirects from {origin[1]}")
 
     def _fetch_plain(self, method: str, url: str, *, headers=None, params=None,
-                     data=None) -> requests.Response:
-        """A request outside registry auth (token realms), with retries."""
+                     data=None, what: str = "") -> requests.Response:
+        """A request outside registry auth (token realms, ping), with retries."""
         attempt = 0
         while True:
             h = {"User-Agent": self.user_agent}
             h.update(headers or {})
             try:
-                resp = self._send(method, url, h, params=params, data=data)
+                resp = self._send(method, url, h, params=params, data=data, what=what)
             except requests.RequestException as e:
+                self._raise_if_aborted()
                 if attempt >= self.retries:
                     raise RegistryUnavailable(f"cannot reach {urlsplit(url).netloc}: "
                                               f"{_describe(e)}") from None
-                time.sleep(self._backoff_delay(attempt))
+                self._sleep(self._backoff_delay(attempt))
                 attempt += 1
                 continue
             if resp.status_code in _RETRY_STATUSES and attempt < self.retries:
                 delay = self._retry_after(resp)
                 resp.close()
-                time.sleep(delay if delay is not None else self._backoff_delay(attempt))
+                self._sleep(delay if delay is not None else self._backoff_delay(attempt))
                 attempt += 1
                 continue
             return resp
@@ -467,15 +538,17 @@ class RegistryClient:
             if authorization:
                 h["Authorization"] = authorization
             try:
-                resp = self._send(method, url, h, data=data)
+                resp = self._send(method, url, h, data=data,
+                                  what=f"the request to registry {domain}")
             except requests.RequestException as e:
+                self._raise_if_aborted()
                 if attempt >= max_retries:
                     raise RegistryUnavailable(f"cannot reach registry {domain}: "
                                               f"{_describe(e)}") from None
                 delay = self._backoff_delay(attempt)
                 log.debug("%s %s failed (%s); retrying in %.2fs", method, domain,
                           _describe(e), delay)
-                time.sleep(delay)
+                self._sleep(delay)
                 attempt += 1
                 continue
             if resp.status_code == 401 and not auth_retried and same_origin:
@@ -494,7 +567,7 @@ class RegistryClient:
                 log.debug("%s %s: HTTP %d; retrying in %.2fs", method, domain,
                           resp.status_code, delay)
                 resp.close()
-                time.sleep(delay)
+                self._sleep(delay)
                 attempt += 1
                 continue
             return resp
@@ -576,6 +649,7 @@ class RegistryClient:
 
     # -- API -------------------------------------------------------------
 
+    @_registry_op("the ping of registry")
     def ping(self, domain: str) -> bool:
         """True when `domain` answers as a v2 registry (200, or 401 with a challenge)."""
         resp = self._fetch_plain("GET", self.base_url(domain) + "/v2/")
@@ -595,6 +669,7 @@ class RegistryClient:
     def pull_scopes(ref: Reference) -> List[str]:
         return [repository_scope(ref.path, ("pull",))]
 
+    @_registry_op("the manifest request")
     def get_manifest(self, ref: Reference, accept: str = mt.ACCEPT, *,
                      expected: Optional[Descriptor] = None) -> Manifest:
         """Fetch and verify the manifest or index `ref` names (its digest, else its tag)."""
@@ -621,7 +696,7 @@ class RegistryClient:
                 if attempt >= self.retries:
                     raise RegistryUnavailable(f"reading the manifest of {ref.familiar()} "
                                               f"kept failing: {_describe(e)}") from None
-                time.sleep(self._backoff_delay(attempt))
+                self._sleep(self._backoff_delay(attempt))
                 attempt += 1
                 continue
             finally:
@@ -695,6 +770,7 @@ class RegistryClient:
                                         f"the index says {expected.media_type}")
         return Manifest(media_type=media_type, digest=digest, raw=raw, data=data)
 
+    @_registry_op("the tag lookup")
     def resolve_digest(self, ref: Reference) -> str:
         """Tag -> digest cheaply (HEAD); the digest of whatever the tag names (index or manifest)."""
         if ref.digest:
@@ -793,6 +869,7 @@ class RegistryClient:
             scopes.append(repository_scope(mount_from, ("pull",)))
         return scopes
 
+    @_registry_op("the blob existence check")
     def blob_exists(self, ref: Reference, digest: str,
                     scopes: Optional[Sequence[str]] = None) -> bool:
         """HEAD /v2/<name>/blobs/<digest>: is the blob in this repository?"""
@@ -815,6 +892,7 @@ class RegistryClient:
             raise RegistryProtocolError(f"the registry answered {what} without a Location")
         return urljoin(resp.url, location)
 
+    @_registry_op("the upload request")
     def _start_upload(self, ref: Reference, scopes: Sequence[str]) -> Tuple[str, int]:
         """POST /v2/<name>/blobs/uploads/ -> (upload URL, the registry's minimum chunk)."""
         resp = self._request("POST", ref.domain, f"/v2/{ref.path}/blobs/uploads/", scopes,
@@ -827,6 +905,7 @@ class RegistryClient:
         resp.close()
         return location, int(minimum) if minimum.isdigit() else 0
 
+    @_registry_op("the blob mount request")
     def mount_blob(self, ref: Reference, digest: str, from_repo: str) -> Optional[str]:
         """Cross-repository mount (POST .../blobs/uploads/?mount=&from=): MOUNTED, else
         the upload URL the registry opened instead, or None when it refused."""
@@ -899,15 +978,17 @@ class RegistryClient:
                                               f"failing: {e}") from None
                 log.info("upload of %s to %s lost (%s); starting over", digest, ref.name, e)
                 location = None
-                time.sleep(self._backoff_delay(restarts - 1))
+                self._sleep(self._backoff_delay(restarts - 1))
 
     def _upload_monolithic(self, ref, scopes, location, source, digest, size, on_bytes) -> None:
         data = _read_range(source, 0, size)
         try:
-            resp = self._request("PUT", ref.domain, "", scopes,
-                                 {"Content-Type": "application/octet-stream"},
-                                 data=data, url=_with_query(location, "digest", digest),
-                                 retries=0)
+            with self._operation(f"the upload of blob {digest} to {ref.domain}",
+                                 self.limits.blob_deadline(size)):
+                resp = self._request("PUT", ref.domain, "", scopes,
+                                     {"Content-Type": "application/octet-stream"},
+                                     data=data, url=_with_query(location, "digest", digest),
+                                     retries=0)
         except RegistryUnavailable as e:
             if self._blob_landed(ref, digest, scopes):
                 return
@@ -951,6 +1032,7 @@ class RegistryClient:
         self._raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
                         f"the upload of blob {digest}")
 
+    @_registry_op("the upload status request")
     def upload_status(self, ref: Reference, scopes: Sequence[str],
                       location: str) -> Tuple[str, int]:
         """GET on an upload URL: (the URL to go on with, bytes the registry holds)."""
@@ -979,8 +1061,10 @@ class RegistryClient:
                        "Content-Range": f"{offset}-{offset + n - 1}"}
             problem = ""
             try:
-                resp = self._request("PATCH", ref.domain, "", scopes, headers, data=data,
-                                     url=location, retries=0)
+                with self._operation(f"a chunk upload of blob {digest} to {ref.domain}",
+                                     self.limits.blob_deadline(n)):
+                    resp = self._request("PATCH", ref.domain, "", scopes, headers, data=data,
+                                         url=location, retries=0)
             except RegistryUnavailable as e:
                 problem = str(e)
             else:
@@ -1011,7 +1095,7 @@ class RegistryClient:
             delay = self._backoff_delay(failures - 1)
             log.info("chunk upload of %s failed at byte %d (%s); asking the registry where to "
                      "resume in %.2fs", digest, offset, problem, delay)
-            time.sleep(delay)
+            self._sleep(delay)
             location, offset = self.upload_status(ref, scopes, location)
             if offset > size:
                 raise _UploadLost(f"the registry holds {offset} bytes of a {size} byte blob")
@@ -1025,6 +1109,7 @@ class RegistryClient:
             raise _UploadLost(str(e)) from None
         self._finish_upload(ref, scopes, resp, digest)
 
+    @_registry_op("the manifest upload")
     def put_manifest(self, ref: Reference, raw: bytes, media_type: str) -> "PushedManifest":
         """PUT a manifest or index under ref's tag (or, untagged, its own digest)."""
         digest = "sha256:" + ALGORITHMS["sha256"](raw).hexdigest()
@@ -1047,6 +1132,7 @@ class RegistryClient:
                               size=len(raw), media_type=media_type,
                               subject_processed=bool(subject))
 
+    @_registry_op("the referrers request")
     def get_referrers(self, ref: Reference, digest: str,
                       artifact_type: Optional[str] = None) -> Optional[List[Descriptor]]:
         """The referrers API (`GET /v2/<name>/referrers/<digest>`), filtered by
@@ -1121,6 +1207,22 @@ class _BlobStream(io.RawIOBase):
         self.reconnects = 0
         self._skip = 0
         self._eof = False
+        # The whole download, reconnects included, under one deadline and rate check
+        # (registered with the watchdog at the first connect, until EOF or close).
+        self.transfer = client._transfer(
+            f"the download of blob {descriptor.digest} from {ref.domain}/{ref.path}",
+            blob_size=descriptor.size)
+        self._watched = False
+
+    def _unwatch(self) -> None:
+        if self._watched:
+            WATCHDOG.discard(self.transfer)
+            self._watched = False
+
+    def _check_abort(self) -> None:
+        if self.transfer.expired():
+            self._unwatch()
+            raise self.client._abort_error(self.transfer)
 
     def readable(self) -> bool:
         return True
@@ -1129,7 +1231,16 @@ class _BlobStream(io.RawIOBase):
         headers = {"Accept-Encoding": "identity"}
         if self.offset:
             headers["Range"] = f"bytes={self.offset}-"
-        resp = self.client._request("GET", self.ref.domain, self.path, self.scopes, headers)
+        if not self._watched:
+            WATCHDOG.add(self.transfer)
+            self._watched = True
+        try:
+            with watching(self.transfer, register=False):
+                resp = self.client._request("GET", self.ref.domain, self.path, self.scopes,
+                                            headers)
+        except OciImageError:
+            self._check_abort()
+            raise
         status = resp.status_code
         if status == 206 and self.offset:
             content_range = resp.headers.get("Content-Range", "")
@@ -1156,10 +1267,12 @@ class _BlobStream(io.RawIOBase):
         if self.resp is not None:
             self.resp.close()
             self.resp = None
+            self.transfer.detach()
         self.failures += 1
         if self.failures > self.client.retries:
             raise RegistryUnavailable(f"download of blob {self.descriptor.digest} from "
                                       f"{self.ref.domain}/{self.ref.path} kept failing: {reason}")
+        self._check_abort()
         delay = self.client._backoff_delay(self.failures - 1)
         log.debug("blob %s: %s at offset %d; resuming in %.2fs", self.descriptor.digest,
                   reason, self.offset, delay)
@@ -1169,7 +1282,7 @@ class _BlobStream(io.RawIOBase):
                           f"resuming in {delay:.0f}s (try {self.failures} of "
                           f"{self.client.retries})")
         self.reconnects += 1
-        time.sleep(delay)
+        self.client._sleep(delay, self.transfer)
 
     def readinto(self, b) -> int:
         while True:
@@ -1187,22 +1300,28 @@ class _BlobStream(io.RawIOBase):
                         self._failed("premature end of stream")
                         continue
                     self._skip -= len(junk)
+                    self.transfer.progress(len(junk))
                     continue
                 # small reads: urllib3 discards a partly filled read when the
                 # connection drops, and what was received is progress to keep
                 chunk = self.resp.raw.read(min(len(b), READ_CHUNK), decode_content=True)
             except _STREAM_ERRORS as e:
+                self._check_abort()
                 self._failed(_describe(e))
                 continue
             if not chunk:
+                self._check_abort()
                 if self.offset < self.descriptor.size:
                     self._failed("premature end of stream")
                     continue
                 self._eof = True
+                self._unwatch()
                 self.resp.close()
                 self.resp = None
+                self.transfer.detach()
                 return 0
             self.offset += len(chunk)
+            self.transfer.progress(len(chunk))
             self.failures = 0
             b[:len(chunk)] = chunk
             return len(chunk)
@@ -1215,7 +1334,9 @@ class _BlobStream(io.RawIOBase):
         return bytes(buf[:got])
 
     def close(self) -> None:
+        self._unwatch()
         if self.resp is not None:
             self.resp.close()
             self.resp = None
+        self.transfer.detach()
         super().close()
