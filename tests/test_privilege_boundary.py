@@ -295,3 +295,71 @@ def test_fifo_or_huge_credentials_file_neither_hangs_nor_exhausts_the_daemon(pb_
     finally:
         shutil.rmtree(d, ignore_errors=True)
         docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+
+
+@needs_cluster
+def test_tarpit_registry_steps_killed_while_another_users_steps_start(pb_site, public_ref):
+    """A user points steps at a loopback registry that trickles its blobs (a tarpit), then
+    aborts them: the node's daemon keeps serving another user meanwhile, and once the
+    steps are gone their downloads are abandoned (not left holding the daemon's threads)."""
+    import random
+    import signal
+
+    from ocibuild import Entry
+    from registry_proxy import RegistryProxy
+    rnd = random.Random(13)
+    refs = []
+    with RegistryProxy(pb_site.registry.url, tarpit=True, tarpit_over=16 << 10) as tarpit:
+        for i in range(3):
+            img = pb_site.pusher.image(f"tarpit/t{i}", "v1", busybox_layers(os_id=f"tar{i}") +
+                                       [[Entry("opt/", "dir", mode=0o755),
+                                         Entry("opt/blob", data=rnd.randbytes(256 << 10))]],
+                                       config=IMAGE_CONFIG)
+            refs.append(f"{tarpit.host}/tarpit/t{i}:v1@{img.manifest_digest}")
+        # the attacker may log in to both (the tarpit forwards to the same registry)
+        user = pwd.getpwnam(pb_site.cluster.user)
+        cfg = Path(user.pw_dir) / ".docker" / "config.json"
+        auth = {"auth": __import__("base64").b64encode(b"alice:alice-pw-S3cret").decode()}
+        cfg.write_text(__import__("json").dumps({"auths": {pb_site.registry.host: auth,
+                                                            tarpit.host: auth}}))
+        env = pb_site.cluster.env()
+        sruns = [subprocess.Popen(pb_site.cluster.user_cmd(["srun", "-N1", "-w", "n1",
+                                                            f"--oci-image={ref}", "true"]),
+                                  env=env, cwd="/tmp", stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for ref in refs]  # 3 of n1's 4 CPUs: the fourth is for the other user
+        try:
+            deadline = time.monotonic() + 60
+            while tarpit.trickling < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if tarpit.trickling < 3:
+                for p in sruns:
+                    p.kill()
+                raise AssertionError(f"the steps never reached the tarpit: {sruns[0].communicate()}")
+            # another user's step on the same node starts while those hang
+            t0 = time.monotonic()
+            ensure_user(VICTIM)
+            docker_login(VICTIM, pb_site.registry.host, "alice", "alice-pw-S3cret")
+            r = pb_site.srun("-N1", "-w", "n1", f"--oci-image={public_ref}", "echo", "OK",
+                             user=VICTIM, timeout=60)
+            assert r.returncode == 0 and r.stdout.strip() == "OK", r.stderr
+            assert time.monotonic() - t0 < 30
+            assert tarpit.trickle_ended == 0  # (still hanging in there)
+        finally:
+            for p in sruns:  # the user aborts: Ctrl-C twice
+                p.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            for p in sruns:
+                p.send_signal(signal.SIGINT)
+            for p in sruns:
+                try:
+                    p.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.communicate()
+            docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+        deadline = time.monotonic() + 60
+        while tarpit.trickle_ended < tarpit.trickling and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tarpit.trickling >= 3 and tarpit.trickle_ended == tarpit.trickling, \
+            (tarpit.trickling, tarpit.trickle_ended)
