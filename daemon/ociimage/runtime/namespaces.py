@@ -39,7 +39,6 @@ host's shadow file as root).
 
 from __future__ import annotations
 
-import gc
 import grp
 import logging
 import os
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from ..errors import AccessDenied, InvalidArgument, NotFound
+from . import nsbuild
 from . import syscalls as sc
 from . import users
 from .mounts import MountError, read_mountinfo
@@ -449,83 +449,8 @@ def _step_dir(state_dir: Path, job_id: str, step_id: str) -> Path:
 
 # ---- create / destroy ---------------------------------------------------------
 
-def _take_namespace_root() -> None:
-    """Make the namespace's root mount this process's root, keeping the cwd.
-
-    setns(CLONE_NEWNS) puts a task at its namespace's root mount, and
-    pivot_root() only replaces that mount when the caller's root is it. When
-    the daemon runs chrooted (in a container, or a chroot like a build or test
-    system) the two differ, and tasks would land outside the image. A root
-    process can leave a chroot: chroot into a directory below the cwd, climb
-    with "..", chroot there. Harmless when not chrooted.
-    """
-    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.chroot("proc")  # the new root always has /proc (a mountpoint we made)
-        for _ in range(256):
-            os.chdir("..")
-        os.chroot(".")
-        os.fchdir(here)
-    finally:
-        os.close(here)
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-
-
-def _child(ops: List[Op], report_w: int, go_r: int) -> None:
-    """In the forked child: build the namespace, then hold it; never returns."""
-    code = 1
-    i = -1
-    try:
-        gc.disable()  # no finalizers of the parent's objects may run here
-        sc.unshare(sc.CLONE_NEWNS)
-        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-        for i, op in enumerate(ops):
-            kind = op[0]
-            if kind == "mount":
-                sc.mount(op[1], op[2], op[3], op[4], op[5])
-            elif kind == "mkdir":
-                try:
-                    os.mkdir(op[1], op[2])
-                except FileExistsError:
-                    pass
-            elif kind == "mkfile":
-                os.close(os.open(op[1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-            elif kind == "pivot":
-                # pivot_root(".", ".") stacks the old root on the new one, so no
-                # put_old directory is needed in a read-only image
-                os.chdir(op[1])
-                _take_namespace_root()
-                sc.pivot_root(".", ".")
-                sc.umount2(".", sc.MNT_DETACH)
-                os.chdir("/")
-        i = -1
-        # Hold the namespace until the daemon (this one or its successor)
-        # SIGKILLs us: a session of our own, deaf to the daemon's signals, and a
-        # name of our own in ps/top (the command line is still the daemon's).
-        os.setsid()
-        try:
-            with open("/proc/self/comm", "w") as f:
-                f.write("oci-ns-holder")
-        except OSError:
-            pass
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_IGN)
-        os.write(report_w, b"OK\n")
-        os.close(report_w)
-        if os.read(go_r, 1) != b"x":
-            os._exit(1)  # the daemon died before recording us: hold nothing for nobody
-        os.close(go_r)
-        while True:
-            signal.pause()
-    except BaseException as e:  # noqa: B902 - everything must reach the parent
-        err = getattr(e, "errno", 0) or 0
-        msg = str(e).replace("\n", " ")[:800]
-        try:
-            os.write(report_w, f"ERR {i} {err} {msg}\n".encode("utf-8", "replace"))
-        except BaseException:
-            pass
-    finally:
-        os._exit(code)
+_take_namespace_root = nsbuild.take_namespace_root
+_child = nsbuild.child
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -589,19 +514,12 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
 def _build(ops: List[Op], ns_path: Path) -> None:
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        # The holder outlives the daemon (running steps survive a restart): it must
-        # not keep the daemon's listening sockets (gRPC, metrics), cache locks or
-        # other descriptors open, or the next daemon cannot bind its metrics port.
-        try:
-            lo, hi = sorted((report_w, go_r))
-            os.closerange(3, lo)
-            os.closerange(lo + 1, hi)
-            os.closerange(hi + 1, os.sysconf("SC_OPEN_MAX"))
-        except OSError:
-            pass
-        _child(ops, report_w, go_r)
+    try:
+        pid = nsbuild.spawn(ops, report_w, go_r)
+    except BaseException:
+        for fd in (report_r, report_w, go_r, go_w):
+            os.close(fd)
+        raise
     os.close(report_w)
     os.close(go_r)
     try:
