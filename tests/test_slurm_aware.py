@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster
+from cluster_fixture import as_user, cluster_available, start_cluster, stop_cluster
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from install_fixture import installed  # noqa: F401 - a fixture
@@ -412,10 +412,10 @@ def _children(pid: int) -> list:
 
 def test_sigkill_of_slurmstepd_leaves_nothing_after_the_job(sa):
     sa.push("sa/killed", os_id="killed")
-    p = subprocess.Popen(["srun", "-N2", f"--oci-image={sa.ref('sa/killed')}", "sh", "-c",
-                          'echo "started $SLURM_JOB_ID"; exec sleep 8'],
-                         cwd="/tmp", env=sa.cluster.user_env(), user=sa.cluster.uid,
-                         group=sa.cluster.gid, extra_groups=[], stdout=subprocess.PIPE,
+    p = subprocess.Popen(as_user(["srun", "-N2", f"--oci-image={sa.ref('sa/killed')}", "sh", "-c",
+                                  'echo "started $SLURM_JOB_ID"; exec sleep 8'],
+                                 sa.cluster.uid, sa.cluster.gid),
+                         cwd="/tmp", env=sa.cluster.user_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     got = b""
     deadline = time.monotonic() + 60
