@@ -7,28 +7,27 @@ forking"), which it cannot while the handler that forks is running, and every st
 (slurmd: "timeout waiting for task launch"). GRPC_ENABLE_FORK_SUPPORT=0 does not change
 it. posix_spawn() runs no fork handlers, so the builder is now a fresh Python started with
 posix_spawn (python -I -S: no site, no user environment), importing only this module and
-the syscall wrappers; the operations come on its stdin as JSON, and it reports on the
-same two pipes as before (``report_w``: "OK" or "ERR idx errno msg"; ``go_r``: the daemon's
+the syscall wrappers; the operations come on its stdin (marshal: the same interpreter),
+and it reports on the same two pipes as before (``report_w``: "OK" or "ERR idx errno msg"; ``go_r``: the daemon's
 go-ahead, or EOF if the daemon died before recording it).
 """
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import signal
 import sys
-from pathlib import Path
-from typing import List
 
 from . import syscalls as sc
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the directory holding ociimage/
+# the directory holding ociimage/
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 _ENTRY = ("import sys; sys.path.insert(0, sys.argv[1]); "
           "from ociimage.runtime.nsbuild import main; main()")
 
 
-def spawn(ops: List[tuple], report_w: int, go_r: int) -> int:
+def spawn(ops: list, report_w: int, go_r: int) -> int:
     """Start the builder for `ops` (no fork handlers run); returns its pid."""
     ops_r, ops_w = os.pipe()
     try:
@@ -50,7 +49,7 @@ def spawn(ops: List[tuple], report_w: int, go_r: int) -> int:
                 pass
     with os.fdopen(ops_w, "wb") as f:
         try:
-            f.write(json.dumps([list(op) for op in ops]).encode("utf-8", "surrogateescape"))
+            f.write(marshal.dumps([tuple(op) for op in ops]))  # the same Python reads it
         except BrokenPipeError:
             pass  # it died at once; the report pipe says so
     return pid
@@ -59,7 +58,7 @@ def spawn(ops: List[tuple], report_w: int, go_r: int) -> int:
 def main() -> None:  # pragma: no cover - runs in the builder process
     report_w, go_r = int(sys.argv[2]), int(sys.argv[3])
     try:
-        ops = [tuple(op) for op in json.loads(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"))]
+        ops = marshal.loads(sys.stdin.buffer.read())
         # Hold nothing of the daemon's: another step's builder spawned at the same time
         # may have inherited some of its pipes.
         keep = sorted({report_w, go_r})
@@ -100,7 +99,7 @@ def take_namespace_root() -> None:
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
 
 
-def child(ops: List[tuple], report_w: int, go_r: int) -> None:
+def child(ops: list, report_w: int, go_r: int) -> None:
     """In the spawned builder: build the namespace, then hold it; never returns."""
     code = 1
     i = -1

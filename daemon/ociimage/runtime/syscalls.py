@@ -9,9 +9,7 @@ of a multi-threaded process, where only async-signal-safe work is sound.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 from typing import Optional, Union
 
 PathLike = Union[str, bytes, "os.PathLike[str]"]
@@ -69,7 +67,11 @@ _ST_TO_MS = (
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "ppc64": 203,
                    "s390x": 217, "riscv64": 41, "i686": 217, "i386": 217}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:  # the usual name first: ctypes.util.find_library runs ldconfig (slow, on every step)
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    import ctypes.util
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -110,9 +112,9 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def pivot_root(new_root: PathLike, put_old: PathLike) -> None:
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(38, f"pivot_root: unknown syscall number on {os.uname().machine}")
     if _libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(_b(new_root)),
                      ctypes.c_char_p(_b(put_old))) != 0:
         raise _fail(f"pivot_root({os.fsdecode(new_root)}, {os.fsdecode(put_old)})")
