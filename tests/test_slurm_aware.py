@@ -162,8 +162,9 @@ def test_sbatch_hold_prefetches_then_runs_without_converting(sa):
     # the digest: squeue shows comments to everyone, and names can be private
     raw = CliBackend(str(sa.cluster.conf)).raw()
     if os.environ.get("OCI_SAVE_SQUEUE_JSON"):  # how tests/data/squeue-*-recorded.json are made
-        release = json.loads(raw)["meta"]["Slurm"]["version"]
-        name = f"squeue-{release['major']}.{int(release['minor']):02d}-recorded.json"
+        meta = json.loads(raw)["meta"]
+        release = (meta.get("Slurm") or meta.get("slurm"))["version"]   # 22.05: "Slurm"
+        name = f"squeue-{int(release['major'])}.{int(release['minor']):02d}-recorded.json"
         Path(os.environ["OCI_SAVE_SQUEUE_JSON"], name).write_text(raw)
     jobs = {j.job_id: j for j in parse_squeue_json(raw)}
     assert jobs[job].claimed == [digest]
