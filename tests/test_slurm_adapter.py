@@ -129,6 +129,12 @@ def test_submitted_job_is_the_newest_untagged_job_of_this_session():
     assert submitted_job(1001, 500, since=1010, runner=run) == "12"
     assert calls[0][:3] == ["squeue", "--noheader", "--user=1001"]
     assert submitted_job(1001, 999, since=1010, runner=run) is None
+    # a job array submitted by the same sbatch: its id, once
+    calls.clear()
+    arr = _squeue_runner([("20_[3-9]", 500, 1005), ("20_1", 500, 1005), (12, 500, 1000)],
+                         comments, calls)
+    assert submitted_job(1001, 500, since=1010, runner=arr) == "20"
+    assert len([c for c in calls if "--jobs=20" in c]) == 1
     calls.clear()
     assert record_image("12", D2, runner=run) == f"mine oci-image={D2}"
     assert calls[-1] == ["scontrol", "update", "JobId=12", f"Comment=mine oci-image={D2}"]

@@ -253,10 +253,11 @@ def submitted_job(uid: int, sid: int, since: float, runner=subprocess.run,
         parts = line.split()
         if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
             continue
-        jid, jsid, submitted = parts[0], int(parts[1]), int(parts[2])
+        jid = parts[0].split("_", 1)[0]   # a job array's tasks: 12_[1-9], 12_3 -> 12
+        jsid, submitted = int(parts[1]), int(parts[2])
         if jsid == sid and submitted + 30 >= since and jid.isdigit():
             found.append(int(jid))
-    for jid in sorted(found, reverse=True):
+    for jid in sorted(set(found), reverse=True):
         if not markers(job_comment(str(jid), runner, timeout)):
             return str(jid)
     return None
@@ -265,7 +266,7 @@ def submitted_job(uid: int, sid: int, since: float, runner=subprocess.run,
 def job_comment(job_id: str, runner=subprocess.run, timeout: float = 15.0) -> str:
     """The job's comment, whole (`squeue -o %k`: no width, so nothing is cut)."""
     out = _run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%k"], runner, timeout)
-    text = out.rstrip("\n")
+    text = out.split("\n", 1)[0]   # a job array: one line per task record, the same comment
     return "" if text == "(null)" else text
 
 
