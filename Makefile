@@ -1,5 +1,6 @@
 # Two commands matter: `make demo` (set up a local cluster and run an image on it)
-# and `make test` (the test suite). Both install what they need on Debian 12/13.
+# and `make test` (the test suite). Both install what they need on Debian 12 (Slurm 22.05),
+# Debian 13 (Slurm 24.11) and Debian unstable (Slurm 26.05); `make test-matrix` checks all three.
 SHELL := /bin/bash
 PYTHON ?= /usr/bin/python3
 VENV := .venv
@@ -15,7 +16,7 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount pro
 	protobuf-compiler protobuf-compiler-grpc file groff-base rpm mpich libmpich-dev
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv plugin proto man rpm test demo demo-stop clean
+.PHONY: all deps venv plugin proto man rpm test test-matrix demo demo-stop clean
 
 all: venv plugin
 
@@ -57,6 +58,28 @@ rpm:
 
 test: venv plugin
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The README's two commands on a fresh Debian 12, 13 and unstable system each: a clean clone
+# of the committed HEAD in a new chroot (../shared/tools/fresh-debian), one release after the
+# other. Logs: $(MATRIX_DIR)/<suite>.log (the demo's output and pytest's summary at the end);
+# the squeue --json each release's cluster printed: $(MATRIX_DIR)/<suite>/out/ (what
+# tests/data/squeue-*-recorded.json are). Fails if any release fails.
+FRESH_DEBIAN ?= ../shared/tools/fresh-debian
+MATRIX_SUITES ?= bookworm trixie sid
+MATRIX_DIR ?= /var/tmp/oci-image-matrix
+MATRIX_CMD ?= make demo && make demo-stop && OCI_SAVE_SQUEUE_JSON=/root/matrix-out make test
+test-matrix:
+	@mkdir -p $(MATRIX_DIR); failed=; \
+	for s in $(MATRIX_SUITES); do \
+		echo "== $$s: $(MATRIX_CMD)"; \
+		FRESH_SUITE=$$s FRESH_DIR=$(MATRIX_DIR)/$$s $(FRESH_DEBIAN) \
+			'mkdir -p /root/matrix-out && $(MATRIX_CMD)' >$(MATRIX_DIR)/$$s.log 2>&1; rc=$$?; \
+		mkdir -p $(MATRIX_DIR)/$$s/out; cp $(MATRIX_DIR)/$$s/root/root/matrix-out/* $(MATRIX_DIR)/$$s/out/ 2>/dev/null; \
+		grep -E '^(node n[0-9]|[0-9]+: node )|^=+ .*(passed|failed|error).* in ' $(MATRIX_DIR)/$$s.log | tail -n 5; \
+		echo "== $$s: exit status $$rc (log: $(MATRIX_DIR)/$$s.log)"; \
+		[ $$rc = 0 ] || failed="$$failed $$s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "test-matrix failed on:$$failed"; exit 1; fi
 
 demo: venv plugin
 	scripts/demo.sh start

@@ -62,12 +62,15 @@
  *   own options, so no shown field can be set before submission.  sbatch
  *   has no SPANK item for the job id either (allocator context: UID/GID
  *   only).  So at sbatch's exit (slurm_spank_exit, allocator context, after
- *   "Submitted batch job"), the plugin finds the job it just submitted
- *   (this user's newest job from this session, submitted since
- *   init_post_opt, not tagged yet) and appends " oci-image=REF@sha256:..." to its Comment
- *   (users may update their own job's comment), in-process with libslurm:
- *   two RPCs, done before sbatch returns, so a shell loop of sbatch calls
- *   tags each job before the next is submitted.  record_job=no disables it.
+ *   "Submitted batch job"), the plugin runs, synchronously and as the user,
+ *     STEP_CLIENT record-job --image REF@sha256:<hex> --since T --sid SID
+ *   which finds the job just submitted (this user's newest job from this
+ *   session, submitted since init_post_opt, not tagged yet) with squeue and
+ *   appends " oci-image=sha256:<hex>" (the digest only, never the name) to its
+ *   Comment with scontrol: stable commands rather than libslurm structures
+ *   that change between releases.  Done before sbatch returns, so a shell loop
+ *   of sbatch calls tags each job before the next is submitted.
+ *   record_job=no disables it.
  *   salloc/srun allocations start running when the plugin could tag them;
  *   their steps hold leases while they run.
  * - slurm_spank_job_epilog (slurmd's job epilog context, root, every node
@@ -133,11 +136,14 @@
 #include <unistd.h>
 
 #include <slurm/spank.h>
-/* slurm.h for the job list/update API; its hostlist_t changed from a pointer
- * type (22.05) to a struct type (23.11+), so keep it out of the way of ours. */
-#define hostlist_t oci_slurm_hostlist_type
-#include <slurm/slurm.h>
-#undef hostlist_t
+#include <slurm/slurm.h> /* the hostlist API only: nothing else of libslurm is used */
+
+/* slurm.h's hostlist_t is a pointer type up to 23.02 and the struct itself from 23.11 */
+#if SLURM_VERSION_NUMBER >= SLURM_VERSION_NUM(23, 11, 0)
+typedef hostlist_t *oci_hostlist;
+#else
+typedef hostlist_t oci_hostlist;
+#endif
 
 SPANK_PLUGIN(oci_image, 1)
 
@@ -1102,10 +1108,6 @@ static int env_memfd(char **env)
 }
 
 /* slurm.h's public hostlist API; libslurmfull (linked by slurmstepd) provides it. */
-typedef struct hostlist *hostlist_t;
-extern hostlist_t slurm_hostlist_create(const char *hostlist);
-extern char *slurm_hostlist_shift(hostlist_t hl);
-extern void slurm_hostlist_destroy(hostlist_t hl);
 
 /*
  * This node's Slurm name.  The job environment is no help: SLURMD_NODENAME
@@ -1124,7 +1126,7 @@ static void node_name(spank_t sp, char **jobenv)
 				    : get_jobenv("SLURM_STEP_NODELIST", jobenv);
 	if (v != NULL && *v != '\0' &&
 	    spank_get_item(sp, S_JOB_NODEID, &nodeid) == ESPANK_SUCCESS) {
-		hostlist_t hl = slurm_hostlist_create(v);
+		oci_hostlist hl = slurm_hostlist_create(v);
 		char *h = NULL;
 
 		for (uint32_t i = 0; hl != NULL && i <= nodeid; i++) {
@@ -1537,62 +1539,34 @@ int slurm_spank_task_init(spank_t sp, int ac, char **av)
 	return 0;
 }
 
-#define MARK "oci-image="
-
 /*
- * sbatch, at exit: record the pinned reference in the comment of the job just
- * submitted (see the header comment).  The job: this user's, from this
- * session (alloc_sid), submitted since init_post_opt (30 s of clock skew allowed),
- * not tagged yet; the newest such (job ids grow).  Failures are logged at
- * debug level only: the job runs the same, it is just not known to eviction.
+ * sbatch, at exit: have the step client record the pinned image's digest in
+ * the comment of the job just submitted (see the header comment).  Synchronous
+ * (done before sbatch returns), best effort: the job runs the same without it.
  */
 static void record_job(void)
 {
-	job_info_msg_t *msg = NULL;
-	job_info_t *best = NULL;
-	job_desc_msg_t desc;
-	char *comment = NULL;
-	pid_t sid = getsid(0);
-	size_t n;
+	char s_since[32], s_sid[32];
+	char *argv[10];
+	struct child_out co;
 
 	if (!cfg.record_job || sub.pinned[0] == '\0' ||
 	    strcmp(program_invocation_short_name, "sbatch") != 0)
 		return;
-	if (slurm_load_job_user(&msg, (uint32_t)getuid(), 0) != 0 || msg == NULL) {
-		slurm_debug(PFX "cannot list your jobs to record the image: %s",
-			    slurm_strerror(slurm_get_errno()));
-		return;
-	}
-	for (uint32_t i = 0; i < msg->record_count; i++) {
-		job_info_t *j = &msg->job_array[i];
-
-		/* not alloc_node: slurmctld names it after the connection's source
-		 * address ("localhost" for 127.0.0.1), not after gethostname() */
-		if (j->alloc_sid != (uint32_t)sid || j->submit_time + 30 < sub.since ||
-		    (j->comment != NULL && strstr(j->comment, MARK) != NULL))
-			continue;
-		if (best == NULL || j->job_id > best->job_id)
-			best = j;
-	}
-	if (best == NULL) {
-		slurm_debug(PFX "submitted job not found; image not recorded");
-		goto out;
-	}
-	n = (best->comment ? strlen(best->comment) + 1 : 0) + strlen(MARK) + strlen(sub.pinned) + 1;
-	comment = malloc(n);
-	if (comment == NULL)
-		goto out;
-	snprintf(comment, n, "%s%s" MARK "%s", best->comment ? best->comment : "",
-		 (best->comment && best->comment[0]) ? " " : "", sub.pinned);
-	slurm_init_job_desc_msg(&desc);
-	desc.job_id = best->job_id;
-	desc.comment = comment;
-	if (slurm_update_job(&desc) != 0)
-		slurm_debug(PFX "cannot record the image in job %u's comment: %s", best->job_id,
-			    slurm_strerror(slurm_get_errno()));
-out:
-	free(comment);
-	slurm_free_job_info_msg(msg);
+	snprintf(s_since, sizeof(s_since), "%lld", (long long)sub.since);
+	snprintf(s_sid, sizeof(s_sid), "%ld", (long)getsid(0));
+	argv[0] = cfg.step_client;
+	argv[1] = "record-job";
+	argv[2] = "--image";
+	argv[3] = sub.pinned;
+	argv[4] = "--since";
+	argv[5] = s_since;
+	argv[6] = "--sid";
+	argv[7] = s_sid;
+	argv[8] = NULL;
+	if (run_child(argv, NULL, -1, 4096, &co, 0, 0) < 0)
+		slurm_debug(PFX "the image was not recorded in the job's comment");
+	free(co.buf);
 }
 
 int slurm_spank_exit(spank_t sp, int ac, char **av)

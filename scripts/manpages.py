@@ -479,9 +479,11 @@ PLUGSTACK_ARGS: Dict[str, Tuple[str, str]] = {
                         and salloc ask the local daemon through it to start pulling the image
                         while the job waits in the queue. Default
                         /run/oci-image/oci-imaged-prefetch.sock; none disables prefetch."""),
-    "record_job": ("yes|no", """Whether sbatch records the pinned image in the job's Comment
-                   (oci-image=REF@sha256:...) so that the daemons can see which pending jobs
-                   need which images and eviction spares them (default yes)."""),
+    "record_job": ("yes|no", """Whether sbatch records the pinned image's digest in the job's
+                   Comment (oci-image=sha256:..., never the image's name: squeue shows comments
+                   to everyone) so that the daemons can see which pending jobs need which
+                   images and eviction spares them, for a job whose owner may pull the image
+                   (default yes)."""),
     "pyxis_aliases": ("no|yes", """Also register pyxis' option names (--container-image,
                       --container-mounts, --container-workdir, --container-writable,
                       --container-readonly, --[no-]container-mount-home, --container-env,

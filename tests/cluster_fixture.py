@@ -90,3 +90,13 @@ def cluster_fixture(nodes: int = 3, plugstack_text=None, scope: str = "session",
 
 
 local_cluster = cluster_fixture()
+
+
+def as_user(argv: Sequence[str], uid: int, gid: int) -> list:
+    """argv to run as uid:gid with no supplementary groups (setpriv execs it: same pid).
+
+    Not subprocess's user=/group=/extra_groups=: with those CPython fork()s instead of
+    vfork()ing, and in a test process that has talked gRPC to a daemon, Debian 13's and
+    unstable's grpcio make that fork() wait for ever in gRPC's fork handler ("Waiting for
+    thread pool to idle before forking")."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]

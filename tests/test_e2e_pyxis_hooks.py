@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster_available
+from cluster_fixture import as_user, cluster_available
 from localsite import start_site, stop_site
 from install_fixture import installed  # noqa: F401 - a fixture
 from images import IMAGE_CONFIG, busybox_layers
@@ -106,9 +106,10 @@ def _pyxis_env(e2e) -> dict:
 
 def _importer(e2e, env, *args, as_root=False):
     argv = [str(e2e.installed.bin / "oci-image-pyxis-importer"), *args]
-    kw = {} if as_root else dict(user=e2e.cluster.uid, group=e2e.cluster.gid, extra_groups=[])
+    if not as_root:
+        argv = as_user(argv, e2e.cluster.uid, e2e.cluster.gid)
     return subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                          text=True, timeout=120, cwd="/", **kw)
+                          text=True, timeout=120, cwd="/")
 
 
 def test_pyxis_importer_contract(e2e):
@@ -125,8 +126,8 @@ def test_pyxis_importer_contract(e2e):
     assert path.parent == Path(f"/tmp/oci-image-pyxis.{e2e.cluster.uid}")
     assert path.stat().st_uid == e2e.cluster.uid and (path.stat().st_mode & 0o777) == 0o600
     # enroot create reads it as the user
-    head = subprocess.run(["head", "-c", "4", str(path)], capture_output=True,
-                          user=e2e.cluster.uid, group=e2e.cluster.gid)
+    head = subprocess.run(as_user(["head", "-c", "4", str(path)], e2e.cluster.uid,
+                                  e2e.cluster.gid), capture_output=True)
     assert head.stdout == b"hsqs"
     digest = path.name.split(".")[2]
     cached = [p for p in (e2e.cache / "images").glob(f"sha256-{digest}*.sqfs")]

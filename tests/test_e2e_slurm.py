@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster
+from cluster_fixture import as_user, cluster_available, start_cluster, stop_cluster
 from install_fixture import installed  # noqa: F401 - a fixture
 from localsite import start_site, stop_site
 from images import IMAGE_CONFIG, busybox_layers
@@ -52,8 +52,8 @@ class Env:
 
     def srun_bg(self, *args) -> subprocess.Popen:
         """srun as the test user in the background; the Popen is srun itself (signals reach it)."""
-        return subprocess.Popen(["srun", *args], cwd="/tmp", env=self.cluster.user_env(),
-                                user=self.cluster.uid, group=self.cluster.gid, extra_groups=[],
+        return subprocess.Popen(as_user(["srun", *args], self.cluster.uid, self.cluster.gid),
+                                cwd="/tmp", env=self.cluster.user_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     def metric(self, name: str) -> list:

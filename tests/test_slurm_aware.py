@@ -19,13 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from cluster_fixture import cluster_available, start_cluster, stop_cluster
+from cluster_fixture import as_user, cluster_available, start_cluster, stop_cluster
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from install_fixture import installed  # noqa: F401 - a fixture
 from ocibuild import Pusher
 
-from ociimage.slurm import CliBackend, SlurmJobs, parse_squeue_json
+from ociimage.client import DaemonClient
+from ociimage.slurm import CliBackend, SlurmJobs, job_comment, parse_squeue_json
+from registry_server import RegistryServer
+from token_issuer import TokenIssuer
 
 pytestmark = pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
 
@@ -165,14 +168,19 @@ def test_sbatch_hold_prefetches_then_runs_without_converting(sa):
     after_prefetch = {d.node: sa.conversions(d) for d in sa.daemons}
     assert after_prefetch["login"] - before["login"] == 1
     assert "prefetch done" in sa.login.log()
-    # the job records its pinned image in its comment, after the user's own
+    # the job records its pinned image's digest in its comment, after the user's own; only
+    # the digest: squeue shows comments to everyone, and names can be private
     raw = CliBackend(str(sa.cluster.conf)).raw()
-    if os.environ.get("OCI_SAVE_SQUEUE_JSON"):  # how tests/data/squeue-22.05-held.json was made
-        Path(os.environ["OCI_SAVE_SQUEUE_JSON"]).write_text(raw)
+    if os.environ.get("OCI_SAVE_SQUEUE_JSON"):  # how tests/data/squeue-*-recorded.json are made
+        meta = json.loads(raw)["meta"]
+        release = (meta.get("Slurm") or meta.get("slurm"))["version"]   # 22.05: "Slurm"
+        name = f"squeue-{int(release['major'])}.{int(release['minor']):02d}-recorded.json"
+        Path(os.environ["OCI_SAVE_SQUEUE_JSON"], name).write_text(raw)
     jobs = {j.job_id: j for j in parse_squeue_json(raw)}
-    assert jobs[job].references == [f"{sa.ref('sa/held')}@{digest}"]
+    assert jobs[job].claimed == [digest]
+    assert jobs[job].comment == f"mine oci-image={digest}"
+    assert jobs[job].user_id == sa.cluster.uid
     assert jobs[job].state == "PENDING"
-    assert json.loads(raw)["jobs"][0]["comment"].startswith("mine ")
     # released, it runs on two nodes without converting again
     r = subprocess.run(["scontrol", "release", job], capture_output=True, text=True,
                        env=sa.cluster.env())
@@ -281,6 +289,98 @@ def test_prune_spares_images_of_pending_jobs(sa):
     assert needed.manifest_digest in r.stdout
 
 
+OWNER = "ocisaown"           # has the login that may pull the private image
+OWNER_PW = "sa-0wner-pw:x"
+
+
+@pytest.fixture(scope="module")
+def private_image(tmp_path_factory):
+    """A private image: only the registry user "sa-owner" may pull it (token auth)."""
+    d = tmp_path_factory.mktemp("sa-token")
+    issuer = TokenIssuer(d / "issuer", {"sa-owner": OWNER_PW},
+                         {"sa-owner": {"sa-priv/*": ["pull"]}, "": {}})
+    with issuer:
+        with RegistryServer(d / "reg", auth=issuer.registry_auth()) as reg:
+            p = Pusher(reg.url)
+            p.s.headers["Authorization"] = "Bearer " + issuer.make_token("admin", [
+                {"type": "repository", "name": "sa-priv/app", "actions": ["pull", "push"]}])
+            img = p.image("sa-priv/app", "v1", busybox_layers(os_id="sa-private"),
+                          config=IMAGE_CONFIG)
+            yield reg, img
+
+
+def _owner_with_login(host: str):
+    import base64
+    import pwd
+    try:
+        pw = pwd.getpwnam(OWNER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", OWNER], check=True, capture_output=True)
+        pw = pwd.getpwnam(OWNER)
+    d = Path(pw.pw_dir) / ".docker"
+    d.mkdir(exist_ok=True)
+    auth = base64.b64encode(f"sa-owner:{OWNER_PW}".encode()).decode()
+    (d / "config.json").write_text(json.dumps({"auths": {host: {"auth": auth}}}))
+    for p in (d, d / "config.json"):
+        os.chown(p, pw.pw_uid, pw.pw_gid)
+    os.chmod(d / "config.json", 0o600)
+    return pw
+
+
+def test_a_comment_naming_an_image_its_owner_may_not_pull_spares_nothing(sa, private_image):
+    """Comments are the users' to write: a job of the test user whose comment names the digest
+    of someone else's private image must not keep it in the cache (or anyone could make the
+    quota unenforceable); the same marker from a job of a user who may pull it does."""
+    reg, img = private_image
+    digest = img.manifest_digest
+    owner = _owner_with_login(reg.host)
+    n1 = sa.nodes[0]
+    pinned = f"{reg.host}/sa-priv/app:v1@{digest}"
+    DaemonClient(str(n1.socket)).pull(pinned, uid=owner.pw_uid)   # cached, as its owner
+    assert sa.entry(digest).exists()
+    legit_img = sa.push("sa/legit", os_id="legit")
+    forged = sa.sbatch("--hold", f"--comment=oci-image={digest}", "--wrap", "true")
+    legit = sa.sbatch("--hold", f"--oci-image={sa.ref('sa/legit')}", "--wrap", "srun true")
+    jobs = [forged, legit]
+    try:
+        n1.cli("pull", sa.ref("sa/legit"), check=True)
+        assert job_comment(forged, runner=_as_root(sa)) == f"oci-image={digest}"
+        listing = {i["digest"]: i for i in json.loads(n1.cli("--json", "ls", check=True).stdout)}
+        assert listing[digest]["jobs"] == []
+        assert any(j.startswith(f"{legit} ") for j in listing[legit_img.manifest_digest]["jobs"])
+        r = n1.cli("prune", "--quota", "1", check=True)
+        assert f"removed {digest}" in r.stdout, r.stdout
+        assert f"kept {legit_img.manifest_digest}" in r.stdout, r.stdout
+        assert not sa.entry(digest).exists()
+        # the owner's own job, submitted with the private image: recorded by digest only
+        DaemonClient(str(n1.socket)).pull(pinned, uid=owner.pw_uid)
+        r = subprocess.run(["runuser", "-u", OWNER, "--", "env", f"SLURM_CONF={sa.cluster.conf}",
+                            f"HOME={owner.pw_dir}", f"USER={OWNER}", "sbatch", "--parsable",
+                            "--hold", f"--oci-image={reg.host}/sa-priv/app:v1", "--wrap",
+                            "srun true"], capture_output=True, text=True, cwd="/tmp", timeout=60)
+        assert r.returncode == 0, r.stderr
+        own = r.stdout.strip().split(";")[0]
+        jobs.append(own)
+        comment = job_comment(own, runner=_as_root(sa))
+        assert comment == f"oci-image={digest}"
+        assert reg.host not in comment and "sa-priv" not in comment
+        r = n1.cli("prune", "--quota", "1", check=True)
+        assert f"kept {digest}" in r.stdout, r.stdout
+        assert sa.entry(digest).exists()
+    finally:
+        subprocess.run(["scancel", *jobs], env=sa.cluster.env(), check=False)
+    for j in jobs:
+        sa.wait_gone(j)
+
+
+def _as_root(sa):
+    """A runner for ociimage.slurm's CLI helpers that talks to the test cluster."""
+    def run(argv, **kw):
+        kw["env"] = {**kw.get("env", {}), "SLURM_CONF": str(sa.cluster.conf)}
+        return subprocess.run(argv, **kw)
+    return run
+
+
 def test_prune_spares_everything_when_slurm_cannot_be_asked(sa, tmp_path):
     sa.push("sa/spared", os_id="spared")
     n1 = sa.nodes[0]
@@ -323,10 +423,10 @@ def _children(pid: int) -> list:
 
 def test_sigkill_of_slurmstepd_leaves_nothing_after_the_job(sa):
     sa.push("sa/killed", os_id="killed")
-    p = subprocess.Popen(["srun", "-N2", f"--oci-image={sa.ref('sa/killed')}", "sh", "-c",
-                          'echo "started $SLURM_JOB_ID"; exec sleep 8'],
-                         cwd="/tmp", env=sa.cluster.user_env(), user=sa.cluster.uid,
-                         group=sa.cluster.gid, extra_groups=[], stdout=subprocess.PIPE,
+    p = subprocess.Popen(as_user(["srun", "-N2", f"--oci-image={sa.ref('sa/killed')}", "sh", "-c",
+                                  'echo "started $SLURM_JOB_ID"; exec sleep 8'],
+                                 sa.cluster.uid, sa.cluster.gid),
+                         cwd="/tmp", env=sa.cluster.user_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     got = b""
     deadline = time.monotonic() + 60

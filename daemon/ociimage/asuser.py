@@ -36,7 +36,6 @@ the thread pool to go idle).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import pwd
@@ -50,33 +49,8 @@ from .errors import AccessDenied, NotFound, OciImageError
 DEFAULT_TIMEOUT = 10.0
 _OK_FD, _OK_DATA = 1, 2  # what a lookup hands back: a descriptor, or a file's bytes
 
-# <linux/openat2.h>
-_SYS_OPENAT2 = 437  # the same number on every architecture (a post-5.x syscall)
-RESOLVE_NO_XDEV = 0x01
-RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
-RESOLVE_BENEATH = 0x08
-O_PATH = getattr(os, "O_PATH", 0o10000000)
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-def openat2(path: Union[str, bytes], flags: int, resolve: int, dirfd: int = -100) -> int:
-    """openat2(2); raises OSError. dirfd -100 is AT_FDCWD."""
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
-    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
-                       ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how),
-                       ctypes.c_size_t(ctypes.sizeof(how)))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), os.fsdecode(path))
-    return int(fd)
+from .runtime.syscalls import (O_PATH, RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS,  # noqa: F401
+                               RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, _libc, openat2)
 
 
 class UserAccessError(OciImageError):

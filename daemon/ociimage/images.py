@@ -17,7 +17,7 @@ from .asuser import Identity
 from .cache import Cache, CacheEntry
 from .config import Config
 from . import cancel
-from .errors import Cancelled, InvalidArgument, LimitExceeded
+from .errors import Cancelled, InvalidArgument, LimitExceeded, OciImageError
 from .metrics import Metrics
 from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
 from .pull import PullOptions, publish_conversion, pull_to_cache
@@ -212,7 +212,21 @@ class ImageStore:
         """{digest: [slurm.Job]} for pending/running jobs; {} without Slurm; None if unknown."""
         if self.slurm is None or not self.slurm.enabled:
             return {}
-        return self.slurm.needed()
+        return self.slurm.needed(may_use=self.owner_may_use)
+
+    def owner_may_use(self, digest: str, uid: int) -> Optional[bool]:
+        """Whether the owner of a job whose comment names `digest` may use that cached
+        image (the registry is asked with their credentials, as for a cache hit); None
+        when it is not cached (nothing to spare). A comment is the user's to write: a
+        marker naming an image its owner may not pull spares nothing."""
+        entry = self.cache.get(digest)
+        if entry is None:
+            return None
+        try:
+            self.access.check(entry, uid)
+        except OciImageError:
+            return False
+        return True
 
     def keep_for_jobs(self) -> Tuple[Callable[[str], bool], Dict[str, list]]:
         """keep(digest) for Cache.prune: images pending/running jobs need; all of them when

@@ -1,14 +1,24 @@
 """Which Slurm jobs (pending or running) need which images: one interface, two back ends.
 
 Where the digest of a job comes from: the plugin pins the digest at submit and,
-for sbatch, records it in the job's comment as ``oci-image=NAME@sha256:<hex>``
-(appended to whatever comment the user gave). The job's environment
-(OCI_IMAGE_PINNED) is not an option: neither ``squeue --json`` (22.05) nor
-``scontrol show job`` shows a job's environment, and a SPANK plugin cannot set
-any other field that those commands show before the job is submitted (its
-init_post_opt runs before sbatch builds the job description from its own
-options). Admins may also put the same marker in AdminComment (e.g. from a
-job_submit plugin); both are read.
+for sbatch, the step client (`oci-image-step record-job`, run by the plugin at
+sbatch's exit) appends ``oci-image=sha256:<hex>`` to the job's comment, after
+whatever comment the user gave. Only the digest: the registry, repository and
+tag may be private, and squeue shows every job's comment to everyone. Older
+plugins wrote ``oci-image=NAME@sha256:<hex>``; those are read by their digest.
+The job's environment (OCI_IMAGE_PINNED) is not an option: neither
+``squeue --json`` nor ``scontrol show job`` shows a job's environment, and a
+SPANK plugin cannot set any other field that those commands show before the
+job is submitted (its init_post_opt runs before sbatch builds the job
+description from its own options).
+
+A comment is the user's to write, so a marker there is a claim, not a fact: it
+spares an image only once the job's owner (``user_id``, which users cannot
+forge) is confirmed to be allowed to use it (``needed(may_use=...)``, see
+ImageStore.keep_for_jobs). Otherwise any user could keep every other user's
+private images in the cache and make the quota unenforceable. Admins may also
+put a marker in AdminComment (e.g. from a job_submit plugin); only operators can
+write that field, so those markers count as they are.
 
 Back ends, chosen by ``[slurm] jobs``:
 
@@ -40,7 +50,8 @@ from typing import Callable, Dict, Iterable, List, Optional
 
 log = logging.getLogger("ociimage.slurm")
 
-MARKER = re.compile(r"(?:^|[\s,;])oci-image=(\S+?@(sha256:[0-9a-f]{64}))(?=$|[\s,;])")
+# oci-image=sha256:<hex> (what we write) or oci-image=NAME@sha256:<hex> (older plugins)
+MARKER = re.compile(r"(?:^|[\s,;])oci-image=(?:[^\s,;@]+@)?(sha256:[0-9a-f]{64})(?=$|[\s,;])")
 # states in which a job still needs its image (PENDING also covers held jobs)
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
                            "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING",
@@ -56,15 +67,19 @@ class Job:
     job_id: str
     state: str
     user: str = ""
-    references: List[str] = field(default_factory=list)   # pinned NAME@sha256:...
+    user_id: Optional[int] = None
+    claimed: List[str] = field(default_factory=list)  # digests in Comment (the user's claim)
+    admin: List[str] = field(default_factory=list)    # digests in AdminComment (operators only)
+    comment: str = ""
+    submit_time: Optional[int] = None
 
     @property
     def digests(self) -> List[str]:
-        return [r.rsplit("@", 1)[1] for r in self.references]
+        return self.admin + [d for d in self.claimed if d not in self.admin]
 
 
 def markers(*texts: Optional[str]) -> List[str]:
-    """Pinned references recorded in comment-like fields, in order, without repeats."""
+    """Digests recorded in comment-like fields, in order, without repeats."""
     out: List[str] = []
     for t in texts:
         for m in MARKER.finditer(t or ""):
@@ -73,11 +88,32 @@ def markers(*texts: Optional[str]) -> List[str]:
     return out
 
 
+def add_marker(comment: str, digest: str) -> str:
+    """The comment with ``oci-image=<digest>`` appended (after a space when not empty)."""
+    comment = comment or ""
+    mark = f"oci-image={digest}"
+    return f"{comment} {mark}" if comment.strip() else mark
+
+
 def _state(value) -> str:
     """job_state: "PENDING" (22.05, v0.0.38) or ["PENDING", "..."] (>= 23.02)."""
     if isinstance(value, list):
         return str(value[0]) if value else ""
     return str(value or "")
+
+
+def _number(value) -> Optional[int]:
+    """123 (22.05) or {"set": true, "infinite": false, "number": 123} (>= 23.02)."""
+    if isinstance(value, dict):
+        if not value.get("set", True) or value.get("infinite"):
+            return None
+        value = value.get("number")
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _text(value) -> str:
@@ -115,10 +151,11 @@ def parse_squeue_json(text: str) -> List[Job]:
     for j in data["jobs"]:
         if not isinstance(j, dict):
             continue
-        state = _state(j.get("job_state"))
-        jobs.append(Job(job_id=_job_id(j), state=state, user=_text(j.get("user_name")),
-                        references=markers(_text(j.get("comment")),
-                                           _text(j.get("admin_comment")))))
+        comment = _text(j.get("comment"))
+        jobs.append(Job(job_id=_job_id(j), state=_state(j.get("job_state")),
+                        user=_text(j.get("user_name")), user_id=_number(j.get("user_id")),
+                        claimed=markers(comment), admin=markers(_text(j.get("admin_comment"))),
+                        comment=comment, submit_time=_number(j.get("submit_time"))))
     return jobs
 
 
@@ -173,6 +210,75 @@ class CliBackend:
         return parse_squeue_json(self.raw())
 
 
+def _client_env() -> dict:
+    """The caller's environment without squeue's/scontrol's own format settings."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SQUEUE_", "SCONTROL_")) and k != "SLURM_TIME_FORMAT"}
+    env["SLURM_TIME_FORMAT"] = "%s"   # times as seconds since the epoch
+    return env
+
+
+def _run(argv: List[str], runner, timeout: float) -> str:
+    try:
+        r = runner(argv, capture_output=True, text=True, timeout=timeout, env=_client_env())
+    except FileNotFoundError:
+        raise SlurmUnavailable(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise SlurmUnavailable(f"{argv[0]} timed out after {timeout:.0f}s") from None
+    except OSError as e:
+        raise SlurmUnavailable(f"cannot run {argv[0]}: {e}") from None
+    if r.returncode != 0:
+        last = (r.stderr or "").strip().splitlines()
+        raise SlurmUnavailable(f"{argv[0]} {argv[1]} failed: {last[-1] if last else r.returncode}")
+    return r.stdout
+
+
+def submitted_job(uid: int, sid: int, since: float, runner=subprocess.run,
+                  timeout: float = 15.0) -> Optional[str]:
+    """The job sbatch just submitted: the newest job of `uid` from session `sid`, submitted
+    at most 30 s (clock skew) before `since`, whose comment has no marker yet; or None.
+
+    A heuristic: at sbatch's exit SPANK gives the plugin no job id (its allocator context
+    has S_JOB_UID and S_JOB_GID only, in 22.05, 24.11 and 26.05 alike), and sbatch puts
+    the id in no variable. Two sbatch calls of one user in one session at the same time
+    (`sbatch a & sbatch b &`) may have their markers swapped; the daemon only uses a
+    marker to spare images, so a swap at worst spares the wrong one of the two.
+    Uses `squeue -O` fields that exist in every release (squeue --json has no
+    alloc_sid in 22.05, and ignores --user there).
+    """
+    out = _run(["squeue", "--noheader", f"--user={uid}",
+                "--Format=JobID:40,AllocSID:20,SubmitTime:24"], runner, timeout)
+    found = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            continue
+        jid = parts[0].split("_", 1)[0]   # a job array's tasks: 12_[1-9], 12_3 -> 12
+        jsid, submitted = int(parts[1]), int(parts[2])
+        if jsid == sid and submitted + 30 >= since and jid.isdigit():
+            found.append(int(jid))
+    for jid in sorted(set(found), reverse=True):
+        if not markers(job_comment(str(jid), runner, timeout)):
+            return str(jid)
+    return None
+
+
+def job_comment(job_id: str, runner=subprocess.run, timeout: float = 15.0) -> str:
+    """The job's comment, whole (`squeue -o %k`: no width, so nothing is cut)."""
+    out = _run(["squeue", "--noheader", f"--jobs={job_id}", "--format=%k"], runner, timeout)
+    text = out.split("\n", 1)[0]   # a job array: one line per task record, the same comment
+    return "" if text == "(null)" else text
+
+
+def record_image(job_id: str, digest: str, runner=subprocess.run, timeout: float = 15.0) -> str:
+    """Append ``oci-image=<digest>`` to the job's comment (`scontrol update`, as its owner)."""
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest or ""):
+        raise ValueError(f"not a digest: {digest!r}")
+    comment = add_marker(job_comment(job_id, runner, timeout), digest)
+    _run(["scontrol", "update", f"JobId={job_id}", f"Comment={comment}"], runner, timeout)
+    return comment
+
+
 class PyslurmBackend:
     """pyslurm's job list. Used only when pyslurm was built for the installed Slurm."""
     name = "pyslurm"
@@ -200,15 +306,17 @@ class PyslurmBackend:
         try:
             if hasattr(p, "Jobs"):  # pyslurm >= 22.5.x object API
                 items = [(str(j.id), str(j.state), str(getattr(j, "user_name", "") or ""),
+                          _number(getattr(j, "user_id", None)),
                           getattr(j, "comment", "") or "", getattr(j, "admin_comment", "") or "")
                          for j in p.Jobs.load().values()]
             else:                   # the old dict API
-                items = [(str(k), str(v.get("job_state", "")), str(v.get("user_id", "")),
+                items = [(str(k), str(v.get("job_state", "")), "", _number(v.get("user_id")),
                           v.get("comment") or "", v.get("admin_comment") or "")
                          for k, v in p.job().get().items()]
         except Exception as e:  # noqa: BLE001 - any pyslurm failure means "unknown"
             raise SlurmUnavailable(f"pyslurm: {e}") from None
-        return [Job(jid, state, user, markers(c, a)) for jid, state, user, c, a in items]
+        return [Job(jid, state, user, uid, markers(c), markers(a), c)
+                for jid, state, user, uid, c, a in items]
 
 
 def _slurm_configured(slurm_conf: Optional[str]) -> bool:
@@ -249,6 +357,7 @@ class SlurmJobs:
         self._at: Optional[float] = None
         self._jobs: Optional[List[Job]] = None
         self._error: Optional[str] = None
+        self._verdicts: Dict[tuple, tuple] = {}
 
     @property
     def enabled(self) -> bool:
@@ -277,16 +386,50 @@ class SlurmJobs:
     def error(self) -> Optional[str]:
         return self._error
 
-    def needed(self) -> Optional[Dict[str, List[Job]]]:
-        """{digest: [jobs needing it]}, or None when Slurm could not be asked."""
+    def needed(self, may_use: Optional[Callable[[str, int], Optional[bool]]] = None
+               ) -> Optional[Dict[str, List[Job]]]:
+        """{digest: [jobs needing it]}, or None when Slurm could not be asked.
+
+        may_use(digest, uid): whether that user may use the cached image (True/False),
+        or None when there is nothing to decide (the image is not cached). A digest in a
+        job's Comment counts only when may_use confirms the job's owner; verdicts are
+        kept per (uid, digest) for `verdict_ttl` seconds (refusals `refusal_ttl`).
+        Without may_use every marker counts (tests and tools that only list jobs).
+        """
         jobs = self.jobs()
         if jobs is None:
             return None
         out: Dict[str, List[Job]] = {}
         for j in jobs:
-            for d in j.digests:
+            for d in j.admin:
+                out.setdefault(d, []).append(j)
+            for d in j.claimed:
+                if d in j.admin or (may_use is not None and not self._verdict(may_use, d, j)):
+                    continue
                 out.setdefault(d, []).append(j)
         return out
+
+    verdict_ttl = 300.0
+    refusal_ttl = 30.0
+
+    def _verdict(self, may_use, digest: str, job: Job) -> bool:
+        if job.user_id is None:
+            return False  # an owner we cannot name cannot be checked
+        key = (job.user_id, digest)
+        now = self.clock()
+        with self._lock:
+            cached = self._verdicts.get(key)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        ok = may_use(digest, job.user_id)
+        if ok is None:
+            return False
+        if not ok:
+            log.info("a job names an image its owner may not use: it does not spare it",
+                     extra={"job": job.job_id, "uid": job.user_id, "digest": digest})
+        with self._lock:
+            self._verdicts[key] = (bool(ok), now + (self.verdict_ttl if ok else self.refusal_ttl))
+        return bool(ok)
 
 
 def describe(jobs: Iterable[Job]) -> List[str]:

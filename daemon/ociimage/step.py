@@ -5,6 +5,8 @@
     release --socket S --job J --step S (slurmstepd, root)
     prefetch --socket P --image REF@DIGEST (srun/sbatch/salloc, as the user, detached: never waited for)
     cleanup-job --socket S --job J --node N (slurmd's job epilog, root: what the job left on the node)
+    record-job --image REF@DIGEST --since T --sid SID (sbatch's exit, as the user: the digest
+                                        goes into the submitted job's comment)
 
 prepare's stdout, parsed by the plugin: ns\\0PATH\\0 cwd\\0DIR\\0 then env\\0NAME=VALUE\\0 and
 unsetenv\\0NAME\\0 records, and with --oci-entrypoint entrypoint\\0ENCODED\\0 (see
@@ -221,6 +223,33 @@ def cmd_cleanup_job(args) -> int:
     return 0
 
 
+def cmd_record_job(args) -> int:
+    """sbatch has submitted a job pinned to REF@DIGEST: note the digest in the job's comment.
+
+    So that eviction spares the image while the job waits (ociimage.slurm). Only the
+    digest: squeue shows comments to everyone, and a name may be private. Best effort:
+    the job runs the same without it, so this says one line and exits 0 on failure.
+    """
+    from .slurm import SlurmUnavailable, record_image, submitted_job
+    if "@sha256:" not in args.image:
+        return 0  # a .sqfs path: nothing in the cache to spare
+    digest = args.image.rsplit("@", 1)[1]
+    try:
+        job = args.job or submitted_job(os.getuid(), args.sid if args.sid is not None
+                                        else os.getsid(0), args.since)
+        if job is None:
+            sys.stderr.write(f"{PREFIX}: note: the submitted job was not found; its image is "
+                             f"not recorded (the cache may evict it while the job waits)\n")
+            return 0
+        record_image(job, digest)
+    except (SlurmUnavailable, ValueError) as e:
+        sys.stderr.write(f"{PREFIX}: note: the image was not recorded in the job's comment: {e}\n")
+        return 0
+    if args.verbose:
+        print(f"job {job}: oci-image={digest}")
+    return 0
+
+
 def socket_path(args) -> str:
     """The plugstack socket= value; %n stands for the node name (several daemons on one host)."""
     return args.socket.replace("%n", args.node)
@@ -246,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     cj.add_argument("--job", required=True)
     cj.add_argument("--node", default="")
     cj.add_argument("--timeout", type=float, default=60.0)
+    rj = sub.add_parser("record-job")
+    rj.add_argument("--image", required=True)
+    rj.add_argument("--since", type=float, default=0.0)
+    rj.add_argument("--sid", type=int, default=None)
+    rj.add_argument("--job", default="", help="the job (default: find the one just submitted)")
+    rj.add_argument("--verbose", action="store_true")
     for name in ("prepare", "release"):
         sp = sub.add_parser(name)
         sp.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
@@ -280,6 +315,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_prefetch(args)
         if args.command == "cleanup-job":
             return cmd_cleanup_job(args)
+        if args.command == "record-job":
+            return cmd_record_job(args)
         return cmd_release(args)
     except KeyboardInterrupt:
         return _die("interrupted", 130)

@@ -39,7 +39,6 @@ host's shadow file as root).
 
 from __future__ import annotations
 
-import gc
 import grp
 import logging
 import os
@@ -54,6 +53,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .. import asuser
 from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
+from . import nsbuild
 from . import syscalls as sc
 from . import users
 from .mounts import MountError, read_mountinfo
@@ -238,8 +238,9 @@ def read_image_file(rootfs: Union[str, Path], path: str,
 # ---- planning ----------------------------------------------------------------
 
 # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path)
-# | ("bindfd", fd, target, read_only, canonical) | ("setattr", target, attrs, legacy_flags)
-# | ("pivot", root)
+# | ("bindfd", fd, target, read_only, canonical, legacy)
+# | ("setattr", target, attrs, legacy_flags, name, legacy) | ("pivot", root)
+# (legacy: without the new mount API; decided when planning, the builder only obeys)
 Op = tuple
 
 #: Mount user binds with open_tree/mount_setattr/move_mount (Linux >= 5.12). Without
@@ -335,7 +336,8 @@ class _Planner:
                 attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
                                                 if name == "/sys" else 0)
                 legacy = sc.MS_NOSUID | (sc.MS_NODEV | sc.MS_NOEXEC if name == "/sys" else 0)
-                self.system.append(("setattr", self.host(t), attrs, legacy, name))
+                self.system.append(("setattr", self.host(t), attrs, legacy, name,
+                                    not USE_MOUNT_API))
             if name == "/dev" and os.path.isdir("/dev/shm"):
                 # a per-step /dev/shm: shared by the step's tasks, freed with the step
                 self.system.append(("mount", "shm", self.host(t) + "/shm", "tmpfs",
@@ -380,7 +382,7 @@ class _Planner:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
             # from the descriptor the user opened: nothing can be swapped in after the check
-            self.user.append(("bindfd", o.fd, self.host(t), ro, o.path))
+            self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
             self.user_targets.append(t)
             self.layers[t] = o.path if o.is_dir else _OPAQUE
             if o.is_dir:
@@ -495,165 +497,7 @@ def _step_dir(state_dir: Path, job_id: str, step_id: str) -> Path:
 
 # ---- create / destroy ---------------------------------------------------------
 
-def _take_namespace_root() -> None:
-    """Make the namespace's root mount this process's root, keeping the cwd.
-
-    setns(CLONE_NEWNS) puts a task at its namespace's root mount, and
-    pivot_root() only replaces that mount when the caller's root is it. When
-    the daemon runs chrooted (in a container, or a chroot like a build or test
-    system) the two differ, and tasks would land outside the image. A root
-    process can leave a chroot: chroot into a directory below the cwd, climb
-    with "..", chroot there. Harmless when not chrooted.
-    """
-    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.chroot("proc")  # the new root always has /proc (a mountpoint we made)
-        for _ in range(256):
-            os.chdir("..")
-        os.chroot(".")
-        os.fchdir(here)
-    finally:
-        os.close(here)
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-
-
-_NOFOLLOW = asuser.RESOLVE_NO_SYMLINKS | asuser.RESOLVE_NO_MAGICLINKS
-
-
-def _open_target(path: str) -> int:
-    """A mount point planned as canonical: any symlink on the way now is a swap; refuse it."""
-    return asuser.openat2(path, asuser.O_PATH, _NOFOLLOW)
-
-
-def _detach_binds(ops: List[Op]) -> Dict[int, int]:
-    """Before unshare: detached, recursively nosuid,nodev copies of the user's bind sources.
-
-    open_tree() only clones mounts of the caller's own namespace, and the
-    descriptors were opened in the daemon's; mount_setattr(AT_RECURSIVE) is the
-    only way to reach every submount a recursive bind carries.
-    """
-    trees: Dict[int, int] = {}
-    if not USE_MOUNT_API:
-        return trees
-    for i, op in enumerate(ops):
-        if op[0] != "bindfd":
-            continue
-        tree = sc.open_tree(op[1], "", sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC |
-                            sc.AT_EMPTY_PATH | sc.AT_RECURSIVE)
-        attrs = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | (sc.MOUNT_ATTR_RDONLY if op[3] else 0)
-        sc.mount_setattr(tree, "", sc.AT_EMPTY_PATH | sc.AT_RECURSIVE, attrs, sc.MS_PRIVATE)
-        trees[i] = tree
-    return trees
-
-
-def _bind_legacy(op: Op) -> None:
-    """Without the new mount API: a non-recursive bind of the same file, checked by identity."""
-    _, fd, target, ro, canonical = op
-    want = os.fstat(fd)
-    again = os.open(canonical, asuser.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        got = os.fstat(again)
-        if (got.st_dev, got.st_ino) != (want.st_dev, want.st_ino):
-            raise OSError(16, f"{canonical} changed while the step started")
-        tfd = _open_target(target)
-        try:
-            tpath = f"/proc/self/fd/{tfd}"
-            sc.mount(f"/proc/self/fd/{again}", tpath, None, sc.MS_BIND, None)
-            flags = sc.mount_flags_of(target) | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
-            sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
-            # the remount went by path: make sure it reached the bind just made
-            st, vfs = os.stat(target, follow_symlinks=False), os.statvfs(target)
-            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) or \
-                    not vfs.f_flag & os.ST_NOSUID or not vfs.f_flag & os.ST_NODEV:
-                raise OSError(16, f"{target} changed while the step started")
-        finally:
-            os.close(tfd)
-    finally:
-        os.close(again)
-
-
-def _setattr_legacy(target: str, flags: int) -> None:
-    """Without mount_setattr: remount every mount at or below target, one by one."""
-    prefix = target.rstrip("/") + "/"
-    for e in read_mountinfo():
-        if e.mount_point == target or e.mount_point.startswith(prefix):
-            sc.mount(None, e.mount_point, None,
-                     sc.MS_REMOUNT | sc.MS_BIND | sc.mount_flags_of(e.mount_point) | flags, None)
-
-
-def _child(ops: List[Op], report_w: int, go_r: int) -> None:
-    """In the forked child: build the namespace, then hold it; never returns."""
-    code = 1
-    i = -1
-    try:
-        gc.disable()  # no finalizers of the parent's objects may run here
-        trees = _detach_binds(ops)
-        sc.unshare(sc.CLONE_NEWNS)
-        sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
-        for i, op in enumerate(ops):
-            kind = op[0]
-            if kind == "mount":
-                sc.mount(op[1], op[2], op[3], op[4], op[5])
-            elif kind == "bindfd":
-                if i in trees:
-                    tfd = _open_target(op[2])
-                    try:
-                        sc.move_mount(trees[i], "", tfd, "",
-                                      sc.MOVE_MOUNT_F_EMPTY_PATH | sc.MOVE_MOUNT_T_EMPTY_PATH)
-                    finally:
-                        os.close(tfd)
-                else:
-                    _bind_legacy(op)
-            elif kind == "setattr":
-                if USE_MOUNT_API:
-                    sc.mount_setattr(sc.AT_FDCWD, op[1], sc.AT_RECURSIVE, op[2])
-                else:
-                    _setattr_legacy(op[1], op[3])
-            elif kind == "mkdir":
-                try:
-                    os.mkdir(op[1], op[2])
-                except FileExistsError:
-                    pass
-            elif kind == "mkfile":
-                os.close(os.open(op[1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
-            elif kind == "pivot":
-                # pivot_root(".", ".") stacks the old root on the new one, so no
-                # put_old directory is needed in a read-only image
-                os.chdir(op[1])
-                _take_namespace_root()
-                sc.pivot_root(".", ".")
-                sc.umount2(".", sc.MNT_DETACH)
-                os.chdir("/")
-        i = -1
-        for fd in set(trees.values()) | {op[1] for op in ops if op[0] == "bindfd"}:
-            os.close(fd)  # the holder must not pin the user's directories
-        # Hold the namespace until the daemon (this one or its successor)
-        # SIGKILLs us: a session of our own, deaf to the daemon's signals, and a
-        # name of our own in ps/top (the command line is still the daemon's).
-        os.setsid()
-        try:
-            with open("/proc/self/comm", "w") as f:
-                f.write("oci-ns-holder")
-        except OSError:
-            pass
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_IGN)
-        os.write(report_w, b"OK\n")
-        os.close(report_w)
-        if os.read(go_r, 1) != b"x":
-            os._exit(1)  # the daemon died before recording us: hold nothing for nobody
-        os.close(go_r)
-        while True:
-            signal.pause()
-    except BaseException as e:  # noqa: B902 - everything must reach the parent
-        err = getattr(e, "errno", 0) or 0
-        msg = str(e).replace("\n", " ")[:800]
-        try:
-            os.write(report_w, f"ERR {i} {err} {msg}\n".encode("utf-8", "replace"))
-        except BaseException:
-            pass
-    finally:
-        os._exit(code)
+_take_namespace_root = nsbuild.take_namespace_root
 
 
 def _read_line(fd: int, timeout: float) -> str:
@@ -722,22 +566,12 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
 def _build(ops: List[Op], ns_path: Path) -> None:
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        # The holder outlives the daemon (running steps survive a restart): it must
-        # not keep the daemon's listening sockets (gRPC, metrics), cache locks or
-        # other descriptors open, or the next daemon cannot bind its metrics port.
-        # The bind sources' descriptors stay until the namespace is built.
-        keep = sorted({report_w, go_r} | {op[1] for op in ops if op[0] == "bindfd"})
-        try:
-            lo = 3
-            for fd in keep:
-                os.closerange(lo, fd)
-                lo = fd + 1
-            os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
-        except OSError:
-            pass
-        _child(ops, report_w, go_r)
+    try:
+        pid = nsbuild.spawn(ops, report_w, go_r)
+    except BaseException:
+        for fd in (report_r, report_w, go_r, go_w):
+            os.close(fd)
+        raise
     os.close(report_w)
     os.close(go_r)
     try:

@@ -9,9 +9,7 @@ of a multi-threaded process, where only async-signal-safe work is sound.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 from typing import Optional, Union
 
 PathLike = Union[str, bytes, "os.PathLike[str]"]
@@ -69,7 +67,11 @@ _ST_TO_MS = (
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "ppc64le": 203, "ppc64": 203,
                    "s390x": 217, "riscv64": 41, "i686": 217, "i386": 217}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+try:  # the usual name first: ctypes.util.find_library runs ldconfig (slow, on every step)
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    import ctypes.util
+    _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -110,9 +112,9 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def pivot_root(new_root: PathLike, put_old: PathLike) -> None:
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise OSError(38, f"pivot_root: unknown syscall number on {platform.machine()}")
+        raise OSError(38, f"pivot_root: unknown syscall number on {os.uname().machine}")
     if _libc.syscall(ctypes.c_long(nr), ctypes.c_char_p(_b(new_root)),
                      ctypes.c_char_p(_b(put_old))) != 0:
         raise _fail(f"pivot_root({os.fsdecode(new_root)}, {os.fsdecode(put_old)})")
@@ -182,3 +184,29 @@ def have_mount_api() -> bool:
                        ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
                        ctypes.c_size_t(ctypes.sizeof(attr)))
     return not (rc < 0 and ctypes.get_errno() == 38)
+
+
+# ---- openat2 (Linux >= 5.6) -----------------------------------------------------
+_SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def openat2(path: PathLike, flags: int, resolve: int, dirfd: int = AT_FDCWD) -> int:
+    """openat2(2) (always O_CLOEXEC); raises OSError with the path."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve)
+    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dirfd),
+                       ctypes.c_char_p(_b(path)), ctypes.byref(how),
+                       ctypes.c_size_t(ctypes.sizeof(how)))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), os.fsdecode(path))
+    return int(fd)
