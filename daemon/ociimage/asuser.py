@@ -7,50 +7,51 @@ privileges leak: root follows a symlink into another user's 0700 directory,
 ignores ACLs, blocks on a FIFO, and a check-then-use by path races a user
 swapping a directory for a symlink in between.
 
-So the lookups happen in a one-shot thread that first becomes the user for
-good. Linux credentials belong to threads; glibc's setresuid() changes every
-thread of the process, but the raw system calls (setgroups, setresgid,
-setresuid, made here with syscall(2)) change only the calling one. That
-thread drops every capability with its uid (all three uids non-zero), so the
-kernel checks every permission, ACLs included, as for the user's own
-process; it opens what it was asked for and exits, never to run anything
-else. The descriptors it opened belong to the process (threads share the
-descriptor table):
+So the lookups happen in a process that is the user: a child of the helper
+process (asuser_helper.py), which becomes the user for good (supplementary
+groups, gid, uid; no capability left; not dumpable) so that the kernel checks
+every permission, ACLs included, as for the user's own process, and hands
+back
 
-  - `open_paths`: O_PATH descriptors, which the caller mounts from (a
-    descriptor cannot be swapped afterwards);
-  - `read_files`: the bytes of regular files, size-capped, opened O_NONBLOCK
-    (a FIFO or a device is refused, never waited on).
+  - for `open_paths`: descriptors (SCM_RIGHTS), which the caller mounts from
+    (a descriptor cannot be swapped afterwards);
+  - for `read_files`: the bytes of regular files, size-capped, opened
+    O_NONBLOCK (a FIFO or a device is refused, never waited on).
 
 Magic links (/proc/PID/root, /proc/PID/fd/N, ...) are never followed
 (openat2 RESOLVE_NO_MAGICLINKS): they would jump into another process's
-namespace or file table. The whole lookup has a deadline; a thread stuck on a
-hung filesystem is abandoned (and closes what it opens if it ever returns),
-and the caller gets a one-line error.
+namespace or file table. Each request has a deadline; a lookup stuck on a hung
+filesystem is killed and the caller gets a one-line error.
 
-Why a thread and not a forked child: it costs about 0.1 ms, and fork() from a
-gRPC handler thread hangs with Debian 13's grpcio (its fork handler waits for
-the thread pool to go idle).
+Why a helper process: no thread of the daemon may ever hold a user's uid
+(that user could then signal or trace the daemon), and fork() from the
+daemon's gRPC threads hangs with Debian 13's grpcio. The helper is a fresh
+single-threaded Python started once with posix_spawn; forking there is cheap
+(about a millisecond) and safe.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
+import json
 import os
 import pwd
+import select
+import socket
 import stat
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
+from . import asuser_helper as helper
 from .errors import AccessDenied, NotFound, OciImageError
+from .runtime.syscalls import (O_PATH, RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS,  # noqa: F401
+                               RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, openat2)
 
 DEFAULT_TIMEOUT = 10.0
-_OK_FD, _OK_DATA = 1, 2  # what a lookup hands back: a descriptor, or a file's bytes
-
-from .runtime.syscalls import (O_PATH, RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS,  # noqa: F401
-                               RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, _libc, openat2)
+_OK_FD, _OK_DATA = helper.OK_FD, helper.OK_DATA  # a lookup gives a descriptor, or bytes
 
 
 class UserAccessError(OciImageError):
@@ -121,56 +122,76 @@ def _user_error(err: int, path: str) -> OciImageError:
 Result = Union[Opened, bytes, OciImageError]
 
 
-# raw syscall numbers (glibc's wrappers would change every thread of the daemon)
-_SYS_CREDS = {  # machine: (setgroups, setresuid, setresgid)
-    "x86_64": (116, 117, 119), "aarch64": (159, 147, 149), "riscv64": (159, 147, 149),
-    "ppc64le": (81, 164, 169), "ppc64": (81, 164, 169), "s390x": (206, 208, 210),
-}
+class _Helper:
+    """The daemon's end of the helper: started on first use, started again if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ctrl: Optional[socket.socket] = None
+        self._pid = 0
+
+    def start(self) -> None:
+        with self._lock:
+            if self._ctrl is None:
+                self._start()
+
+    def _start(self) -> None:
+        if self._pid:
+            try:
+                os.waitpid(self._pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self._pid = helper.spawn(theirs.fileno())
+        except OSError as e:
+            ours.close()
+            raise UserAccessError(f"cannot start the helper that acts as users: {e}") from None
+        finally:
+            theirs.close()
+        self._ctrl = ours
+
+    def send(self, request: bytes, reply_fd: int) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", reply_fd))]
+        with self._lock:
+            for attempt in (1, 2):
+                if self._ctrl is None:
+                    self._start()
+                try:
+                    self._ctrl.sendmsg([request], anc)
+                    return
+                except OSError as e:
+                    self._ctrl.close()
+                    self._ctrl = None
+                    if attempt == 2:
+                        raise UserAccessError(f"the helper that acts as users is gone: {e}") from None
 
 
-def _become_thread(ident: Identity) -> None:
-    """This thread only, for good: the user's groups, gid and uid; no capability left."""
-    import platform
-    nrs = _SYS_CREDS.get(platform.machine())
-    if nrs is None:
-        raise UserAccessError(f"acting as a user is not implemented on {platform.machine()}")
-    setgroups, setresuid, setresgid = nrs
-    groups = list(ident.groups) or [ident.gid]
-    arr = (ctypes.c_uint * len(groups))(*groups)
-    for nr, args in ((setgroups, (ctypes.c_size_t(len(groups)), arr)),
-                     (setresgid, tuple(ctypes.c_uint(ident.gid) for _ in range(3))),
-                     (setresuid, tuple(ctypes.c_uint(ident.uid) for _ in range(3)))):
-        if _libc.syscall(ctypes.c_long(nr), *args) != 0:
-            err = ctypes.get_errno()
-            raise UserAccessError(f"cannot act as uid {ident.uid}: {os.strerror(err)}")
-    if os.geteuid() != ident.uid or os.getegid() != ident.gid:  # this thread's, from the kernel
-        raise UserAccessError(f"cannot act as uid {ident.uid}")
+_helper = _Helper()
 
 
-def _lookup(kind: int, path: str, limit: int, flags: int) -> Result:
-    """One path, in the thread that is the user; errors are results."""
-    fd = -1
-    try:
-        if kind == _OK_FD:
-            # openat2 refuses any other flag beside O_PATH (EINVAL)
-            fd = openat2(path, flags if flags & O_PATH else flags | os.O_NOCTTY,
-                         RESOLVE_NO_MAGICLINKS)
-            opened = Opened(fd, os.fstat(fd).st_mode, path)
-            fd = -1
-            return opened
-        fd = openat2(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY, RESOLVE_NO_MAGICLINKS)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return AccessDenied(f"{path} is not a regular file")
-        data = os.read(fd, limit + 1) if st.st_size <= limit else b""
-        if st.st_size > limit or len(data) > limit:
-            return AccessDenied(f"{path} is larger than {limit} bytes")
-        return data
-    except OSError as e:
-        return _user_error(e.errno or errno.EIO, path)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+def start_helper() -> None:
+    """Start the helper now (the daemon does, so its descriptors are there from the start)."""
+    _helper.start()
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float) -> Tuple[bytes, List[int]]:
+    buf, fds = b"", []
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([sock], [], [], left)[0]:
+            raise TimeoutError
+        data, anc, _flags, _addr = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * 4))
+        for level, typ, payload in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                usable = len(payload) - len(payload) % 4
+                fds += list(struct.unpack(f"{usable // 4}i", payload[:usable]))
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise EOFError
+        buf += data
+    return buf, fds
 
 
 def _close_all(results) -> None:
@@ -179,45 +200,59 @@ def _close_all(results) -> None:
             r.close()
 
 
+def _result(what: int, err: int, mode: int, fds: List[int], path: str, limit: int) -> Result:
+    if what == helper.OK_FD and len(fds) == 1:
+        try:
+            canonical = os.readlink(f"/proc/self/fd/{fds[0]}")
+        except OSError:
+            canonical = path
+        return Opened(fds[0], mode, canonical)
+    for fd in fds:
+        os.close(fd)
+    if err == helper.NOT_REGULAR:
+        return AccessDenied(f"{path} is not a regular file")
+    if err == helper.TOO_LARGE:
+        return AccessDenied(f"{path} is larger than {limit} bytes")
+    return _user_error(err or errno.EIO, path)
+
+
 def _run(ident: Identity, kind: int, paths: Sequence[str], limit: int,
          timeout: float, flags: int = O_PATH) -> List[Result]:
     if not paths:
         return []
-    lock = threading.Lock()
-    box: dict = {"results": [], "abandoned": False}
-
-    def work() -> None:
+    request = json.dumps({"uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
+                          "kind": kind, "paths": list(paths), "limit": limit, "flags": flags,
+                          "timeout": timeout}).encode("utf-8", "surrogateescape")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    results: List[Result] = []
+    deadline = time.monotonic() + timeout
+    try:
         try:
-            _become_thread(ident)
-            for path in paths:
-                box["results"].append(_lookup(kind, path, limit, flags))
-        except BaseException as e:  # noqa: B902 - reported to the caller
-            box["error"] = e
-        with lock:
-            if box["abandoned"]:  # the caller gave up on us: keep nothing open
-                _close_all(box["results"])
-
-    t = threading.Thread(target=work, daemon=True, name=f"as-uid-{ident.uid}")
-    t.start()
-    t.join(timeout)
-    with lock:
-        if t.is_alive():
-            box["abandoned"] = True
-            _close_all(box["results"])
-            raise UserAccessError(f"looking up {', '.join(paths)[:200]} as {ident.describe()} "
-                                  f"did not finish in {timeout:g} s (a hung filesystem?)")
-    if "error" in box:
-        _close_all(box["results"])
-        err = box["error"]
-        raise err if isinstance(err, OciImageError) else UserAccessError(
-            f"cannot act as {ident.describe()}: {err}")
-    results = box["results"]
-    for r in results:
-        if isinstance(r, Opened):  # canonical path, read by root (the user may not see /proc/self/fd)
+            _helper.send(request, theirs.fileno())
+        finally:
+            theirs.close()
+        for path in paths:
             try:
-                r.path = os.readlink(f"/proc/self/fd/{r.fd}")
-            except OSError:
-                pass
+                hdr, fds = _recv_exact(ours, helper.HDR.size, deadline)
+            except TimeoutError:
+                raise UserAccessError(
+                    f"looking up {path} as {ident.describe()} did not finish in {timeout:g} s "
+                    f"(a hung filesystem?)") from None
+            except EOFError:
+                raise UserAccessError(f"the lookup of {path} as {ident.describe()} "
+                                      f"failed") from None
+            what, err, mode, length = helper.HDR.unpack(hdr)
+            if what == helper.OK_DATA:
+                for fd in fds:
+                    os.close(fd)
+                results.append(_recv_exact(ours, length, deadline)[0] if length else b"")
+            else:
+                results.append(_result(what, err, mode, fds, path, limit))
+    except BaseException:
+        _close_all(results)
+        raise
+    finally:
+        ours.close()
     return results
 
 

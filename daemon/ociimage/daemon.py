@@ -106,6 +106,9 @@ class Daemon:
         psock = prefetch_path(self.config)
         if psock is not None:
             self._claim(psock)
+        # before any gRPC thread: the helper that opens what users name, as them
+        from .asuser import start_helper
+        start_helper()
         self.steps.recover()
         self.server = grpc.server(
             # Blocked requests hold a thread each; [daemon] max_requests_per_uid keeps one
