@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Union
 
 from ..errors import CacheError, InvalidArgument, RuntimeSetupError
-from . import syscalls
+from . import loop, syscalls
 
 log = logging.getLogger("ociimage.runtime")
 
@@ -142,6 +142,7 @@ class NodeMounts:
         self.idle = float(idle)
         self._lock = threading.Lock()
         self._images: Dict[str, _Image] = {}
+        self._mounting: Dict[str, threading.Lock] = {}  # per image, while its mount is made
 
     def _mountpoint(self, digest: str) -> Path:
         return self.images_dir / _hex(digest)
@@ -159,24 +160,42 @@ class NodeMounts:
         """Mount the image if needed and take a reference; returns the mount point.
 
         fd: the file opened already (a user's own .sqfs, opened as the user):
-        mounted from the descriptor, never by its path again.
+        its loop device is set up from that descriptor, never from a path.
+        The node-wide lock is never held across a mount: only this image's
+        first users wait for it, never steps of images already mounted.
         """
         target = self._mountpoint(digest)
         with self._lock:
-            img = self._images.get(digest)
-            if img is None or mount_at(target) is None:
-                source = str(sqfs_path)
-                if fd is None and not os.path.isfile(source):
-                    raise CacheError(f"image file {source} for {digest} does not exist")
-                self._ensure_dirs()
-                if mount_at(target) is None:  # not even by an earlier daemon
-                    self._mount(source, target, fd)
+            if self._take(digest, target):
+                return target
+            mounting = self._mounting.setdefault(digest, threading.Lock())
+        with mounting:
+            with self._lock:
+                if self._take(digest, target):
+                    return target
+            source = str(sqfs_path)
+            if fd is None and not os.path.isfile(source):
+                raise CacheError(f"image file {source} for {digest} does not exist")
+            self._ensure_dirs()
+            if mount_at(target) is None:  # not even by an earlier daemon
+                self._mount(source, target, fd)
+            with self._lock:
+                img = self._images.get(digest)
                 refs = img.refs if img else 0
-                img = self._images[digest] = _Image(digest, target, source, refs)
-            img.refs += 1
-            img.idle_since = None
+                img = self._images[digest] = _Image(digest, target, source, refs + 1)
+                self._mounting.pop(digest, None)
         log.debug("image acquired", extra={"digest": digest, "refs": img.refs})
         return target
+
+    def _take(self, digest: str, target: Path) -> bool:
+        """With the lock held: a reference to an image that is mounted already."""
+        img = self._images.get(digest)
+        if img is None or mount_at(target) is None:
+            return False
+        img.refs += 1
+        img.idle_since = None
+        log.debug("image acquired", extra={"digest": digest, "refs": img.refs})
+        return True
 
     def release(self, digest: str) -> None:
         with self._lock:
@@ -261,13 +280,14 @@ class NodeMounts:
 
     def _mount(self, source: str, target: Path, fd: Optional[int] = None) -> None:
         target.mkdir(exist_ok=True, mode=0o755)
-        what = source if fd is None else f"/proc/self/fd/{fd}"  # mount(8) inherits the fd
-        cmd = ["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", "--", what, str(target)]
+        if fd is not None:
+            self._mount_fd(fd, source, target)
+            return
+        cmd = ["mount", "-t", "squashfs", "-o", "loop,ro,nosuid,nodev", "--", source, str(target)]
         t0 = time.monotonic()
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, timeout=_MOUNT_TIMEOUT,
-                                  pass_fds=() if fd is None else (fd,))
+                                  stderr=subprocess.PIPE, timeout=_MOUNT_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as e:
             self._rmdir(target)
             raise MountError(f"cannot mount image {source}: {e}") from None
@@ -279,6 +299,28 @@ class NodeMounts:
                              hint="is the squashfs module loaded and a loop device free?")
         log.info("image mounted", extra={"source": source, "target": str(target),
                                          "device": entry.source,
+                                         "seconds": round(time.monotonic() - t0, 3)})
+
+    def _mount_fd(self, fd: int, source: str, target: Path) -> None:
+        """A loop device on the open file itself, then the mount (mount(8) would reopen by path)."""
+        t0 = time.monotonic()
+        try:
+            device = loop.attach(fd)
+        except OSError as e:
+            self._rmdir(target)
+            raise MountError(f"cannot set up a loop device for {source}: {e.strerror or e}",
+                             hint="is a loop device free?") from None
+        try:
+            syscalls.mount(device.path, target, "squashfs",
+                           syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+        except OSError as e:
+            self._rmdir(target)
+            raise MountError(f"cannot mount image {source}: {e.strerror}",
+                             hint="is it a SquashFS file?") from None
+        finally:
+            device.close()  # autoclear: the mount holds it now, or nothing does
+        log.info("image mounted", extra={"source": source, "target": str(target),
+                                         "device": device.path,
                                          "seconds": round(time.monotonic() - t0, 3)})
 
     def _unmount(self, img: _Image) -> bool:
