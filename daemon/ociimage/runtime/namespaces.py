@@ -173,7 +173,7 @@ def resolve_in_root(root: Union[str, Path], path: str,
             return _missing(_join("/", *cur), None, layer, [c] + todo, path)
         host = base + rest
         try:
-            st = os.lstat(host)
+            st, link = _lstat(host)
         except FileNotFoundError:
             if any(k.startswith(cand + "/") for k in layers):
                 cur.append(c)  # created as the way to an earlier mount point
@@ -186,7 +186,7 @@ def resolve_in_root(root: Union[str, Path], path: str,
             hops += 1
             if hops > _MAX_SYMLINKS:
                 raise InvalidArgument(f"{path}: too many levels of symbolic links")
-            target = os.readlink(host)
+            target = link
             if target.startswith("/"):
                 cur = []
             todo = _split(target) + todo
@@ -197,6 +197,39 @@ def resolve_in_root(root: Union[str, Path], path: str,
     cpath = _join("/", *cur)
     layer, _ = _layer_of(cpath, layers)
     return Resolved(cpath, _host_of(cpath, root, layers), layer, ())
+
+
+_FD_LAYER = "/proc/self/fd/"
+
+
+def fd_layer(fd: int) -> str:
+    """A layer that is a user's bind source: looked into from its descriptor, never its path."""
+    return f"{_FD_LAYER}{fd}"
+
+
+def _lstat(host: str) -> Tuple[os.stat_result, str]:
+    """lstat (and the link's target) of a host path; below a user's bind source (a fd
+    layer), each component is looked up from the descriptor with no symlink followed, so
+    a directory swapped for a symlink on the way cannot take root's lookup elsewhere."""
+    if not host.startswith(_FD_LAYER):
+        st = os.lstat(host)
+        return st, os.readlink(host) if stat.S_ISLNK(st.st_mode) else ""
+    fd_s, _, rest = host[len(_FD_LAYER):].partition("/")
+    if not rest:
+        return os.fstat(int(fd_s)), ""
+    try:
+        fd = sc.openat2(rest, sc.O_PATH | os.O_NOFOLLOW, sc.RESOLVE_BENEATH |
+                        sc.RESOLVE_NO_SYMLINKS | sc.RESOLVE_NO_MAGICLINKS, dirfd=int(fd_s))
+    except OSError as e:
+        if e.errno == 40:  # ELOOP: a component became a symlink since it was looked at
+            raise InvalidArgument(f"a directory of your mount source changed while the step "
+                                  f"started: {rest}") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        return st, os.readlink("", dir_fd=fd) if stat.S_ISLNK(st.st_mode) else ""
+    finally:
+        os.close(fd)
 
 
 def _host_of(cpath: str, root: str, layers: Mapping[str, str]) -> Optional[str]:
@@ -296,6 +329,7 @@ class _Planner:
         self.user: List[Op] = []
         self.visible: List[Tuple[str, str]] = []  # (host dir, container dir) for the cwd
         self.user_targets: List[str] = []
+        self.system_targets: List[str] = []
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -303,14 +337,15 @@ class _Planner:
         kind = "dir" if want_dir else "file"
         if r.exists:
             if r.host is not None:
-                is_dir = os.path.isdir(r.host)
+                is_dir = stat.S_ISDIR(_lstat(r.host)[0].st_mode)
                 if is_dir != want_dir:
                     raise InvalidArgument(f"{what}: {r.path} is {'a' if is_dir else 'not a'} "
                                           f"directory in the container, its source is "
                                           f"{'' if want_dir else 'not '}one")
             return r.path
         if r.layer and self.layers.get(r.layer) != _EMPTY:
-            raise NotFound(f"{what}: mount target {r.full} does not exist in {r.host}",
+            raise NotFound(f"{what}: mount target {r.full} does not exist in the directory "
+                           f"mounted at {r.layer}",
                            hint="the directory must exist in the mounted host directory")
         todo = self.tmp_create if r.layer else self.image_create
         for i in range(1, len(r.missing) + 1):
@@ -325,6 +360,7 @@ class _Planner:
         for name in ("/proc", "/sys", "/dev"):
             t = self.target(name, True, name)
             self.layers[t] = _OPAQUE
+            self.system_targets.append(t)  # where they really are (the image may link them)
             if name == "/proc":
                 # a proc of our own, with the host's hidepid=/gid=/subset= (per mount since 5.8)
                 self.system.append(("mount", "proc", self.host(t), "proc",
@@ -384,7 +420,7 @@ class _Planner:
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
             self.user_targets.append(t)
-            self.layers[t] = o.path if o.is_dir else _OPAQUE
+            self.layers[t] = fd_layer(o.fd) if o.is_dir else _OPAQUE
             if o.is_dir:
                 self.visible.append((o.path, t))
 
@@ -393,7 +429,7 @@ class _Planner:
         self.plan_system()
         passwd_t = self.target("/etc/passwd", False, "/etc/passwd")
         group_t = self.target("/etc/group", False, "/etc/group")
-        self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"]
+        self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"] + self.system_targets
         self.plan_binds()
         ro_flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         etc = [("mount", str(self.step_dir / "passwd"), self.host(passwd_t), None, sc.MS_BIND, None),

@@ -133,7 +133,11 @@ def _detach_binds(ops: list) -> dict:
 
 
 def _bind_legacy(op: tuple) -> None:
-    """Without the new mount API: a non-recursive bind of the same file, checked by identity."""
+    """Without the new mount API: a non-recursive bind of the same file, checked by identity.
+
+    Everything after the reopen goes through descriptors, never the target's path
+    again: the user may be swapping directories of theirs on the way to it.
+    """
     fd, target, ro, canonical = op[1], op[2], op[3], op[4]
     want = os.fstat(fd)
     again = os.open(canonical, sc.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -146,13 +150,20 @@ def _bind_legacy(op: tuple) -> None:
             sc.mount(f"/proc/self/fd/{again}", f"/proc/self/fd/{tfd}", None, sc.MS_BIND, None)
         finally:
             os.close(tfd)
-        flags = sc.mount_flags_of(target) | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
-        sc.mount(None, target, None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
-        # the remount went by path: make sure it reached the bind just made
-        st, vfs = os.stat(target, follow_symlinks=False), os.statvfs(target)
-        if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino) or \
-                not vfs.f_flag & os.ST_NOSUID or not vfs.f_flag & os.ST_NODEV:
-            raise OSError(16, f"{target} changed while the step started")
+        top = _open_target(target)  # now the bind's root: the path walk enters the new mount
+        try:
+            st = os.fstat(top)
+            if (st.st_dev, st.st_ino) != (want.st_dev, want.st_ino):
+                raise OSError(16, f"{target} changed while the step started")
+            keep = sc.flags_of_statvfs(os.fstatvfs(top))
+            flags = keep | sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_RDONLY if ro else 0)
+            sc.mount(None, f"/proc/self/fd/{top}", None, sc.MS_REMOUNT | sc.MS_BIND | flags, None)
+            vfs = os.fstatvfs(top)
+            if not vfs.f_flag & os.ST_NOSUID or not vfs.f_flag & os.ST_NODEV or \
+                    (ro and not vfs.f_flag & os.ST_RDONLY):
+                raise OSError(16, f"{target} changed while the step started")
+        finally:
+            os.close(top)
     finally:
         os.close(again)
 

@@ -122,8 +122,12 @@ def pivot_root(new_root: PathLike, put_old: PathLike) -> None:
 
 def mount_flags_of(path: PathLike) -> int:
     """The per-mount MS_* flags of the mount holding path (for bind remounts)."""
-    f_flag = os.statvfs(path).f_flag
-    return sum(ms for st, ms in _ST_TO_MS if f_flag & st)
+    return flags_of_statvfs(os.statvfs(path))
+
+
+def flags_of_statvfs(vfs: os.statvfs_result) -> int:
+    """MS_* flags from a statvfs result (os.fstatvfs of a descriptor, too)."""
+    return sum(ms for st, ms in _ST_TO_MS if vfs.f_flag & st)
 
 
 # ---- the new mount API (Linux >= 5.2; mount_setattr >= 5.12) ------------------
