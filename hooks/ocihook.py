@@ -139,6 +139,10 @@ def _overlay_over(parent: str) -> None:
 def ensure_target(path: str, is_dir: bool) -> None:
     """Make path exist in the container (we are inside its namespace)."""
     path = os.path.normpath(path)
+    mine = _inside(path, user_mounts())
+    if mine is not None:  # existing or not: root must not mount or write in the user's tree
+        raise HookError(f"{path}: inside your mount {mine}; the site's hook cannot mount "
+                        f"there: mount it elsewhere")
     if os.path.realpath(path) != path and os.path.lexists(path):
         raise HookError(f"{path}: is or goes through a symbolic link in the container; "
                         f"refusing to mount there")
@@ -184,8 +188,14 @@ def bind_into(ns_path: str, binds: List[tuple], symlinks: List[tuple] = ()) -> N
         if ro:
             mount(None, dst, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     for target, link in symlinks:
+        link = os.path.normpath(link)
+        parent = os.path.dirname(link)
+        if _inside(link, user_mounts()) is not None:
+            raise HookError(f"{link}: inside your mount; the site's hook cannot write there")
         if not os.path.lexists(link):
-            ensure_target(os.path.dirname(link), True)
+            ensure_target(parent, True)
+            if os.path.realpath(parent) != parent:
+                raise HookError(f"{link}: {parent} goes through a symbolic link")
             os.symlink(target, link)
 
 

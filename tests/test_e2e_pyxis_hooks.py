@@ -346,6 +346,25 @@ def test_nvidia_hook_fake_tree(e2e, fake_gpu_tree):
     e2e.wait_clean()
 
 
+def test_nvidia_hook_never_writes_into_the_users_mount(e2e, fake_gpu_tree):
+    """The user binds a directory of theirs where the hook would create its mount points
+    (/usr/local): the root hook refuses, and nothing is created in the user's directory."""
+    ref = e2e.push("p9/cuda")
+    mine = e2e.base / "mine-usr-local"
+    mine.mkdir()
+    os.chown(mine, e2e.cluster.uid, e2e.cluster.gid)
+    r = e2e.srun("-N1", f"--oci-image={ref}", f"--oci-mounts={mine}:/usr/local", "true",
+                 env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert r.returncode != 0
+    assert "inside your mount /usr/local" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert list(mine.iterdir()) == []
+    # without the user's mount there, the same step gets its GPU
+    r = e2e.srun("-N1", f"--oci-image={ref}", "ls", "/usr/local/nvidia/lib64",
+                 env={"CUDA_VISIBLE_DEVICES": "1"})
+    assert r.returncode == 0 and "libcuda.so.1" in r.stdout, r.stderr
+    e2e.wait_clean()
+
+
 # ---- MPI: srun --mpi=pmi2 runs an MPICH program from the image on 2 nodes -----------------
 
 MPI_HELLO = r"""

@@ -363,3 +363,51 @@ def test_tarpit_registry_steps_killed_while_another_users_steps_start(pb_site, p
             time.sleep(0.2)
         assert tarpit.trickling >= 3 and tarpit.trickle_ended == tarpit.trickling, \
             (tarpit.trickling, tarpit.trickle_ended)
+
+
+@needs_cluster
+def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch):
+    """The user keeps exchanging their own .sqfs with a symlink to another user's private
+    image (renameat2 RENAME_EXCHANGE) while steps start: mount(8) reopening the file by
+    path as root would mount the victim's image; the loop device must come from the
+    descriptor the user's own open returned."""
+    victim = ensure_user(VICTIM)
+    attacker = pwd.getpwnam(pb_site.cluster.user)
+    vdir = Path(victim.pw_dir) / "private-images"
+    vdir.mkdir(exist_ok=True)
+    os.chown(vdir, victim.pw_uid, victim.pw_gid)
+    os.chmod(vdir, 0o700)
+    content = rootfs.make_rootfs(scratch / "content")
+    (content / "etc" / "os-release").write_text(f"ID={SECRET}\n")
+    img = rootfs.make_squashfs(content, vdir / "victim-race.sqfs")
+    os.chown(img, victim.pw_uid, victim.pw_gid)
+    os.chmod(img, 0o600)
+    own = rootfs.make_rootfs(scratch / "own")
+    (own / "etc" / "os-release").write_text("ID=MINE\n")
+    mine = scratch / "mine"
+    mine.mkdir()
+    rootfs.make_squashfs(own, mine / "img.sqfs")
+    os.symlink(img, mine / "link")
+    subprocess.run(["chown", "-hR", f"{attacker.pw_uid}:{attacker.pw_gid}", str(mine)], check=True)
+    flipper = textwrap.dedent(f"""
+        import ctypes, os, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        end = time.monotonic() + 180
+        while time.monotonic() < end and not os.path.exists({str(mine / 'stop')!r}):
+            libc.renameat2(-100, b"{mine}/img.sqfs", -100, b"{mine}/link", 2)  # RENAME_EXCHANGE
+    """)
+    flip = subprocess.Popen(["runuser", "-u", attacker.pw_name, "--", sys.executable, "-c", flipper])
+    outcomes = []
+    try:
+        for _ in range(15):
+            r = pb_site.srun("-N1", f"--oci-image={mine}/img.sqfs", "cat", "/etc/os-release",
+                             timeout=60)
+            outcomes.append(r.stdout + r.stderr)
+            # a new identity (mtime) each time, so each try sets up a loop device anew
+            pb_site.as_user(["sh", "-c", f"for f in {mine}/img.sqfs {mine}/link; do "
+                                         f"[ -L $f ] || touch $f; done"])
+    finally:
+        (mine / "stop").touch()
+        flip.wait(timeout=30)
+    assert not any(SECRET in o for o in outcomes), [o for o in outcomes if SECRET in o][:1]
+    assert sum("ID=MINE" in o for o in outcomes) >= 1, outcomes[:3]
