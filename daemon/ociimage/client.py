@@ -61,8 +61,11 @@ class DaemonClient:
             return errors.DaemonUnavailable(
                 f"cannot reach oci-imaged at {self.socket_path}: is the daemon running? "
                 f"(systemctl status oci-imaged)")
-        if code == grpc.StatusCode.UNAVAILABLE and ("Socket closed" in details
-                                                    or "Stream removed" in details):
+        # the daemon closed the connection mid-call; how gRPC words it depends on the moment
+        # (and on the release: "Broken pipe" seen with Debian unstable's grpcio)
+        if code == grpc.StatusCode.UNAVAILABLE and any(
+                m in details for m in ("Socket closed", "Stream removed", "Broken pipe",
+                                       "Connection reset by peer")):
             return errors.DaemonUnavailable(
                 f"oci-imaged at {self.socket_path} went away during the request "
                 f"(restarted or crashed?); run the command again")
