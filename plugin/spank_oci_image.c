@@ -1486,10 +1486,8 @@ int slurm_spank_task_init_privileged(spank_t sp, int ac, char **av)
 		slurm_error(PFX "prctl(PR_SET_NO_NEW_PRIVS): %s", strerror(errno));
 		return -1;
 	}
-	if (st.cwd != NULL && chdir(st.cwd) < 0) {
-		slurm_error(PFX "cannot change to directory %s in the image: %s", st.cwd, strerror(errno));
-		return -1;
-	}
+	/* No chdir here: this is still root, and st.cwd is a path the user (or the
+	 * image) chose; slurm_spank_task_init changes to it as the user. */
 	for (size_t i = 0; i < st.n_env; i++) {
 		const char *eq = strchr(st.env[i], '=');
 		char name[256];

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
 from . import asuser_helper as helper
-from .errors import AccessDenied, NotFound, OciImageError
+from .errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from .runtime.syscalls import (O_PATH, RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS,  # noqa: F401
                                RESOLVE_NO_SYMLINKS, RESOLVE_NO_XDEV, openat2)
 
@@ -136,11 +136,6 @@ class _Helper:
                 self._start()
 
     def _start(self) -> None:
-        if self._pid:
-            try:
-                os.waitpid(self._pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._pid = helper.spawn(theirs.fileno())
@@ -161,10 +156,36 @@ class _Helper:
                     self._ctrl.sendmsg([request], anc)
                     return
                 except OSError as e:
+                    if e.errno not in _HELPER_GONE:
+                        raise UserAccessError(f"cannot ask the helper that acts as users: "
+                                              f"{e.strerror}") from None
                     self._ctrl.close()
                     self._ctrl = None
+                    self._reap_later()
                     if attempt == 2:
                         raise UserAccessError(f"the helper that acts as users is gone: {e}") from None
+
+    def _reap_later(self) -> None:
+        """The helper exits on EOF of its control socket; reap it whenever it does."""
+        pid, self._pid = self._pid, 0
+        if pid:
+            threading.Thread(target=_waitpid_quietly, args=(pid,), daemon=True,
+                             name="asuser-reaper").start()
+
+
+_HELPER_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+# What one request may carry: far beyond any real step (a path is at most PATH_MAX),
+# well below the control socket's buffer, so a request is never refused by the kernel.
+MAX_PATHS = 256
+MAX_PATH_BYTES = 4096
+MAX_REQUEST_BYTES = 64 << 10
+
+
+def _waitpid_quietly(pid: int) -> None:
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
 
 
 _helper = _Helper()
@@ -220,9 +241,14 @@ def _run(ident: Identity, kind: int, paths: Sequence[str], limit: int,
          timeout: float, flags: int = O_PATH) -> List[Result]:
     if not paths:
         return []
+    if len(paths) > MAX_PATHS or any(len(os.fsencode(p)) > MAX_PATH_BYTES for p in paths):
+        raise InvalidArgument(f"too many paths ({len(paths)}) or a path longer than "
+                              f"{MAX_PATH_BYTES} bytes")
     request = json.dumps({"uid": ident.uid, "gid": ident.gid, "groups": list(ident.groups),
                           "kind": kind, "paths": list(paths), "limit": limit, "flags": flags,
                           "timeout": timeout}).encode("utf-8", "surrogateescape")
+    if len(request) > MAX_REQUEST_BYTES:
+        raise InvalidArgument(f"the paths to look up are too long together ({len(request)} bytes)")
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     results: List[Result] = []
     deadline = time.monotonic() + timeout

@@ -66,6 +66,9 @@ def _become(uid: int, gid: int, groups) -> None:
 
 def _answer(reply: socket.socket, req: dict) -> None:
     """In the child, as the user: one framed answer per path."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 2)  # not the daemon's log: nothing of root's stays open as the user
+    os.close(devnull)
     _become(req["uid"], req["gid"], req["groups"])
     kind, limit, flags = req["kind"], req["limit"], req["flags"]
     for path in req["paths"]:

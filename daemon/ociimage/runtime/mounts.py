@@ -209,16 +209,33 @@ class NodeMounts:
         log.debug("image released", extra={"digest": digest, "refs": img.refs})
 
     def reap(self, now: Optional[float] = None) -> List[str]:
-        """Unmount images unused for longer than `idle`; returns their digests."""
+        """Unmount images unused for longer than `idle`; returns their digests.
+
+        The unmount runs outside the node lock (an unmount can block on a hung
+        filesystem), under the image's own lock, which a new user of that image
+        waits for (acquire); an image taken again in between is left mounted.
+        """
         now = time.monotonic() if now is None else now
         done = []
         with self._lock:
-            for digest, img in list(self._images.items()):
-                if img.refs or img.idle_since is None or now - img.idle_since < self.idle:
-                    continue
+            idle = [d for d, img in self._images.items()
+                    if not img.refs and img.idle_since is not None and now - img.idle_since >= self.idle]
+        for digest in idle:
+            with self._lock:
+                gate = self._mounting.setdefault(digest, threading.Lock())
+            with gate:
+                with self._lock:
+                    img = self._images.get(digest)
+                    if img is None or img.refs or img.idle_since is None:
+                        continue
+                    del self._images[digest]  # acquire() now waits for the gate
                 if self._unmount(img):
-                    del self._images[digest]
                     done.append(digest)
+                else:
+                    with self._lock:
+                        self._images.setdefault(digest, img)  # busy: try at the next reap
+                with self._lock:
+                    self._mounting.pop(digest, None)
         return done
 
     def recover(self, active_digests: Union[Mapping[str, int], Iterable[str]] = ()) -> List[str]:

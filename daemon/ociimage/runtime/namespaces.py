@@ -374,7 +374,7 @@ class _Planner:
                 legacy = sc.MS_NOSUID | (sc.MS_NODEV | sc.MS_NOEXEC if name == "/sys" else 0)
                 self.system.append(("setattr", self.host(t), attrs, legacy, name,
                                     not USE_MOUNT_API))
-            if name == "/dev" and os.path.isdir("/dev/shm"):
+            if name == "/dev" and os.path.isdir("/dev/shm") and not os.path.islink("/dev/shm"):
                 # a per-step /dev/shm: shared by the step's tasks, freed with the step
                 self.system.append(("mount", "shm", self.host(t) + "/shm", "tmpfs",
                                     sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
@@ -637,6 +637,30 @@ def _build(ops: List[Op], ns_path: Path) -> None:
         os.close(go_w)
 
 
+def _kill_verified(ns_path: Path, holder: "Holder") -> None:
+    """SIGKILL the holder through a pidfd taken while it is still the holder: a holder
+    adopted from an earlier daemon is no child of ours, and its pid, once it is gone, may
+    be another process's by the time a plain kill() would run."""
+    try:
+        pidfd = os.pidfd_open(holder.pid)
+    except (AttributeError, OSError):  # Linux < 5.3, or already gone
+        if holder_info(ns_path) == holder:
+            _kill_holder(holder.pid)
+        return
+    try:
+        if holder_info(ns_path) != holder:
+            return  # gone between the two looks: the pidfd may name someone else
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    finally:
+        os.close(pidfd)
+    try:
+        os.waitpid(holder.pid, 0)
+    except ChildProcessError:
+        pass  # a previous daemon's: init reaps it
+
+
 def _kill_holder(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -693,9 +717,9 @@ def destroy_step_namespace(ns_path: Union[str, Path]) -> None:
     ns_path = Path(ns_path)
     if ns_path.name != NS_FILE:
         raise InvalidArgument(f"{ns_path} is not a step namespace file")
-    pid = holder_of(ns_path)
-    if pid is not None:
-        _kill_holder(pid)
+    holder = holder_info(ns_path)
+    if holder is not None:
+        _kill_verified(ns_path, holder)
     _remove_step_dir(ns_path.parent)
     log.info("step namespace destroyed", extra={"ns": str(ns_path)})
 

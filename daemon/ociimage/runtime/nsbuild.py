@@ -190,7 +190,15 @@ def child(ops: list, report_w: int, go_r: int) -> None:
         for i, op in enumerate(ops):
             kind = op[0]
             if kind == "mount":
-                sc.mount(op[1], op[2], op[3], op[4], op[5])
+                # every target through a descriptor opened without following a symlink:
+                # the plan resolved them, and an image (a user's own .sqfs can change
+                # under its mount) or a user's directory that changed since fails the step
+                # instead of taking root's mount elsewhere
+                tfd = _open_target(op[2])
+                try:
+                    sc.mount(op[1], f"/proc/self/fd/{tfd}", op[3], op[4], op[5])
+                finally:
+                    os.close(tfd)
             elif kind == "bindfd":
                 if i in trees:
                     tfd = _open_target(op[2])
@@ -205,14 +213,25 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                 if op[5]:
                     _setattr_legacy(op[1], op[3])
                 else:
-                    sc.mount_setattr(sc.AT_FDCWD, op[1], sc.AT_RECURSIVE, op[2])
-            elif kind == "mkdir":
+                    tfd = _open_target(op[1])
+                    try:
+                        sc.mount_setattr(tfd, "", sc.AT_EMPTY_PATH | sc.AT_RECURSIVE, op[2])
+                    finally:
+                        os.close(tfd)
+            elif kind in ("mkdir", "mkfile"):
+                pfd = _open_target(os.path.dirname(op[1]))
                 try:
-                    os.mkdir(op[1], op[2])
-                except FileExistsError:
-                    pass
-            elif kind == "mkfile":
-                os.close(os.open(op[1], os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+                    name = os.path.basename(op[1])
+                    if kind == "mkdir":
+                        try:
+                            os.mkdir(name, op[2], dir_fd=pfd)
+                        except FileExistsError:
+                            pass
+                    else:
+                        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW |
+                                         os.O_CLOEXEC, 0o644, dir_fd=pfd))
+                finally:
+                    os.close(pfd)
             elif kind == "pivot":
                 # pivot_root(".", ".") stacks the old root on the new one, so no
                 # put_old directory is needed in a read-only image
