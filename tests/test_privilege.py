@@ -24,6 +24,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from cluster_fixture import as_user as cluster_as_user
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from localsite import unmount_under
@@ -114,21 +115,26 @@ def site(reg, request):
     shutil.rmtree(base, ignore_errors=True)
 
 
+def as_user_argv(argv, pw):
+    """argv run as the user (uid, gid, no supplementary groups) by setpriv: never
+    subprocess's user=/group=, which fork() (that hangs in a process that has spoken gRPC,
+    with Debian 13's grpcio)."""
+    return cluster_as_user(list(argv), pw.pw_uid, pw.pw_gid)
+
+
 def as_user(user, code, *args, timeout=60, env=None):
     """Run Python code as an ordinary user (its own uid/gid, no supplementary groups)."""
     pw = pwd.getpwnam(user)
     e = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "PYTHONDONTWRITEBYTECODE": "1",
          **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], user=pw.pw_uid, group=pw.pw_gid,
-                          extra_groups=[], env=e, cwd="/", capture_output=True, text=True,
+    return subprocess.run(as_user_argv([sys.executable, "-c", code, *args], pw), env=e, cwd="/", capture_output=True, text=True,
                           timeout=timeout)
 
 
 def step_prefetch(site, user, image, timeout=30):
     pw = pwd.getpwnam(user)
-    return subprocess.run([sys.executable, "-m", "ociimage.step", "prefetch", "--socket",
-                           str(site.psock), "--image", image], user=pw.pw_uid, group=pw.pw_gid,
-                          extra_groups=[], env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir,
+    return subprocess.run(as_user_argv([sys.executable, "-m", "ociimage.step", "prefetch", "--socket",
+                           str(site.psock), "--image", image], pw), env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir,
                                                 "PYTHONDONTWRITEBYTECODE": "1"},
                           cwd="/", capture_output=True, text=True, timeout=timeout)
 
@@ -200,8 +206,7 @@ def test_users_cannot_read_anything_in_the_cache(reg, site):
             assert set(res) == set(paths) and set(res.values()) == {"EACCES"}, res
         sqfs = site.cache / "images" / (img.manifest_digest.replace(":", "-") + ".sqfs")
         pw = pwd.getpwnam(OTHER_USER)
-        r = subprocess.run(["sqfs2tar", str(sqfs)], user=pw.pw_uid, group=pw.pw_gid,
-                           extra_groups=[], capture_output=True, cwd="/")
+        r = subprocess.run(as_user_argv(["sqfs2tar", str(sqfs)], pw), capture_output=True, cwd="/")
         assert r.returncode != 0 and b"ID=priv-secret" not in r.stdout, r.stderr
         assert b"Permission denied" in r.stderr, r.stderr
         # control: root reads it, so the refusal above is the permission, not a broken file
@@ -258,8 +263,8 @@ def test_user_flocks_cannot_stall_a_step(reg, site):
     lock = str(site.cache / "locks" / (img.manifest_digest.replace(":", "-") + ".lock"))
     assert lock in paths
     pw = pwd.getpwnam(OTHER_USER)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, "60", *paths], user=pw.pw_uid,
-                              group=pw.pw_gid, extra_groups=[], stdout=subprocess.PIPE,
+    holder = subprocess.Popen(as_user_argv([sys.executable, "-c", HOLD_LOCKS, "60", *paths], pw),
+                              stdout=subprocess.PIPE,
                               text=True, cwd="/", env={"PYTHONDONTWRITEBYTECODE": "1"})
     try:
         assert json.loads(holder.stdout.readline()) == []       # could hold nothing
@@ -435,8 +440,7 @@ def test_user_socket_is_bounded_against_idle_huge_and_slow_clients(reg, site):
     login(PRIV_USER, reg, "alice")
     _, pinned = push(reg, "priv/bounded")
     pw = pwd.getpwnam(OTHER_USER)
-    flood = subprocess.Popen([sys.executable, "-c", FLOOD, str(site.psock)], user=pw.pw_uid,
-                             group=pw.pw_gid, extra_groups=[], stdout=subprocess.PIPE, text=True,
+    flood = subprocess.Popen(as_user_argv([sys.executable, "-c", FLOOD, str(site.psock)], pw), stdout=subprocess.PIPE, text=True,
                              cwd="/", env={"PYTHONDONTWRITEBYTECODE": "1"})
     try:
         assert json.loads(flood.stdout.readline()) == {"phase": "flooding"}
@@ -476,9 +480,8 @@ def importer(site, user, *args, env=None):
     pw = pwd.getpwnam(user)
     e = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "PYTHONDONTWRITEBYTECODE": "1",
          "SLURM_JOB_ID": "705", "SLURM_STEP_ID": "0", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ociimage.pyxis_importer", "--config",
-                           str(site.conf), *args], user=pw.pw_uid, group=pw.pw_gid,
-                          extra_groups=[], env=e, cwd="/", stdin=subprocess.DEVNULL,
+    return subprocess.run(as_user_argv([sys.executable, "-m", "ociimage.pyxis_importer", "--config",
+                           str(site.conf), *args], pw), env=e, cwd="/", stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
 
 
