@@ -27,6 +27,7 @@ import pytest
 from cluster_fixture import as_user as cluster_as_user
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
+from install_fixture import installed  # noqa: F401 - a fixture
 from localsite import unmount_under
 from ocibuild import Pusher
 from registry_server import RegistryServer
@@ -76,9 +77,16 @@ def login(user, reg, account):
     return pw
 
 
+# What an ordinary user runs: the system Python for stdlib-only probes, and the installed
+# copy of the project (under /tmp) for its commands; never this checkout's venv, which on
+# a fresh machine lives in root's 0700 home.
+USER_PYTHON = "/usr/bin/python3"
+
+
 class Site:
-    def __init__(self, base, daemon, conf):
+    def __init__(self, base, daemon, conf, installed):
         self.base, self.daemon, self.conf = base, daemon, conf
+        self.bin = installed.bin
         self.cache = daemon.cache_dir
         self.psock = daemon.socket.parent / "oci-imaged-prefetch.sock"
 
@@ -87,7 +95,7 @@ class Site:
 
 
 @pytest.fixture
-def site(reg, request):
+def site(reg, request, installed):
     """One daemon whose OWN registry identity is `site` (as root's docker login would be)."""
     base = Path(tempfile.mkdtemp(prefix="oci-priv-", dir="/tmp"))
     os.chmod(base, 0o755)            # users reach the socket directory, as under /run
@@ -109,7 +117,7 @@ def site(reg, request):
             os.environ.pop("REGISTRY_AUTH_FILE")
         else:
             os.environ["REGISTRY_AUTH_FILE"] = old
-    yield Site(base, d, conf)
+    yield Site(base, d, conf, installed)
     d.stop()
     unmount_under(base)
     shutil.rmtree(base, ignore_errors=True)
@@ -122,18 +130,18 @@ def as_user_argv(argv, pw):
     return cluster_as_user(list(argv), pw.pw_uid, pw.pw_gid)
 
 
-def as_user(user, code, *args, timeout=60, env=None):
+def as_user(user, code, *args, timeout=60, env=None, python=USER_PYTHON):
     """Run Python code as an ordinary user (its own uid/gid, no supplementary groups)."""
     pw = pwd.getpwnam(user)
     e = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "PYTHONDONTWRITEBYTECODE": "1",
          **(env or {})}
-    return subprocess.run(as_user_argv([sys.executable, "-c", code, *args], pw), env=e, cwd="/", capture_output=True, text=True,
+    return subprocess.run(as_user_argv([str(python), "-c", code, *args], pw), env=e, cwd="/", capture_output=True, text=True,
                           timeout=timeout)
 
 
 def step_prefetch(site, user, image, timeout=30):
     pw = pwd.getpwnam(user)
-    return subprocess.run(as_user_argv([sys.executable, "-m", "ociimage.step", "prefetch", "--socket",
+    return subprocess.run(as_user_argv([str(site.bin / "oci-image-step"), "prefetch", "--socket",
                            str(site.psock), "--image", image], pw), env={"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir,
                                                 "PYTHONDONTWRITEBYTECODE": "1"},
                           cwd="/", capture_output=True, text=True, timeout=timeout)
@@ -263,7 +271,7 @@ def test_user_flocks_cannot_stall_a_step(reg, site):
     lock = str(site.cache / "locks" / (img.manifest_digest.replace(":", "-") + ".lock"))
     assert lock in paths
     pw = pwd.getpwnam(OTHER_USER)
-    holder = subprocess.Popen(as_user_argv([sys.executable, "-c", HOLD_LOCKS, "60", *paths], pw),
+    holder = subprocess.Popen(as_user_argv([USER_PYTHON, "-c", HOLD_LOCKS, "60", *paths], pw),
                               stdout=subprocess.PIPE,
                               text=True, cwd="/", env={"PYTHONDONTWRITEBYTECODE": "1"})
     try:
@@ -359,7 +367,7 @@ def test_prefetch_pulls_with_the_callers_credentials_only(reg, site):
     # the user gets nothing through the importer's op either
     r = as_user(OTHER_USER, "import sys, ociimage.usersock as u\n"
                 "print(u.request(sys.argv[1], {'op': 'open', 'image': sys.argv[2]}))",
-                str(site.psock), pinned)
+                str(site.psock), pinned, python=site.bin / "python")
     assert r.returncode == 0 and "'missing'" in r.stdout and ", None)" in r.stdout, r
     # the caller's own credentials: pulled, and the log says for whom
     mine, mine_pinned = push(reg, "priv/mine")
@@ -440,7 +448,7 @@ def test_user_socket_is_bounded_against_idle_huge_and_slow_clients(reg, site):
     login(PRIV_USER, reg, "alice")
     _, pinned = push(reg, "priv/bounded")
     pw = pwd.getpwnam(OTHER_USER)
-    flood = subprocess.Popen(as_user_argv([sys.executable, "-c", FLOOD, str(site.psock)], pw), stdout=subprocess.PIPE, text=True,
+    flood = subprocess.Popen(as_user_argv([USER_PYTHON, "-c", FLOOD, str(site.psock)], pw), stdout=subprocess.PIPE, text=True,
                              cwd="/", env={"PYTHONDONTWRITEBYTECODE": "1"})
     try:
         assert json.loads(flood.stdout.readline()) == {"phase": "flooding"}
@@ -480,7 +488,7 @@ def importer(site, user, *args, env=None):
     pw = pwd.getpwnam(user)
     e = {"PATH": "/usr/bin:/bin", "HOME": pw.pw_dir, "PYTHONDONTWRITEBYTECODE": "1",
          "SLURM_JOB_ID": "705", "SLURM_STEP_ID": "0", **(env or {})}
-    return subprocess.run(as_user_argv([sys.executable, "-m", "ociimage.pyxis_importer", "--config",
+    return subprocess.run(as_user_argv([str(site.bin / "oci-image-pyxis-importer"), "--config",
                            str(site.conf), *args], pw), env=e, cwd="/", stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=120)
 
@@ -513,10 +521,11 @@ def test_pyxis_importer_hands_a_private_image_only_to_users_the_registry_allows(
     r = importer(site, OTHER_USER, "get", uri)
     assert r.returncode != 0 and r.stdout == "" and "authentication required" in r.stderr, r
     # ... and asking the daemon directly with the pinned digest gets no descriptor
-    r = as_user(OTHER_USER, OPEN_OP, str(site.psock), pinned)
+    r = as_user(OTHER_USER, OPEN_OP, str(site.psock), pinned, python=site.bin / "python")
     out = json.loads(r.stdout)
     assert "you may use the private image" in out.get("error", ""), out
     # control: the same request as the allowed user gets the SquashFS
-    out = json.loads(as_user(PRIV_USER, OPEN_OP, str(site.psock), pinned).stdout)
+    out = json.loads(as_user(PRIV_USER, OPEN_OP, str(site.psock), pinned,
+                             python=site.bin / "python").stdout)
     assert out["fd"] and out["head"] == "hsqs" and out["reply"]["state"] == "ready", out
     assert not any(Path("/tmp").glob(f"oci-image-pyxis.{pwd.getpwnam(OTHER_USER).pw_uid}/*"))

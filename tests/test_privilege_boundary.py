@@ -177,7 +177,7 @@ def test_bind_source_swapped_for_a_symlink_never_binds_the_target(pb_site, publi
             os.rename("src", "src.dir"); os.symlink({str(locked / "inner")!r}, "src")
             os.unlink("src"); os.rename("src.dir", "src")
     """)
-    attacker = subprocess.Popen(["runuser", "-u", user.pw_name, "--", sys.executable, "-c", swapper])
+    attacker = subprocess.Popen(["runuser", "-u", user.pw_name, "--", "/usr/bin/python3", "-c", swapper])
     try:
         time.sleep(0.5)
         outcomes = []
@@ -396,7 +396,7 @@ def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch):
         while time.monotonic() < end and not os.path.exists({str(mine / 'stop')!r}):
             libc.renameat2(-100, b"{mine}/img.sqfs", -100, b"{mine}/link", 2)  # RENAME_EXCHANGE
     """)
-    flip = subprocess.Popen(["runuser", "-u", attacker.pw_name, "--", sys.executable, "-c", flipper])
+    flip = subprocess.Popen(["runuser", "-u", attacker.pw_name, "--", "/usr/bin/python3", "-c", flipper])
     outcomes = []
     try:
         for _ in range(15):
