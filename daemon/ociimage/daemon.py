@@ -260,7 +260,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    while not stop.wait(3600):
+    # A process-directed signal may land on any thread (gRPC's, a request's); Python runs
+    # its handler only when the main thread next runs bytecode, so never sleep long here:
+    # waiting an hour at a time made a SIGTERM wait up to an hour.
+    while not stop.wait(0.5):
         pass
 
     def backstop() -> None:
