@@ -147,7 +147,10 @@ class _Helper:
         self._ctrl = ours
 
     def send(self, request: bytes, reply_fd: int) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", reply_fd))]
+        self.send_fds(request, [reply_fd])
+
+    def send_fds(self, request: bytes, fds: List[int]) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
         with self._lock:
             for attempt in (1, 2):
                 if self._ctrl is None:
@@ -189,6 +192,28 @@ def _waitpid_quietly(pid: int) -> None:
 
 
 _helper = _Helper()
+
+
+def spawn_builder(ops: list, report_w: int, go_r: int) -> None:
+    """Have the helper fork a namespace builder for ops (see asuser_helper._build).
+
+    The builder writes "OK <pid>" (or "ERR ...") on report_w; bind sources go with the
+    request as descriptors (the builder's numbers are not ours)."""
+    import marshal
+    fds = [report_w, go_r]
+    mapped = []
+    for op in ops:
+        if op[0] == "bindfd":
+            fds.append(op[1])
+            mapped.append((op[0], len(fds) - 1) + tuple(op[2:]))
+        else:
+            mapped.append(tuple(op))
+    if len(fds) > helper.MAX_FDS:
+        raise InvalidArgument(f"too many mounts ({len(fds) - 2})")
+    payload = helper.BUILD + marshal.dumps(mapped)
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise InvalidArgument(f"the step's mounts are too long together ({len(payload)} bytes)")
+    _helper.send_fds(payload, fds)
 
 
 def start_helper() -> None:

@@ -16,6 +16,12 @@ per path, in order. kind OK_FD carries an O_PATH (or read-only) descriptor,
 OK_DATA a regular file's bytes, ERR an errno (or NOT_REGULAR / TOO_LARGE).
 A child still running past the request's deadline is killed; this process
 ends when the daemon closes its end of the control socket.
+
+The same process forks the step namespace builders ("build" requests: the
+operations, marshalled, and as SCM_RIGHTS the report and go-ahead pipes and
+the user's bind sources): a fork here costs a millisecond, where spawning a
+fresh Python for each step cost tens. The builder stays as the namespace's
+holder (runtime/nsbuild.py), a child of this process, reaped when it ends.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ HDR = struct.Struct("=BiiI")
 OK_FD, OK_DATA, ERR = 1, 2, 3
 NOT_REGULAR, TOO_LARGE = -1, -2  # our own reasons, beside errno values
 MAX_REQUEST = 256 << 10
+MAX_FDS = 260  # report + go-ahead pipes and up to 256 bind sources + some
+BUILD = b"B"  # first byte of a build request (a lookup request is JSON: "{")
 _PR_SET_DUMPABLE = 4
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
@@ -102,11 +110,22 @@ def _answer(reply: socket.socket, req: dict) -> None:
 
 def serve(ctrl: socket.socket) -> None:
     children = {}  # pid -> deadline (monotonic): ours until reaped, so never a reused pid
+    # a child's exit wakes the loop at once: a killed namespace holder is reaped (gone from
+    # /proc) right away, not at the next tick
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     while True:
         now = time.monotonic()
         wait = min([d - now for d in children.values()] + [1.0])
-        readable = select.select([ctrl], [], [], max(wait, 0.05))[0]
-        while children:
+        readable = select.select([ctrl, wake_r], [], [], max(wait, 0.05))[0]
+        if wake_r in readable:
+            readable.remove(wake_r)
+            try:
+                os.read(wake_r, 512)
+            except BlockingIOError:
+                pass
+        while True:  # lookups and namespace holders alike
             try:
                 pid, _ = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -124,11 +143,17 @@ def serve(ctrl: socket.socket) -> None:
                 children[pid] = now + 3600  # killed once; reaped when the kernel lets it go
         if not readable:
             continue
-        msg, anc, _flags, _addr = ctrl.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4))
+        msg, anc, _flags, _addr = ctrl.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(4 * MAX_FDS))
         if not msg:
             return  # the daemon is gone
-        fds = [struct.unpack("i", data[:4])[0] for level, typ, data in anc
-               if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS and len(data) >= 4]
+        fds = []
+        for level, typ, data in anc:
+            if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds += list(struct.unpack(f"{usable // 4}i", data[:usable]))
+        if msg[:1] == BUILD:
+            _build(ctrl, msg[1:], fds)
+            continue
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -143,6 +168,8 @@ def serve(ctrl: socket.socket) -> None:
             code = 0
             try:
                 ctrl.close()
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _answer(socket.socket(fileno=fds[0]), req)
             except BaseException:  # noqa: B902 - the daemon sees EOF and says so
                 code = 1
@@ -150,6 +177,37 @@ def serve(ctrl: socket.socket) -> None:
                 os._exit(code)
         os.close(fds[0])
         children[pid] = time.monotonic() + float(req.get("timeout", 10)) + 1
+
+
+def _build(ctrl: socket.socket, payload: bytes, fds: list) -> None:
+    """Fork the namespace builder: fds = [report_w, go_r, bind sources...]; the ops name
+    bind sources by their index in fds, renumbered here to the descriptors received."""
+    import marshal
+    from .runtime import nsbuild
+    try:
+        ops = marshal.loads(payload)
+        ops = [(op[0], fds[op[1]]) + tuple(op[2:]) if op[0] == "bindfd" else op for op in ops]
+        report_w, go_r = fds[0], fds[1]
+    except (ValueError, EOFError, TypeError, IndexError):
+        for fd in fds:
+            os.close(fd)
+        return
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the builder, then the holder
+        try:
+            ctrl.close()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            lo = 3
+            for fd in sorted(set(fds)):
+                os.closerange(lo, fd)
+                lo = fd + 1
+            os.closerange(lo, os.sysconf("SC_OPEN_MAX"))
+        except BaseException:  # noqa: B902
+            os._exit(1)
+        nsbuild.child(ops, report_w, go_r)  # never returns
+    for fd in fds:
+        os.close(fd)
 
 
 def main() -> None:  # pragma: no cover - runs in the helper process

@@ -603,19 +603,25 @@ def _build(ops: List[Op], ns_path: Path) -> None:
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
     try:
-        pid = nsbuild.spawn(ops, report_w, go_r)
+        # forked by the single-threaded as-user helper: cheap, and no fork from a gRPC
+        # thread (which hangs with Debian 13's grpcio)
+        asuser.spawn_builder(ops, report_w, go_r)
     except BaseException:
         for fd in (report_r, report_w, go_r, go_w):
             os.close(fd)
         raise
     os.close(report_w)
     os.close(go_r)
+    pid = 0
     try:
         try:
             line = _read_line(report_r, _CHILD_TIMEOUT)
         finally:
             os.close(report_r)
-        if line != "OK":
+        word, _, pid_s = line.partition(" ")
+        if word == "OK" and pid_s.isdigit():
+            pid = int(pid_s)
+        else:
             _, _, rest = line.partition(" ")
             idx, _, rest = rest.partition(" ")
             err, _, msg = rest.partition(" ")
@@ -631,7 +637,8 @@ def _build(ops: List[Op], ns_path: Path) -> None:
         # byte, it would see EOF and exit rather than hold it for nobody.
         os.write(go_w, b"x")
     except BaseException:
-        _kill_holder(pid)
+        if pid:
+            _kill_holder(pid)
         raise
     finally:
         os.close(go_w)
@@ -658,7 +665,14 @@ def _kill_verified(ns_path: Path, holder: "Holder") -> None:
     try:
         os.waitpid(holder.pid, 0)
     except ChildProcessError:
-        pass  # a previous daemon's: init reaps it
+        _wait_gone(holder.pid)  # the helper's child, or init's: they reap it
+
+
+def _wait_gone(pid: int, timeout: float = 2.0) -> None:
+    """Until the killed holder is reaped (by the helper whose child it is), briefly."""
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(0.002)
 
 
 def _kill_holder(pid: int) -> None:
@@ -666,10 +680,10 @@ def _kill_holder(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    try:  # ours unless a previous daemon started it; then init reaps it
+    try:  # the helper's child (or init's, for an earlier daemon's helper): it reaps it
         os.waitpid(pid, 0)
     except ChildProcessError:
-        pass
+        _wait_gone(pid)
 
 
 def process_start(pid: int) -> int:

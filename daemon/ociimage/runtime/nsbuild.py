@@ -254,7 +254,7 @@ def child(ops: list, report_w: int, go_r: int) -> None:
             pass
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        os.write(report_w, b"OK\n")
+        os.write(report_w, b"OK %d\n" % os.getpid())
         os.close(report_w)
         if os.read(go_r, 1) != b"x":
             os._exit(1)  # the daemon died before recording us: hold nothing for nobody
