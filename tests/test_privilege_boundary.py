@@ -197,19 +197,26 @@ def test_bind_source_swapped_for_a_symlink_never_binds_the_target(pb_site, publi
                                              "changed while" in o), o
 
 
-@needs_cluster
-def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch):
+def _victim_sqfs(scratch: Path, name: str, mode: int) -> Path:
+    """A SquashFS of the victim's, holding SECRET, in their 0700 private-images directory."""
     victim = ensure_user(VICTIM)
-    attacker = pwd.getpwnam(pb_site.cluster.user)
     vdir = Path(victim.pw_dir) / "private-images"
     vdir.mkdir(exist_ok=True)
     os.chown(vdir, victim.pw_uid, victim.pw_gid)
     os.chmod(vdir, 0o700)
-    content = rootfs.make_rootfs(scratch / "content")
+    content = rootfs.make_rootfs(scratch / f"content-{name}")
     (content / "etc" / "os-release").write_text(f"ID={SECRET}\n")
-    img = rootfs.make_squashfs(content, vdir / "victim.sqfs")
+    img = rootfs.make_squashfs(content, vdir / name)
     os.chown(img, victim.pw_uid, victim.pw_gid)
-    os.chmod(img, 0o644)  # readable in itself: only the 0700 directory protects it
+    os.chmod(img, mode)
+    return img
+
+
+@needs_cluster
+def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch):
+    attacker = pwd.getpwnam(pb_site.cluster.user)
+    # readable in itself: only the 0700 directory protects it
+    img = _victim_sqfs(scratch, "victim.sqfs", 0o644)
     mine = scratch / "mine"
     mine.mkdir()
     os.chown(mine, attacker.pw_uid, attacker.pw_gid)
@@ -371,17 +378,8 @@ def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch):
     image (renameat2 RENAME_EXCHANGE) while steps start: mount(8) reopening the file by
     path as root would mount the victim's image; the loop device must come from the
     descriptor the user's own open returned."""
-    victim = ensure_user(VICTIM)
     attacker = pwd.getpwnam(pb_site.cluster.user)
-    vdir = Path(victim.pw_dir) / "private-images"
-    vdir.mkdir(exist_ok=True)
-    os.chown(vdir, victim.pw_uid, victim.pw_gid)
-    os.chmod(vdir, 0o700)
-    content = rootfs.make_rootfs(scratch / "content")
-    (content / "etc" / "os-release").write_text(f"ID={SECRET}\n")
-    img = rootfs.make_squashfs(content, vdir / "victim-race.sqfs")
-    os.chown(img, victim.pw_uid, victim.pw_gid)
-    os.chmod(img, 0o600)
+    img = _victim_sqfs(scratch, "victim-race.sqfs", 0o600)
     own = rootfs.make_rootfs(scratch / "own")
     (own / "etc" / "os-release").write_text("ID=MINE\n")
     mine = scratch / "mine"
