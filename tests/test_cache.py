@@ -226,3 +226,21 @@ def test_lock_wait_ends_in_a_one_line_timeout(tmp_path):
     finally:
         held.release()
     c.acquire(d).release()
+
+
+def test_shared_records_are_root_s_alone_and_path_safe(tmp_path):
+    c = Cache(tmp_path / "c")
+    c.write_record("access", "u1000.abc", {"allowed": True})
+    assert c.read_record("access", "u1000.abc") == {"allowed": True}
+    assert c.read_record("access", "missing") is None
+    p = tmp_path / "c" / "records" / "access" / "u1000.abc.json"
+    assert p.stat().st_mode & 0o777 == 0o600
+    assert p.parent.stat().st_mode & 0o777 == 0o700
+    assert not list((tmp_path / "c" / "tmp").iterdir())  # written aside, renamed in
+    for bad in ("../x", ".hidden", "a/b", ""):
+        with pytest.raises(Exception, match="invalid record name"):
+            c.write_record("access", bad, {})
+    p.write_text("{half")
+    assert c.read_record("access", "u1000.abc") is None  # unreadable: ask again
+    c.remove_record("access", "u1000.abc")
+    assert not p.exists()

@@ -9,6 +9,8 @@ Layout under the cache root (a directory on the cluster's shared filesystem)::
     locks/cache.lock            short critical sections that span digests (prune)
     tmp/                        work in progress, never read by anyone but its writer
     leases/<node>/<id>.json     who needs which image, and until when
+    records/<kind>/<name>.json  small shared answers every node reuses (access verdicts,
+                                what a tag or index resolved to, Slurm's job list)
 
 An entry is published by writing the SquashFS and the metadata under tmp/,
 fsyncing both, renaming the SquashFS into images/ and the metadata last, then
@@ -35,6 +37,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import stat
 import secrets
 import socket
@@ -58,6 +61,8 @@ DEFAULT_CONVERT_TIMEOUT = 3600.0
 
 #: modes of everything the cache creates, and the umask its writers run with
 DIR_MODE = 0o700
+#: kinds and names of shared records (path-safe by construction)
+_RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 FILE_MODE = 0o600
 UMASK = 0o077
 
@@ -217,6 +222,7 @@ class Cache:
         self.locks = self.root / "locks"
         self.tmp = self.root / "tmp"
         self.leases = self.root / "leases"
+        self.records = self.root / "records"
         self._lock_poll = lock_poll
         # Parsed metadata by digest, keyed on the file's identity: a hit on a hot
         # image costs two stat() calls instead of a read and a JSON parse.
@@ -224,7 +230,7 @@ class Cache:
         self._touched: Dict[str, float] = {}
         self._lease_lock = threading.Lock()
         try:
-            for d in (self.root, self.images, self.locks, self.tmp, self.leases):
+            for d in (self.root, self.images, self.locks, self.tmp, self.leases, self.records):
                 d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             marker = self.root / "layout.json"
             if not marker.exists():
@@ -292,6 +298,56 @@ class Cache:
 
     def _lock_path(self, digest: str) -> Path:
         return self.locks / (entry_name(digest) + ".lock")
+
+    # ---- shared records ---------------------------------------------------
+
+    def _record_path(self, kind: str, name: str) -> Path:
+        for part in (kind, name):
+            if not _RECORD_NAME.fullmatch(part or ""):
+                raise CacheError(f"invalid record name {kind!r}/{name!r}")
+        return self.records / kind / f"{name}.json"
+
+    def write_record(self, kind: str, name: str, data: dict) -> None:
+        """Publish a small answer for every node: written aside, then renamed into place.
+
+        Not fsynced: a record only saves asking again (the registry, Slurm), so a
+        crash may lose one but never leaves half of one for a reader.
+        """
+        path = self._record_path(kind, name)
+        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
+        tmp = self.tmp / f"record.{kind}.{name}.{self.node}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         FILE_MODE)
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump(data, f, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise CacheError(f"cannot write {path}: {e.strerror or e}") from None
+
+    def read_record(self, kind: str, name: str) -> Optional[dict]:
+        """The record, or None when there is none (or it cannot be read: ask again)."""
+        path = self._record_path(kind, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            with open(fd, "r", encoding="utf-8") as f:
+                data = json.loads(f.read(1 << 20))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def remove_record(self, kind: str, name: str) -> None:
+        try:
+            self._record_path(kind, name).unlink()
+        except FileNotFoundError:
+            pass
 
     # ---- locks -----------------------------------------------------------
 
