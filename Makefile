@@ -13,7 +13,8 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount pro
 	python3-requests python3-filelock python3-zstandard python3-grpcio python3-protobuf \
 	python3-prometheus-client python3-setuptools python3-wheel \
 	python3-pytest python3-cryptography python3-bcrypt \
-	protobuf-compiler protobuf-compiler-grpc file groff-base rpm mpich libmpich-dev
+	protobuf-compiler protobuf-compiler-grpc file groff-base rpm mpich libmpich-dev \
+	strace
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv plugin proto man rpm test test-matrix demo demo-stop clean
