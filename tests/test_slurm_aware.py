@@ -459,3 +459,46 @@ def test_sigkill_of_slurmstepd_leaves_nothing_after_the_job(sa):
             os.kill(t, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_the_job_list_is_asked_once_for_the_whole_cluster(sa, tmp_path):
+    """slurmctld's cost does not grow with the nodes (issue 15): eight nodes that all need the
+    job list (e.g. pruning at once) cause one real squeue query; the shared record keeps only
+    the jobs that name an image; a node asks again only once the record is older than ttl."""
+    from ociimage.cache import Cache
+
+    digest = "sha256:" + "ab" * 32
+    marked = sa.sbatch("--hold", f"--comment=mine oci-image={digest}", "--wrap", "true")
+    plain = sa.sbatch("--hold", "--comment=nothing to see", "--wrap", "true")
+    calls = []
+
+    def counting(argv, **kw):
+        calls.append(argv[:2])
+        return subprocess.run(argv, **kw)
+
+    try:
+        root = tmp_path / "shared-cache"
+        nodes = [SlurmJobs(CliBackend(str(sa.cluster.conf), runner=counting), ttl=30,
+                           shared=Cache(root, node=f"n{i}")) for i in range(8)]
+        for n in nodes:
+            needed = n.needed()
+            assert [j.job_id for j in needed[digest]] == [marked]
+        assert calls == [["squeue", "--json"]]
+        assert [n.queries for n in nodes] == [1] + [0] * 7
+        record = json.loads((root / "records" / "slurm" / "jobs.json").read_text())
+        ids = [j["id"] for j in record["jobs"]]
+        assert marked in ids and plain not in ids   # only jobs that name an image are kept
+        assert all(set(j) == {"id", "state", "uid", "claimed", "admin"} for j in record["jobs"])
+        # older than ttl (seen from a node whose clock is 31 s later): asked again, once
+        late = SlurmJobs(CliBackend(str(sa.cluster.conf), runner=counting), ttl=30,
+                         shared=Cache(root, node="late"), wall=lambda: time.time() + 31)
+        assert [j.job_id for j in late.needed()[digest]] == [marked]
+        # a record from a clock ahead of ours is not trusted either
+        early = SlurmJobs(CliBackend(str(sa.cluster.conf), runner=counting), ttl=30,
+                          shared=Cache(root, node="early"), wall=lambda: time.time() - 3600)
+        early.needed()
+        assert calls == [["squeue", "--json"]] * 3
+    finally:
+        subprocess.run(["scancel", marked, plain], env=sa.cluster.env(), check=False)
+    sa.wait_gone(marked)
+    sa.wait_gone(plain)

@@ -63,7 +63,7 @@ class Config:
     prefetch_request_timeout: float = 5.0    # a user socket request must arrive within this
     slurm_jobs: str = "auto"
     slurm_conf: Optional[str] = None
-    slurm_refresh: float = 5.0
+    slurm_refresh: float = 30.0
     hooks_dir: Path = Path("/etc/oci-image/hooks.d")   # step hooks (runtime/hooks.py)
     hooks_timeout: float = 60.0
     # fairness between users, and how long a SIGTERM may take (see docs/configuration.md)

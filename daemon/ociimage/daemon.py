@@ -78,7 +78,7 @@ class Daemon:
         self.store = ImageStore(self.cache, config, self.metrics)
         from .slurm import SlurmJobs, make_backend
         self.store.slurm = SlurmJobs(make_backend(config.slurm_jobs, config.slurm_conf),
-                                     ttl=config.slurm_refresh)
+                                     ttl=config.slurm_refresh, shared=self.cache)
         self.prefetcher = Prefetcher(self.store, rate=config.prefetch_rate,
                                      max_running=config.prefetch_running,
                                      rate_per_user=config.prefetch_rate_per_user,

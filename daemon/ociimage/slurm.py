@@ -52,6 +52,7 @@ log = logging.getLogger("ociimage.slurm")
 
 # oci-image=sha256:<hex> (what we write) or oci-image=NAME@sha256:<hex> (older plugins)
 MARKER = re.compile(r"(?:^|[\s,;])oci-image=(?:[^\s,;@]+@)?(sha256:[0-9a-f]{64})(?=$|[\s,;])")
+MARKER_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # states in which a job still needs its image (PENDING also covers held jobs)
 ACTIVE_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED",
                            "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SIGNALING",
@@ -347,40 +348,97 @@ def make_backend(mode: str = "auto", slurm_conf: Optional[str] = None, runner=su
 
 
 class SlurmJobs:
-    """Cached view of the jobs that need images (refreshed at most every `ttl` seconds)."""
+    """Cached view of the jobs that need images, shared by every node of the cluster.
 
-    def __init__(self, backend, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic):
+    What slurmctld pays: a job-list query (`squeue --json`, or pyslurm's
+    Jobs.load) packs every job in the queue, and slurmctld has no server-side
+    filter for "jobs whose comment names an image". So the list is asked for
+    at most once per `ttl` seconds for the whole CLUSTER, not per node: the node
+    that asks keeps only the jobs that name an image (id, state, owner, digests)
+    in a shared record of the cache (root's alone), and every other node reuses
+    that record while it is younger than `ttl`. A node asks only when it needs
+    the list (prune and the quota, i.e. after a conversion or an admin's prune),
+    never per step, so a node costs slurmctld at most one query per `ttl`
+    seconds, and a cluster pruning everywhere at once still about one per `ttl`.
+    """
+
+    RECORD = ("slurm", "jobs")
+
+    def __init__(self, backend, ttl: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 shared=None, wall: Callable[[], float] = time.time):
         self.backend = backend
         self.ttl = ttl
         self.clock = clock
+        self.wall = wall
+        #: the cache (Cache.read_record / write_record), or None: this process only
+        self.shared = shared
         self._lock = threading.Lock()
         self._at: Optional[float] = None
         self._jobs: Optional[List[Job]] = None
         self._error: Optional[str] = None
         self._verdicts: Dict[tuple, tuple] = {}
+        #: queries this process made to Slurm (for tests and docs/scale.md)
+        self.queries = 0
 
     @property
     def enabled(self) -> bool:
         return self.backend is not None
 
     def jobs(self) -> Optional[List[Job]]:
-        """Active jobs, or None when Slurm could not be asked (last error in .error)."""
+        """Active jobs that name an image, or None when Slurm could not be asked (see .error)."""
         if self.backend is None:
             return []
         with self._lock:
             now = self.clock()
             if self._at is not None and now - self._at < self.ttl:
                 return self._jobs
-            try:
-                jobs = [j for j in self.backend.jobs() if j.state in ACTIVE_STATES]
-                self._jobs, self._error = jobs, None
-            except SlurmUnavailable as e:
-                if self._error != str(e):
-                    log.warning("cannot list Slurm jobs; sparing every cached image until it works",
-                                extra={"error": str(e)})
-                self._jobs, self._error = None, str(e)
-            self._at = now
+            jobs = self._from_record()
+            if jobs is None:
+                try:
+                    self.queries += 1
+                    jobs = [j for j in self.backend.jobs()
+                            if j.state in ACTIVE_STATES and (j.claimed or j.admin)]
+                    self._error = None
+                    self._to_record(jobs)
+                except SlurmUnavailable as e:
+                    if self._error != str(e):
+                        log.warning("cannot list Slurm jobs; sparing every cached image until "
+                                    "it works", extra={"error": str(e)})
+                    jobs, self._error = None, str(e)
+            self._jobs, self._at = jobs, now
             return self._jobs
+
+    def _from_record(self) -> Optional[List[Job]]:
+        """Another node's answer, if younger than ttl (None: ask Slurm)."""
+        if self.shared is None:
+            return None
+        try:
+            data = self.shared.read_record(*self.RECORD)
+        except Exception:  # noqa: BLE001 - a bad record only means asking Slurm
+            return None
+        try:
+            age = self.wall() - float(data["fetched"])
+            # A record from the future (a node's clock ahead) counts as stale, so a
+            # wrong clock can make nodes ask more often, never trust an old list.
+            if not 0 <= age < self.ttl:
+                return None
+            return [Job(str(j["id"]), str(j["state"]), user_id=_number(j.get("uid")),
+                        claimed=[d for d in j.get("claimed", []) if MARKER_DIGEST.fullmatch(d)],
+                        admin=[d for d in j.get("admin", []) if MARKER_DIGEST.fullmatch(d)])
+                    for j in data["jobs"]]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            return None
+
+    def _to_record(self, jobs: List[Job]) -> None:
+        if self.shared is None:
+            return
+        try:
+            self.shared.write_record(*self.RECORD, {
+                "fetched": self.wall(), "node": getattr(self.shared, "node", ""),
+                "jobs": [{"id": j.job_id, "state": j.state, "uid": j.user_id,
+                          "claimed": j.claimed, "admin": j.admin} for j in jobs]})
+        except Exception as e:  # noqa: BLE001 - sharing is an optimisation
+            log.info("cannot share the Slurm job list", extra={"error": str(e)})
 
     @property
     def error(self) -> Optional[str]:
