@@ -345,8 +345,12 @@ class Cache(LeaseMethods):
                 self._building[digest] = {"pid": os.getpid(), "written": -PROGRESS_WRITE_EVERY}
                 self.note_progress(digest, "start", 0, 0)
                 return self._publish(digest, producer, lk)
-            except ClaimLost as e:
-                log.warning("abandoned a conversion: %s", e, extra={"digest": digest})
+            except Exception as e:
+                # the taker swept our temp files, so a lost claim shows as any failure
+                if not isinstance(e, ClaimLost) and not lk.was_lost():
+                    raise
+                log.warning("abandoned a conversion: another node took it over",
+                            extra={"digest": digest, "error": str(e)})
             finally:
                 if self._building.pop(digest, None) is not None:
                     self.remove_record("progress", entry_name(digest))

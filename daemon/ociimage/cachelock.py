@@ -112,6 +112,9 @@ class FlockLock:
     def check_owned(self) -> None:
         """An flock cannot be taken away."""
 
+    def was_lost(self) -> bool:
+        return False
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -276,6 +279,12 @@ class ClaimLock:
             self.lost = True
             raise ClaimLost(f"another node took over the conversion of {self.what} "
                             f"([cache] claim_stale = {self.stale:g} s passed without a heartbeat)")
+
+    def was_lost(self) -> bool:
+        """Whether the claim was taken over (a failure then is the taker sweeping our files)."""
+        if not self.lost and self._token is not None and not self.owned():
+            self.lost = True
+        return self.lost
 
     def _remove_if(self, expected: Callable[[Path], bool]) -> bool:
         """Remove the claim only if it is the expected one: renamed aside, checked there, and
