@@ -6,11 +6,13 @@ Layout under the cache root (a directory on the cluster's shared filesystem)::
     images/sha256-<hex>.json    metadata; its presence is what makes an entry valid
     images/sha256-<hex>.used    empty file whose mtime is the last use (LRU)
     locks/sha256-<hex>.lock     flock per digest, serialises converters across nodes
-    locks/cache.lock            short critical sections that span digests (prune)
+    locks/sha256-<hex>.claim    the same where flock is node-local ([cache] locking = claim)
     tmp/                        work in progress, never read by anyone but its writer
-    leases/<node>/<id>.json     who needs which image, and until when
+    leases/<node>/alive         the node's heartbeat: its mtime is when its leases expire
+    leases/<node>/<entry>.<id>.json   who needs which image (leases.py)
     records/<kind>/<name>.json  small shared answers every node reuses (access verdicts,
-                                what a tag or index resolved to, Slurm's job list)
+                                what a tag or index resolved to, Slurm's job list,
+                                a conversion's progress for the nodes waiting for it)
 
 An entry is published by writing the SquashFS and the metadata under tmp/,
 fsyncing both, renaming the SquashFS into images/ and the metadata last, then
@@ -20,7 +22,8 @@ nothing that looks valid. Everything in tmp/ for a digest is garbage once its
 lock is held, because only the lock holder writes there.
 
 Lock files are never deleted: removing an flock file while another process
-waits on it would let two holders in at once.
+waits on it would let two holders in at once. Claim files are (that is how a
+claim ends); cachelock.py says why that is safe.
 
 Everything here is root's alone (issue 13): directories are 0700 and files 0600,
 created so (mkdir/open modes, a writer's umask), never widened and narrowed
