@@ -456,6 +456,19 @@ class Cache(LeaseMethods):
         return self.tmp / f"{self._tmp_prefix(digest)}{self.node}.{os.getpid()}." \
                           f"{secrets.token_hex(4)}.hidden"
 
+    def _await_removal(self, digest: str) -> bool:
+        """A lease was just written and the entry looked absent: if a remove or prune has its
+        metadata aside right now, wait (at most lock_timeout) for its verdict, which sees
+        the lease and puts the entry back, or was made before it. True: the entry is there.
+        Only in that race: a tight prune loop must not starve a step's lease."""
+        hidden = self._tmp_prefix(digest) + "*.hidden"
+        deadline = time.monotonic() + self.lock_timeout
+        while any(True for _ in self.tmp.glob(hidden)) and time.monotonic() < deadline:
+            if self.get(digest) is not None:
+                return True
+            time.sleep(0.02)
+        return self.get(digest) is not None
+
     def remove(self, digest: str) -> None:
         """Remove one entry. Refuses (InUse) while a live lease holds it."""
         eviction.remove(self, digest)

@@ -72,11 +72,14 @@ class FlockLock:
         if self._fd is not None:
             raise CacheError(f"{self.what}: lock already held by this object")
         fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
-        if self._flock_nb(fd):
-            self._fd = fd
-            return True
-        os.close(fd)
-        return False
+        try:
+            if self._flock_nb(fd):
+                self._fd, fd = fd, None
+                return True
+            return False
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _flock_nb(self, fd: int) -> bool:
         try:
@@ -85,7 +88,6 @@ class FlockLock:
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 return False
-            os.close(fd)
             raise CacheError(f"cannot lock {self.path}: {e.strerror}") from None
 
     def acquire(self, timeout: float, setting: str, on_wait: OnWait = None,

@@ -248,6 +248,12 @@ class LeaseMethods:
 
     _book: LeaseBook
 
+    def get(self, digest):  # Cache.get
+        raise NotImplementedError
+
+    def _await_removal(self, digest: str) -> bool:  # Cache._await_removal
+        raise NotImplementedError
+
 
     def add_lease(self, digest: str, holder: str, *, ttl: Optional[float] = None,
                   lease_id: Optional[str] = None) -> Lease:
@@ -257,7 +263,7 @@ class LeaseMethods:
         remove), so a hit never waits for another node, nor for a conversion.
         """
         lease = self._book.add(digest, holder, ttl, lease_id)
-        if self.get(digest) is None:
+        if self.get(digest) is None and not self._await_removal(digest):
             self._book.drop(lease.id)
             raise NotFound(f"image {digest} is not in the cache")
         return lease
