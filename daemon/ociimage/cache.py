@@ -6,11 +6,13 @@ Layout under the cache root (a directory on the cluster's shared filesystem)::
     images/sha256-<hex>.json    metadata; its presence is what makes an entry valid
     images/sha256-<hex>.used    empty file whose mtime is the last use (LRU)
     locks/sha256-<hex>.lock     flock per digest, serialises converters across nodes
-    locks/cache.lock            short critical sections that span digests (prune)
+    locks/sha256-<hex>.claim    the same where flock is node-local ([cache] locking = claim)
     tmp/                        work in progress, never read by anyone but its writer
-    leases/<node>/<id>.json     who needs which image, and until when
+    leases/<node>/alive         the node's heartbeat: its mtime is when its leases expire
+    leases/<node>/<entry>.<id>.json   who needs which image (leases.py)
     records/<kind>/<name>.json  small shared answers every node reuses (access verdicts,
-                                what a tag or index resolved to, Slurm's job list)
+                                what a tag or index resolved to, Slurm's job list,
+                                a conversion's progress for the nodes waiting for it)
 
 An entry is published by writing the SquashFS and the metadata under tmp/,
 fsyncing both, renaming the SquashFS into images/ and the metadata last, then
@@ -20,7 +22,8 @@ nothing that looks valid. Everything in tmp/ for a digest is garbage once its
 lock is held, because only the lock holder writes there.
 
 Lock files are never deleted: removing an flock file while another process
-waits on it would let two holders in at once.
+waits on it would let two holders in at once. Claim files are (that is how a
+claim ends); cachelock.py says why that is safe.
 
 Everything here is root's alone (issue 13): directories are 0700 and files 0600,
 created so (mkdir/open modes, a writer's umask), never widened and narrowed
@@ -32,45 +35,40 @@ ends in LockTimeout, one line naming the lock and the setting.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import logging
 import os
 import re
-import stat
 import secrets
 import socket
-import threading
+import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
-from .digests import validate_digest
-from .errors import CacheError, ConfigError, InUse, LockTimeout, NoSpace, NotFound
+from . import eviction
+from .cachefiles import (DIR_MODE, FILE_MODE, UMASK, create_private_file, entry_name,  # noqa: F401
+                         fsync_dir, fsync_file, narrow_tree, read_small, write_aside,
+                         write_json_durably)
+from .cachelock import (DEFAULT_CLAIM_STALE, MODES, ClaimLock, ClaimLost, FlockLock,
+                        check_flock, detect_locking)
+from .errors import CacheError, ConfigError, NoSpace
+from .leases import DEFAULT_LEASE_TTL, Lease, LeaseBook, LeaseMethods  # noqa: F401 - API
 
 log = logging.getLogger("ociimage.cache")
 
 LAYOUT_VERSION = 1
-DEFAULT_LEASE_TTL = 600.0
-#: short critical sections (lease, remove): a wait this long means a stuck peer
+#: short critical sections (remove, prune): a wait this long means a stuck peer
 DEFAULT_LOCK_TIMEOUT = 60.0
 #: waiting for another node's conversion of the same image
 DEFAULT_CONVERT_TIMEOUT = 3600.0
-
-#: modes of everything the cache creates, and the umask its writers run with
-DIR_MODE = 0o700
 #: kinds and names of shared records (path-safe by construction)
 _RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
-FILE_MODE = 0o600
-UMASK = 0o077
-
-
-def entry_name(digest: str) -> str:
-    """File name stem for a digest: 'sha256:ab..' -> 'sha256-ab..' (validated, so path-safe)."""
-    algo, _, hexpart = validate_digest(digest).partition(":")
-    return f"{algo}-{hexpart}"
+#: a builder's progress record is written at most this often, and read by waiters
+PROGRESS_WRITE_EVERY = 3.0
+PROGRESS_READ_EVERY = 5.0
+_BUILD_ATTEMPTS = 3  # a claim taken over from a live-but-stalled claimer: wait, look again
 
 
 @dataclass
@@ -86,156 +84,42 @@ class CacheEntry:
         return self.meta.get("reference", "")
 
 
-@dataclass
-class Lease:
-    id: str
-    digest: str
-    node: str
-    holder: str
-    expires: float
-    path: Path = field(repr=False, default=Path())
+class Cache(LeaseMethods):
+    """A cache directory shared by every node's daemon (and standalone CLI runs).
 
-    def to_json(self) -> dict:
-        return {"id": self.id, "digest": self.digest, "node": self.node,
-                "holder": self.holder, "expires": self.expires}
-
-
-class FlockLock:
-    """An exclusive flock(2) on one lock file, with a deadline.
-
-    Replaces filelock (3.9 creates lock files 0777 less the umask, 0755 under the
-    usual 022, so any user could open one and hold a shared lock forever). The file is opened
-    once, 0600 with O_NOFOLLOW, and polled with a non-blocking flock on that one
-    descriptor: on Lustre every open is a metadata-server request.
+    Its lease methods (add_lease, heartbeat, drop_lease, ...) are in leases.py.
     """
 
-    def __init__(self, path: Path, what: str, poll: float = 0.05):
-        self.path = Path(path)
-        self.what = what
-        self.poll = poll
-        self._fd: Optional[int] = None
-
-    def try_acquire(self) -> bool:
-        """Take the lock if it is free now; False if someone holds it."""
-        if self._fd is not None:
-            raise CacheError(f"{self.what}: lock already held by this object")
-        fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise CacheError(f"cannot lock {self.path}: {e.strerror}") from None
-        self._fd = fd
-        return True
-
-    def acquire(self, timeout: float, setting: str,
-                on_wait: Optional[Callable[[float], None]] = None) -> "FlockLock":
-        """Wait at most timeout seconds (LockTimeout after), on_wait(waited) about once a second."""
-        if self._fd is not None:
-            raise CacheError(f"{self.what}: lock already held by this object")
-        fd = _open_private(self.path, os.O_RDWR | os.O_CREAT)
-        start = time.monotonic()
-        said = start
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    self._fd, fd = fd, None
-                    return self
-                except OSError as e:
-                    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                        raise CacheError(f"cannot lock {self.path}: {e.strerror}") from None
-                now = time.monotonic()
-                if now - start >= timeout:
-                    raise LockTimeout(f"timed out after {now - start:.0f} s waiting for the cache "
-                                      f"lock of {self.what} (another node's oci-imaged holds it; "
-                                      f"{setting})")
-                if on_wait and now - said >= 1.0:
-                    said = now
-                    on_wait(now - start)
-                time.sleep(min(self.poll, max(0.0, timeout - (now - start))))
-        finally:
-            if fd is not None:
-                os.close(fd)
-
-    def release(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)  # closing the only descriptor drops the flock
-
-
-def _open_private(path: Path, flags: int) -> int:
-    """open(2) a cache file as root's alone: created 0600, never through a symlink."""
-    try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    except OSError as e:
-        raise CacheError(f"cannot open {path}: {e.strerror}") from None
-
-
-def create_private_file(path: Path) -> None:
-    """Create an empty file 0600 (the producer then writes it, keeping the mode)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 FILE_MODE)
-    os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_durably(path: Path, data: dict) -> None:
-    # 0600 from the start: O_TRUNC on an existing temp file keeps its (0600) mode.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 FILE_MODE)
-    with open(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-class Cache:
-    """A cache directory shared by every node's daemon (and standalone CLI runs)."""
-
-    def __init__(self, root, *, node: Optional[str] = None, lock_poll: float = 0.05,
+    def __init__(self, root, *, node: Optional[str] = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-                 convert_timeout: float = DEFAULT_CONVERT_TIMEOUT):
+                 convert_timeout: float = DEFAULT_CONVERT_TIMEOUT,
+                 locking: str = "auto", claim_stale: float = DEFAULT_CLAIM_STALE,
+                 claim_poll: float = 1.0, lease_ttl: float = DEFAULT_LEASE_TTL):
         self.root = Path(root)
         self.lock_timeout = lock_timeout
         self.convert_timeout = convert_timeout
+        self.claim_stale = claim_stale
+        self._claim_poll = claim_poll
         self.node = node or socket.gethostname()
         self.images = self.root / "images"
         self.locks = self.root / "locks"
         self.tmp = self.root / "tmp"
         self.leases = self.root / "leases"
         self.records = self.root / "records"
-        self._lock_poll = lock_poll
+        self._book = LeaseBook(self.leases, self.tmp, self.node, lease_ttl)
         # Parsed metadata by digest, keyed on the file's identity: a hit on a hot
         # image costs two stat() calls instead of a read and a JSON parse.
         self._meta_memo: Dict[str, tuple] = {}
         self._touched: Dict[str, float] = {}
-        self._lease_lock = threading.Lock()
+        # digest -> progress state, for the conversions this process runs (note_progress)
+        self._building: Dict[str, dict] = {}
         try:
             for d in (self.root, self.images, self.locks, self.tmp, self.leases, self.records):
                 d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
             marker = self.root / "layout.json"
             if not marker.exists():
                 tmp = self.tmp / f"layout.{os.getpid()}.{secrets.token_hex(4)}"
-                _write_json_durably(tmp, {"layout": LAYOUT_VERSION})
+                write_json_durably(tmp, {"layout": LAYOUT_VERSION})
                 os.replace(tmp, marker)
         except PermissionError as e:
             raise ConfigError(f"cache directory {self.root} is not writable: {e.strerror}") from None
@@ -245,6 +129,12 @@ class Cache:
         if layout != LAYOUT_VERSION:
             raise ConfigError(f"cache directory {self.root} has layout {layout}, "
                               f"this version understands {LAYOUT_VERSION}")
+        if locking not in MODES:
+            raise ConfigError(f"[cache] locking = {locking}: must be one of {', '.join(MODES)}")
+        if locking == "auto":
+            self.locking, self.locking_reason = detect_locking(self.root)
+        else:
+            self.locking, self.locking_reason = locking, "[cache] locking"
 
     def secure(self) -> int:
         """Narrow a cache made by an older version (0755 dirs, 0644 files) to root's alone.
@@ -255,35 +145,7 @@ class Cache:
         were narrowed. A descriptor a user opened before this keeps working until
         closed: which is why every lock wait has a deadline.
         """
-        changed = 0
-
-        def narrow(path: str, st: os.stat_result, mode: int) -> None:
-            nonlocal changed
-            if stat.S_IMODE(st.st_mode) & ~mode:
-                # path is no symlink (lstat said so) and no user could have replaced
-                # it since: the directories above were root's (0755) all along
-                os.chmod(path, stat.S_IMODE(st.st_mode) & mode)
-                changed += 1
-            if st.st_uid != 0 and os.geteuid() == 0:
-                log.warning("cache file not owned by root", extra={"path": path, "uid": st.st_uid})
-
-        try:
-            narrow(str(self.root), os.lstat(self.root), DIR_MODE)
-            for top, dirs, files in os.walk(self.root, followlinks=False):
-                for name in dirs + files:
-                    path = os.path.join(top, name)
-                    st = os.lstat(path)
-                    if stat.S_ISDIR(st.st_mode):
-                        narrow(path, st, DIR_MODE)
-                    elif stat.S_ISREG(st.st_mode):
-                        narrow(path, st, FILE_MODE)
-        except OSError as e:
-            raise ConfigError(f"cannot make the cache directory {self.root} root-only: "
-                              f"{e.strerror or e}") from None
-        if changed:
-            log.warning("made the image cache root-only (left by an older version)",
-                        extra={"cache": str(self.root), "narrowed": changed})
-        return changed
+        return narrow_tree(self.root)
 
     # ---- paths -----------------------------------------------------------
 
@@ -315,30 +177,14 @@ class Cache:
         """
         path = self._record_path(kind, name)
         path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        tmp = self.tmp / f"record.{kind}.{name}.{self.node}.{os.getpid()}.{secrets.token_hex(4)}"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         FILE_MODE)
-            with open(fd, "w", encoding="utf-8") as f:
-                json.dump(data, f, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise CacheError(f"cannot write {path}: {e.strerror or e}") from None
+        write_aside(path, self.tmp / f"record.{kind}.{name}.{self.node}.{os.getpid()}."
+                                     f"{secrets.token_hex(4)}",
+                    json.dumps(data, sort_keys=True).encode())
 
     def read_record(self, kind: str, name: str) -> Optional[dict]:
         """The record, or None when there is none (or it cannot be read: ask again)."""
-        path = self._record_path(kind, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            with open(fd, "r", encoding="utf-8") as f:
-                data = json.loads(f.read(1 << 20))
+            data = json.loads(read_small(self._record_path(kind, name), 1 << 20))
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
@@ -351,12 +197,26 @@ class Cache:
 
     # ---- locks -----------------------------------------------------------
 
-    def lock(self, digest: str) -> FlockLock:
-        """The cross-node lock for one digest (flock on the shared filesystem), not yet taken."""
-        return FlockLock(self._lock_path(digest), digest, poll=self._lock_poll)
+    def _claim_path(self, digest: str) -> Path:
+        return self.locks / (entry_name(digest) + ".claim")
+
+    def lock(self, digest: str):
+        """The cross-node lock for one digest, not yet taken: an flock on the shared
+        filesystem, or a claim file where flock is not coherent ([cache] locking)."""
+        if self.locking == "claim":
+            return ClaimLock(self._claim_path(digest), digest, self.tmp, self.node,
+                             stale=self.claim_stale, poll=self._claim_poll)
+        return FlockLock(self._lock_path(digest), digest)
+
+    def _limit(self, timeout: Optional[float], converting: bool):
+        if timeout is not None:
+            return timeout, "timeout"
+        if converting:
+            return self.convert_timeout, f"[cache] convert_timeout = {self.convert_timeout:g}"
+        return self.lock_timeout, f"[cache] lock_timeout = {self.lock_timeout:g}"
 
     def acquire(self, digest: str, on_wait: Optional[Callable[[float], None]] = None,
-                timeout: Optional[float] = None, *, converting: bool = False) -> FlockLock:
+                timeout: Optional[float] = None, *, converting: bool = False):
         """Acquire the digest's lock, calling on_wait(seconds_waited) about once a second.
 
         The deadline is timeout, else [cache] convert_timeout when the caller waits
@@ -364,34 +224,18 @@ class Cache:
         a peer holds the lock only for a conversion or a short critical section,
         so a longer wait is a stuck node and must end in one line, not a hang.
         """
-        if timeout is not None:
-            limit, setting = timeout, "timeout"
-        elif converting:
-            limit, setting = self.convert_timeout, f"[cache] convert_timeout = {self.convert_timeout:g}"
-        else:
-            limit, setting = self.lock_timeout, f"[cache] lock_timeout = {self.lock_timeout:g}"
-        return self.lock(digest).acquire(limit, setting, on_wait)
+        lk = self.lock(digest)
+        lk.acquire(*self._limit(timeout, converting), on_wait)
+        return lk
 
     def check_locking(self) -> None:
-        """Fail early on a filesystem where flock does not work (e.g. Lustre without -o flock)."""
-        probe = self.locks / f"probe.{self.node}.{os.getpid()}"
-        try:
-            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, FILE_MODE)
-        except OSError as e:
-            raise ConfigError(f"cannot create files in {self.locks}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError as e:
-            raise ConfigError(
-                f"file locks do not work in {self.root} ({e.strerror}); on Lustre mount with "
-                f"'-o flock', on NFS make sure lockd/NFSv4 locking works") from None
-        finally:
-            os.close(fd)
-            try:
-                probe.unlink()
-            except OSError:
-                pass
+        """Fail early on a filesystem where flock does not work (e.g. Lustre without -o flock).
+
+        Claim mode needs no flock: link(2) and rename(2) work on every shared filesystem.
+        """
+        if self.locking == "claim":
+            return
+        check_flock(self.root, self.locks / f"probe.{self.node}.{os.getpid()}")
 
     # ---- entries ---------------------------------------------------------
 
@@ -459,33 +303,88 @@ class Cache:
         return sum(e.size for e in self.list())
 
     def build(self, digest: str, producer: Callable[[Path], dict], *,
-              on_wait: Optional[Callable[[float], None]] = None) -> CacheEntry:
-        """Return the entry for digest, producing it once if it is missing.
+              on_wait: Optional[Callable[[float, Optional[dict]], None]] = None) -> CacheEntry:
+        """Return the entry for digest, producing it once per cluster if it is missing.
 
         producer(tmp_path) writes the SquashFS to tmp_path and returns the
         metadata to store. Concurrent callers on any node wait on the digest's
-        lock; all but one then find the entry already published.
+        lock or claim; all but one then find the entry already published. A
+        waiter's on_wait(waited, builder) runs about once a second; builder is
+        the converter's progress record (note_progress) or None, re-read at
+        most every PROGRESS_READ_EVERY seconds. on_wait may raise to cancel.
         """
         entry = self.get(digest)
         if entry:
             self.touch(digest)
             return entry
-        lk = self.acquire(digest, on_wait=on_wait, converting=True)
+        builder: Optional[dict] = None
+        read_at = -PROGRESS_READ_EVERY
+
+        def waiting(waited: float) -> None:
+            nonlocal builder, read_at
+            if on_wait is None:
+                return
+            if time.monotonic() - read_at >= PROGRESS_READ_EVERY:
+                read_at = time.monotonic()
+                builder = self.read_record("progress", entry_name(digest))
+            on_wait(waited, builder)
+
+        for _attempt in range(_BUILD_ATTEMPTS):
+            lk = self.lock(digest)
+            if not lk.acquire(*self._limit(None, True), waiting,
+                              lambda: self.get(digest) is not None):
+                entry = self.get(digest)  # a claim waiter saw it published
+                if entry:
+                    self.touch(digest)
+                    return entry
+                continue
+            try:
+                entry = self.get(digest)
+                if entry:
+                    self.touch(digest)
+                    return entry
+                lk.keep_alive()
+                self._remove_leftovers(digest)
+                self._building[digest] = {"pid": os.getpid(), "written": -PROGRESS_WRITE_EVERY}
+                self.note_progress(digest, "start", 0, 0)
+                return self._publish(digest, producer, lk)
+            except Exception as e:
+                # the taker swept our temp files, so a lost claim shows as any failure
+                if not isinstance(e, ClaimLost) and not lk.was_lost():
+                    raise
+                log.warning("abandoned a conversion: another node took it over",
+                            extra={"digest": digest, "error": str(e)})
+            finally:
+                if self._building.pop(digest, None) is not None:
+                    self.remove_record("progress", entry_name(digest))
+                lk.release()
+        raise CacheError(f"lost the claim on {digest} {_BUILD_ATTEMPTS} times; is [cache] "
+                         f"claim_stale = {self.claim_stale:g} shorter than a node's stalls?")
+
+    def note_progress(self, digest: str, phase: str, done: int, total: int) -> None:
+        """Publish how far this process's conversion of digest is, for the nodes waiting for
+        it. Cheap: a no-op unless this process builds digest, a write at most every
+        PROGRESS_WRITE_EVERY seconds. Call it from the producer's progress reporter."""
+        state = self._building.get(digest)
+        if state is None or state["pid"] != os.getpid():
+            return
+        now = time.monotonic()
+        if now - state["written"] < PROGRESS_WRITE_EVERY:
+            return
+        state["written"] = now
         try:
-            entry = self.get(digest)
-            if entry:
-                self.touch(digest)
-                return entry
-            self._remove_leftovers(digest)
-            return self._publish(digest, producer)
-        finally:
-            lk.release()
+            self.write_record("progress", entry_name(digest), {
+                "node": self.node, "pid": os.getpid(), "phase": str(phase), "done": int(done),
+                "total": int(total), "updated": time.time()})
+        except CacheError as e:  # progress is a courtesy; never fail a conversion over it
+            log.debug("cannot write a progress record", extra={"error": str(e)})
 
     def _tmp_prefix(self, digest: str) -> str:
         return entry_name(digest) + "."
 
     def _remove_leftovers(self, digest: str) -> None:
-        """Under the digest lock: anything in tmp/ or a lone .sqfs is a crashed writer's."""
+        """Under the digest lock: anything in tmp/ or a lone .sqfs is a crashed writer's
+        (a conversion's files, or metadata a crashed remove had put aside)."""
         for p in self.tmp.glob(self._tmp_prefix(digest) + "*"):
             log.info("removing leftover from an interrupted conversion", extra={"path": str(p)})
             try:
@@ -499,7 +398,7 @@ class Cache:
             except FileNotFoundError:
                 pass
 
-    def _publish(self, digest: str, producer: Callable[[Path], dict]) -> CacheEntry:
+    def _publish(self, digest: str, producer: Callable[[Path], dict], lk) -> CacheEntry:
         stem = f"{self._tmp_prefix(digest)}{self.node}.{os.getpid()}.{secrets.token_hex(4)}"
         tmp_sqfs = self.tmp / (stem + ".sqfs")
         tmp_meta = self.tmp / (stem + ".json")
@@ -509,7 +408,7 @@ class Cache:
             # SquashFS writer also runs with UMASK (SquashOptions.umask).
             create_private_file(tmp_sqfs)
             meta = dict(producer(tmp_sqfs))
-            _fsync_file(tmp_sqfs)
+            fsync_file(tmp_sqfs)
             st = os.lstat(tmp_sqfs)
             if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o077:
                 # never chmod a file others may already have opened: refuse it
@@ -518,10 +417,11 @@ class Cache:
             meta["digest"] = digest
             meta["size"] = st.st_size
             meta.setdefault("created", time.time())
-            _write_json_durably(tmp_meta, meta)
+            write_json_durably(tmp_meta, meta)
+            lk.check_owned()  # a claim taken over meanwhile: publish nothing (ClaimLost)
             os.replace(tmp_sqfs, self.sqfs_path(digest))
             os.replace(tmp_meta, self.meta_path(digest))
-            _fsync_dir(self.images)
+            fsync_dir(self.images)
         except OSError as e:
             if e.errno == 28:  # ENOSPC
                 raise NoSpace(f"the image cache {self.root} is full; free space or lower the quota") from None
@@ -548,173 +448,41 @@ class Cache:
 
         return self.build(digest, producer)
 
-    # ---- removal and eviction -------------------------------------------
+    # ---- removal and eviction (eviction.py) --------------------------------
+
+    def _hidden_path(self, digest: str) -> Path:
+        """Where remove/prune put the metadata aside: tmp/, so that a crash leaves it as the
+        digest's leftover (swept under its lock like a conversion's files)."""
+        return self.tmp / f"{self._tmp_prefix(digest)}{self.node}.{os.getpid()}." \
+                          f"{secrets.token_hex(4)}.hidden"
+
+    def _await_removal(self, digest: str) -> bool:
+        """A lease was just written and the entry looked absent: if a remove or prune has its
+        metadata aside right now, wait (at most lock_timeout) for its verdict, which sees
+        the lease and puts the entry back, or was made before it. True: the entry is there.
+        Only in that race: a tight prune loop must not starve a step's lease."""
+        hidden = self._tmp_prefix(digest) + "*.hidden"
+        deadline = time.monotonic() + self.lock_timeout
+        while any(True for _ in self.tmp.glob(hidden)) and time.monotonic() < deadline:
+            if self.get(digest) is not None:
+                return True
+            time.sleep(0.02)
+        return self.get(digest) is not None
 
     def remove(self, digest: str) -> None:
         """Remove one entry. Refuses (InUse) while a live lease holds it."""
-        lk = self.acquire(digest)
-        try:
-            if not self.meta_path(digest).exists() and not self.sqfs_path(digest).exists():
-                raise NotFound(f"image {digest} is not in the cache")
-            holders = self.leases_for(digest)
-            if holders:
-                raise InUse(f"image {digest} is in use by {holders[0].holder} on {holders[0].node}"
-                            + (f" and {len(holders) - 1} more" if len(holders) > 1 else ""))
-            self._unpublish(digest)
-        finally:
-            lk.release()
-
-    def _unpublish(self, digest: str) -> None:
-        # Metadata first: from that instant the entry is invalid for every reader.
-        self._meta_memo.pop(digest, None)
-        self._touched.pop(digest, None)
-        for p in (self.meta_path(digest), self.sqfs_path(digest), self._used_path(digest)):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-        _fsync_dir(self.images)
+        eviction.remove(self, digest)
 
     def prune(self, *, quota: Optional[int] = None, keep: Callable[[str], bool] = lambda d: False,
               ) -> List[CacheEntry]:
-        """Evict unleased entries, least recently used first.
-
-        With a quota, stop once the cache is at or under it; without, evict
-        every unleased entry. keep(digest) lets callers spare more images
-        (e.g. ones that pending Slurm jobs need).
-        """
-        self.sweep_tmp()
-        removed: List[CacheEntry] = []
-        entries = sorted(self.list(), key=lambda e: e.last_used)
-        total = sum(e.size for e in entries)
-        for e in entries:
-            if quota is not None and total <= quota:
-                break
-            if keep(e.digest):
-                continue
-            lk = self.lock(e.digest)
-            if not lk.try_acquire():
-                continue  # being converted or removed by someone else right now
-            try:
-                if self.leases_for(e.digest) or self.get(e.digest) is None:
-                    continue
-                self._unpublish(e.digest)
-                removed.append(e)
-                total -= e.size
-                log.info("evicted image", extra={"digest": e.digest, "size": e.size})
-            finally:
-                lk.release()
-        return removed
+        """Evict unleased entries, least recently used first (see eviction.prune)."""
+        return eviction.prune(self, quota=quota, keep=keep)
 
     def sweep_tmp(self, min_age: float = 3600.0) -> List[Path]:
-        """Remove what crashed writers left in tmp/ for digests nobody is building now.
+        """Remove what crashed writers left in tmp/ (see eviction.sweep_tmp)."""
+        return eviction.sweep_tmp(self, min_age)
 
-        A conversion's files belong to the holder of its digest's lock, so they
-        are garbage whenever that lock can be taken; other temp files (lease and
-        layout updates, renamed within milliseconds) once older than min_age.
-        """
-        removed: List[Path] = []
-        now = time.time()
-        for p in self.tmp.iterdir():
-            name = p.name
-            try:
-                if name.startswith(("sha256-", "sha512-")):
-                    algo, _, rest = name.partition("-")
-                    digest = f"{algo}:{rest.split('.', 1)[0]}"
-                    validate_digest(digest)
-                    lk = self.lock(digest)
-                    if not lk.try_acquire():
-                        continue  # being written right now
-                    try:
-                        p.unlink()
-                    finally:
-                        lk.release()
-                elif now - p.lstat().st_mtime > min_age:
-                    p.unlink()
-                else:
-                    continue
-            except FileNotFoundError:
-                continue
-            except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - a sweep never fails prune
-                log.warning("cannot remove a leftover temp file", extra={"path": str(p),
-                                                                         "error": str(e)})
-                continue
-            removed.append(p)
-            log.info("removed a leftover temp file", extra={"path": str(p)})
-        return removed
-
-    # ---- leases ----------------------------------------------------------
-
-    def _node_lease_dir(self, node: str) -> Path:
-        if not node or "/" in node or node.startswith("."):
-            raise CacheError(f"invalid node name {node!r}")
-        return self.leases / node
-
-    def add_lease(self, digest: str, holder: str, *, ttl: float = DEFAULT_LEASE_TTL,
-                  lease_id: Optional[str] = None) -> Lease:
-        """Record that holder needs digest; the entry must exist (checked under its lock)."""
-        lease = Lease(lease_id or secrets.token_hex(8), validate_digest(digest), self.node, holder,
-                      time.time() + ttl)
-        d = self._node_lease_dir(self.node)
-        d.mkdir(mode=DIR_MODE, exist_ok=True)
-        lease.path = d / f"{lease.id}.json"
-        lk = self.acquire(digest)
-        try:
-            if self.get(digest) is None:
-                raise NotFound(f"image {digest} is not in the cache")
-            tmp = self.tmp / f"lease.{self.node}.{lease.id}"
-            _write_json_durably(tmp, lease.to_json())
-            os.replace(tmp, lease.path)
-        finally:
-            lk.release()
-        return lease
-
-    def renew_lease(self, lease: Lease, ttl: float = DEFAULT_LEASE_TTL) -> None:
-        """Extend a lease that still exists; never brings back one dropped meanwhile
-        (housekeeping renews from a snapshot while steps are being released)."""
-        with self._lease_lock:
-            if not lease.path.exists():
-                return
-            lease.expires = time.time() + ttl
-            tmp = self.tmp / f"lease.{self.node}.{lease.id}"
-            _write_json_durably(tmp, lease.to_json())
-            os.replace(tmp, lease.path)
-
-    def drop_lease(self, lease_or_id) -> None:
-        lease_id = lease_or_id.id if isinstance(lease_or_id, Lease) else lease_or_id
-        with self._lease_lock:
-            try:
-                (self._node_lease_dir(self.node) / f"{lease_id}.json").unlink()
-            except FileNotFoundError:
-                pass
-
-    def iter_leases(self, *, include_expired: bool = False) -> Iterator[Lease]:
-        now = time.time()
-        for p in self.leases.glob("*/*.json"):
-            try:
-                data = json.loads(p.read_text())
-                lease = Lease(data["id"], data["digest"], data["node"], data["holder"],
-                              float(data["expires"]), p)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if include_expired or lease.expires > now:
-                yield lease
-
-    def leases_for(self, digest: str) -> List[Lease]:
-        return [le for le in self.iter_leases() if le.digest == digest]
-
-    def node_leases(self, node: Optional[str] = None) -> Dict[str, Lease]:
-        node = node or self.node
-        return {le.id: le for le in self.iter_leases(include_expired=True) if le.node == node}
-
-    def expire_leases(self) -> int:
-        """Delete lease files past their expiry (left by dead nodes or steps)."""
-        n = 0
-        for le in self.iter_leases(include_expired=True):
-            if le.expires <= time.time():
-                try:
-                    le.path.unlink()
-                    n += 1
-                except FileNotFoundError:
-                    pass
-        return n
+    def forget(self, digest: str) -> None:
+        """Drop what this object remembers of an entry (it is being removed)."""
+        self._meta_memo.pop(digest, None)
+        self._touched.pop(digest, None)

@@ -42,6 +42,8 @@ class Config:
     lease_ttl: float = 600.0
     lock_timeout: float = 60.0          # a cache lock's short critical sections
     convert_timeout: float = 3600.0     # waiting for another node's conversion
+    locking: str = "auto"               # auto | flock | claim (docs/configuration.md)
+    claim_stale: float = 60.0           # claim mode: no heartbeat this long = claimer died
     socket: Path = Path("/run/oci-image/oci-imaged.sock")
     runtime_dir: Path = Path("/run/oci-image")
     node: str = field(default_factory=socketlib.gethostname)
@@ -86,7 +88,8 @@ class Config:
 
 
 _KNOWN: Dict[str, Tuple[str, ...]] = {
-    "cache": ("dir", "quota", "lease_ttl", "lock_timeout", "convert_timeout"),
+    "cache": ("dir", "quota", "lease_ttl", "lock_timeout", "convert_timeout", "locking",
+              "claim_stale"),
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
                "prefetch_socket", "prefetch_rate", "prefetch_rate_per_user", "prefetch_running",
                "prefetch_running_per_user", "prefetch_request_timeout", "hooks_dir",
@@ -97,6 +100,8 @@ _KNOWN: Dict[str, Tuple[str, ...]] = {
     "slurm": ("jobs", "conf", "refresh"),
 }
 SLURM_MODES = ("auto", "cli", "pyslurm", "off")
+#: [cache] locking: how converters on different nodes exclude each other (cachelock.py)
+LOCKING_MODES = ("auto", "flock", "claim")
 
 
 def _float(sec: str, key: str, text: str, minimum: float = 0.0) -> float:
@@ -147,6 +152,11 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
         if parser.has_option("cache", "convert_timeout"):
             cfg.convert_timeout = _float("cache", "convert_timeout",
                                          g("cache", "convert_timeout"), 1)
+        if parser.has_option("cache", "locking"):
+            cfg.locking = g("cache", "locking").strip().lower()
+        if parser.has_option("cache", "claim_stale"):
+            # a heartbeat every min(5 s, claim_stale/4): below 2 s a busy node looks dead
+            cfg.claim_stale = _float("cache", "claim_stale", g("cache", "claim_stale"), 2)
         if parser.has_option("daemon", "socket"):
             cfg.socket = Path(g("daemon", "socket"))
         if parser.has_option("daemon", "runtime_dir"):
@@ -226,6 +236,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"[squash] level: zstd levels are 1 to 22, not {cfg.level}")
     if not cfg.cache_dir.is_absolute():
         raise ConfigError(f"[cache] dir: {cfg.cache_dir} must be an absolute path")
+    if cfg.locking not in LOCKING_MODES:
+        raise ConfigError(f"[cache] locking: {cfg.locking!r} is not one of {', '.join(LOCKING_MODES)}")
     if cfg.slurm_jobs not in SLURM_MODES:
         raise ConfigError(f"[slurm] jobs: {cfg.slurm_jobs!r} is not one of {', '.join(SLURM_MODES)}")
     if cfg.prefetch_socket is not None and not cfg.prefetch_socket.is_absolute():

@@ -72,9 +72,14 @@ class Daemon:
         self.config = config
         self.metrics = Metrics()
         self.cache = Cache(config.cache_dir, node=config.node, lock_timeout=config.lock_timeout,
-                           convert_timeout=config.convert_timeout)
+                           convert_timeout=config.convert_timeout, locking=config.locking,
+                           claim_stale=config.claim_stale, lease_ttl=config.lease_ttl)
         self.cache.secure()  # a cache from an older version was world-readable
         self.cache.check_locking()
+        # which coordination converts once per cluster here, and why (auto: the mount's options)
+        log.warning("cache locking", extra={"mode": self.cache.locking,
+                                            "why": self.cache.locking_reason,
+                                            "cache": str(config.cache_dir)})
         self.store = ImageStore(self.cache, config, self.metrics)
         from .slurm import SlurmJobs, make_backend
         self.store.slurm = SlurmJobs(make_backend(config.slurm_jobs, config.slurm_conf),
@@ -156,8 +161,8 @@ class Daemon:
         interval = max(1.0, min(30.0, self.config.lease_ttl / 4, self.config.mount_idle / 2 or 1.0))
         while not self._stop.wait(interval):
             try:
+                # one heartbeat for all of this node's leases; no other node's are read
                 self.steps.housekeeping()
-                self.cache.expire_leases()
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 

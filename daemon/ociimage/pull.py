@@ -238,7 +238,7 @@ def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: Resol
     digest = resolved.manifest.digest
     ref = resolved.reference
 
-    def on_wait(waited: float) -> None:
+    def on_wait(waited: float, builder: Optional[dict] = None) -> None:
         report(ProgressEvent("wait", message="waiting for another node converting this image",
                              current=int(waited)))
 

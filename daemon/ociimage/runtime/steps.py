@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -66,6 +67,10 @@ class StepManager:
         self._lock = threading.Lock()
         self._steps: Dict[Tuple[str, str], StepRecord] = {}
         self._ttl = config.lease_ttl or DEFAULT_LEASE_TTL
+        # leases of this node no step owns, seen by the last sweep (dropped when seen again)
+        self._unowned: set = set()
+        self._pending: set = set()  # leases taken by prepares still under way
+        self._swept_at = time.monotonic()
 
     # ---- accounting for metrics -----------------------------------------
 
@@ -116,7 +121,9 @@ class StepManager:
         for attempt in range(attempts):
             entry = self.store.pull(request.image, uid=request.uid, report=report)
             try:
-                return entry, self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
+                lease_id = self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
+                self._pending.add(lease_id)
+                return entry, lease_id
             except NotFound:
                 if attempt == attempts - 1:
                     raise
@@ -164,6 +171,7 @@ class StepManager:
                 raise
         except BaseException:
             if lease_id:
+                self._pending.discard(lease_id)
                 self.cache.drop_lease(lease_id)
             raise
         record = StepRecord(request.job_id, request.step_id, digest, str(ns.ns_path), lease_id,
@@ -173,6 +181,7 @@ class StepManager:
         rp.write_text(json.dumps(vars(record)))
         with self._lock:
             self._steps[key] = record
+            self._pending.discard(lease_id)
         log.info("step prepared", extra={"job": request.job_id, "step": request.step_id,
                                          "digest": digest, "ns": record.ns_path})
         return self._container(record, request, config)
@@ -294,20 +303,35 @@ class StepManager:
         self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
                              for r in self._steps.values()})
         live = {r.lease_id for r in self._steps.values() if r.lease_id}
-        for lease_id, lease in leases.items():
-            if lease_id in live:
-                self.cache.renew_lease(lease, self._ttl)
-            else:
+        self.cache.heartbeat(self._ttl)  # the adopted steps' leases stay live
+        for lease_id in leases:
+            if lease_id not in live:
                 self.cache.drop_lease(lease_id)
         if self._steps:
             log.warning("adopted running steps", extra={"steps": len(self._steps)})
 
     def housekeeping(self) -> None:
-        with self._lock:
-            records = list(self._steps.values())
-        leases = self.cache.node_leases()
-        for r in records:
-            lease = leases.get(r.lease_id) if r.lease_id else None
-            if lease:
-                self.cache.renew_lease(lease, self._ttl)
+        """Keep this node's leases live (one heartbeat, whatever their number), drop the
+        leases no step of this node owns, and unmount idle images.
+
+        Reads only this node's lease directory, never another node's (a dead node's
+        leases are deleted by prune and remove, once its heartbeat has passed).
+        """
+        self.cache.heartbeat(self._ttl)
+        now = time.monotonic()
+        if now - self._swept_at >= self._ttl / 2:
+            self._swept_at = now
+            self._sweep_leases()
         self.mounts.reap()
+
+    def _sweep_leases(self) -> None:
+        """Leases a step leaked (its release never came): one listing of this node's directory;
+        a lease no step owns in two sweeps (lease_ttl/2 apart) is dropped, as it would have
+        expired when each lease was renewed on its own."""
+        with self._lock:
+            owned = {r.lease_id for r in self._steps.values() if r.lease_id} | self._pending
+        unowned = self.cache.own_lease_ids() - owned
+        for lease_id in unowned & self._unowned:
+            log.warning("dropping a lease no step holds", extra={"lease": lease_id})
+            self.cache.drop_lease(lease_id)
+        self._unowned = unowned - self._unowned
