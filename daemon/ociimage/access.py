@@ -5,27 +5,41 @@ The shared cache is keyed by manifest digest, so a step pinned to a digest
 finds the SquashFS without asking the registry anything. For a public image
 that is what we want; for a private one it would let any user of the cluster
 run an image that only its puller was allowed to read. So before a cache hit
-is handed to a user, the check here asks the registry:
+is handed to a user, the registry must have said, within a TTL, that this
+user (or anyone, anonymously) may read the manifest by digest:
 
-* is the manifest readable anonymously? (a HEAD by digest without
-  credentials; cached per (registry, repository, digest)) -> anyone may use it;
-* else, a HEAD of the manifest by digest with *the requesting user's*
-  credentials (read from their files, as for a pull) -> allowed only on 200.
+* a user with credentials for the registry is asked about first: a HEAD of
+  the manifest by digest with *the requesting user's* credentials (read from
+  their files, as for a pull) -> allowed on 200; otherwise the image is
+  allowed only if an anonymous HEAD succeeds (it is public);
+* a user without credentials for the registry is the anonymous user: one
+  anonymous HEAD decides both the public verdict and theirs.
 
-Answers are cached for a short TTL (positive and negative), per (uid,
-registry, repository, digest), so a job of 1000 steps costs one request per
-node per TTL, and a revoked grant stops working within the TTL. A registry
-that cannot be reached fails closed for a private image, with a message that
-says so; a positive answer still in the cache keeps working meanwhile.
+Verdicts are per (uid, registry, repository, digest), and the public ones per
+(registry, repository, digest): positive for DEFAULT_TTL, negative for
+NEGATIVE_TTL. They are shared cluster-wide (verdicts.py: records in the cache
+that only root can write, a wall-clock expiry, contents that must match the
+key) and one node at a time asks about an image, so a job on N nodes costs
+one request per user and image per TTL, not one per node; each node also
+remembers them in memory, so its steps read no file either. A revoked grant
+stops working within the TTL (plus verdicts.CLOCK_SLACK of clock skew). The
+node that pulled the image with a user's credentials records a positive
+verdict for that user (record_pulled): the registry just answered it.
+
+A registry that cannot be reached fails closed for a private image, with a
+message that says so; that answer is this node's alone (for at most 5 s: a
+network problem of one node is not the registry's verdict). A positive
+verdict still valid keeps working meanwhile.
 
 Root (uid 0, or no uid: the daemon's own `oci-image pull`) is never checked.
 Images that never came from a registry (a user's own .sqfs) are not checked
 here: the runtime checks that the user can read the file.
 
 Wiring (the caller's side, see docs/reliability.md): ImageStore gets
-`self.access = AccessChecker(self.client)`, and every path that hands a cache
-entry to a request carrying a uid without the registry having been asked with
-that uid's credentials calls `self.access.check(entry, uid)` first.
+`self.access = AccessChecker(self.client, shared=SharedAnswers(cache))`, and
+every path that hands a cache entry to a request carrying a uid without the
+registry having been asked with that uid's credentials calls
+`self.access.check(entry, uid)` first.
 """
 
 from __future__ import annotations
@@ -42,31 +56,42 @@ from .errors import (AccessDenied, AuthenticationRequired, NotFound, OciImageErr
 from .reference import Reference, parse_reference
 from .registry import mediatypes as mt
 from .registry.client import RegistryClient
+from .verdicts import SharedAnswers
 
 log = logging.getLogger("ociimage.access")
 
 DEFAULT_TTL = 300.0
 NEGATIVE_TTL = 30.0
+#: an unreachable registry: this node's own answer, kept briefly
+UNREACHABLE_TTL = 5.0
+
+#: the registry's definite answers about a manifest (anything else is an error)
+_ANSWERS = (200, 401, 403, 404)
 
 
 @dataclass
 class _Answer:
     allowed: bool
-    expires: float
+    expires: float  # by self._clock (monotonic unless a test gives another)
     reason: str = ""
 
 
 class AccessChecker:
-    """client_for(uid) -> a RegistryClient with that user's credentials (None: anonymous)."""
+    """client_for(uid) -> a RegistryClient with that user's credentials (None: anonymous).
+
+    shared: where verdicts are shared with the other nodes (None: this node only).
+    """
 
     def __init__(self, client_for: Callable[[Optional[int]], RegistryClient], *,
                  ttl: float = DEFAULT_TTL, negative_ttl: float = NEGATIVE_TTL,
-                 clock: Callable[[], float] = time.monotonic, anonymous_client=None):
+                 clock: Callable[[], float] = time.monotonic, anonymous_client=None,
+                 shared: Optional[SharedAnswers] = None):
         self._client_for = client_for
         self._anonymous = anonymous_client
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self._clock = clock
+        self._shared = shared or SharedAnswers(None)
         self._lock = threading.Lock()
         self._public: Dict[Tuple[str, str, str], _Answer] = {}
         self._users: Dict[Tuple[int, str, str, str], _Answer] = {}
@@ -82,22 +107,24 @@ class AccessChecker:
         ref = self._source(entry)
         if ref is None:
             return  # not from a registry (nothing to ask)
-        digest = entry.digest
-        key = (ref.domain, ref.path, digest)
-        if self._is_public(ref, digest, key):
-            return
-        ukey = (uid,) + key
-        now = self._clock()
-        with self._lock:
-            ans = self._users.get(ukey)
-        if ans is None or ans.expires <= now:
-            ans = self._ask_as_user(ref, digest, uid)
-            with self._lock:
-                self._users[ukey] = ans
+        ans = self._known(ref, entry.digest, uid)
+        if ans is None:
+            # One node at a time asks about this image; the others then find its answer.
+            with self._shared.asking("access", ref.domain, ref.path, entry.digest):
+                ans = self._known(ref, entry.digest, uid)
+                if ans is None:
+                    ans = self._ask(ref, entry.digest, uid)
         if not ans.allowed:
             raise AccessDenied(ans.reason)
 
+    def record_pulled(self, uid: Optional[int], ref: Reference, digest: str) -> None:
+        """The registry just served digest from ref's repository to uid's credentials."""
+        if uid is None or uid == 0:
+            return
+        self._remember((uid, ref.domain, ref.path, digest), True, self.ttl, "", share=True)
+
     def forget(self, uid: Optional[int] = None) -> None:
+        """Forget this node's memory of verdicts (the shared records expire on their own)."""
         with self._lock:
             if uid is None:
                 self._users.clear()
@@ -106,7 +133,110 @@ class AccessChecker:
                 for k in [k for k in self._users if k[0] == uid]:
                     del self._users[k]
 
-    # ---- helpers ---------------------------------------------------------
+    # ---- what is known: this node's memory, then the shared records -------
+
+    def _known(self, ref: Reference, digest: str, uid: int) -> Optional[_Answer]:
+        pkey = (ref.domain, ref.path, digest)
+        public = self._lookup(self._public, pkey)
+        if public is not None and public.allowed:
+            return public
+        mine = self._lookup(self._users, (uid,) + pkey)
+        if mine is not None:
+            return mine
+        return None
+
+    def _lookup(self, memo: dict, key: tuple) -> Optional[_Answer]:
+        now = self._clock()
+        with self._lock:
+            ans = memo.get(key)
+        if ans is not None and ans.expires > now:
+            return ans
+        rec = self._shared.verdict(_record_key(key), ttl=self.ttl,
+                                   negative_ttl=self.negative_ttl)
+        if rec is None:
+            return None
+        ans = _Answer(rec["allowed"], now + rec["remaining"], rec["reason"])
+        with self._lock:
+            memo[key] = ans
+        return ans
+
+    def _remember(self, key: tuple, allowed: bool, ttl: float, reason: str, *,
+                  share: bool) -> _Answer:
+        ans = _Answer(allowed, self._clock() + ttl, reason)
+        with self._lock:
+            (self._users if len(key) == 4 else self._public)[key] = ans
+        if share:
+            self._shared.record_verdict(_record_key(key), allowed, ttl, reason)
+        return ans
+
+    # ---- asking the registry ---------------------------------------------
+
+    def _ask(self, ref: Reference, digest: str, uid: int) -> _Answer:
+        pkey = (ref.domain, ref.path, digest)
+        ukey = (uid,) + pkey
+        client = self._client_for(uid)
+        if not self._has_credentials(client, ref.domain):
+            # The user is the anonymous user here: one question decides both verdicts.
+            public = self._ask_public(ref, digest)
+            if public is None:
+                return self._unreachable(ukey, ref, digest, "")
+            if public.allowed:
+                return public
+            return self._refused(ukey, ref, digest, public.reason)
+        try:
+            status = self._head(client, ref, digest)
+        except RegistryUnavailable as e:
+            log.warning("cannot confirm access to a private image",
+                        extra={"uid": uid, "repository": f"{ref.domain}/{ref.path}",
+                               "error": str(e)})
+            return self._unreachable(ukey, ref, digest, str(e))
+        except OciImageError as e:
+            return self._remember(ukey, False, self.negative_ttl,
+                                  f"cannot confirm with {ref.domain} that you may use the "
+                                  f"private image {ref.domain}/{ref.path}: {e}", share=False)
+        if status == 200:
+            return self._remember(ukey, True, self.ttl, "", share=True)
+        # Refused with the user's own credentials (say stale ones): still allowed if it is
+        # public, as it would be for a user without any.
+        public = self._lookup(self._public, pkey) or self._ask_public(ref, digest)
+        if public is not None and public.allowed:
+            return public
+        return self._refused(ukey, ref, digest, f"HTTP {status}")
+
+    def _ask_public(self, ref: Reference, digest: str) -> Optional[_Answer]:
+        """The anonymous verdict, shared (None: the registry could not be asked)."""
+        client = self._anonymous or self._client_for(None)
+        try:
+            status = self._head(client, ref, digest)
+        except OciImageError:
+            return None
+        public = status == 200
+        return self._remember((ref.domain, ref.path, digest), public,
+                              self.ttl if public else self.negative_ttl,
+                              "" if public else f"HTTP {status}", share=True)
+
+    def _refused(self, ukey: tuple, ref: Reference, digest: str, why: str) -> _Answer:
+        where = f"{ref.domain}/{ref.path}"
+        log.info("access to a cached private image refused",
+                 extra={"uid": ukey[0], "repository": where, "digest": digest, "answer": why})
+        return self._remember(ukey, False, self.negative_ttl,
+                              f"{ref.domain} does not let you pull {where} ({why}); it is a "
+                              f"private image: log in with `docker login {ref.domain}` as a "
+                              f"user allowed to pull it", share=True)
+
+    def _unreachable(self, ukey: tuple, ref: Reference, digest: str, error: str) -> _Answer:
+        where = f"{ref.domain}/{ref.path}"
+        return self._remember(ukey, False, min(self.negative_ttl, UNREACHABLE_TTL),
+                              f"cannot confirm with {ref.domain} that you may use the private "
+                              f"image {where}@{digest[:19]}…" + (f": {error}" if error else ""),
+                              share=False)
+
+    @staticmethod
+    def _has_credentials(client: RegistryClient, domain: str) -> bool:
+        try:
+            return bool(client.auth.credentials(domain))
+        except OciImageError:
+            return True  # unreadable credentials: ask with them (the client reports it)
 
     @staticmethod
     def _source(entry: CacheEntry) -> Optional[Reference]:
@@ -119,7 +249,7 @@ class AccessChecker:
             return None
 
     def _head(self, client: RegistryClient, ref: Reference, digest: str) -> int:
-        """Status of HEAD /v2/<repo>/manifests/<digest> (after auth, retries)."""
+        """Status of HEAD /v2/<repo>/manifests/<digest> (after auth, retries): one of _ANSWERS."""
         self.requests += 1
         resp = client._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{digest}",
                                client.pull_scopes(ref), {"Accept": mt.ACCEPT})
@@ -132,45 +262,11 @@ class AccessChecker:
                               f"image not found: {ref.domain}/{ref.path}@{digest}",
                               f"the manifest request for {ref.domain}/{ref.path}@{digest}")
         except (AuthenticationRequired, AccessDenied, NotFound):
-            return status
-        return status
+            return status if status in _ANSWERS else 403
+        return status if status in _ANSWERS else 403
 
-    def _is_public(self, ref: Reference, digest: str, key) -> bool:
-        now = self._clock()
-        with self._lock:
-            ans = self._public.get(key)
-        if ans is not None and ans.expires > now:
-            return ans.allowed
-        client = self._anonymous or self._client_for(None)
-        try:
-            public = self._head(client, ref, digest) == 200
-        except OciImageError:
-            # unreachable or odd: treat as private (the per-user check decides, fail closed)
-            return False
-        with self._lock:
-            self._public[key] = _Answer(public, now + (self.ttl if public else self.negative_ttl))
-        return public
 
-    def _ask_as_user(self, ref: Reference, digest: str, uid: int) -> _Answer:
-        now = self._clock()
-        where = f"{ref.domain}/{ref.path}"
-        try:
-            status = self._head(self._client_for(uid), ref, digest)
-        except RegistryUnavailable as e:
-            log.warning("cannot confirm access to a private image",
-                        extra={"uid": uid, "repository": where, "error": str(e)})
-            return _Answer(False, now + min(self.negative_ttl, 5.0),
-                           f"cannot confirm with {ref.domain} that you may use the private image "
-                           f"{where}@{digest[:19]}…: {e}")
-        except OciImageError as e:
-            return _Answer(False, now + self.negative_ttl,
-                           f"cannot confirm with {ref.domain} that you may use the private image "
-                           f"{where}: {e}")
-        if status == 200:
-            return _Answer(True, now + self.ttl)
-        log.info("access to a cached private image refused",
-                 extra={"uid": uid, "repository": where, "digest": digest, "status": status})
-        return _Answer(False, now + self.negative_ttl,
-                       f"{ref.domain} does not let you pull {where} (HTTP {status}); it is a "
-                       f"private image: log in with `docker login {ref.domain}` as a user "
-                       f"allowed to pull it")
+def _record_key(key: tuple) -> dict:
+    if len(key) == 4:
+        return {"uid": key[0], "registry": key[1], "repository": key[2], "digest": key[3]}
+    return {"registry": key[0], "repository": key[1], "digest": key[2]}

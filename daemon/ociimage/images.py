@@ -20,13 +20,15 @@ from . import cancel
 from .errors import Cancelled, InvalidArgument, LimitExceeded, OciImageError
 from .metrics import Metrics
 from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
-from .pull import PullOptions, publish_conversion, pull_to_cache
+from .pull import (PullOptions, cached_pinned, publish_conversion, pull_pinned_to_cache,
+                   pull_to_cache)
 from .reference import Reference, parse_reference
 from .registry.client import RegistryClient
 from .registry.credentials import CredentialStore
 from .registry.platform import parse_platform
 from .singleflight import SingleFlight
 from .squash import SquashOptions
+from .verdicts import SharedAnswers
 
 log = logging.getLogger("ociimage.images")
 
@@ -93,9 +95,11 @@ class ImageStore:
         self.slurm = None  # slurm.SlurmJobs, attached by the daemon
         # A cache hit is keyed by digest alone: before handing a private image to
         # a user, the registry must confirm that user may pull it.
+        # Verdicts are shared with every node through the cache's records (issue 15).
+        self.answers = SharedAnswers(cache)
         self.access = AccessChecker(self.client, anonymous_client=RegistryClient(
             credentials=None, insecure_registries=config.insecure_registries,
-            limits=config.net_limits()))
+            limits=config.net_limits()), shared=self.answers)
 
     def stop(self) -> None:
         """Abandon in-flight pulls now: their sockets are shut, their waits end (no partial
@@ -138,13 +142,23 @@ class ImageStore:
         ref = parse_reference(reference)
         return self.client(uid).resolve(ref, platform=self.options(platform).platform)
 
-    def lookup(self, reference: str, uid: Optional[int] = None) -> Optional[CacheEntry]:
+    def lookup(self, reference: str, uid: Optional[int] = None,
+               platform: Optional[str] = None) -> Optional[CacheEntry]:
         """A cache hit for a reference that already names a digest, if uid may use it.
 
+        With platform (a string, "" for this host's), an index digest also hits
+        the entry some node recorded for that platform; without, only the
+        digest's own entry does (the caller has not said which platform).
         Raises AccessDenied for a private image the registry does not let uid pull.
         """
         ref = parse_reference(reference)
-        entry = self.cache.get(ref.digest) if ref.digest else None
+        if not ref.digest:
+            return None
+        if platform is None:
+            entry = self.cache.get(ref.digest)
+        else:
+            entry = cached_pinned(self.cache, ref.digest, self.options(platform).platform,
+                                  self.answers)
         if entry is not None:
             self.access.check(entry, uid)
         return entry
@@ -152,7 +166,7 @@ class ImageStore:
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
-        entry = self.lookup(reference, uid)
+        entry = self.lookup(reference, uid, platform)
         if entry:
             self.metrics.cache_hits.inc()
             self.cache.touch(entry.digest)
@@ -183,8 +197,18 @@ class ImageStore:
         options = self.options(platform)
         site = self.site_client() if options.publish_to else None
         try:
-            entry = pull_to_cache(self.client(uid), self.cache, ref, options, tracking,
-                                  site_client=site, outcome=outcome)
+            if ref.digest:
+                # Steps and prefetches: one node of the cluster asks the registry (issue 15).
+                entry = pull_pinned_to_cache(
+                    self.client(uid), self.cache, ref, options, tracking, site_client=site,
+                    outcome=outcome, on_resolved=lambda r: self.access.record_pulled(
+                        uid, r.reference, r.manifest.digest))
+                if not outcome.get("resolved_here"):
+                    # Another node (or an earlier pull) made it: this uid was not asked about.
+                    self.access.check(entry, uid)
+            else:
+                entry = pull_to_cache(self.client(uid), self.cache, ref, options, tracking,
+                                      site_client=site, outcome=outcome)
         except Exception:
             if outcome.get("produced") is None and counted["bytes"]:
                 self.metrics.conversions.labels("error").inc()

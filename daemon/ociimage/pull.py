@@ -14,20 +14,21 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 from . import __version__, monolithic
 from .cache import UMASK as cache_umask
 from .cache import Cache, CacheEntry
-from .errors import OciImageError
+from .errors import InvalidArgument, OciImageError
 from .flatten import FlattenLimits
 from .layers import ReadAhead, open_layer
 from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
 from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
-from .registry.platform import Platform
+from .registry.platform import Platform, host_platform
 from .squash import SquashOptions, squash_layers, writer_version
+from .verdicts import SharedAnswers
 
 log = logging.getLogger("ociimage.pull")
 
@@ -216,32 +217,18 @@ def _fetched_metadata(resolved: ResolvedImage, options: PullOptions, found_ref: 
     return meta
 
 
-def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: ResolvedImage,
-                           options: PullOptions, report: Reporter = silent, *,
-                           site_client: Optional[RegistryClient] = None,
-                           outcome: Optional[dict] = None) -> CacheEntry:
-    """The cache entry for a resolved image, made once per cluster.
+def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOptions,
+              report: Reporter, site_client: Optional[RegistryClient],
+              outcome: dict) -> Callable[[Path], dict]:
+    """producer(tmp) for Cache.build: writes resolved's SquashFS to tmp, returns its metadata.
 
     A monolithic image (one SquashFS layer) is downloaded as is, only from a
-    trusted repository. For an ordinary image the entry is keyed by its own
-    digest however it is made: downloaded from a monolithic referrer in a
-    trusted repository when there is one, else converted here. `outcome`
-    receives produced = "converted" | "fetched" | None (cache hit).
+    trusted repository (refused here, before anything is written, otherwise).
+    An ordinary image is downloaded from a monolithic referrer in a trusted
+    repository when there is one, else converted.
     """
-    outcome = outcome if outcome is not None else {}
-    outcome["produced"] = None
-    outcome["resolved"] = resolved
-    # The shared cache is root's alone: the SquashFS writer creates its output
-    # with the cache's umask, never readable by others (Cache._publish checks).
-    options = dataclasses.replace(options, squash=dataclasses.replace(options.squash,
-                                                                      umask=cache_umask))
     digest = resolved.manifest.digest
     ref = resolved.reference
-
-    def on_wait(waited: float, builder: Optional[dict] = None) -> None:
-        report(ProgressEvent("wait", message="waiting for another node converting this image",
-                             current=int(waited)))
-
     if monolithic.is_monolithic(resolved.manifest):
         if not options.trust().allows(ref.domain, ref.path):
             raise monolithic.untrusted_error(ref, resolved.manifest)
@@ -254,18 +241,9 @@ def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: Resol
             outcome["produced"] = "fetched"
             return _fetched_metadata(resolved, options, ref, layer,
                                      monolithic.annotations_of(resolved.manifest), "reference")
+        return fetch
 
-        entry = cache.build(digest, fetch, on_wait=on_wait)
-        report(ProgressEvent(DONE, message="image ready"))
-        return entry
-
-    entry = cache.get(digest)
-    if entry:
-        cache.touch(digest)
-        report(ProgressEvent(DONE, message="image ready"))
-        return entry
-
-    def producer(tmp: Path) -> dict:
+    def produce(tmp: Path) -> dict:
         found = _discover(client, resolved, options, site_client)
         if found is not None:
             try:
@@ -284,8 +262,127 @@ def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: Resol
         meta = convert_resolved(client, resolved, tmp, options, report)
         outcome["produced"] = "converted"
         return meta
+    return produce
 
-    entry = cache.build(digest, producer, on_wait=on_wait)
+
+def _waiting(report: Reporter):
+    def on_wait(waited: float, builder: Optional[dict] = None) -> None:
+        # builder: what the cache knows of the other node's progress (None: nothing)
+        message = "waiting for another node converting this image"
+        if builder and builder.get("node"):
+            message = f"waiting for node {builder['node']} converting this image"
+        report(ProgressEvent("wait", message=message, current=int(waited)))
+    return on_wait
+
+
+def _umasked(options: PullOptions) -> PullOptions:
+    # The shared cache is root's alone: the SquashFS writer creates its output
+    # with the cache's umask, never readable by others (Cache._publish checks).
+    return dataclasses.replace(options, squash=dataclasses.replace(options.squash,
+                                                                   umask=cache_umask))
+
+
+def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: ResolvedImage,
+                           options: PullOptions, report: Reporter = silent, *,
+                           site_client: Optional[RegistryClient] = None,
+                           outcome: Optional[dict] = None) -> CacheEntry:
+    """The cache entry for a resolved image, made once per cluster.
+
+    The entry is keyed by the image manifest's own digest however it is made
+    (see _producer). `outcome` receives produced = "converted" | "fetched" |
+    None (cache hit).
+    """
+    outcome = outcome if outcome is not None else {}
+    outcome["produced"] = None
+    outcome["resolved"] = resolved
+    producer = _producer(client, resolved, _umasked(options), report, site_client, outcome)
+    entry = cache.build(resolved.manifest.digest, producer, on_wait=_waiting(report))
+    report(ProgressEvent(DONE, message="image ready"))
+    return entry
+
+
+class _BuiltUnderManifest(Exception):
+    """Raised out of the producer of an index digest's build: the entry is the manifest's.
+
+    Internal control flow, never seen outside pull_pinned_to_cache: Cache.build
+    removes the (empty) temporary file and releases the index digest's build
+    right, publishing nothing under the index digest.
+    """
+
+    def __init__(self, entry: CacheEntry):
+        super().__init__(entry.digest)
+        self.entry = entry
+
+
+def platform_key(platform: Optional[Platform]) -> str:
+    """The platform an index digest is resolved for, as recorded (default: this host's)."""
+    return str((platform or host_platform()).normalized())
+
+
+def cached_pinned(cache: Cache, digest: str, platform: Optional[Platform],
+                  answers: Optional[SharedAnswers] = None) -> Optional[CacheEntry]:
+    """The entry for a digest-pinned reference, without the registry: the digest's own, or
+    the one recorded for it when it is an index (for platform)."""
+    entry = cache.get(digest)
+    if entry is not None:
+        return entry
+    manifest = (answers or SharedAnswers(cache)).resolved(digest, platform_key(platform))
+    return cache.get(manifest) if manifest else None
+
+
+def pull_pinned_to_cache(client: RegistryClient, cache: Cache, ref: Reference,
+                         options: PullOptions, report: Reporter = silent, *,
+                         site_client: Optional[RegistryClient] = None,
+                         outcome: Optional[dict] = None,
+                         on_resolved: Optional[Callable[[ResolvedImage], None]] = None
+                         ) -> CacheEntry:
+    """The cache entry for REF@digest, with at most one node of the cluster asking the registry.
+
+    A node that misses the cache first waits for the right to build under the
+    digest the reference names (Cache.build): the one that gets it resolves
+    (manifest, config: the only registry requests), converts and publishes;
+    the others then find the entry and ask the registry nothing. When the
+    digest is an image index, the entry is the platform manifest's (keyed by
+    its digest, built under its own build right while the index's is held),
+    and `index digest + platform -> manifest digest` is recorded for every
+    node (verdicts.SharedAnswers.resolved). outcome["resolved_here"] is True
+    when this call asked the registry with client (whose credentials were
+    therefore accepted), so a caller that did not may check access itself;
+    on_resolved(resolved) is told at that moment.
+    """
+    outcome = outcome if outcome is not None else {}
+    outcome.setdefault("produced", None)
+    outcome["resolved_here"] = False
+    digest = ref.digest
+    if not digest:
+        raise InvalidArgument(f"{ref.familiar()} does not name a digest")
+    answers = SharedAnswers(cache)
+    platform = platform_key(options.platform)
+
+    def producer(tmp: Path) -> dict:
+        # Holding the build right of the digest asked for: first what a node that held
+        # it before may have published (an index's entry lives under another digest).
+        entry = cached_pinned(cache, digest, options.platform, answers)
+        if entry is not None:
+            raise _BuiltUnderManifest(entry)
+        resolved = resolve(client, ref, options, report)
+        outcome["resolved_here"] = True
+        outcome["resolved"] = resolved
+        if on_resolved is not None:
+            on_resolved(resolved)
+        if resolved.manifest.digest == digest:
+            return _producer(client, resolved, _umasked(options), report, site_client,
+                             outcome)(tmp)
+        entry = pull_resolved_to_cache(client, cache, resolved, options, report,
+                                       site_client=site_client, outcome=outcome)
+        answers.record_resolved(digest, platform, entry.digest)
+        raise _BuiltUnderManifest(entry)
+
+    try:
+        entry = cache.build(digest, producer, on_wait=_waiting(report))
+    except _BuiltUnderManifest as built:
+        entry = built.entry
+        cache.touch(entry.digest)
     report(ProgressEvent(DONE, message="image ready"))
     return entry
 
@@ -295,17 +392,31 @@ def pull_to_cache(client: RegistryClient, cache: Cache, reference, options: Pull
                   outcome: Optional[dict] = None) -> CacheEntry:
     """Resolve, then fetch or convert unless the cache already holds the digest.
 
-    With options.publish_to, a conversion made here is published there
-    (best effort, after the entry is in the cache) unless the caller takes
-    care of it (outcome given: see publish_conversion).
+    A digest-pinned reference goes through pull_pinned_to_cache (the registry
+    is asked only on a miss, by one node). With options.publish_to, a
+    conversion made here is published there (best effort, after the entry is
+    in the cache) unless the caller takes care of it (outcome given: see
+    publish_conversion).
     """
-    resolved = resolve(client, reference, options, report)
+    ref = reference if isinstance(reference, Reference) else parse_reference(reference)
     mine = outcome is None
     outcome = {} if outcome is None else outcome
-    entry = pull_resolved_to_cache(client, cache, resolved, options, report,
-                                   site_client=site_client, outcome=outcome)
+    if ref.digest:
+        entry = cached_pinned(cache, ref.digest, options.platform)
+        if entry is not None:
+            outcome["produced"] = None
+            cache.touch(entry.digest)
+            report(ProgressEvent(DONE, message="image ready"))
+            return entry
+        entry = pull_pinned_to_cache(client, cache, ref, options, report,
+                                     site_client=site_client, outcome=outcome)
+    else:
+        resolved = resolve(client, ref, options, report)
+        entry = pull_resolved_to_cache(client, cache, resolved, options, report,
+                                       site_client=site_client, outcome=outcome)
     if mine and outcome.get("produced") == "converted" and options.publish_to:
-        publish_conversion(site_client or client, entry, resolved, options.publish_to)
+        publish_conversion(site_client or client, entry, outcome["resolved"],
+                           options.publish_to)
     return entry
 
 
