@@ -30,6 +30,14 @@ from pathlib import Path
 from typing import Counter, Optional
 
 STRACE = "strace"
+#: calls whose quoted string arguments are paths (a quoted string of any other call, a
+#: write()'s data or an execve()'s argv, may name the directory without touching it)
+PATH_CALLS = frozenset("""open openat openat2 creat stat lstat newfstatat fstatat64 statx access
+faccessat faccessat2 readlink readlinkat rename renameat renameat2 unlink unlinkat mkdir mkdirat
+rmdir link linkat symlink symlinkat chmod fchmodat chown lchown fchownat utime utimes utimensat
+futimesat truncate mknod mknodat getxattr lgetxattr setxattr lsetxattr listxattr llistxattr
+removexattr lremovexattr statfs chdir chroot mount umount2 name_to_handle_at inotify_add_watch
+fanotify_mark""".split())
 _CALL = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+(?:\d+\.\d+\s+)?([a-z_0-9]+)\(")
 
 
@@ -56,7 +64,8 @@ class FsOps:
 def parse(text: str, root: Path, seconds: float = 0.0) -> FsOps:
     root_s = os.path.realpath(root).rstrip("/") + "/"
     ops = FsOps(str(root), seconds)
-    area = re.compile(re.escape(root_s) + r"([^/>\"]+)")
+    fd_arg = re.compile("<" + re.escape(root_s) + r"([^/>]+)")     # -y: 7</cache/locks/x>
+    path_arg = re.compile('"' + re.escape(root_s) + r'([^/"]+)')   # "/cache/images/x"
     for line in text.splitlines():
         if root_s not in line or "resumed>" in line.split("(", 1)[0]:
             continue
@@ -64,10 +73,12 @@ def parse(text: str, root: Path, seconds: float = 0.0) -> FsOps:
         if not m:
             continue
         call = m.group(2)
+        a = fd_arg.search(line) or (path_arg.search(line) if call in PATH_CALLS else None)
+        if a is None:
+            continue
         ops.total += 1
         ops.by_call[call] += 1
-        a = area.search(line)
-        where = a.group(1) if a else "?"
+        where = a.group(1)
         ops.by_area[where] += 1
         if where == "locks":
             ops.lock += 1
