@@ -20,11 +20,17 @@
   the fallback tag itself hidden so a client can only have used the API.
 
 Everything else is forwarded unchanged, with the proxy's Host so the
-registry's Location URLs point back at the proxy. Requests are logged.
+registry's Location URLs point back at the proxy. Requests are logged, and
+`counts()` sorts them by kind (see `request_kind`) for the tests and benchmarks
+that count what a job start costs the registry (tests/test_scale.py,
+bench/scale.py). `backlog` is the listen queue: the default of Python's
+http.server (5) drops the SYNs of a hundred nodes asking at once, which the
+clients then retry a second later.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import re
 import socket
@@ -33,7 +39,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from loopback_http import LoopbackServer
-from typing import Dict, List, Optional, Tuple
+from typing import Counter, Dict, Iterable, List, Optional, Tuple
 
 import requests
 
@@ -44,13 +50,49 @@ _REFERRERS = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<alg>[a-z0-9]+):(?P<hex
 _FALLBACK = re.compile(r"^/v2/.+/manifests/sha256-[0-9a-f]{64}$")
 _BLOB = re.compile(r"^/v2/.+/blobs/sha256:[0-9a-f]{64}$")
 STORAGE = "/_storage"
+_MANIFEST = re.compile(r"^/v2/.+/manifests/(?P<ref>[^/]+)$")
+_BLOB_ANY = re.compile(r"^/v2/.+/blobs/(?P<digest>[a-z0-9]+:[0-9a-f]+)$")
+_DIGEST = re.compile(r"^[a-z0-9]+:[0-9a-f]{32,}$")
+
+#: the kinds request_kind() answers, in the order reports list them
+KINDS = ("manifest_get_tag", "manifest_head_tag", "manifest_get_digest", "manifest_head_digest",
+         "blob_get_config", "blob_get_layer", "blob_head", "token", "ping", "push", "other")
+
+
+def request_kind(method: str, path: str, config_digests: Iterable[str] = ()) -> str:
+    """What one registry request was: manifest GET/HEAD by tag or by digest, blob GET of a
+    config (its digest in config_digests) or of a layer, a blob HEAD, a token request, the
+    /v2/ ping, an upload (push), or other."""
+    path = path.split("?", 1)[0]
+    if path.startswith(STORAGE + "/"):
+        path = path[len(STORAGE):]
+    if method in ("PUT", "POST", "PATCH", "DELETE"):
+        return "push"
+    if path in ("/v2", "/v2/"):
+        return "ping"
+    m = _MANIFEST.match(path)
+    if m and method in ("GET", "HEAD"):
+        by = "digest" if _DIGEST.match(m.group("ref")) else "tag"
+        return f"manifest_{method.lower()}_{by}"
+    m = _BLOB_ANY.match(path)
+    if m:
+        if method == "HEAD":
+            return "blob_head"
+        if method == "GET":
+            return "blob_get_config" if m.group("digest") in set(config_digests) \
+                else "blob_get_layer"
+    if not path.startswith("/v2/") and "token" in path:
+        return "token"
+    return "other"
 
 
 class RegistryProxy(LoopbackServer):
     def __init__(self, upstream: str, *, cut_patches: Optional[Dict[int, str]] = None,
                  referrers_api: bool = False, tarpit: bool = False, tarpit_over: int = 4096,
                  tarpit_bytes: int = 2, tarpit_interval: float = 0.2,
-                 redirect_blobs: Optional[str] = None, bearer_realm: Optional[str] = None):
+                 redirect_blobs: Optional[str] = None, bearer_realm: Optional[str] = None,
+                 backlog: int = 5):
+        self.backlog = backlog
         self.upstream = upstream.rstrip("/")
         self.tarpit, self.tarpit_over = tarpit, tarpit_over
         self.tarpit_bytes, self.tarpit_interval = tarpit_bytes, tarpit_interval
@@ -66,6 +108,40 @@ class RegistryProxy(LoopbackServer):
         self.patches = 0
         self._lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
+
+    def mark(self) -> int:
+        """A position in the log: counts(since=mark()) counts only what came after."""
+        with self._lock:
+            return len(self.log)
+
+    def counts(self, config_digests: Iterable[str] = (), since: int = 0) -> Counter:
+        """Requests since `since`, by request_kind (every kind present, zeros included),
+        plus "manifest_config" (manifest requests and config blob GETs: what the goal of a
+        cold start bounds), "blob_get" (all blob GETs) and "total"."""
+        cfg = set(config_digests)
+        with self._lock:
+            log = list(self.log[since:])
+        c: Counter = collections.Counter({k: 0 for k in KINDS})
+        for method, path, _status in log:
+            c[request_kind(method, path, cfg)] += 1
+        c["manifest_config"] = sum(c[k] for k in KINDS if k.startswith("manifest_")) + \
+            c["blob_get_config"]
+        c["blob_get"] = c["blob_get_config"] + c["blob_get_layer"]
+        c["total"] = len(log)
+        return c
+
+    def _serve(self, handler) -> None:
+        if self.backlog == 5:
+            return super()._serve(handler)
+        backlog = self.backlog
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = backlog
+
+        self._server = Server(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     @property
     def host(self) -> str:
