@@ -90,6 +90,13 @@ class Cache(LeaseMethods):
     Its lease methods (add_lease, heartbeat, drop_lease, ...) are in leases.py.
     """
 
+    @classmethod
+    def from_config(cls, cfg, root=None) -> "Cache":
+        """The cache as [cache] configures it (root: another directory, e.g. --cache-dir)."""
+        return cls(Path(root) if root else cfg.cache_dir, node=cfg.node,
+                   lock_timeout=cfg.lock_timeout, convert_timeout=cfg.convert_timeout,
+                   locking=cfg.locking, claim_stale=cfg.claim_stale, lease_ttl=cfg.lease_ttl)
+
     def __init__(self, root, *, node: Optional[str] = None,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
                  convert_timeout: float = DEFAULT_CONVERT_TIMEOUT,

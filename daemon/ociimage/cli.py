@@ -150,8 +150,7 @@ def _progress(args):
 
 def _local_cache(args, cfg):
     from .cache import Cache
-    return Cache(Path(args.cache_dir), node=cfg.node, lock_timeout=cfg.lock_timeout,
-                 convert_timeout=cfg.convert_timeout)
+    return Cache.from_config(cfg, args.cache_dir)
 
 
 def _entry_json(e) -> dict:
@@ -211,8 +210,7 @@ def cmd_publish(args, cfg) -> int:
         raise InvalidArgument("--chunk-size must be at least 1 byte")
     options = _pull_options(args, cfg)
     client = _client(args, cfg)
-    cache = Cache(Path(args.cache_dir) if args.cache_dir else cfg.cache_dir, node=cfg.node,
-                  lock_timeout=cfg.lock_timeout, convert_timeout=cfg.convert_timeout)
+    cache = Cache.from_config(cfg, args.cache_dir)
     prog = _progress(args)
     try:
         resolved = resolve(client, args.reference, options, prog)

@@ -71,9 +71,7 @@ class Daemon:
     def __init__(self, config: Config):
         self.config = config
         self.metrics = Metrics()
-        self.cache = Cache(config.cache_dir, node=config.node, lock_timeout=config.lock_timeout,
-                           convert_timeout=config.convert_timeout, locking=config.locking,
-                           claim_stale=config.claim_stale, lease_ttl=config.lease_ttl)
+        self.cache = Cache.from_config(config)
         self.cache.secure()  # a cache from an older version was world-readable
         self.cache.check_locking()
         # which coordination converts once per cluster here, and why (auto: the mount's options)

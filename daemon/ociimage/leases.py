@@ -268,6 +268,12 @@ class LeaseMethods:
             raise NotFound(f"image {digest} is not in the cache")
         return lease
 
+    def reserve(self, digest: str, holder: str, *, ttl: Optional[float] = None) -> Lease:
+        """A lease taken before the entry exists (or is known to): from now on no prune or
+        remove evicts digest, so a step that then pulls it keeps what it pulled. The
+        caller drops it if the pull fails."""
+        return self._book.add(validate_digest(digest), holder, ttl, None)
+
     def heartbeat(self, ttl: Optional[float] = None) -> None:
         """Keep every lease of this node live for ttl (default lease_ttl) more seconds."""
         self._book.heartbeat(ttl)

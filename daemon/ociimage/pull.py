@@ -271,8 +271,22 @@ def _waiting(report: Reporter):
         message = "waiting for another node converting this image"
         if builder and builder.get("node"):
             message = f"waiting for node {builder['node']} converting this image"
+            done, total = builder.get("done"), builder.get("total")
+            if isinstance(done, int) and isinstance(total, int) and total > 0:
+                message += (f" ({builder.get('phase', 'download')} {done / 2**20:.0f} of "
+                            f"{total / 2**20:.0f} MiB, {100 * done / total:.0f}%)")
         report(ProgressEvent("wait", message=message, current=int(waited)))
     return on_wait
+
+
+def _noting(cache: Cache, digest: str, report: Reporter) -> Reporter:
+    """report, also telling the cache how far the build of digest is: the nodes waiting
+    for it read that (Cache.note_progress: a no-op unless this process builds digest)."""
+    def rep(ev: ProgressEvent) -> None:
+        if ev.phase == DOWNLOAD and ev.total:
+            cache.note_progress(digest, ev.phase, ev.current, ev.total)
+        report(ev)
+    return rep
 
 
 def _umasked(options: PullOptions) -> PullOptions:
@@ -295,7 +309,8 @@ def pull_resolved_to_cache(client: RegistryClient, cache: Cache, resolved: Resol
     outcome = outcome if outcome is not None else {}
     outcome["produced"] = None
     outcome["resolved"] = resolved
-    producer = _producer(client, resolved, _umasked(options), report, site_client, outcome)
+    producer = _producer(client, resolved, _umasked(options),
+                         _noting(cache, resolved.manifest.digest, report), site_client, outcome)
     entry = cache.build(resolved.manifest.digest, producer, on_wait=_waiting(report))
     report(ProgressEvent(DONE, message="image ready"))
     return entry
@@ -359,6 +374,9 @@ def pull_pinned_to_cache(client: RegistryClient, cache: Cache, ref: Reference,
     answers = SharedAnswers(cache)
     platform = platform_key(options.platform)
 
+    waiting = _waiting(report)
+    report = _noting(cache, digest, report)
+
     def producer(tmp: Path) -> dict:
         # Holding the build right of the digest asked for: first what a node that held
         # it before may have published (an index's entry lives under another digest).
@@ -379,7 +397,7 @@ def pull_pinned_to_cache(client: RegistryClient, cache: Cache, ref: Reference,
         raise _BuiltUnderManifest(entry)
 
     try:
-        entry = cache.build(digest, producer, on_wait=_waiting(report))
+        entry = cache.build(digest, producer, on_wait=waiting)
     except _BuiltUnderManifest as built:
         entry = built.entry
         cache.touch(entry.digest)

@@ -26,6 +26,7 @@ from ..config import Config
 from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
 from ..progress import ProgressEvent, Reporter
+from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
 from .mounts import NodeMounts
@@ -116,19 +117,33 @@ class StepManager:
         return digest, opened, {}
 
     def _pull_and_lease(self, request, report: Reporter, attempts: int = 3):
-        """Pull, then lease: a prune between the two can evict the image, so pull again."""
+        """Pull, leased: the lease is taken BEFORE the pull whenever the digest is known, so
+        no prune (on any node) can evict the image between its pull and its use.
+
+        A pinned reference names its digest up front; for a tag (or an index, whose entry
+        is its platform manifest's) the first pull teaches the digest, and if a prune got
+        in before the lease, the next attempt reserves that digest first.
+        """
         holder = f"job {request.job_id}.{request.step_id}"
+        hint = parse_reference(request.image).digest
         for attempt in range(attempts):
-            entry = self.store.pull(request.image, uid=request.uid, report=report)
+            reserved = self.cache.reserve(hint, holder, ttl=self._ttl) if hint else None
+            entry = None
             try:
-                lease_id = self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
-                self._pending.add(lease_id)
-                return entry, lease_id
+                entry = self.store.pull(request.image, uid=request.uid, report=report)
+                if reserved is not None and reserved.digest == entry.digest:
+                    lease_id, reserved = reserved.id, None
+                    return entry, lease_id
+                return entry, self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
             except NotFound:
-                if attempt == attempts - 1:
-                    raise
-                log.info("image evicted between pull and lease, pulling again",
+                if entry is None or attempt == attempts - 1 or hint == entry.digest:
+                    raise  # not in the registry, or evicted although leased first
+                hint = entry.digest
+                log.info("image evicted between pull and lease, pulling again, leased first",
                          extra={"digest": entry.digest, "holder": holder})
+            finally:
+                if reserved is not None:
+                    self.cache.drop_lease(reserved)
         raise AssertionError("unreachable")
 
     def prepare(self, request, report: Reporter) -> pb.StepContainer:
