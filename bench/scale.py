@@ -50,7 +50,7 @@ from _common import ROOT, RESULTS, _esc, machine, table, write_result  # noqa: E
 from ocibuild import Pusher  # noqa: E402
 from registry_proxy import RegistryProxy  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
-from simcluster import SimCluster, job_start, sim_user  # noqa: E402
+from simcluster import SIM_CONF, SimCluster, job_start, sim_user  # noqa: E402
 
 GOAL_MANIFEST_CONFIG = 3
 GOAL_WARM = 2
@@ -161,8 +161,14 @@ def _panel(x0: float, y0: float, w: float, h: float, title: str, xs: Sequence[in
     return out
 
 
-def write_svg(path: Path, rows: List[dict], subtitle: str) -> None:
+def write_svg(path: Path, rows: List[dict], subtitle: str,
+              before: Optional[List[dict]] = None) -> None:
+    """before: the rows of an earlier run (other code), drawn dotted where N matches."""
     xs = [r["nodes"] for r in rows]
+    old = {r["nodes"]: r for r in (before or [])}
+
+    def was(key: str) -> List[Optional[float]]:
+        return [old[x].get(key) if x in old else None for x in xs]
     pw, ph, gap = 330, 230, 85
     W = 60 + 3 * pw + 2 * gap + 20
     H = 420
@@ -184,14 +190,18 @@ def write_svg(path: Path, rows: List[dict], subtitle: str) -> None:
         "cold: blob GETs": [r["cold_blob_get"] for r in rows],
         "new job: all requests": [r["warm_requests"] for r in rows],
         "goal: manifest + config": [GOAL_MANIFEST_CONFIG] * len(rows),
-        "goal: new job": [GOAL_WARM] * len(rows)}, "", log_y=True,
-        dashed=["goal: manifest + config", "goal: new job"])
+        "goal: new job": [GOAL_WARM] * len(rows),
+        **({"before: cold manifest + config": was("cold_manifest_config"),
+            "before: new job": was("warm_requests")} if old else {})}, "", log_y=True,
+        dashed=["goal: manifest + config", "goal: new job", "before: cold manifest + config",
+                "before: new job"])
     x0 += pw + gap
     out += _panel(x0, y0, pw, ph, "a waiting node's calls on the cache", xs, {
         "lock-file calls per conversion": [r["waiting_lock_calls"] for r in rows],
         "all cache calls": [r["waiting_cache_calls"] for r in rows],
-        "goal: lock-file calls": [GOAL_LOCK] * len(rows)}, "", log_y=True,
-        dashed=["goal: lock-file calls"])
+        "goal: lock-file calls": [GOAL_LOCK] * len(rows),
+        **({"before: lock-file calls": was("waiting_lock_calls")} if old else {})}, "",
+        log_y=True, dashed=["goal: lock-file calls", "before: lock-file calls"])
     out.append("</svg>")
     path.write_text("\n".join(out) + "\n")
 
@@ -204,13 +214,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="daemons started at once")
     ap.add_argument("--name", default="scale", help="bench/results/NAME.json and NAME.svg")
     ap.add_argument("--replot", action="store_true", help="only redraw NAME.svg from NAME.json")
+    ap.add_argument("--before", metavar="NAME",
+                    help="also draw bench/results/NAME.json (an earlier run: other code), dotted")
+    ap.add_argument("--locking", choices=("auto", "flock", "claim"), default="auto",
+                    help="[cache] locking of the daemons (claim: as on Lustre localflock / NFS "
+                         "nolock)")
     a = ap.parse_args(argv)
+    import json
+    before = json.loads((RESULTS / f"{a.before}.json").read_text())["rows"] if a.before else None
     if a.replot:
-        import json
         data = json.loads((RESULTS / f"{a.name}.json").read_text())
         m = data["machine"]
         write_svg(RESULTS / f"{a.name}.svg", data["rows"],
-                  f"{m['nproc']} cores, all daemons on one machine; commit {data['commit'][:60]}")
+                  f"{m['nproc']} cores, all daemons on one machine; commit {data['commit'][:60]}",
+                  before)
         return 0
     if os.geteuid() != 0:
         print("bench/scale.py: run as root (the daemons are root)", file=sys.stderr)
@@ -224,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with RegistryServer(base / "registry") as reg, \
                 RegistryProxy(reg.url, backlog=1024) as proxy:
             t0 = time.monotonic()
-            sim = SimCluster(base / "sim", max(ns), batch=a.batch).start()
+            conf = SIM_CONF.replace("[cache]\n", f"[cache]\nlocking = {a.locking}\n", 1)
+            sim = SimCluster(base / "sim", max(ns), conf=conf, batch=a.batch).start()
             started = {"daemons": max(ns), "seconds": round(time.monotonic() - t0, 1),
                        "rss": sim.rss()}
             print(f"started {max(ns)} daemons in {started['seconds']} s; "
@@ -252,6 +270,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     text = print_table(rows)
     head = git_head()
     data = {"machine": machine(), "commit": head, "files_mb": a.files_mb, "started": started,
+            "locking": a.locking,
             "goals": {"cold_time": "<= 1.2 x N=1 + 1 s", "manifest_config": GOAL_MANIFEST_CONFIG,
                       "blob_get": "= blobs", "warm_requests": GOAL_WARM,
                       "waiting_lock_calls": GOAL_LOCK},
@@ -259,7 +278,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = write_result(a.name, data)
     svg = RESULTS / f"{a.name}.svg"
     m = data["machine"]
-    write_svg(svg, rows, f"{m['nproc']} cores, all daemons on one machine; commit {head[:60]}")
+    write_svg(svg, rows, f"{m['nproc']} cores, all daemons on one machine, [cache] locking = "
+                         f"{a.locking}; commit {head[:60]}", before)
     print(f"wrote {p} and {svg}")
     return 0
 

@@ -139,3 +139,36 @@ def test_two_nodes_share_verdicts_and_strictness_stays(token_registry, tmp_path)
 def private_ref(entry: CacheEntry):
     from ociimage.reference import parse_reference
     return parse_reference(entry.meta["reference"])
+
+
+def test_records_that_answer_nothing_are_swept_once_an_hour_by_one_node(tmp_path):
+    """Records would otherwise only accumulate (one per uid and image asked about, one per
+    index resolved, and users choose the images)."""
+    from ociimage.verdicts import ACCESS, PUBLIC, RESOLVED, SharedAnswers
+    cache = Cache(tmp_path / "c", node="n1")
+    now = [1_000_000.0]
+    answers = SharedAnswers(cache, wall=lambda: now[0])
+    live = {"uid": 1001, "registry": "r", "repository": "a", "digest": D}
+    old = dict(live, uid=1002)
+    answers.record_verdict(live, True, 300)
+    answers.record_verdict({"registry": "r", "repository": "a", "digest": D}, True, 300)
+    now[0] -= 1000
+    answers.record_verdict(old, False, 30)          # expired 970 s ago
+    now[0] += 1000
+    cache.build(D, lambda p: (p.write_bytes(b"x"), {"reference": "r/a"})[1])
+    answers.record_resolved("sha256:" + "1" * 64, "linux/amd64", D)       # entry cached
+    answers.record_resolved("sha256:" + "2" * 64, "linux/amd64", "sha256:" + "3" * 64)  # gone
+    assert answers.sweep_if_due() == 2
+    assert len(cache.record_names(ACCESS)) == 1 and len(cache.record_names(PUBLIC)) == 1
+    assert answers.verdict(live, ttl=300, negative_ttl=30)["allowed"] is True
+    assert answers.resolved("sha256:" + "1" * 64, "linux/amd64") == D
+    assert len(cache.record_names(RESOLVED)) == 1
+    # another node, within the hour: only reads the marker, sweeps nothing
+    answers.record_verdict(old, False, -100)
+    other = SharedAnswers(Cache(tmp_path / "c", node="n2"), wall=lambda: now[0] + 60)
+    assert other.sweep_if_due() == 0
+    assert len(cache.record_names(ACCESS)) == 2
+    # an hour later it is due again
+    later = SharedAnswers(Cache(tmp_path / "c", node="n2"), wall=lambda: now[0] + 3700)
+    assert later.sweep_if_due() >= 1
+    assert len(cache.record_names(ACCESS)) == 0     # both past their expiry by then

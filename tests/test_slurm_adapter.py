@@ -328,3 +328,18 @@ def test_prefetch_limits_per_uid_leave_other_users_alone(tmp_path, monkeypatch):
     assert p.request(f"r.example/a@{ds[0]}", 1002)[0] == "started"      # same digest, own pull
     release.set()
     assert sorted(started) == [1001, 1001, 1002, 1002]
+
+
+def test_prune_spares_a_multi_arch_image_whose_job_names_its_index(tmp_path):
+    """A multi-arch image is pinned at submit by its index digest, and that is what the job's
+    comment names; the cache holds the platform manifest's entry (mapped by a record)."""
+    from ociimage.pull import platform_key
+    from ociimage.verdicts import SharedAnswers
+    index = "sha256:" + "1d" * 32
+    b = FakeBackend()
+    b.jobs_ = [Job("5", "PENDING", "al", 1001, [index])]
+    cache, store = _store(tmp_path, b)
+    SharedAnswers(cache).record_resolved(index, platform_key(None), D1)
+    removed, kept = store.prune(quota=1)
+    assert [e.digest for e in removed] == [D2] and kept == [D1]
+    assert cache.get(D1) is not None

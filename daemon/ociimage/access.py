@@ -109,11 +109,17 @@ class AccessChecker:
             return  # not from a registry (nothing to ask)
         ans = self._known(ref, entry.digest, uid)
         if ans is None:
+            # The user's credentials are read (as the user, which may be slow: their home
+            # on a hung filesystem) BEFORE the cluster-wide lock below, so one user can
+            # only delay their own check, never another user's question about the image.
+            started = self._clock()
+            client = self._client_for(uid)
+            has_credentials = self._has_credentials(client, ref.domain)
             # One node at a time asks about this image; the others then find its answer.
             with self._shared.asking("access", ref.domain, ref.path, entry.digest):
                 ans = self._known(ref, entry.digest, uid)
                 if ans is None:
-                    ans = self._ask(ref, entry.digest, uid)
+                    ans = self._ask(ref, entry.digest, uid, client, has_credentials, started)
         if not ans.allowed:
             raise AccessDenied(ans.reason)
 
@@ -161,7 +167,11 @@ class AccessChecker:
         return ans
 
     def _remember(self, key: tuple, allowed: bool, ttl: float, reason: str, *,
-                  share: bool) -> _Answer:
+                  share: bool, since: Optional[float] = None) -> _Answer:
+        # A verdict is good for ttl from when the question was ASKED (since), not from when
+        # a slow answer arrived: a grant revoked meanwhile must stop working in time.
+        if since is not None:
+            ttl = max(0.0, ttl - (self._clock() - since))
         ans = _Answer(allowed, self._clock() + ttl, reason)
         with self._lock:
             (self._users if len(key) == 4 else self._public)[key] = ans
@@ -171,13 +181,13 @@ class AccessChecker:
 
     # ---- asking the registry ---------------------------------------------
 
-    def _ask(self, ref: Reference, digest: str, uid: int) -> _Answer:
+    def _ask(self, ref: Reference, digest: str, uid: int, client: RegistryClient,
+             has_credentials: bool, started: float) -> _Answer:
         pkey = (ref.domain, ref.path, digest)
         ukey = (uid,) + pkey
-        client = self._client_for(uid)
-        if not self._has_credentials(client, ref.domain):
+        if not has_credentials:
             # The user is the anonymous user here: one question decides both verdicts.
-            public = self._ask_public(ref, digest)
+            public = self._ask_public(ref, digest, started)
             if public is None:
                 return self._unreachable(ukey, ref, digest, "")
             if public.allowed:
@@ -195,16 +205,18 @@ class AccessChecker:
                                   f"cannot confirm with {ref.domain} that you may use the "
                                   f"private image {ref.domain}/{ref.path}: {e}", share=False)
         if status == 200:
-            return self._remember(ukey, True, self.ttl, "", share=True)
+            return self._remember(ukey, True, self.ttl, "", share=True, since=started)
         # Refused with the user's own credentials (say stale ones): still allowed if it is
         # public, as it would be for a user without any.
-        public = self._lookup(self._public, pkey) or self._ask_public(ref, digest)
+        public = self._lookup(self._public, pkey) or self._ask_public(ref, digest, started)
         if public is not None and public.allowed:
             return public
         return self._refused(ukey, ref, digest, f"HTTP {status}")
 
-    def _ask_public(self, ref: Reference, digest: str) -> Optional[_Answer]:
+    def _ask_public(self, ref: Reference, digest: str,
+                    started: Optional[float] = None) -> Optional[_Answer]:
         """The anonymous verdict, shared (None: the registry could not be asked)."""
+        started = self._clock() if started is None else started
         client = self._anonymous or self._client_for(None)
         try:
             status = self._head(client, ref, digest)
@@ -213,7 +225,7 @@ class AccessChecker:
         public = status == 200
         return self._remember((ref.domain, ref.path, digest), public,
                               self.ttl if public else self.negative_ttl,
-                              "" if public else f"HTTP {status}", share=True)
+                              "" if public else f"HTTP {status}", share=True, since=started)
 
     def _refused(self, ukey: tuple, ref: Reference, digest: str, why: str) -> _Answer:
         where = f"{ref.domain}/{ref.path}"
@@ -233,20 +245,22 @@ class AccessChecker:
 
     @staticmethod
     def _has_credentials(client: RegistryClient, domain: str) -> bool:
-        try:
-            return bool(client.auth.credentials(domain))
-        except OciImageError:
-            return True  # unreadable credentials: ask with them (the client reports it)
+        # auth.credentials never raises: unreadable credential files count as none, so
+        # such a user is asked about as the anonymous user (the stricter answer).
+        return bool(client.auth.credentials(domain))
 
     @staticmethod
     def _source(entry: CacheEntry) -> Optional[Reference]:
+        """Where the entry came from; None only for an entry that names no registry at all
+        (imported by an admin). A name that cannot be parsed is refused, never waved by."""
         text = entry.meta.get("reference") or ""
         if not text:
             return None
         try:
             return parse_reference(text)
         except OciImageError:
-            return None
+            raise AccessDenied(f"cannot tell which registry the cached image {entry.digest} "
+                               f"came from; ask an admin to remove it from the cache") from None
 
     def _head(self, client: RegistryClient, ref: Reference, digest: str) -> int:
         """Status of HEAD /v2/<repo>/manifests/<digest> (after auth, retries): one of _ANSWERS."""

@@ -202,6 +202,15 @@ class Cache(LeaseMethods):
         except FileNotFoundError:
             pass
 
+    def record_names(self, kind: str) -> List[str]:
+        """The names of one kind's records (one directory listing)."""
+        self._record_path(kind, "x")  # validates kind
+        try:
+            return [n[:-5] for n in os.listdir(self.records / kind)
+                    if n.endswith(".json") and _RECORD_NAME.fullmatch(n[:-5])]
+        except FileNotFoundError:
+            return []
+
     # ---- locks -----------------------------------------------------------
 
     def _claim_path(self, digest: str) -> Path:

@@ -25,6 +25,7 @@ from .images import ImageStore, Prefetcher
 from .metrics import Metrics
 from .service import ContainersServicer, ImagesServicer
 from .usersock import UserRequests, UserSocketServer
+from .verdicts import SharedAnswers
 from .v1 import health_pb2, health_pb2_grpc
 from .v1 import ociimage_pb2_grpc as pbg
 
@@ -161,6 +162,8 @@ class Daemon:
             try:
                 # one heartbeat for all of this node's leases; no other node's are read
                 self.steps.housekeeping()
+                # one record read; hourly, one node of the cluster sweeps the records
+                SharedAnswers(self.cache).sweep_if_due()
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 

@@ -203,12 +203,19 @@ class ImageStore:
                     self.client(uid), self.cache, ref, options, tracking, site_client=site,
                     outcome=outcome, on_resolved=lambda r: self.access.record_pulled(
                         uid, r.reference, r.manifest.digest))
-                if not outcome.get("resolved_here"):
-                    # Another node (or an earlier pull) made it: this uid was not asked about.
-                    self.access.check(entry, uid)
             else:
                 entry = pull_to_cache(self.client(uid), self.cache, ref, options, tracking,
                                       site_client=site, outcome=outcome)
+                resolved = outcome.get("resolved")
+                if outcome.get("produced") and resolved is not None:
+                    # this uid's credentials just fetched it, layers and all, from there
+                    self.access.record_pulled(uid, resolved.reference, entry.digest)
+            # Always, also when this call resolved something itself: what it resolved may be
+            # a repository (even a registry) the user controls that serves another image's
+            # manifest, and the entry found is then someone else's. The check asks about the
+            # entry's own source; for what this uid just pulled from there it is answered
+            # from the verdict recorded above, without a request.
+            self.access.check(entry, uid)
         except Exception:
             if outcome.get("produced") is None and counted["bytes"]:
                 self.metrics.conversions.labels("error").inc()
@@ -242,8 +249,10 @@ class ImageStore:
         """Whether the owner of a job whose comment names `digest` may use that cached
         image (the registry is asked with their credentials, as for a cache hit); None
         when it is not cached (nothing to spare). A comment is the user's to write: a
-        marker naming an image its owner may not pull spares nothing."""
-        entry = self.cache.get(digest)
+        marker naming an image its owner may not pull spares nothing. The marker is the
+        digest pinned at submit, which for a multi-arch image is its index's: that maps
+        to the cached platform manifest through the index's shared record."""
+        entry = cached_pinned(self.cache, digest, None)
         if entry is None:
             return None
         try:
@@ -260,7 +269,13 @@ class ImageStore:
             log.warning("Slurm cannot be asked which jobs need which image: evicting nothing",
                         extra={"error": getattr(self.slurm, "error", None)})
             return (lambda d: True), {}
-        return (lambda d: d in needed), needed
+        # markers name what was pinned (an index, for a multi-arch image); prune sees the
+        # cached entries' own digests
+        by_entry: Dict[str, list] = {}
+        for marker, jobs in needed.items():
+            entry = cached_pinned(self.cache, marker, None)
+            by_entry.setdefault(entry.digest if entry else marker, []).extend(jobs)
+        return (lambda d: d in by_entry), by_entry
 
     def prune(self, quota: Optional[int] = None) -> Tuple[List[CacheEntry], List[str]]:
         """Evict unleased images no pending/running job needs; returns (removed, kept_for_jobs)."""

@@ -133,6 +133,61 @@ class SharedAnswers:
 
     # ---- plumbing --------------------------------------------------------
 
+    # ---- housekeeping ------------------------------------------------------
+
+    #: how often the cluster sweeps the records (one node does it, see sweep_if_due)
+    SWEEP_EVERY = 3600.0
+
+    def sweep_if_due(self) -> int:
+        """Remove records that can no longer answer anything, at most once per SWEEP_EVERY
+        for the whole cluster: each node reads one small record per call, and the node
+        that finds the sweep due and gets its lock does it (O(records), hourly).
+
+        Without this, records would only ever accumulate: one per (uid, image) asked
+        about, one per index resolved, and users choose the images.
+        """
+        if self.cache is None:
+            return 0
+        last = self._read("housekeeping", "records-swept") or {}
+        when = last.get("at")
+        now = self.wall()
+        if isinstance(when, (int, float)) and 0 <= now - when < self.SWEEP_EVERY:
+            return 0
+        lk = self.cache.lock(lock_digest("sweep-records"))
+        if not lk.try_acquire():
+            return 0  # another node is at it
+        try:
+            removed = self.sweep(now)
+            self._write("housekeeping", "records-swept", {"at": now, "removed": removed,
+                                                          "node": self.cache.node})
+            return removed
+        finally:
+            lk.release()
+
+    def sweep(self, now: Optional[float] = None) -> int:
+        """Remove expired verdicts and index records whose entry is gone; returns how many."""
+        now = self.wall() if now is None else now
+        removed = 0
+        for kind in (ACCESS, PUBLIC):
+            for name in self.cache.record_names(kind):
+                rec = self._read(kind, name)
+                expires = rec.get("expires") if rec else None
+                # unreadable, or past its expiry by more than any reader's clock may lag
+                if not isinstance(expires, (int, float)) or expires + CLOCK_SLACK < now:
+                    self.cache.remove_record(kind, name)
+                    removed += 1
+        for name in self.cache.record_names(RESOLVED):
+            rec = self._read(RESOLVED, name) or {}
+            manifest = rec.get("manifest_digest")
+            if not (isinstance(manifest, str) and is_valid_digest(manifest)
+                    and self.cache.get(manifest) is not None):
+                self.cache.remove_record(RESOLVED, name)  # its image was evicted
+                removed += 1
+        if removed:
+            log.info("removed shared records that answer nothing any more",
+                     extra={"removed": removed})
+        return removed
+
     def _read(self, kind: str, name: str) -> Optional[dict]:
         try:
             return self.cache.read_record(kind, name)
