@@ -227,7 +227,8 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float) -> Tuple[bytes, Li
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([sock], [], [], left)[0]:
             raise TimeoutError
-        data, anc, _flags, _addr = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * 4))
+        data, anc, _flags, _addr = sock.recvmsg(n - len(buf), socket.CMSG_SPACE(4 * 4),
+                                              socket.MSG_CMSG_CLOEXEC)
         for level, typ, payload in anc:
             if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
                 usable = len(payload) - len(payload) % 4

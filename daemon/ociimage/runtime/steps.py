@@ -127,14 +127,16 @@ class StepManager:
         holder = f"job {request.job_id}.{request.step_id}"
         hint = parse_reference(request.image).digest
         for attempt in range(attempts):
-            reserved = self.cache.reserve(hint, holder, ttl=self._ttl) if hint else None
+            reserved = self._pend(self.cache.reserve(hint, holder, ttl=self._ttl)) if hint \
+                else None
             entry = None
             try:
                 entry = self.store.pull(request.image, uid=request.uid, report=report)
                 if reserved is not None and reserved.digest == entry.digest:
                     lease_id, reserved = reserved.id, None
                     return entry, lease_id
-                return entry, self.cache.add_lease(entry.digest, holder, ttl=self._ttl).id
+                return entry, self._pend(self.cache.add_lease(entry.digest, holder,
+                                                              ttl=self._ttl)).id
             except NotFound:
                 if entry is None or attempt == attempts - 1 or hint == entry.digest:
                     raise  # not in the registry, or evicted although leased first
@@ -143,8 +145,17 @@ class StepManager:
                          extra={"digest": entry.digest, "holder": holder})
             finally:
                 if reserved is not None:
+                    with self._lock:
+                        self._pending.discard(reserved.id)
                     self.cache.drop_lease(reserved)
         raise AssertionError("unreachable")
+
+    def _pend(self, lease):
+        """A lease of a prepare still under way (a pull may take an hour): the leak sweep
+        must not take it for one no step holds. prepare() discards it once recorded."""
+        with self._lock:
+            self._pending.add(lease.id)
+        return lease
 
     def prepare(self, request, report: Reporter) -> pb.StepContainer:
         _check_ids(request.job_id, request.step_id)
