@@ -288,8 +288,9 @@ def test_user_flocks_cannot_stall_a_step(reg, site):
 @pytest.mark.parametrize("site", [{"cache": "lock_timeout = 2\nconvert_timeout = 3\n"}],
                          indirect=True)
 def test_a_stuck_lock_ends_in_a_one_line_timeout(reg, site):
-    """Root holds the digest lock (a stuck peer node): the step fails after lock_timeout,
-    a pull that would wait for the conversion after convert_timeout; neither hangs."""
+    """Root holds the digest lock (a stuck peer node): a step on the cached image does not
+    wait for it at all (a cache hit takes no lock, issue 15); a pull that has to wait for
+    the conversion fails after convert_timeout with one line; nothing hangs."""
     login(PRIV_USER, reg, "alice")
     img, pinned = push(reg, "priv/stuck")
     other, other_pinned = push(reg, "priv/stuck2")
@@ -303,13 +304,10 @@ def test_a_stuck_lock_ends_in_a_one_line_timeout(reg, site):
         fds.append(fd)
     try:
         t0 = time.monotonic()
-        with pytest.raises(OciImageError) as e:
-            prepare(site, pinned, "703", PRIV_USER)     # the lease needs the lock
-        took = time.monotonic() - t0
-        msg = str(e.value)
-        assert 2 <= took < 15, took
-        assert "\n" not in msg and "timed out after 2 s waiting for the cache lock of " \
-            f"{img.manifest_digest}" in msg and "[cache] lock_timeout = 2" in msg, msg
+        c = prepare(site, pinned, "703", PRIV_USER)     # the lease takes no lock
+        assert c.digest == img.manifest_digest
+        assert time.monotonic() - t0 < 2, "a cache hit waited for the stuck peer's lock"
+        release(site, "703")
         t0 = time.monotonic()
         with pytest.raises(OciImageError) as e:
             DaemonClient(str(site.daemon.socket), timeout=60).pull(other_pinned, uid=uid)
@@ -318,13 +316,9 @@ def test_a_stuck_lock_ends_in_a_one_line_timeout(reg, site):
     finally:
         for fd in fds:
             os.close(fd)
-    try:
-        release(site, "703")
-    except OciImageError:
-        pass
-    # once the peer lets go, the same step starts
-    c = prepare(site, pinned, "704", PRIV_USER)
-    assert c.digest == img.manifest_digest
+    # once the peer lets go, the image that had to wait is converted
+    c = prepare(site, other_pinned, "704", PRIV_USER)
+    assert c.digest == other.manifest_digest
     release(site, "704")
 
 

@@ -256,7 +256,7 @@ def test_nodes_wait_for_the_prefetch_conversion(sa):
         assert r.returncode == 0 and r.stdout.split() == ["ID=race"] * 3, r.stderr
         assert sum(sa.conversions(d) for d in sa.daemons) - before == 1
         assert sa.conversions(sa.login) >= 1
-        assert "waiting for another node converting this image" in r.stderr, r.stderr
+        assert "waiting for node login converting this image" in r.stderr, r.stderr
     finally:
         slow.stop()
 
@@ -388,6 +388,9 @@ def test_prune_spares_everything_when_slurm_cannot_be_asked(sa, tmp_path):
     bad = tmp_path / "oci.conf"
     bad.write_text(f"[slurm]\njobs = cli\nconf = {tmp_path}/no-such-slurm.conf\n")
     os.chmod(tmp_path, 0o755)
+    # a job list another node shared within [slurm] refresh would answer for this node:
+    # none here, so this node must ask its own (broken) Slurm
+    (sa.cache / "records" / "slurm" / "jobs.json").unlink(missing_ok=True)
     d = DaemonProcess(sa.base, sa.cache, node="broken", extra=["--config", str(bad)]).start()
     try:
         r = d.cli("--json", "prune", "--quota", "1", check=True)
