@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ociimage.cache import Cache, entry_name
-from ociimage.cachelock import detect_locking
+from ociimage.cachemode import detect_locking
 from ociimage.config import load_config
 from ociimage.errors import ConfigError
 from ociimage.runtime.mounts import MountEntry
@@ -275,9 +275,9 @@ def test_auto_detects_where_flock_is_node_local(fstype, options, super_options, 
 
 def test_locking_settings_are_validated(tmp_path):
     assert Cache(tmp_path / "c").locking == "flock"  # this machine's local filesystem
-    assert Cache(tmp_path / "c", locking="claim").locking_reason == "[cache] locking"
+    assert Cache(tmp_path / "d", locking="claim").locking_reason == "[cache] locking"
     with pytest.raises(ConfigError, match="locking"):
-        Cache(tmp_path / "c", locking="lockd")
+        Cache(tmp_path / "e", locking="lockd")
     p = tmp_path / "oci-image.conf"
     p.write_text("[cache]\nlocking = claim\nclaim_stale = 30\n")
     cfg = load_config(p)

@@ -7,8 +7,10 @@ Layout under the cache root (a directory on the cluster's shared filesystem)::
     images/sha256-<hex>.used    empty file whose mtime is the last use (LRU)
     locks/sha256-<hex>.lock     flock per digest, serialises converters across nodes
     locks/sha256-<hex>.claim    the same where flock is node-local ([cache] locking = claim)
+    locking.json                the cluster's lock kind, recorded on first use (cachemode.py)
     tmp/                        work in progress, never read by anyone but its writer
     leases/<node>/alive         the node's heartbeat: its mtime is when its leases expire
+    leases/<node>/now           touched to read the file server's time (leases.py)
     leases/<node>/<entry>.<id>.json   who needs which image (leases.py)
     records/<kind>/<name>.json  small shared answers every node reuses (access verdicts,
                                 what a tag or index resolved to, Slurm's job list,
@@ -51,8 +53,9 @@ from . import eviction
 from .cachefiles import (DIR_MODE, FILE_MODE, UMASK, create_private_file, entry_name,  # noqa: F401
                          fsync_dir, fsync_file, narrow_tree, read_small, write_aside,
                          write_json_durably)
-from .cachelock import (DEFAULT_CLAIM_STALE, MODES, ClaimLock, ClaimLost, FlockLock,
-                        check_flock, detect_locking)
+from .cachelock import DEFAULT_CLAIM_STALE, MODES, ClaimLock, FlockLock, LockLost
+from .cachemode import (agree_mode, check_flock, check_lookupcache, detect_locking,
+                        make_layout)
 from .errors import CacheError, ConfigError, NoSpace
 from .leases import DEFAULT_LEASE_TTL, Lease, LeaseBook, LeaseMethods  # noqa: F401 - API
 
@@ -120,38 +123,21 @@ class Cache(LeaseMethods):
         self._touched: Dict[str, float] = {}
         # digest -> progress state, for the conversions this process runs (note_progress)
         self._building: Dict[str, dict] = {}
-        try:
-            for d in (self.root, self.images, self.locks, self.tmp, self.leases, self.records):
-                d.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-            marker = self.root / "layout.json"
-            if not marker.exists():
-                tmp = self.tmp / f"layout.{os.getpid()}.{secrets.token_hex(4)}"
-                write_json_durably(tmp, {"layout": LAYOUT_VERSION})
-                os.replace(tmp, marker)
-        except PermissionError as e:
-            raise ConfigError(f"cache directory {self.root} is not writable: {e.strerror}") from None
-        except OSError as e:
-            raise ConfigError(f"cannot use cache directory {self.root}: {e.strerror or e}") from None
-        layout = json.loads(marker.read_text()).get("layout")
-        if layout != LAYOUT_VERSION:
-            raise ConfigError(f"cache directory {self.root} has layout {layout}, "
-                              f"this version understands {LAYOUT_VERSION}")
+        make_layout(self.root, self.tmp, LAYOUT_VERSION,
+                    (self.root, self.images, self.locks, self.tmp, self.leases, self.records))
         if locking not in MODES:
             raise ConfigError(f"[cache] locking = {locking}: must be one of {', '.join(MODES)}")
         if locking == "auto":
             self.locking, self.locking_reason = detect_locking(self.root)
         else:
             self.locking, self.locking_reason = locking, "[cache] locking"
+        agree_mode(self.root, self.tmp, self.locking, self.locking_reason, self.node)
+        #: claim path -> (signature, first seen): prune and sweep take over dead claims
+        self._claims_seen: Dict[str, tuple] = {}
 
     def secure(self) -> int:
-        """Narrow a cache made by an older version (0755 dirs, 0644 files) to root's alone.
-
-        The root directory first: from that instant no user can open anything
-        below it by path, whatever the modes further down. Then every directory
-        and file below (symlinks are never followed). Returns how many entries
-        were narrowed. A descriptor a user opened before this keeps working until
-        closed: which is why every lock wait has a deadline.
-        """
+        """Narrow a cache made by an older version (0755 dirs, 0644 files) to root's alone
+        (cachefiles.narrow_tree); how many entries were narrowed."""
         return narrow_tree(self.root)
 
     # ---- paths -----------------------------------------------------------
@@ -244,11 +230,11 @@ class Cache(LeaseMethods):
         lk.acquire(*self._limit(timeout, converting), on_wait)
         return lk
 
-    def check_locking(self) -> None:
-        """Fail early on a filesystem where flock does not work (e.g. Lustre without -o flock).
-
-        Claim mode needs no flock: link(2) and rename(2) work on every shared filesystem.
-        """
+    def check_locking(self, mountinfo=None) -> None:
+        """At daemon start: refuse NFS without lookupcache=positive (cachemode.py), and
+        fail early where flock does not work (e.g. Lustre without -o flock). Claim mode
+        needs no flock: link(2) and rename(2) work on every shared filesystem."""
+        check_lookupcache(self.root, mountinfo)
         if self.locking == "claim":
             return
         check_flock(self.root, self.locks / f"probe.{self.node}.{os.getpid()}")
@@ -366,7 +352,7 @@ class Cache(LeaseMethods):
                 return self._publish(digest, producer, lk)
             except Exception as e:
                 # the taker swept our temp files, so a lost claim shows as any failure
-                if not isinstance(e, ClaimLost) and not lk.was_lost():
+                if not isinstance(e, LockLost) and not lk.was_lost():
                     raise
                 log.warning("abandoned a conversion: another node took it over",
                             extra={"digest": digest, "error": str(e)})
@@ -399,18 +385,15 @@ class Cache(LeaseMethods):
         return entry_name(digest) + "."
 
     def _remove_leftovers(self, digest: str) -> None:
-        """Under the digest lock: anything in tmp/ or a lone .sqfs is a crashed writer's
-        (a conversion's files, or metadata a crashed remove had put aside)."""
+        """Under the digest lock: anything in tmp/ for digest is a crashed writer's (a
+        conversion's files, or metadata a crashed remove had put aside). A lone .sqfs in
+        images/ is left alone: "no metadata" may be a stale negative lookup of an entry
+        another node just published (on NFS deleting it would make it ESTALE for the
+        nodes using it); our publish overwrites it, and prune removes old lone ones."""
         for p in self.tmp.glob(self._tmp_prefix(digest) + "*"):
             log.info("removing leftover from an interrupted conversion", extra={"path": str(p)})
             try:
                 p.unlink()
-            except FileNotFoundError:
-                pass
-        if not self.meta_path(digest).exists():
-            try:
-                self.sqfs_path(digest).unlink()
-                log.info("removed unpublished image file", extra={"digest": digest})
             except FileNotFoundError:
                 pass
 
@@ -434,7 +417,7 @@ class Cache(LeaseMethods):
             meta["size"] = st.st_size
             meta.setdefault("created", time.time())
             write_json_durably(tmp_meta, meta)
-            lk.check_owned()  # a claim taken over meanwhile: publish nothing (ClaimLost)
+            lk.check_owned()  # a lock lost or claim taken over meanwhile: publish nothing
             os.replace(tmp_sqfs, self.sqfs_path(digest))
             os.replace(tmp_meta, self.meta_path(digest))
             fsync_dir(self.images)

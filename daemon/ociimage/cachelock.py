@@ -15,7 +15,10 @@ ClaimLock is for shared filesystems whose flock is node-local (Lustre
 atomic link(2), a heartbeat (its mtime) while the claimer works, and takeover
 once a waiter saw no change for `stale` seconds on its own monotonic clock
 (no clock is compared across nodes). The claimer checks at every heartbeat and
-before publishing that the claim is still its own, and abandons otherwise.
+before publishing that the claim is still its own, and abandons otherwise. Only
+a vanished claim or another token means lost (an EIO or ESTALE says nothing: look
+again), and a claim is read before it is moved, so neither a release nor a
+takeover ever moves another node's live claim.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
-from .cachefiles import FILE_MODE, open_private, read_small, write_new
-from .errors import CacheError, ConfigError, LockTimeout
+from .cachefiles import open_private, read_small, write_new
+from .errors import CacheError, LockTimeout
 
 log = logging.getLogger("ociimage.cache")
 
@@ -47,7 +50,11 @@ OnWait = Optional[Callable[[float], None]]
 Ready = Optional[Callable[[], bool]]
 
 
-class ClaimLost(CacheError):
+class LockLost(CacheError):
+    """This process no longer holds the digest's lock: publish or remove nothing."""
+
+
+class ClaimLost(LockLost):
     """This process's claim was taken over (it looked dead to another node)."""
 
 
@@ -66,6 +73,7 @@ class FlockLock:
         self.path = Path(path)
         self.what = what
         self._fd: Optional[int] = None
+        self.lost = False
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free now; False if someone holds it."""
@@ -111,11 +119,27 @@ class FlockLock:
     def keep_alive(self) -> None:
         """Nothing to do: the kernel keeps an flock for as long as the descriptor is open."""
 
+    def try_acquire_stale(self, seen: Dict[str, tuple]) -> bool:
+        """try_acquire: a dead holder's flock is gone with its process, nothing is stale."""
+        return self.try_acquire()
+
     def check_owned(self) -> None:
-        """An flock cannot be taken away."""
+        """Raise LockLost unless the flock is still ours: NFSv4 drops it silently when the
+        client's lease expired (a network partition), and another node may hold it now.
+        Taking it again on the same descriptor succeeds at once while we hold it."""
+        if self._fd is None:
+            raise CacheError(f"{self.what}: lock not held by this object")
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            why = e.strerror
+        self.lost = True
+        raise LockLost(f"the cache lock of {self.what} was lost ({why}): another node may "
+                       f"hold it now (NFSv4 lease expired?)")
 
     def was_lost(self) -> bool:
-        return False
+        return self.lost
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
@@ -194,7 +218,9 @@ def _pidfd(pid: int) -> Optional[int]:
 def _reap(pid: int, pidfd: Optional[int], wait: float) -> Optional[int]:
     """The child's wait status once it exited within `wait` seconds, else None."""
     if pidfd is not None:
-        select.select([pidfd], [], [], wait)
+        p = select.poll()  # not select(): it fails for descriptors >= 1024 (FD_SETSIZE)
+        p.register(pidfd, select.POLLIN)
+        p.poll(wait * 1000)
     else:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -248,14 +274,8 @@ class ClaimLock:
                            "since": time.time()}).encode()
         try:
             write_new(tmp, body)
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
+            if not self._link(tmp, token):
                 return False
-            except OSError:
-                # NFS may lose the reply of a link that happened: the link count tells
-                if os.stat(tmp).st_nlink != 2:
-                    raise
         except OSError as e:
             raise CacheError(f"cannot create the claim {self.path}: {e.strerror or e}") from None
         finally:
@@ -267,37 +287,86 @@ class ClaimLock:
         self.lost = False
         return True
 
-    def owned(self) -> bool:
+    def _link(self, tmp: Path, token: str) -> bool:
+        """link(tmp, claim): True if the claim is now ours. NFS may retransmit a LINK whose
+        reply was lost: the retry then fails (EEXIST, or another error) although the
+        first one made the claim, so a failure is checked against our file and token."""
+        try:
+            os.link(tmp, self.path)
+            return True
+        except OSError as e:
+            try:
+                if os.stat(tmp).st_nlink == 2 or self._token_at(self.path) == token:
+                    return True
+            except OSError:
+                pass
+            if isinstance(e, FileExistsError):
+                return False
+            raise
+
+    @staticmethod
+    def _token_at(path: Path) -> Optional[str]:
+        """The token in a claim file; None if it has none (garbage); OSError if unreadable."""
+        try:
+            token = json.loads(read_small(path)).get("token")
+        except (ValueError, AttributeError):
+            return None
+        return token if isinstance(token, str) else None
+
+    def _ownership(self) -> Optional[bool]:
+        """True: ours. False: gone or another's token (lost). None: could not tell (EIO,
+        ESTALE, a timeout on NFS): look again later, a transient error loses nothing."""
         if self._token is None:
             return False
         try:
-            return json.loads(read_small(self.path)).get("token") == self._token
-        except (OSError, ValueError, AttributeError):
-            return False  # gone, replaced or unreadable (ESTALE on NFS): not ours
+            return self._token_at(self.path) == self._token
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+
+    def owned(self) -> bool:
+        return self._ownership() is True
 
     def check_owned(self) -> None:
-        """Raise ClaimLost unless the claim is still ours (before publishing)."""
-        if self.lost or not self.owned():
+        """Raise ClaimLost unless the claim is still ours (before publishing or removing).
+        Errors that say nothing (EIO, ESTALE) are retried for a few seconds."""
+        deadline = time.monotonic() + min(5.0, self.stale / 4)
+        state = None if self.lost else self._ownership()
+        while state is None and not self.lost and time.monotonic() < deadline:
+            time.sleep(0.2)
+            state = self._ownership()
+        if state is None and not self.lost:
+            raise CacheError(f"cannot read the claim {self.path} to check it is still ours")
+        if self.lost or not state:
             self.lost = True
             raise ClaimLost(f"another node took over the conversion of {self.what} "
                             f"([cache] claim_stale = {self.stale:g} s passed without a heartbeat)")
 
     def was_lost(self) -> bool:
         """Whether the claim was taken over (a failure then is the taker sweeping our files)."""
-        if not self.lost and self._token is not None and not self.owned():
+        if not self.lost and self._token is not None and self._ownership() is False:
             self.lost = True
         return self.lost
 
-    def _remove_if(self, expected: Callable[[Path], bool]) -> bool:
-        """Remove the claim only if it is the expected one: renamed aside, checked there, and
-        put back if it is not (a rename is atomic; reading first and unlinking is not)."""
+    def _remove_if(self, token: Optional[str], sig=None) -> bool:
+        """Remove the claim only if it holds token (and, given sig, is unchanged since).
+
+        Checked before touching it, so a live claim of another node is never moved;
+        then renamed aside (atomic, unlike reading and unlinking), checked again
+        there, and put back if it changed in between."""
+        try:
+            if self._token_at(self.path) != token or (sig and not self._same(self.path, sig)):
+                return False
+        except FileNotFoundError:
+            return False
         aside = self.tmpdir / f"claim.{self.node}.{os.getpid()}.{secrets.token_hex(8)}.aside"
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return False
         try:
-            if expected(aside):
+            if self._token_at(aside) == token and (not sig or self._same(aside, sig)):
                 return True
             try:
                 os.link(aside, self.path)  # not ours to remove: put it back
@@ -306,6 +375,40 @@ class ClaimLock:
             return False
         finally:
             os.unlink(aside)
+
+    def _take_over(self, sig) -> bool:
+        """Remove a claim that stayed at sig for `stale` seconds (its claimer is dead)."""
+        holder = self.holder()
+        try:
+            token = self._token_at(self.path)
+        except OSError:
+            return False
+        if not self._remove_if(token, sig):
+            return False
+        log.warning("took over a stale claim", extra={
+            "digest": self.what, "holder": holder, "stale": self.stale})
+        return True
+
+    def try_acquire_stale(self, seen: Dict[str, tuple]) -> bool:
+        """try_acquire, also taking over a claim that `seen` (the caller's memory, kept
+        across calls: prune, sweep) saw unchanged for `stale` seconds on this node's
+        monotonic clock: the rule waiters use, so a dead claimer blocks nothing forever."""
+        key = str(self.path)
+        if self.try_acquire():
+            seen.pop(key, None)
+            return True
+        sig, now = self._signature(), time.monotonic()
+        if sig is None:
+            seen.pop(key, None)
+            return self.try_acquire()
+        first = seen.get(key)
+        if first is None or first[0] != sig:
+            seen[key] = (sig, now)
+            return False
+        if now - first[1] < self.stale or not self._take_over(sig):
+            return False
+        seen.pop(key, None)
+        return self.try_acquire()
 
     def acquire(self, timeout: float, setting: str, on_wait: OnWait = None,
                 ready: Ready = None) -> bool:
@@ -328,10 +431,7 @@ class ClaimLock:
             if sig is not None and sig != seen:
                 seen, seen_at = sig, now
             elif sig is not None and now - seen_at >= self.stale:
-                holder = self.holder()
-                if self._remove_if(lambda p: self._same(p, sig)):
-                    log.warning("took over a stale claim", extra={
-                        "digest": self.what, "holder": holder, "stale": self.stale})
+                if self._take_over(sig):
                     continue  # and race the others to create a new one
             waited = now - start
             if waited >= timeout:
@@ -344,7 +444,7 @@ class ClaimLock:
     @staticmethod
     def _same(path: Path, sig) -> bool:
         st = os.stat(path, follow_symlinks=False)
-        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)[:2] == sig[:2]
+        return (st.st_ino, st.st_mtime_ns) == tuple(sig[:2])
 
     def keep_alive(self) -> None:
         """Heartbeat (the claim's mtime) every min(5 s, stale/4) until release."""
@@ -353,7 +453,12 @@ class ClaimLock:
 
         def beat() -> None:
             while not self._stop.wait(interval):
-                if not self.owned():
+                state = self._ownership()
+                if state is None:
+                    log.warning("cannot read the claim; retrying at the next heartbeat",
+                                extra={"digest": self.what})
+                    continue
+                if not state:
                     self.lost = True
                     log.warning("lost the claim to another node",
                                 extra={"digest": self.what, "claim_stale": self.stale})
@@ -361,7 +466,7 @@ class ClaimLock:
                 try:
                     os.utime(self.path, follow_symlinks=False)
                 except OSError:
-                    pass  # gone meanwhile: the next beat finds out
+                    pass  # gone meanwhile, or a transient error: the next beat finds out
 
         self._beat = threading.Thread(target=beat, daemon=True, name=f"claim {self.what[:19]}")
         self._beat.start()
@@ -372,62 +477,9 @@ class ClaimLock:
             self._beat.join()
             self._beat = None
         token, self._token = self._token, None
-        if token is None:
-            return
-
-        def ours(p: Path) -> bool:
-            try:
-                return json.loads(read_small(p)).get("token") == token
-            except (OSError, ValueError, AttributeError):
-                return False
-
+        if token is None or self.lost:
+            return  # taken over: the claim there is the taker's, not ours to remove
         try:
-            self._remove_if(ours)
+            self._remove_if(token)
         except OSError as e:
             log.warning("cannot remove a claim", extra={"path": str(self.path), "error": str(e)})
-
-
-# ---- which kind ------------------------------------------------------------------------------
-
-def detect_locking(path, mountinfo=None) -> Tuple[str, str]:
-    """("flock" | "claim", why) for the filesystem holding path, from its mount options."""
-    from .runtime.mounts import mount_containing
-    m = mount_containing(path, mountinfo)
-    opts = set(m.options.split(",")) | set(m.super_options.split(","))
-    where = f"{m.fstype} at {m.mount_point}"
-    if m.fstype in ("nfs", "nfs4"):
-        local = {o.split("=", 1)[1] for o in opts if o.startswith("local_lock=")}
-        if "nolock" in opts:
-            return "claim", f"{where} is mounted nolock: flock is node-local"
-        if local & {"flock", "all"}:
-            return "claim", f"{where} has local_lock={local.pop()}: flock is node-local"
-        return "flock", f"{where} forwards flock to the server"
-    if m.fstype == "lustre":
-        if "localflock" in opts:
-            return "claim", f"{where} is mounted localflock: flock is node-local"
-        if "flock" not in opts:
-            return "claim", f"{where} is mounted without -o flock"
-        return "flock", f"{where} is mounted with -o flock"
-    return "flock", f"{where}: flock assumed coherent"
-
-
-def check_flock(root: Path, probe: Path) -> None:
-    """Fail early where flock does not work at all (e.g. Lustre without -o flock)."""
-    try:
-        fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
-    except OSError as e:
-        raise ConfigError(f"cannot create files in {probe.parent}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    except OSError as e:
-        raise ConfigError(
-            f"file locks do not work in {root} ({e.strerror}); set [cache] locking = claim, or "
-            f"on Lustre mount with '-o flock', on NFS make sure lockd/NFSv4 locking works"
-        ) from None
-    finally:
-        os.close(fd)
-        try:
-            probe.unlink()
-        except OSError:
-            pass

@@ -7,6 +7,11 @@ invalid from that instant), then list the leases, and put it back if one
 appeared. Whichever comes second sees the other: a lease is never granted on
 an entry that then disappears. Removal itself still holds the digest's lock,
 so it never races a conversion or another removal.
+
+In claim mode that lock is a claim another node takes over if it looks dead
+(a stall past claim_stale): so removers keep it alive with a heartbeat, check
+it is still theirs right before deleting anything, and put metadata back with
+link(2), which never overwrites the entry a taker may have published meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional
 
 from .cachefiles import fsync_dir
 from .digests import validate_digest
+from .cachelock import LockLost
 from .errors import InUse, NotFound
 
 if TYPE_CHECKING:
@@ -39,8 +45,32 @@ def _hide(cache: "Cache", digest: str) -> Optional[Path]:
 
 
 def _unhide(cache: "Cache", digest: str, aside: Optional[Path]) -> None:
-    if aside is not None:
-        os.rename(aside, cache.meta_path(digest))
+    """Put hidden metadata back, unless a newer entry is there (never overwrite it)."""
+    if aside is None:
+        return
+    try:
+        os.link(aside, cache.meta_path(digest))
+    except FileExistsError:
+        log.info("a newer entry was published meanwhile; dropping the old metadata",
+                 extra={"digest": digest})
+    except FileNotFoundError:
+        return  # a taker of our lost claim swept it as a leftover
+    os.unlink(aside)
+
+
+def _settle(cache: "Cache", digest: str, lk, aside: Optional[Path], evict: bool) -> bool:
+    """Evict (unpublish) or put back one hidden entry; True if evicted. Only while the
+    lock is still ours: else put back what is ours to put back, and evict nothing."""
+    if evict:
+        try:
+            lk.check_owned()
+        except Exception:
+            _unhide(cache, digest, aside)
+            raise
+        _unpublish(cache, digest, aside)
+        return True
+    _unhide(cache, digest, aside)
+    return False
 
 
 def _unpublish(cache: "Cache", digest: str, aside: Optional[Path]) -> None:
@@ -66,18 +96,24 @@ def remove(cache: "Cache", digest: str) -> None:
     """Remove one entry. Refuses (InUse) while a live lease holds it."""
     lk = cache.acquire(digest)
     try:
+        lk.keep_alive()
         if not cache.meta_path(digest).exists() and not cache.sqfs_path(digest).exists():
             raise NotFound(f"image {digest} is not in the cache")
         aside = _hide(cache, digest)
         snap = cache._book.snapshot()
         holders = snap.live.get(digest)
+        _settle(cache, digest, lk, aside, evict=not holders)
         if holders:
-            _unhide(cache, digest, aside)
             raise _in_use(cache, digest, holders)
-        _unpublish(cache, digest, aside)
         cache._book.delete_dead(snap)
     finally:
         lk.release()
+
+
+#: entries prune hides at once: each holds a lock (a descriptor, a heartbeat thread)
+PRUNE_BATCH = 64
+#: a lone image file (no metadata) older than this is a crashed writer's or remover's
+LONE_IMAGE_AGE = 3600.0
 
 
 def prune(cache: "Cache", *, quota: Optional[int] = None,
@@ -87,50 +123,60 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
     With a quota, stop once the cache is at or under it; without, evict every
     unleased entry. keep(digest) lets callers spare more images (e.g. ones
     that pending Slurm jobs need). O(entries + leases): the leases are listed
-    twice in all (before choosing, and after hiding the chosen entries), by
+    once before choosing and once per batch of PRUNE_BATCH hidden entries, by
     name, whatever the number of entries; the lease files of nodes whose
     heartbeat has passed are deleted.
     """
     sweep_tmp(cache)
+    sweep_lone_images(cache)
     removed: List["CacheEntry"] = []
     entries = sorted(cache.list(), key=lambda e: e.last_used)
     total = sum(e.size for e in entries)
     snap = cache._book.snapshot()
-    chosen = []  # (entry, its lock, its hidden metadata)
-    try:
-        for e in entries:
-            if quota is not None and total <= quota:
+    todo = iter(entries)
+    while quota is None or total > quota:
+        chosen = []  # (entry, its lock, its hidden metadata)
+        try:
+            for e in todo:
+                if keep(e.digest) or e.digest in snap.live:
+                    continue
+                lk = cache.lock(e.digest)
+                if not lk.try_acquire_stale(cache._claims_seen):
+                    continue  # being converted or removed by someone else right now
+                lk.keep_alive()
+                aside = _hide(cache, e.digest) if cache.get(e.digest) else None
+                if aside is None:
+                    lk.release()
+                    continue
+                chosen.append((e, lk, aside))
+                total -= e.size
+                if len(chosen) >= PRUNE_BATCH or (quota is not None and total <= quota):
+                    break
+            if not chosen:
                 break
-            if keep(e.digest) or e.digest in snap.live:
-                continue
-            lk = cache.lock(e.digest)
-            if not lk.try_acquire():
-                continue  # being converted or removed by someone else right now
-            aside = _hide(cache, e.digest) if cache.get(e.digest) else None
-            if aside is None:
-                lk.release()
-                continue
-            chosen.append((e, lk, aside))
-            total -= e.size
-        after = cache._book.snapshot() if chosen else snap
-        while chosen:
-            e, lk, aside = chosen[0]
-            try:
-                if e.digest in after.live:  # leased meanwhile: put it back
+            after = cache._book.snapshot()
+            while chosen:
+                e, lk, aside = chosen[0]
+                try:
+                    leased = e.digest in after.live  # leased meanwhile: put it back
+                    if _settle(cache, e.digest, lk, aside, evict=not leased):
+                        removed.append(e)
+                        log.info("evicted image", extra={"digest": e.digest, "size": e.size})
+                    else:
+                        total += e.size
+                except LockLost as err:
+                    total += e.size
+                    log.warning("not evicting: lost its lock", extra={"digest": e.digest,
+                                                                      "error": str(err)})
+                finally:
+                    chosen.pop(0)
+                    lk.release()
+        finally:
+            for e, lk, aside in chosen:  # an error above: leave the rest as they were
+                try:
                     _unhide(cache, e.digest, aside)
-                else:
-                    _unpublish(cache, e.digest, aside)
-                    removed.append(e)
-                    log.info("evicted image", extra={"digest": e.digest, "size": e.size})
-            finally:
-                chosen.pop(0)
-                lk.release()
-    finally:
-        for e, lk, aside in chosen:  # an error above: leave the rest as they were
-            try:
-                _unhide(cache, e.digest, aside)
-            finally:
-                lk.release()
+                finally:
+                    lk.release()
     cache._book.delete_dead(snap)
     return removed
 
@@ -153,7 +199,7 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
                 digest = f"{algo}:{rest.split('.', 1)[0]}"
                 validate_digest(digest)
                 lk = cache.lock(digest)
-                if not lk.try_acquire():
+                if not lk.try_acquire_stale(cache._claims_seen):
                     continue  # being written right now
                 try:
                     p.unlink()
@@ -171,4 +217,66 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
             continue
         removed.append(p)
         log.info("removed a leftover temp file", extra={"path": str(p)})
+    _sweep_claims(cache)
+    return removed
+
+
+def _sweep_claims(cache: "Cache") -> None:
+    """Claim mode: end the claims of dead claimers (crashed after publishing, or with
+    nothing left in tmp/), once seen unchanged for claim_stale across sweeps."""
+    if cache.locking != "claim":
+        return
+    found = set()
+    for p in cache.locks.glob("*.claim"):
+        algo, _, rest = p.name.partition("-")
+        digest = f"{algo}:{rest[:-len('.claim')]}"
+        try:
+            validate_digest(digest)
+            lk = cache.lock(digest)
+            found.add(str(lk.path))
+            if lk.try_acquire_stale(cache._claims_seen):
+                lk.release()
+        except Exception as e:  # noqa: BLE001 - a sweep never fails prune
+            log.warning("cannot check a claim", extra={"path": str(p), "error": str(e)})
+    for key in set(cache._claims_seen) - found:  # gone: forget them
+        cache._claims_seen.pop(key, None)
+
+
+def sweep_lone_images(cache: "Cache", min_age: float = LONE_IMAGE_AGE) -> List[Path]:
+    """Remove images/*.sqfs without metadata, older than min_age, under the digest lock:
+    a writer that crashed between its two renames, or a remover between its unlinks.
+    Never a younger one: "no metadata" may be this node's stale view of a new entry."""
+    removed: List[Path] = []
+    try:
+        names = set(os.listdir(cache.images))
+    except FileNotFoundError:
+        return removed
+    now = time.time()
+    for name in sorted(names):
+        if not name.endswith(".sqfs") or name[:-5] + ".json" in names:
+            continue
+        p = cache.images / name
+        algo, _, rest = name[:-5].partition("-")
+        try:
+            digest = validate_digest(f"{algo}:{rest}")
+            if now - p.stat().st_mtime < min_age:
+                continue
+            lk = cache.lock(digest)
+            if not lk.try_acquire_stale(cache._claims_seen):
+                continue
+            try:
+                # under the lock nobody publishes it; look again, the listing is old
+                if cache.meta_path(digest).exists() or now - p.stat().st_mtime < min_age:
+                    continue
+                p.unlink()
+            finally:
+                lk.release()
+        except FileNotFoundError:
+            continue
+        except Exception as e:  # noqa: BLE001 - a sweep never fails prune
+            log.warning("cannot remove a lone image file", extra={"path": str(p),
+                                                                  "error": str(e)})
+            continue
+        removed.append(p)
+        log.info("removed an image file without metadata", extra={"path": str(p)})
     return removed

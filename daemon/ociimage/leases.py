@@ -12,6 +12,12 @@ them. A node writes and deletes only under its own directory; others delete a
 node's lease files only once its heartbeat is past (a dead node). No lease is
 fsynced: it only matters while its node is alive, and a node that crashed
 starts by dropping what it no longer needs (StepManager.recover).
+
+No node's clock is compared with another's: heartbeats are set, and compared,
+in the file server's time, read as the mtime of leases/<node>/now after a
+utime(NULL) (which NFS sets to the server's time). A node whose clock is off
+keeps its leases, and does not expire others'. Where that file cannot be
+touched, the local clock is used.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ log = logging.getLogger("ociimage.cache")
 
 DEFAULT_LEASE_TTL = 600.0
 ALIVE = "alive"
+NOW = "now"  # touched to learn the file server's time
+_NOW_EVERY = 30.0  # seconds the server's offset to our clock is trusted for (add, own)
 _NAME = re.compile(r"^(sha256|sha512)-([0-9a-f]{64}|[0-9a-f]{128})\.[0-9a-f]{16}$")
 _OLD_ID = re.compile(r"^[0-9a-f]{1,64}$")  # ids before the digest was in the name
 
@@ -71,9 +79,35 @@ class LeaseBook:
         self.ttl = ttl
         self.node_dir(node)  # validates the name early
         self._extended_to = 0.0
+        self.clock = time.time  # this node's clock (an attribute so tests can skew it)
+        self._offset: Optional[float] = None  # file server's time - ours
+        self._offset_at = 0.0
+
+    def fs_now(self, fresh: bool = True) -> float:
+        """The file server's current time: utime(NULL) of our own `now` file, then its
+        mtime. fresh=False reuses the offset measured within _NOW_EVERY seconds."""
+        mono = time.monotonic()
+        if fresh or self._offset is None or mono - self._offset_at > _NOW_EVERY:
+            path = self.node_dir(self.node) / NOW
+            before = self.clock()
+            try:
+                try:
+                    os.utime(path, None, follow_symlinks=False)
+                except FileNotFoundError:
+                    path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+                    try:
+                        write_new(path, b"")
+                    except FileExistsError:
+                        os.utime(path, None, follow_symlinks=False)
+                server = os.stat(path, follow_symlinks=False).st_mtime
+            except OSError as e:  # a read-only cache (a CLI listing): our own clock then
+                log.debug("cannot read the file server's time", extra={"error": str(e)})
+                return self.clock()
+            self._offset, self._offset_at = server - before, mono
+        return self.clock() + self._offset
 
     def node_dir(self, node: str) -> Path:
-        if not node or "/" in node or node.startswith(".") or node == ALIVE:
+        if not node or "/" in node or node.startswith(".") or node in (ALIVE, NOW):
             raise CacheError(f"invalid node name {node!r}")
         return self.root / node
 
@@ -81,7 +115,7 @@ class LeaseBook:
 
     def heartbeat(self, ttl: Optional[float] = None) -> None:
         """Keep this node's leases live for ttl more seconds: one utime, whatever their number."""
-        self._set_alive(time.time() + (ttl or self.ttl), only_later=False)
+        self._set_alive(self.fs_now() + (ttl or self.ttl), only_later=False)
 
     def _set_alive(self, until: float, only_later: bool) -> None:
         d = self.node_dir(self.node)
@@ -104,7 +138,7 @@ class LeaseBook:
         """Write a lease of this node (the caller re-checks the entry after: see Cache.add_lease)."""
         digest = validate_digest(digest)
         ttl = ttl or self.ttl
-        until = time.time() + ttl
+        until = self.fs_now(fresh=False) + ttl
         # the heartbeat covers the new lease; rewritten only when it would expire sooner
         if until > self._extended_to + min(1.0, ttl / 4):
             self._set_alive(until, only_later=True)
@@ -142,7 +176,7 @@ class LeaseBook:
 
     def own(self, node: Optional[str] = None) -> Dict[str, Lease]:
         """This node's leases with their holders (reads only this node's directory)."""
-        return {le.id: le for le in self._read_node(node or self.node, time.time(), True)}
+        return {le.id: le for le in self._read_node(node or self.node, 0.0, True)}
 
     # ---- every node -----------------------------------------------------------------------
 
@@ -161,7 +195,7 @@ class LeaseBook:
     def snapshot(self) -> Snapshot:
         """One listing per node and one stat of its heartbeat; no lease file is opened
         (except ones an older version wrote, whose digest is only inside)."""
-        now = time.time()
+        now = self.fs_now()
         snap = Snapshot()
         for node in self._nodes():
             try:
@@ -238,7 +272,7 @@ class LeaseBook:
 
     def read_all(self, include_dead: bool = False) -> Iterator[Lease]:
         """Every lease with its holder: opens every lease file (for showing them only)."""
-        now = time.time()
+        now = self.fs_now(fresh=False)
         for node in self._nodes():
             yield from self._read_node(node, now, include_dead)
 
@@ -267,6 +301,15 @@ class LeaseMethods:
             self._book.drop(lease.id)
             raise NotFound(f"image {digest} is not in the cache")
         return lease
+
+    def restore_lease(self, lease_id: str, holder: str) -> Lease:
+        """Write back a lease of this node under its own id (a step adopted after a restart
+        whose lease file another node deleted while this node's heartbeat had passed).
+        NotFound (and no lease) if the entry is gone meanwhile."""
+        digest = digest_of_name(lease_id)
+        if digest is None:
+            raise CacheError(f"invalid lease id {lease_id!r}")
+        return self.add_lease(digest, holder, lease_id=lease_id.rsplit(".", 1)[1])
 
     def reserve(self, digest: str, holder: str, *, ttl: Optional[float] = None) -> Lease:
         """A lease taken before the entry exists (or is known to): from now on no prune or
