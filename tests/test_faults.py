@@ -531,7 +531,12 @@ def test_daemon_restart_while_steps_run(sig, tmp_path, registry, daemon_factory)
     from ociimage.errors import DaemonUnavailable
     with pytest.raises(DaemonUnavailable):
         prepare(d, ref, "602")
+    # while it was down, another node's prune deleted its leases (its heartbeat stopped):
+    # the adopted step must get its lease back, or the image it runs on could be evicted
+    [lease] = d.cache_dir.glob(f"leases/{d.node}/sha256-*.json")
+    lease.unlink()
     d.start()
+    assert lease.exists(), "the adopted step's lease was not restored"
     out, err = task.communicate(timeout=30)
     assert task.returncode == 0, err
     assert out.splitlines().count(f"ID=r{sig}") == 20 and out.splitlines()[-1] == "65534"

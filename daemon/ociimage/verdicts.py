@@ -122,6 +122,7 @@ class SharedAnswers:
         if self.cache is not None:
             try:
                 lk = self.cache.acquire(lock_digest(*parts), timeout=ASK_LOCK_TIMEOUT)
+                lk.keep_alive()  # claim mode: a slow registry must not look like a dead node
             except OciImageError as e:
                 log.info("asking the registry without waiting for another node",
                          extra={"error": str(e)})
@@ -156,6 +157,7 @@ class SharedAnswers:
         lk = self.cache.lock(lock_digest("sweep-records"))
         if not lk.try_acquire():
             return 0  # another node is at it
+        lk.keep_alive()
         try:
             removed = self.sweep(now)
             self._write("housekeeping", "records-swept", {"at": now, "removed": removed,

@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 from .. import asuser
 from ..cache import Cache, DEFAULT_LEASE_TTL
 from ..config import Config
-from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
+from ..errors import AccessDenied, CacheError, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
 from ..progress import ProgressEvent, Reporter
 from ..reference import parse_reference
@@ -330,6 +330,20 @@ class StepManager:
                              for r in self._steps.values()})
         live = {r.lease_id for r in self._steps.values() if r.lease_id}
         self.cache.heartbeat(self._ttl)  # the adopted steps' leases stay live
+        for r in self._steps.values():
+            if r.lease_id and r.lease_id not in leases:
+                # deleted by another node's prune while this daemon was down (its heartbeat
+                # stopped): the step still runs on the image, so it needs its lease back
+                try:
+                    self.cache.restore_lease(r.lease_id, f"job {r.job_id}.{r.step_id}")
+                    log.warning("restored the lease of an adopted step",
+                                extra={"step": f"{r.job_id}.{r.step_id}", "lease": r.lease_id})
+                except NotFound:
+                    log.error("an adopted step's image was evicted while the daemon was down",
+                              extra={"step": f"{r.job_id}.{r.step_id}", "digest": r.digest})
+                except CacheError as e:  # a lease id of an older version: nothing to go by
+                    log.warning("cannot restore a lease", extra={"lease": r.lease_id,
+                                                                 "error": str(e)})
         for lease_id in leases:
             if lease_id not in live:
                 self.cache.drop_lease(lease_id)
