@@ -24,6 +24,7 @@ from ociimage.cachemode import detect_locking
 from ociimage.errors import ConfigError
 from ociimage.leases import LeaseBook
 from ociimage.runtime.mounts import MountEntry
+from test_cache_coord import wait_for
 
 DAEMON = Path(__file__).resolve().parent.parent / "daemon"
 ctx = multiprocessing.get_context("fork")
@@ -38,12 +39,6 @@ def put(c: Cache, d: str, data: bytes = b"x" * 100, **meta):
     return c.build(d, lambda tmp: (tmp.write_bytes(data), dict(meta))[1])
 
 
-def wait_for(cond, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _mounts(mp, fstype, super_options, options="rw"):

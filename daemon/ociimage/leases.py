@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
-from .cachefiles import DIR_MODE, entry_name, read_small, write_new
+from .cachefiles import DIR_MODE, entry_name, read_small, write_aside, write_new
 from .digests import validate_digest
 from .errors import CacheError, NotFound
 
@@ -146,16 +146,10 @@ class LeaseBook:
         if not _NAME.match(lid):
             raise CacheError(f"invalid lease id {lease_id!r}")
         lease = Lease(lid, digest, self.node, holder, until, self.node_dir(self.node) / f"{lid}.json")
-        tmp = self.tmp / f"lease.{self.node}.{lid}"
-        try:
-            write_new(tmp, json.dumps(lease.to_json()).encode())
-            os.replace(tmp, lease.path)
-        except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            raise CacheError(f"cannot write the lease {lease.path}: {e.strerror or e}") from None
+        # written once, aside then renamed: a lease only matters while its node is alive,
+        # so no fsync
+        write_aside(lease.path, self.tmp / f"lease.{self.node}.{lid}",
+                    json.dumps(lease.to_json()).encode())
         return lease
 
     def drop(self, lease_id: str) -> None:
