@@ -38,6 +38,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -236,6 +237,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="oci-bench-scale-", dir="/tmp"))
     os.chmod(base, 0o755)
     user = sim_user()
+    # the submit side runs as the user: an installed step client they can read (this
+    # checkout may be under /root)
+    subprocess.run([str(ROOT / "scripts" / "install-local.sh"), str(base / "install")],
+                   check=True, stdout=subprocess.DEVNULL)
+    step_client = base / "install" / "venv" / "bin" / "oci-image-step"
     rows, runs = [], []
     try:
         with RegistryServer(base / "registry") as reg, \
@@ -251,6 +257,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 t1 = None
                 for n in ns:
                     r = job_start(sim, proxy, Pusher(reg.url), user, nodes=n,
+                                  step_client=step_client,
                                   files_mb=a.files_mb, trace=min(2, n))
                     if t1 is None:
                         t1 = r["cold"]["all_ready_s"]

@@ -294,12 +294,17 @@ class SimCluster:
                 "per_daemon_mb": round(all_kb / 1024 / max(1, len(daemons)), 1)}
 
 
-def submit_resolve(reference: str, uid: int, gid: int, home: str, timeout: float = 60) -> str:
+def submit_resolve(reference: str, uid: int, gid: int, home: str, timeout: float = 60,
+                   step_client=None) -> str:
     """What srun does once at submit: the step client resolves the tag to a digest with the
-    user's own credentials (`oci-image-step submit`, run as the user). Returns REF@digest."""
+    user's own credentials (`oci-image-step submit`, run as the user). Returns REF@digest.
+
+    step_client: an installed one the user can run (tests: install_fixture); this
+    checkout's by default, which a user can only run where the checkout is readable."""
     from cluster_fixture import as_user
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home}
-    r = subprocess.run(as_user([str(BIN / "oci-image-step"), "submit", "--image", reference],
+    client = str(step_client or BIN / "oci-image-step")
+    r = subprocess.run(as_user([client, "submit", "--image", reference],
                                uid, gid), capture_output=True, text=True, env=env,
                        timeout=timeout, cwd="/")
     if r.returncode != 0:
@@ -317,7 +322,7 @@ def sim_user():
 
 def job_start(sim: SimCluster, proxy, pusher: Pusher, user, nodes: Optional[int] = None,
               files_mb: float = 5, trace: int = 2, repo: Optional[str] = None,
-              timeout: float = 600) -> dict:
+              timeout: float = 600, step_client=None) -> dict:
     """One cold job start on `nodes` nodes (n1..nN) for a never-seen image, then a new job
     on the cached image, each with srun's submit-side resolve of the tag first.
 
@@ -339,7 +344,7 @@ def job_start(sim: SimCluster, proxy, pusher: Pusher, user, nodes: Optional[int]
         conv0 = sim.converting_lines()
         mark = proxy.mark()
         t0 = time.monotonic()
-        pinned = submit_resolve(ref, uid, gid, home)
+        pinned = submit_resolve(ref, uid, gid, home, step_client=step_client)
         resolve_s = time.monotonic() - t0
         traced = names[-trace:] if trace else []  # the last nodes: least likely to convert
         traces = {}

@@ -119,9 +119,10 @@ def test_fsops_traces_a_live_process(tmp_path):
 
 @pytest.fixture(scope="module", params=[16, pytest.param(128, marks=pytest.mark.slow)],
                 ids=lambda n: f"{n}daemons")
-def sim_job(request):
+def sim_job(request, installed):
     """One cold job start and one new job on the cached image, on N daemons: job_start()'s
-    figures (see tests/simcluster.py), kept for the tests below."""
+    figures (see tests/simcluster.py), kept for the tests below. The submit side runs the
+    installed step client, as the user (a checkout under /root is not theirs to read)."""
     if os.geteuid() != 0:
         pytest.skip("the daemons run as root")
     n = request.param
@@ -131,7 +132,8 @@ def sim_job(request):
         with RegistryServer(base / "registry") as reg, \
                 RegistryProxy(reg.url, backlog=512) as proxy, \
                 SimCluster(base / "sim", n, batch=8) as sim:
-            yield job_start(sim, proxy, Pusher(reg.url), sim_user())
+            yield job_start(sim, proxy, Pusher(reg.url), sim_user(),
+                            step_client=installed.step_client)
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
