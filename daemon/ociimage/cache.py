@@ -347,6 +347,10 @@ class Cache(LeaseMethods):
                     return entry
                 lk.keep_alive()
                 self._remove_leftovers(digest)
+                entry = self.get(digest)  # a crashed remover's metadata went back
+                if entry:
+                    self.touch(digest)
+                    return entry
                 self._building[digest] = {"pid": os.getpid(), "written": -PROGRESS_WRITE_EVERY}
                 self.note_progress(digest, "start", 0, 0)
                 return self._publish(digest, producer, lk)
@@ -386,11 +390,15 @@ class Cache(LeaseMethods):
 
     def _remove_leftovers(self, digest: str) -> None:
         """Under the digest lock: anything in tmp/ for digest is a crashed writer's (a
-        conversion's files, or metadata a crashed remove had put aside). A lone .sqfs in
+        conversion's files; metadata a crashed remove had put aside goes back if its
+        image is whole, eviction.put_back_hidden). A lone .sqfs in
         images/ is left alone: "no metadata" may be a stale negative lookup of an entry
         another node just published (on NFS deleting it would make it ESTALE for the
         nodes using it); our publish overwrites it, and prune removes old lone ones."""
         for p in self.tmp.glob(self._tmp_prefix(digest) + "*"):
+            if p.name.endswith(".hidden"):  # a crashed remover's: put back if whole
+                eviction.put_back_hidden(self, digest, p)
+                continue
             log.info("removing leftover from an interrupted conversion", extra={"path": str(p)})
             try:
                 p.unlink()

@@ -16,13 +16,14 @@ link(2), which never overwrites the entry a taker may have published meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
-from .cachefiles import fsync_dir
+from .cachefiles import fsync_dir, read_small
 from .digests import validate_digest
 from .cachelock import LockLost
 from .errors import InUse, NotFound
@@ -85,6 +86,45 @@ def _unpublish(cache: "Cache", digest: str, aside: Optional[Path]) -> None:
     fsync_dir(cache.images)
 
 
+def put_back_hidden(cache: "Cache", digest: str, p: Path) -> bool:
+    """Under digest's lock: metadata a crashed remover or pruner left aside in tmp/. The
+    entry may still be leased (its steps run on), so it goes back (link, never over a newer
+    entry) when the .sqfs is there with the recorded size; deleted only when there is no
+    .sqfs or a newer entry is in place. True: p is gone (put back or deleted)."""
+    try:
+        size = json.loads(read_small(p)).get("size")
+    except FileNotFoundError:
+        return True
+    except (ValueError, AttributeError):
+        size = None
+    try:
+        st = os.stat(cache.sqfs_path(digest))
+    except FileNotFoundError:
+        _unlink(p)  # its image is gone: nothing to put back
+        return True
+    if not cache.meta_path(digest).exists() and size != st.st_size:
+        log.warning("metadata aside does not match its image; leaving both",
+                    extra={"path": str(p), "digest": digest})
+        return False
+    try:
+        os.link(p, cache.meta_path(digest))
+        log.info("put back metadata a remover left aside", extra={"digest": digest})
+    except FileExistsError:
+        pass  # a newer entry is there
+    except FileNotFoundError:
+        return True  # gone meanwhile
+    _unlink(p)
+    fsync_dir(cache.images)
+    return True
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _in_use(cache: "Cache", digest: str, paths: List[Path]) -> InUse:
     first = next((le for le in map(cache._book.read, paths) if le), None)
     who = f"{first.holder} on {first.node}" if first else "a step"
@@ -143,8 +183,12 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
                 lk = cache.lock(e.digest)
                 if not lk.try_acquire_stale(cache._claims_seen):
                     continue  # being converted or removed by someone else right now
-                lk.keep_alive()
-                aside = _hide(cache, e.digest) if cache.get(e.digest) else None
+                try:  # not in chosen yet: on any error the lock is released here
+                    lk.keep_alive()
+                    aside = _hide(cache, e.digest) if cache.get(e.digest) else None
+                except BaseException:
+                    lk.release()
+                    raise
                 if aside is None:
                     lk.release()
                     continue
@@ -173,8 +217,11 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
                     lk.release()
         finally:
             for e, lk, aside in chosen:  # an error above: leave the rest as they were
-                try:
+                try:  # each on its own: one that cannot be put back keeps no other locked
                     _unhide(cache, e.digest, aside)
+                except Exception as err:  # noqa: BLE001 - the first error is raised
+                    log.warning("cannot put an entry's metadata back", extra={
+                        "digest": e.digest, "error": str(err)})
                 finally:
                     lk.release()
     cache._book.delete_dead(snap)
@@ -184,9 +231,9 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
 def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
     """Remove what crashed writers left in tmp/ for digests nobody is building now.
 
-    A conversion's files (and metadata a crashed remove put aside) belong to the
-    holder of its digest's lock, so they are garbage whenever that lock can be
-    taken; other temp files (lease, claim and record updates, renamed within
+    A conversion's files belong to the holder of its digest's lock, so they are
+    garbage whenever that lock can be taken (metadata a crashed remover put aside
+    goes back instead: put_back_hidden); other temp files (lease, claim and record updates, renamed within
     milliseconds) once older than min_age.
     """
     removed: List[Path] = []
@@ -202,7 +249,11 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
                 if not lk.try_acquire_stale(cache._claims_seen):
                     continue  # being written right now
                 try:
-                    p.unlink()
+                    if name.endswith(".hidden"):
+                        if not put_back_hidden(cache, digest, p):
+                            continue
+                    else:
+                        p.unlink()
                 finally:
                     lk.release()
             elif now - p.lstat().st_mtime > min_age:
@@ -245,13 +296,14 @@ def _sweep_claims(cache: "Cache") -> None:
 def sweep_lone_images(cache: "Cache", min_age: float = LONE_IMAGE_AGE) -> List[Path]:
     """Remove images/*.sqfs without metadata, older than min_age, under the digest lock:
     a writer that crashed between its two renames, or a remover between its unlinks.
-    Never a younger one: "no metadata" may be this node's stale view of a new entry."""
+    Never a leased one, nor a younger one: "no metadata" may be this node's stale view of a new entry."""
     removed: List[Path] = []
     try:
         names = set(os.listdir(cache.images))
     except FileNotFoundError:
         return removed
     now = time.time()
+    live = None  # the cluster's leases, listed once if there is a candidate
     for name in sorted(names):
         if not name.endswith(".sqfs") or name[:-5] + ".json" in names:
             continue
@@ -260,6 +312,10 @@ def sweep_lone_images(cache: "Cache", min_age: float = LONE_IMAGE_AGE) -> List[P
         try:
             digest = validate_digest(f"{algo}:{rest}")
             if now - p.stat().st_mtime < min_age:
+                continue
+            if live is None:
+                live = cache._book.snapshot().live
+            if digest in live:  # a step still uses it (its metadata went missing)
                 continue
             lk = cache.lock(digest)
             if not lk.try_acquire_stale(cache._claims_seen):

@@ -217,9 +217,19 @@ class LeaseBook:
         return snap
 
     def delete_dead(self, snap: Snapshot) -> int:
-        """Delete the lease files of dead nodes found by snapshot()."""
+        """Delete the lease files of dead nodes found by snapshot(), unless the node's
+        heartbeat is live again now (the snapshot may be minutes old: a long prune, and
+        a node whose heartbeat lapsed may be back): looked at again, per node, right
+        before deleting."""
         n = 0
+        now = self.fs_now() if snap.dead else 0.0
+        back: Dict[str, bool] = {}
         for p in snap.dead:
+            node = p.parent.name
+            if node not in back:
+                back[node] = self._expiry(node) > now
+            if back[node] and digest_of_name(p.name[:-5]):
+                continue  # alive again: its leases are live (an old-format one keeps its own expiry)
             try:
                 p.unlink()
                 n += 1
