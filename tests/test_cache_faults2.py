@@ -170,3 +170,56 @@ def test_housekeeping_restores_leases_of_its_steps_another_node_deleted(tmp_path
     sm._sweep_leases()
     assert {step.id, pending.id} <= cache.own_lease_ids()
     assert "job 5.0" in {le.holder for le in cache.node_leases().values()}
+
+
+# ---- 4: a dead node's claim is taken over ---------------------------------------------------
+
+def _dead_claim(root, digest):
+    """A claim a node made and never released nor kept alive: its node died."""
+    c = Cache(root, node="dead", **CLAIM)
+    lk = c.lock(digest)
+    assert lk.try_acquire()
+    return lk.path
+
+
+def test_asking_takes_over_the_claim_of_a_node_that_died_asking(tmp_path, monkeypatch):
+    from ociimage import verdicts
+    monkeypatch.setattr(verdicts, "ASK_LOCK_TIMEOUT", 0.3)  # < claim_stale, as 30 s < 60 s
+    root = tmp_path / "c"
+    c = Cache(root, node="n1", **CLAIM)
+    path = _dead_claim(root, verdicts.lock_digest("q"))
+    with verdicts.SharedAnswers(c).asking("q"):
+        assert '"node": "n1"' in path.read_text()  # ours now
+    assert not path.exists()
+
+
+def test_the_records_sweep_takes_over_a_dead_sweepers_claim(tmp_path):
+    from ociimage import verdicts
+    root = tmp_path / "c"
+    c = Cache(root, node="n1", **CLAIM)
+    _dead_claim(root, verdicts.lock_digest("sweep-records"))
+    sa = verdicts.SharedAnswers(c)
+    sa.sweep_if_due()
+    time.sleep(1.1)
+    sa.sweep_if_due()
+    assert c.read_record("housekeeping", "records-swept") is not None
+
+
+def test_the_daemons_claim_sweep_takes_over_dead_claims(tmp_path):
+    root = tmp_path / "c"
+    c = Cache(root, node="n1", **CLAIM)
+    path = _dead_claim(root, dg("converted-then-died"))
+    deadline = time.monotonic() + 5
+    while path.exists() and time.monotonic() < deadline:
+        eviction.sweep_claims_if_due(c)
+        time.sleep(0.1)
+    assert not path.exists()
+
+
+def test_remove_waits_long_enough_to_take_a_dead_claim_over(tmp_path):
+    root, d = tmp_path / "c", dg("rm")
+    c = Cache(root, node="n1", lock_timeout=0.3, **CLAIM)
+    put(c, d)
+    _dead_claim(root, d)
+    c.remove(d)
+    assert c.get(d) is None

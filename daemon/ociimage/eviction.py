@@ -133,8 +133,11 @@ def _in_use(cache: "Cache", digest: str, paths: List[Path]) -> InUse:
 
 
 def remove(cache: "Cache", digest: str) -> None:
-    """Remove one entry. Refuses (InUse) while a live lease holds it."""
-    lk = cache.acquire(digest)
+    """Remove one entry. Refuses (InUse) while a live lease holds it. In claim mode it
+    waits at least claim_stale (and a poll or two), so a dead claimer's claim is taken
+    over rather than timing out whenever claim_stale > lock_timeout."""
+    wait = takeover_wait(cache, cache.lock_timeout)
+    lk = cache.acquire(digest, timeout=wait if wait > cache.lock_timeout else None)
     try:
         lk.keep_alive()
         if not cache.meta_path(digest).exists() and not cache.sqfs_path(digest).exists():
@@ -268,11 +271,32 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
             continue
         removed.append(p)
         log.info("removed a leftover temp file", extra={"path": str(p)})
-    _sweep_claims(cache)
+    sweep_claims(cache)
     return removed
 
 
-def _sweep_claims(cache: "Cache") -> None:
+def takeover_wait(cache: "Cache", timeout: float) -> float:
+    """A wait for a digest's lock long enough to take a dead claimer's claim over (claim
+    mode: a claim is taken over once unchanged for claim_stale), else timeout."""
+    if getattr(cache, "locking", None) != "claim":
+        return timeout
+    return max(timeout, cache.claim_stale + 2 * cache._claim_poll)
+
+
+def sweep_claims_if_due(cache: "Cache") -> None:
+    """From the daemon's housekeeping: sweep the claims every claim_stale/2, with the
+    daemon's memory (cache._claims_seen), so a dead claimer's claim (a conversion, a
+    registry question, a sweep) is taken over within about 1.5 claim_stale even if no
+    node waits for it. A CLI prune sees each claim once and never takes one over."""
+    now = time.monotonic()
+    if cache.locking != "claim" or now - getattr(cache, "_claims_swept", -1e9) < \
+            cache.claim_stale / 2:
+        return
+    cache._claims_swept = now
+    sweep_claims(cache)
+
+
+def sweep_claims(cache: "Cache") -> None:
     """Claim mode: end the claims of dead claimers (crashed after publishing, or with
     nothing left in tmp/), once seen unchanged for claim_stale across sweeps."""
     if cache.locking != "claim":
