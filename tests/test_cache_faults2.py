@@ -223,3 +223,47 @@ def test_remove_waits_long_enough_to_take_a_dead_claim_over(tmp_path):
     _dead_claim(root, d)
     c.remove(d)
     assert c.get(d) is None
+
+
+# ---- 7, 8, 9: the server's time, the mode record, nocto ------------------------------------
+
+def test_using_the_local_clock_for_leases_is_a_warning(tmp_path, caplog):
+    import logging
+    from ociimage.leases import LeaseBook
+    (tmp_path / "leases").mkdir()
+    (tmp_path / "leases" / "n1").write_bytes(b"")  # not a directory: `now` cannot be touched
+    book = LeaseBook(tmp_path / "leases", tmp_path, "n1")
+    with caplog.at_level(logging.WARNING, logger="ociimage.cache"):
+        book.fs_now()
+        book.fs_now()
+    said = [r for r in caplog.records if "this node's clock" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+
+
+def test_the_mode_record_is_fsynced_before_it_is_linked(tmp_path, monkeypatch):
+    synced, linked = [], []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def link(src, dst, *a, **kw):
+        if str(dst).endswith("locking.json"):
+            linked.append(str(src))
+            assert str(src) in synced, "linked into place before it was fsynced"
+        return real_link(src, dst, *a, **kw)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    Cache(tmp_path / "c", locking="flock")
+    assert linked
+
+
+def test_daemon_start_refuses_nfs_mounted_nocto(tmp_path):
+    from ociimage.errors import ConfigError
+    from test_cache_safety import _mounts
+    c = Cache(tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"nocto") as e:
+        c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2,lookupcache=pos,nocto"))
+    assert "\n" not in str(e.value)
+    c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2,lookupcache=pos"))

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Tuple
 
-from .cachefiles import DIR_MODE, FILE_MODE, read_small, write_json_durably, write_new
+from .cachefiles import (DIR_MODE, FILE_MODE, fsync_dir, fsync_file, read_small,
+                         write_json_durably, write_new)
 from .errors import ConfigError
 
 MODE_RECORD = "locking.json"
@@ -69,7 +70,7 @@ def detect_locking(path, mountinfo=None) -> Tuple[str, str]:
 
 
 def check_lookupcache(path, mountinfo=None) -> None:
-    """Refuse an NFS cache mounted with the default lookupcache=all.
+    """Refuse an NFS cache mounted with the default lookupcache=all, or nocto.
 
     With it a client caches "does not exist" answers, so a node can see a
     just-published entry's metadata as absent, convert it again or treat the
@@ -78,6 +79,10 @@ def check_lookupcache(path, mountinfo=None) -> None:
     m, opts = _mount(path, mountinfo)
     if m.fstype not in ("nfs", "nfs4"):
         return
+    if "nocto" in opts:
+        raise ConfigError(f"the image cache {path} is on NFS ({m.source} at {m.mount_point}) "
+                          f"mounted nocto, so directory listings (leases) may be acdirmax "
+                          f"stale; remount it without -o nocto")
     if opts & {"lookupcache=pos", "lookupcache=positive", "lookupcache=none"}:
         return
     raise ConfigError(f"the image cache {path} is on NFS ({m.source} at {m.mount_point}) "
@@ -103,8 +108,10 @@ def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
         try:
             write_new(t, json.dumps({"mode": mode, "why": why, "node": node,
                                      "since": time.time()}).encode())
+            fsync_file(t)  # a power loss must not leave an empty record blocking every start
             try:
                 os.link(t, record)
+                fsync_dir(Path(root))
             except FileExistsError:
                 pass  # another node recorded first: read what it wrote
         except OSError as e:
