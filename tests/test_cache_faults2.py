@@ -267,3 +267,23 @@ def test_daemon_start_refuses_nfs_mounted_nocto(tmp_path):
         c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2,lookupcache=pos,nocto"))
     assert "\n" not in str(e.value)
     c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2,lookupcache=pos"))
+
+
+# ---- 5: the mode is recorded only once the daemon's checks passed ----------------------------
+
+def test_a_failed_daemon_start_records_no_mode(tmp_path):
+    from ociimage.config import Config
+    from ociimage.errors import ConfigError
+    from test_cache_safety import _mounts
+    root = tmp_path / "c"
+    cfg = Config(cache_dir=root, runtime_dir=tmp_path / "run", node="n1", locking="claim")
+    c = Cache.from_config(cfg)  # the daemon's (and the CLI's) cache: records nothing yet
+    assert not (root / "locking.json").exists()
+    with pytest.raises(ConfigError):
+        c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2"))  # lookupcache=all
+    assert not (root / "locking.json").exists()
+    c.check_locking(_mounts(tmp_path, "nfs4", "rw,vers=4.2,lookupcache=pos"))
+    assert '"claim"' in (root / "locking.json").read_text()
+    with pytest.raises(ConfigError, match="locking.json"):  # a recorded mode is still checked
+        Cache.from_config(Config(cache_dir=root, runtime_dir=tmp_path / "run", node="n2",
+                                 locking="flock"))

@@ -90,18 +90,21 @@ def check_lookupcache(path, mountinfo=None) -> None:
                       f"remount it with -o lookupcache=positive")
 
 
-def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
-    """Record the cluster's lock kind in the cache on first use; refuse a different one."""
-    record = Path(root) / MODE_RECORD
+def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str,
+               record: bool = True) -> None:
+    """Refuse a lock kind other than the recorded one; with none recorded, record this
+    one if `record` (the daemon does once its mount checks passed), else accept it."""
+    record_path = Path(root) / MODE_RECORD
     for _ in range(3):
         try:
-            data = json.loads(read_small(record))
+            data = json.loads(read_small(record_path))
             recorded, by = str(data["mode"]), str(data.get("node", "?"))
             break
         except FileNotFoundError:
-            pass
+            if not record:
+                return
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"cannot read {record}: {e}; delete it to record this "
+            raise ConfigError(f"cannot read {record_path}: {e}; delete it to record this "
                               f"node's mode ({mode})") from None
         # link(2): atomic and never overwrites, so two first daemons agree on one record
         t = Path(tmp) / f"locking.{node}.{os.getpid()}.{secrets.token_hex(4)}"
@@ -110,12 +113,12 @@ def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
                                      "since": time.time()}).encode())
             fsync_file(t)  # a power loss must not leave an empty record blocking every start
             try:
-                os.link(t, record)
+                os.link(t, record_path)
                 fsync_dir(Path(root))
             except FileExistsError:
                 pass  # another node recorded first: read what it wrote
         except OSError as e:
-            raise ConfigError(f"cannot record the cache's locking mode in {record}: "
+            raise ConfigError(f"cannot record the cache's locking mode in {record_path}: "
                               f"{e.strerror or e}") from None
         finally:
             try:
@@ -123,12 +126,12 @@ def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
             except OSError:
                 pass
     else:
-        raise ConfigError(f"cannot read back {record}")
+        raise ConfigError(f"cannot read back {record_path}")
     if recorded != mode:
         raise ConfigError(
             f"[cache] locking is {mode} here ({why}) but the cache {root} is in {recorded} "
             f"mode (recorded by {by}); set [cache] locking = {recorded}, or to switch the "
-            f"cluster stop every oci-imaged, delete {record} and restart them")
+            f"cluster stop every oci-imaged, delete {record_path} and restart them")
 
 
 def check_flock(root: Path, probe: Path) -> None:
