@@ -96,7 +96,7 @@ class Cache(LeaseMethods):
     @classmethod
     def from_config(cls, cfg, root=None) -> "Cache":
         """The cache as [cache] configures it (root: another directory, e.g. --cache-dir)."""
-        return cls(Path(root) if root else cfg.cache_dir, node=cfg.node,
+        return cls(Path(root) if root else cfg.cache_dir, node=cfg.node, record_mode=False,
                    lock_timeout=cfg.lock_timeout, convert_timeout=cfg.convert_timeout,
                    locking=cfg.locking, claim_stale=cfg.claim_stale, lease_ttl=cfg.lease_ttl)
 
@@ -104,7 +104,8 @@ class Cache(LeaseMethods):
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
                  convert_timeout: float = DEFAULT_CONVERT_TIMEOUT,
                  locking: str = "auto", claim_stale: float = DEFAULT_CLAIM_STALE,
-                 claim_poll: float = 1.0, lease_ttl: float = DEFAULT_LEASE_TTL):
+                 claim_poll: float = 1.0, lease_ttl: float = DEFAULT_LEASE_TTL,
+                 record_mode: bool = True):
         self.root = Path(root)
         self.lock_timeout = lock_timeout
         self.convert_timeout = convert_timeout
@@ -131,7 +132,10 @@ class Cache(LeaseMethods):
             self.locking, self.locking_reason = detect_locking(self.root)
         else:
             self.locking, self.locking_reason = locking, "[cache] locking"
-        agree_mode(self.root, self.tmp, self.locking, self.locking_reason, self.node)
+        # a recorded mode is always checked; from_config (daemon, CLI) records none here:
+        # the daemon does after its mount checks (check_locking), a CLI run never does
+        agree_mode(self.root, self.tmp, self.locking, self.locking_reason, self.node,
+                   record=record_mode)
         #: claim path -> (signature, first seen): prune and sweep take over dead claims
         self._claims_seen: Dict[str, tuple] = {}
 
@@ -231,13 +235,13 @@ class Cache(LeaseMethods):
         return lk
 
     def check_locking(self, mountinfo=None) -> None:
-        """At daemon start: refuse NFS without lookupcache=positive (cachemode.py), and
-        fail early where flock does not work (e.g. Lustre without -o flock). Claim mode
-        needs no flock: link(2) and rename(2) work on every shared filesystem."""
+        """At daemon start: refuse NFS without lookupcache=positive (cachemode.py), fail
+        early where flock does not work (e.g. Lustre without -o flock; claim mode needs
+        none), then record the mode if none is: never a mode this node cannot use."""
         check_lookupcache(self.root, mountinfo)
-        if self.locking == "claim":
-            return
-        check_flock(self.root, self.locks / f"probe.{self.node}.{os.getpid()}")
+        if self.locking != "claim":
+            check_flock(self.root, self.locks / f"probe.{self.node}.{os.getpid()}")
+        agree_mode(self.root, self.tmp, self.locking, self.locking_reason, self.node)
 
     # ---- entries ---------------------------------------------------------
 
@@ -347,6 +351,10 @@ class Cache(LeaseMethods):
                     return entry
                 lk.keep_alive()
                 self._remove_leftovers(digest)
+                entry = self.get(digest)  # a crashed remover's metadata went back
+                if entry:
+                    self.touch(digest)
+                    return entry
                 self._building[digest] = {"pid": os.getpid(), "written": -PROGRESS_WRITE_EVERY}
                 self.note_progress(digest, "start", 0, 0)
                 return self._publish(digest, producer, lk)
@@ -386,11 +394,15 @@ class Cache(LeaseMethods):
 
     def _remove_leftovers(self, digest: str) -> None:
         """Under the digest lock: anything in tmp/ for digest is a crashed writer's (a
-        conversion's files, or metadata a crashed remove had put aside). A lone .sqfs in
+        conversion's files; metadata a crashed remove had put aside goes back if its
+        image is whole, eviction.put_back_hidden). A lone .sqfs in
         images/ is left alone: "no metadata" may be a stale negative lookup of an entry
         another node just published (on NFS deleting it would make it ESTALE for the
         nodes using it); our publish overwrites it, and prune removes old lone ones."""
         for p in self.tmp.glob(self._tmp_prefix(digest) + "*"):
+            if p.name.endswith(".hidden"):  # a crashed remover's: put back if whole
+                eviction.put_back_hidden(self, digest, p)
+                continue
             log.info("removing leftover from an interrupted conversion", extra={"path": str(p)})
             try:
                 p.unlink()

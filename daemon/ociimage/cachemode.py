@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Tuple
 
-from .cachefiles import DIR_MODE, FILE_MODE, read_small, write_json_durably, write_new
+from .cachefiles import (DIR_MODE, FILE_MODE, fsync_dir, fsync_file, read_small,
+                         write_json_durably, write_new)
 from .errors import ConfigError
 
 MODE_RECORD = "locking.json"
@@ -69,7 +70,7 @@ def detect_locking(path, mountinfo=None) -> Tuple[str, str]:
 
 
 def check_lookupcache(path, mountinfo=None) -> None:
-    """Refuse an NFS cache mounted with the default lookupcache=all.
+    """Refuse an NFS cache mounted with the default lookupcache=all, or nocto.
 
     With it a client caches "does not exist" answers, so a node can see a
     just-published entry's metadata as absent, convert it again or treat the
@@ -78,6 +79,10 @@ def check_lookupcache(path, mountinfo=None) -> None:
     m, opts = _mount(path, mountinfo)
     if m.fstype not in ("nfs", "nfs4"):
         return
+    if "nocto" in opts:
+        raise ConfigError(f"the image cache {path} is on NFS ({m.source} at {m.mount_point}) "
+                          f"mounted nocto, so directory listings (leases) may be acdirmax "
+                          f"stale; remount it without -o nocto")
     if opts & {"lookupcache=pos", "lookupcache=positive", "lookupcache=none"}:
         return
     raise ConfigError(f"the image cache {path} is on NFS ({m.source} at {m.mount_point}) "
@@ -85,30 +90,35 @@ def check_lookupcache(path, mountinfo=None) -> None:
                       f"remount it with -o lookupcache=positive")
 
 
-def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
-    """Record the cluster's lock kind in the cache on first use; refuse a different one."""
-    record = Path(root) / MODE_RECORD
+def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str,
+               record: bool = True) -> None:
+    """Refuse a lock kind other than the recorded one; with none recorded, record this
+    one if `record` (the daemon does once its mount checks passed), else accept it."""
+    record_path = Path(root) / MODE_RECORD
     for _ in range(3):
         try:
-            data = json.loads(read_small(record))
+            data = json.loads(read_small(record_path))
             recorded, by = str(data["mode"]), str(data.get("node", "?"))
             break
         except FileNotFoundError:
-            pass
+            if not record:
+                return
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"cannot read {record}: {e}; delete it to record this "
+            raise ConfigError(f"cannot read {record_path}: {e}; delete it to record this "
                               f"node's mode ({mode})") from None
         # link(2): atomic and never overwrites, so two first daemons agree on one record
         t = Path(tmp) / f"locking.{node}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             write_new(t, json.dumps({"mode": mode, "why": why, "node": node,
                                      "since": time.time()}).encode())
+            fsync_file(t)  # a power loss must not leave an empty record blocking every start
             try:
-                os.link(t, record)
+                os.link(t, record_path)
+                fsync_dir(Path(root))
             except FileExistsError:
                 pass  # another node recorded first: read what it wrote
         except OSError as e:
-            raise ConfigError(f"cannot record the cache's locking mode in {record}: "
+            raise ConfigError(f"cannot record the cache's locking mode in {record_path}: "
                               f"{e.strerror or e}") from None
         finally:
             try:
@@ -116,12 +126,12 @@ def agree_mode(root: Path, tmp: Path, mode: str, why: str, node: str) -> None:
             except OSError:
                 pass
     else:
-        raise ConfigError(f"cannot read back {record}")
+        raise ConfigError(f"cannot read back {record_path}")
     if recorded != mode:
         raise ConfigError(
             f"[cache] locking is {mode} here ({why}) but the cache {root} is in {recorded} "
             f"mode (recorded by {by}); set [cache] locking = {recorded}, or to switch the "
-            f"cluster stop every oci-imaged, delete {record} and restart them")
+            f"cluster stop every oci-imaged, delete {record_path} and restart them")
 
 
 def check_flock(root: Path, probe: Path) -> None:

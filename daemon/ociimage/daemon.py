@@ -21,6 +21,7 @@ from . import __version__, logs
 from .cache import Cache
 from .config import Config, load_config, parse_listen, parse_size, prefetch_path, validate
 from .errors import ConfigError, OciImageError
+from .eviction import sweep_claims_if_due
 from .images import ImageStore, Prefetcher
 from .metrics import Metrics
 from .service import ContainersServicer, ImagesServicer
@@ -164,6 +165,8 @@ class Daemon:
                 self.steps.housekeeping()
                 # one record read; hourly, one node of the cluster sweeps the records
                 SharedAnswers(self.cache).sweep_if_due()
+                # claim mode: take over dead nodes' claims, every claim_stale/2
+                sweep_claims_if_due(self.cache)
             except Exception:  # housekeeping must never take the daemon down
                 log.exception("housekeeping failed")
 

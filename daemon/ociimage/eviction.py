@@ -16,13 +16,14 @@ link(2), which never overwrites the entry a taker may have published meanwhile.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional
 
-from .cachefiles import fsync_dir
+from .cachefiles import fsync_dir, read_small
 from .digests import validate_digest
 from .cachelock import LockLost
 from .errors import InUse, NotFound
@@ -85,6 +86,45 @@ def _unpublish(cache: "Cache", digest: str, aside: Optional[Path]) -> None:
     fsync_dir(cache.images)
 
 
+def put_back_hidden(cache: "Cache", digest: str, p: Path) -> bool:
+    """Under digest's lock: metadata a crashed remover or pruner left aside in tmp/. The
+    entry may still be leased (its steps run on), so it goes back (link, never over a newer
+    entry) when the .sqfs is there with the recorded size; deleted only when there is no
+    .sqfs or a newer entry is in place. True: p is gone (put back or deleted)."""
+    try:
+        size = json.loads(read_small(p)).get("size")
+    except FileNotFoundError:
+        return True
+    except (ValueError, AttributeError):
+        size = None
+    try:
+        st = os.stat(cache.sqfs_path(digest))
+    except FileNotFoundError:
+        _unlink(p)  # its image is gone: nothing to put back
+        return True
+    if not cache.meta_path(digest).exists() and size != st.st_size:
+        log.warning("metadata aside does not match its image; leaving both",
+                    extra={"path": str(p), "digest": digest})
+        return False
+    try:
+        os.link(p, cache.meta_path(digest))
+        log.info("put back metadata a remover left aside", extra={"digest": digest})
+    except FileExistsError:
+        pass  # a newer entry is there
+    except FileNotFoundError:
+        return True  # gone meanwhile
+    _unlink(p)
+    fsync_dir(cache.images)
+    return True
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        pass
+
+
 def _in_use(cache: "Cache", digest: str, paths: List[Path]) -> InUse:
     first = next((le for le in map(cache._book.read, paths) if le), None)
     who = f"{first.holder} on {first.node}" if first else "a step"
@@ -93,8 +133,11 @@ def _in_use(cache: "Cache", digest: str, paths: List[Path]) -> InUse:
 
 
 def remove(cache: "Cache", digest: str) -> None:
-    """Remove one entry. Refuses (InUse) while a live lease holds it."""
-    lk = cache.acquire(digest)
+    """Remove one entry. Refuses (InUse) while a live lease holds it. In claim mode it
+    waits at least claim_stale (and a poll or two), so a dead claimer's claim is taken
+    over rather than timing out whenever claim_stale > lock_timeout."""
+    wait = takeover_wait(cache, cache.lock_timeout)
+    lk = cache.acquire(digest, timeout=wait if wait > cache.lock_timeout else None)
     try:
         lk.keep_alive()
         if not cache.meta_path(digest).exists() and not cache.sqfs_path(digest).exists():
@@ -143,8 +186,12 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
                 lk = cache.lock(e.digest)
                 if not lk.try_acquire_stale(cache._claims_seen):
                     continue  # being converted or removed by someone else right now
-                lk.keep_alive()
-                aside = _hide(cache, e.digest) if cache.get(e.digest) else None
+                try:  # not in chosen yet: on any error the lock is released here
+                    lk.keep_alive()
+                    aside = _hide(cache, e.digest) if cache.get(e.digest) else None
+                except BaseException:
+                    lk.release()
+                    raise
                 if aside is None:
                     lk.release()
                     continue
@@ -173,8 +220,11 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
                     lk.release()
         finally:
             for e, lk, aside in chosen:  # an error above: leave the rest as they were
-                try:
+                try:  # each on its own: one that cannot be put back keeps no other locked
                     _unhide(cache, e.digest, aside)
+                except Exception as err:  # noqa: BLE001 - the first error is raised
+                    log.warning("cannot put an entry's metadata back", extra={
+                        "digest": e.digest, "error": str(err)})
                 finally:
                     lk.release()
     cache._book.delete_dead(snap)
@@ -184,9 +234,9 @@ def prune(cache: "Cache", *, quota: Optional[int] = None,
 def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
     """Remove what crashed writers left in tmp/ for digests nobody is building now.
 
-    A conversion's files (and metadata a crashed remove put aside) belong to the
-    holder of its digest's lock, so they are garbage whenever that lock can be
-    taken; other temp files (lease, claim and record updates, renamed within
+    A conversion's files belong to the holder of its digest's lock, so they are
+    garbage whenever that lock can be taken (metadata a crashed remover put aside
+    goes back instead: put_back_hidden); other temp files (lease, claim and record updates, renamed within
     milliseconds) once older than min_age.
     """
     removed: List[Path] = []
@@ -202,7 +252,11 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
                 if not lk.try_acquire_stale(cache._claims_seen):
                     continue  # being written right now
                 try:
-                    p.unlink()
+                    if name.endswith(".hidden"):
+                        if not put_back_hidden(cache, digest, p):
+                            continue
+                    else:
+                        p.unlink()
                 finally:
                     lk.release()
             elif now - p.lstat().st_mtime > min_age:
@@ -217,11 +271,32 @@ def sweep_tmp(cache: "Cache", min_age: float = 3600.0) -> List[Path]:
             continue
         removed.append(p)
         log.info("removed a leftover temp file", extra={"path": str(p)})
-    _sweep_claims(cache)
+    sweep_claims(cache)
     return removed
 
 
-def _sweep_claims(cache: "Cache") -> None:
+def takeover_wait(cache: "Cache", timeout: float) -> float:
+    """A wait for a digest's lock long enough to take a dead claimer's claim over (claim
+    mode: a claim is taken over once unchanged for claim_stale), else timeout."""
+    if getattr(cache, "locking", None) != "claim":
+        return timeout
+    return max(timeout, cache.claim_stale + 2 * cache._claim_poll)
+
+
+def sweep_claims_if_due(cache: "Cache") -> None:
+    """From the daemon's housekeeping: sweep the claims every claim_stale/2, with the
+    daemon's memory (cache._claims_seen), so a dead claimer's claim (a conversion, a
+    registry question, a sweep) is taken over within about 1.5 claim_stale even if no
+    node waits for it. A CLI prune sees each claim once and never takes one over."""
+    now = time.monotonic()
+    if cache.locking != "claim" or now - getattr(cache, "_claims_swept", -1e9) < \
+            cache.claim_stale / 2:
+        return
+    cache._claims_swept = now
+    sweep_claims(cache)
+
+
+def sweep_claims(cache: "Cache") -> None:
     """Claim mode: end the claims of dead claimers (crashed after publishing, or with
     nothing left in tmp/), once seen unchanged for claim_stale across sweeps."""
     if cache.locking != "claim":
@@ -245,13 +320,14 @@ def _sweep_claims(cache: "Cache") -> None:
 def sweep_lone_images(cache: "Cache", min_age: float = LONE_IMAGE_AGE) -> List[Path]:
     """Remove images/*.sqfs without metadata, older than min_age, under the digest lock:
     a writer that crashed between its two renames, or a remover between its unlinks.
-    Never a younger one: "no metadata" may be this node's stale view of a new entry."""
+    Never a leased one, nor a younger one: "no metadata" may be this node's stale view of a new entry."""
     removed: List[Path] = []
     try:
         names = set(os.listdir(cache.images))
     except FileNotFoundError:
         return removed
     now = time.time()
+    live = None  # the cluster's leases, listed once if there is a candidate
     for name in sorted(names):
         if not name.endswith(".sqfs") or name[:-5] + ".json" in names:
             continue
@@ -260,6 +336,10 @@ def sweep_lone_images(cache: "Cache", min_age: float = LONE_IMAGE_AGE) -> List[P
         try:
             digest = validate_digest(f"{algo}:{rest}")
             if now - p.stat().st_mtime < min_age:
+                continue
+            if live is None:
+                live = cache._book.snapshot().live
+            if digest in live:  # a step still uses it (its metadata went missing)
                 continue
             lk = cache.lock(digest)
             if not lk.try_acquire_stale(cache._claims_seen):

@@ -15,7 +15,8 @@ starts by dropping what it no longer needs (StepManager.recover).
 
 No node's clock is compared with another's: heartbeats are set, and compared,
 in the file server's time, read as the mtime of leases/<node>/now after a
-utime(NULL) (which NFS sets to the server's time). A node whose clock is off
+utime(NULL), which NFS sets to the server's time (NFS only: Lustre, GPFS, CephFS and
+BeeGFS stamp the client's clock, so there nodes' clocks must agree within lease_ttl). A node whose clock is off
 keeps its leases, and does not expire others'. Where that file cannot be
 touched, the local clock is used.
 """
@@ -82,6 +83,7 @@ class LeaseBook:
         self.clock = time.time  # this node's clock (an attribute so tests can skew it)
         self._offset: Optional[float] = None  # file server's time - ours
         self._offset_at = 0.0
+        self._warned = False  # the local clock is used: said once
 
     def fs_now(self, fresh: bool = True) -> float:
         """The file server's current time: utime(NULL) of our own `now` file, then its
@@ -101,7 +103,10 @@ class LeaseBook:
                         os.utime(path, None, follow_symlinks=False)
                 server = os.stat(path, follow_symlinks=False).st_mtime
             except OSError as e:  # a read-only cache (a CLI listing): our own clock then
-                log.debug("cannot read the file server's time", extra={"error": str(e)})
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot touch leases/<node>/now: using this node's clock for "
+                                "lease expiry", extra={"path": str(path), "error": str(e)})
                 return self.clock()
             self._offset, self._offset_at = server - before, mono
         return self.clock() + self._offset
@@ -217,9 +222,19 @@ class LeaseBook:
         return snap
 
     def delete_dead(self, snap: Snapshot) -> int:
-        """Delete the lease files of dead nodes found by snapshot()."""
+        """Delete the lease files of dead nodes found by snapshot(), unless the node's
+        heartbeat is live again now (the snapshot may be minutes old: a long prune, and
+        a node whose heartbeat lapsed may be back): looked at again, per node, right
+        before deleting."""
         n = 0
+        now = self.fs_now() if snap.dead else 0.0
+        back: Dict[str, bool] = {}
         for p in snap.dead:
+            node = p.parent.name
+            if node not in back:
+                back[node] = self._expiry(node) > now
+            if back[node] and digest_of_name(p.name[:-5]):
+                continue  # alive again: its leases are live (an old-format one keeps its own expiry)
             try:
                 p.unlink()
                 n += 1

@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Optional
 
 from .digests import is_valid_digest
 from .errors import OciImageError
+from .eviction import takeover_wait
 
 log = logging.getLogger("ociimage.verdicts")
 
@@ -116,12 +117,16 @@ class SharedAnswers:
 
         Nodes that come second wait here, then find the first one's answer in
         the records. A stuck peer only costs this node its own question: after
-        ASK_LOCK_TIMEOUT it asks anyway (coordination, never the answer, gives way).
+        ASK_LOCK_TIMEOUT it asks anyway (coordination, never the answer, gives way). In
+        claim mode it waits at least claim_stale and a poll or two, so the claim of a node
+        that died while asking is taken over, not waited on by every later question.
         """
         lk = None
         if self.cache is not None:
             try:
-                lk = self.cache.acquire(lock_digest(*parts), timeout=ASK_LOCK_TIMEOUT)
+                # claim mode: long enough to take over the claim of a node that died asking
+                lk = self.cache.acquire(lock_digest(*parts),
+                                        timeout=takeover_wait(self.cache, ASK_LOCK_TIMEOUT))
                 lk.keep_alive()  # claim mode: a slow registry must not look like a dead node
             except OciImageError as e:
                 log.info("asking the registry without waiting for another node",
@@ -155,7 +160,8 @@ class SharedAnswers:
         if isinstance(when, (int, float)) and 0 <= now - when < self.SWEEP_EVERY:
             return 0
         lk = self.cache.lock(lock_digest("sweep-records"))
-        if not lk.try_acquire():
+        # a dead sweeper's claim is taken over once this memory saw it unchanged claim_stale
+        if not lk.try_acquire_stale(getattr(self.cache, "_claims_seen", {})):
             return 0  # another node is at it
         lk.keep_alive()
         try:

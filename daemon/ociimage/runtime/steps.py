@@ -369,9 +369,30 @@ class StepManager:
         a lease no step owns in two sweeps (lease_ttl/2 apart) is dropped, as it would have
         expired when each lease was renewed on its own."""
         with self._lock:
-            owned = {r.lease_id for r in self._steps.values() if r.lease_id} | self._pending
-        unowned = self.cache.own_lease_ids() - owned
+            steps = {r.lease_id: f"job {r.job_id}.{r.step_id}" for r in self._steps.values()
+                     if r.lease_id}
+            owned = set(steps) | self._pending
+        listed = self.cache.own_lease_ids()
+        unowned = listed - owned
+        # and the reverse: another node's prune deleted leases of ours while our heartbeat
+        # had lapsed (a stall, a partition), from a listing older than our return
+        for lease_id in owned - listed:
+            self._restore(lease_id, steps.get(lease_id, "a step being prepared"))
         for lease_id in unowned & self._unowned:
             log.warning("dropping a lease no step holds", extra={"lease": lease_id})
             self.cache.drop_lease(lease_id)
         self._unowned = unowned - self._unowned
+
+    def _restore(self, lease_id: str, holder: str) -> None:
+        with self._lock:  # released meanwhile: nothing to restore
+            if lease_id not in self._pending and not any(
+                    r.lease_id == lease_id for r in self._steps.values()):
+                return
+        try:
+            self.cache.restore_lease(lease_id, holder)
+            log.warning("restored a lease another node deleted", extra={"lease": lease_id,
+                                                                       "holder": holder})
+        except NotFound:
+            log.error("a running step's image was evicted", extra={"lease": lease_id})
+        except CacheError as e:
+            log.warning("cannot restore a lease", extra={"lease": lease_id, "error": str(e)})
