@@ -1,4 +1,4 @@
-"""Second review: a failed prune frees its locks, a crashed remover's metadata goes back,
+"""Recovery from failures half-way: a failed prune frees its locks, a crashed remover's metadata goes back,
 dead-node leases are looked at again before deletion, claims of dead nodes are taken
 over by every waiter, and the daemon's start checks come before the mode is recorded
 (real files and processes; where a real fault cannot be had as root, a subclass of
