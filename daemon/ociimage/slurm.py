@@ -193,19 +193,7 @@ class CliBackend:
         return env
 
     def raw(self) -> str:
-        try:
-            r = self.runner(["squeue", "--json"], capture_output=True, text=True,
-                            timeout=self.timeout, env=self._env())
-        except FileNotFoundError:
-            raise SlurmUnavailable("squeue is not installed") from None
-        except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"squeue --json timed out after {self.timeout:.0f}s") from None
-        except OSError as e:
-            raise SlurmUnavailable(f"cannot run squeue: {e}") from None
-        if r.returncode != 0:
-            last = (r.stderr or "").strip().splitlines()
-            raise SlurmUnavailable(f"squeue --json failed: {last[-1] if last else r.returncode}")
-        return r.stdout
+        return _run(["squeue", "--json"], self.runner, self.timeout, self._env())
 
     def jobs(self) -> List[Job]:
         return parse_squeue_json(self.raw())
@@ -219,18 +207,21 @@ def _client_env() -> dict:
     return env
 
 
-def _run(argv: List[str], runner, timeout: float) -> str:
+def _run(argv: List[str], runner, timeout: float, env: Optional[dict] = None) -> str:
+    """argv's output; SlurmUnavailable with one line when it cannot be run or fails."""
+    what = " ".join(argv[:2])
     try:
-        r = runner(argv, capture_output=True, text=True, timeout=timeout, env=_client_env())
+        r = runner(argv, capture_output=True, text=True, timeout=timeout,
+                   env=_client_env() if env is None else env)
     except FileNotFoundError:
         raise SlurmUnavailable(f"{argv[0]} is not installed") from None
     except subprocess.TimeoutExpired:
-        raise SlurmUnavailable(f"{argv[0]} timed out after {timeout:.0f}s") from None
+        raise SlurmUnavailable(f"{what} timed out after {timeout:.0f}s") from None
     except OSError as e:
         raise SlurmUnavailable(f"cannot run {argv[0]}: {e}") from None
     if r.returncode != 0:
         last = (r.stderr or "").strip().splitlines()
-        raise SlurmUnavailable(f"{argv[0]} {argv[1]} failed: {last[-1] if last else r.returncode}")
+        raise SlurmUnavailable(f"{what} failed: {last[-1] if last else r.returncode}")
     return r.stdout
 
 
