@@ -123,11 +123,18 @@ class AccessChecker:
         if not ans.allowed:
             raise AccessDenied(ans.reason)
 
-    def record_pulled(self, uid: Optional[int], ref: Reference, digest: str) -> None:
-        """The registry just served digest from ref's repository to uid's credentials."""
+    def now(self) -> float:
+        """This checker's clock, for record_pulled's `since`."""
+        return self._clock()
+
+    def record_pulled(self, uid: Optional[int], ref: Reference, digest: str,
+                      since: Optional[float] = None) -> None:
+        """The registry served digest from ref's repository to uid's credentials (at or
+        after `since`, now() when the pull began: the verdict's TTL counts from then)."""
         if uid is None or uid == 0:
             return
-        self._remember((uid, ref.domain, ref.path, digest), True, self.ttl, "", share=True)
+        self._remember((uid, ref.domain, ref.path, digest), True, self.ttl, "", share=True,
+                       since=since)
 
     def forget(self, uid: Optional[int] = None) -> None:
         """Forget this node's memory of verdicts (the shared records expire on their own)."""

@@ -204,12 +204,15 @@ class ImageStore:
                     outcome=outcome, on_resolved=lambda r: self.access.record_pulled(
                         uid, r.reference, r.manifest.digest))
             else:
+                asked = self.access.now()
                 entry = pull_to_cache(self.client(uid), self.cache, ref, options, tracking,
                                       site_client=site, outcome=outcome)
                 resolved = outcome.get("resolved")
                 if outcome.get("produced") and resolved is not None:
-                    # this uid's credentials just fetched it, layers and all, from there
-                    self.access.record_pulled(uid, resolved.reference, entry.digest)
+                    # this uid's credentials just fetched it, layers and all, from there (a
+                    # conversion may take long: the verdict counts from the question)
+                    self.access.record_pulled(uid, resolved.reference, entry.digest,
+                                              since=asked)
             # Always, also when this call resolved something itself: what it resolved may be
             # a repository (even a registry) the user controls that serves another image's
             # manifest, and the entry found is then someone else's. The check asks about the
