@@ -345,6 +345,14 @@ def cached_pinned(cache: Cache, digest: str, platform: Optional[Platform],
     return cache.get(manifest) if manifest else None
 
 
+def _same_repository(entry: CacheEntry, ref: Reference) -> bool:
+    try:
+        source = parse_reference(entry.reference)
+    except OciImageError:
+        return False
+    return (source.domain, source.path) == (ref.domain, ref.path)
+
+
 def pull_pinned_to_cache(client: RegistryClient, cache: Cache, ref: Reference,
                          options: PullOptions, report: Reporter = silent, *,
                          site_client: Optional[RegistryClient] = None,
@@ -393,7 +401,11 @@ def pull_pinned_to_cache(client: RegistryClient, cache: Cache, ref: Reference,
                              outcome)(tmp)
         entry = pull_resolved_to_cache(client, cache, resolved, options, report,
                                        site_client=site_client, outcome=outcome)
-        answers.record_resolved(digest, platform, entry.digest)
+        if outcome.get("produced") or _same_repository(entry, resolved.reference):
+            # Recorded only for an index of the entry's own source: any user can serve
+            # indexes naming a cached manifest from a registry of their own, and each
+            # would leave a record for good (the caller's access check refuses them).
+            answers.record_resolved(digest, platform, entry.digest)
         raise _BuiltUnderManifest(entry)
 
     try:
