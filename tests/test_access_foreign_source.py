@@ -122,18 +122,35 @@ def test_the_private_image_itself_is_refused(setting):
         store.pull(f"{reg.host}/priv/app@{img.manifest_digest}", uid=1002)
 
 
+def test_a_refusal_names_no_other_users_repository(setting):
+    """A digest is public (squeue shows every job's marker): asking for it under any name
+    must not reveal the private registry and repository the cached image came from."""
+    store, reg, img, _evil, _idig = setting
+    for ref in (f"docker.io/library/anything@{img.manifest_digest}",
+                f"{reg.host}/other/name@{img.manifest_digest}"):
+        with pytest.raises(AccessDenied) as e:
+            store.lookup(ref, 1002)
+        assert "priv/app" not in str(e.value) and reg.host not in str(e.value), e.value
+        assert img.manifest_digest[7:19] in str(e.value)  # it says which image, by digest
+
+
 @pytest.mark.parametrize("how", ["index digest", "tag"])
 def test_an_index_or_tag_of_ones_own_registry_naming_it_is_refused(setting, how):
     store, reg, img, evil, idig = setting
     ref = f"{evil.host}/evil/x@{idig}" if how == "index digest" else f"{evil.host}/evil/x:latest"
-    with pytest.raises(AccessDenied, match=f"does not let you pull {reg.host}/priv/app"):
+    with pytest.raises(AccessDenied, match="does not let you pull") as e:
         store.pull(ref, uid=1002)
+    # and the refusal does not tell bob where the image he does not know came from
+    assert "priv/app" not in str(e.value) and reg.host not in str(e.value), e.value
     # the attacker's registry served its index and the manifest: it was asked, and the
     # refusal came from the image's own registry, not from a missing document
     assert any("/manifests/" in line for line in evil.log), evil.log
     # nor does the cache hit that follows (the index's record, if any) let bob in
     with pytest.raises(AccessDenied):
         store.pull(ref, uid=1002)
+    # and a refused ask leaves nothing behind for good: any user can serve indexes naming
+    # a cached manifest, as many as they like
+    assert store.cache.record_names("resolved") == []
     # alice still gets it the same ways
     assert store.pull(f"{reg.host}/priv/app@{img.manifest_digest}", uid=1001).digest \
         == img.manifest_digest

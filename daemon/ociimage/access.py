@@ -208,9 +208,13 @@ class AccessChecker:
                                "error": str(e)})
             return self._unreachable(ukey, ref, digest, str(e))
         except OciImageError as e:
+            log.warning("cannot confirm access to a private image",
+                        extra={"uid": uid, "repository": f"{ref.domain}/{ref.path}",
+                               "error": str(e)})
             return self._remember(ukey, False, self.negative_ttl,
-                                  f"cannot confirm with {ref.domain} that you may use the "
-                                  f"private image {ref.domain}/{ref.path}: {e}", share=False)
+                                  f"cannot confirm that you may use the private image "
+                                  f"{_short(digest)}: its registry answered with an error",
+                                  share=False)
         if status == 200:
             return self._remember(ukey, True, self.ttl, "", share=True, since=started)
         # Refused with the user's own credentials (say stale ones): still allowed if it is
@@ -238,17 +242,23 @@ class AccessChecker:
         where = f"{ref.domain}/{ref.path}"
         log.info("access to a cached private image refused",
                  extra={"uid": ukey[0], "repository": where, "digest": digest, "answer": why})
+        # The message names neither the registry nor the repository the entry came from:
+        # a digest is public (squeue shows every job's marker), where it came from may be
+        # another user's private repository. The asker knows what they asked for.
         return self._remember(ukey, False, self.negative_ttl,
-                              f"{ref.domain} does not let you pull {where} ({why}); it is a "
-                              f"private image: log in with `docker login {ref.domain}` as a "
-                              f"user allowed to pull it", share=True)
+                              f"the registry of the cached image {_short(digest)} does not let "
+                              f"you pull it ({why}): it is a private image; log in "
+                              f"(`docker login REGISTRY`) as a user allowed to pull it",
+                              share=True)
 
     def _unreachable(self, ukey: tuple, ref: Reference, digest: str, error: str) -> _Answer:
         where = f"{ref.domain}/{ref.path}"
+        log.warning("cannot reach the registry of a cached private image",
+                    extra={"uid": ukey[0], "repository": where, "error": error})
         return self._remember(ukey, False, min(self.negative_ttl, UNREACHABLE_TTL),
-                              f"cannot confirm with {ref.domain} that you may use the private "
-                              f"image {where}@{digest[:19]}…" + (f": {error}" if error else ""),
-                              share=False)
+                              f"cannot confirm that you may use the private image "
+                              f"{_short(digest)}: its registry cannot be reached; try again "
+                              f"later", share=False)
 
     @staticmethod
     def _has_credentials(client: RegistryClient, domain: str) -> bool:
@@ -291,3 +301,9 @@ def _record_key(key: tuple) -> dict:
     if len(key) == 4:
         return {"uid": key[0], "registry": key[1], "repository": key[2], "digest": key[3]}
     return {"registry": key[0], "repository": key[1], "digest": key[2]}
+
+
+def _short(digest: str) -> str:
+    """A digest as users see it in messages: the first 12 hex digits."""
+    algo, _, hexpart = digest.partition(":")
+    return f"{algo}:{hexpart[:12]}…"
