@@ -91,6 +91,8 @@ class ImageStore:
         self.metrics = metrics or Metrics()
         self._flights = SingleFlight()
         self._stopping = threading.Event()
+        self._quota_lock = threading.Lock()
+        self._quota_running = self._quota_again = False
         self.gate = UidGate(config.max_pulls_per_uid, config.max_requests_per_uid)
         self.slurm = None  # slurm.SlurmJobs, attached by the daemon
         # A cache hit is keyed by digest alone: before handing a private image to
@@ -229,7 +231,7 @@ class ImageStore:
             self.metrics.conversion_seconds.observe(time.monotonic() - started)
         if produced:
             self.metrics.cache_misses.inc()
-            self.enforce_quota()
+            self.enforce_quota_soon()
         else:
             self.metrics.cache_hits.inc()
         if produced == "converted" and options.publish_to and site is not None:
@@ -297,6 +299,33 @@ class ImageStore:
                      extra={"digests": kept, "jobs": {d: [j.job_id for j in needed.get(d, [])]
                                                       for d in kept}})
         return removed, kept
+
+    def enforce_quota_soon(self) -> None:
+        """Enforce the quota off the request path, one run at a time (a request that
+        arrives meanwhile makes it run once more). Deciding what to spare asks the
+        registry about every image that users' job comments name, with the owners'
+        credentials: that must never make the step that just converted wait."""
+        if self.config.quota is None:
+            return
+        with self._quota_lock:
+            if self._quota_running:
+                self._quota_again = True
+                return
+            self._quota_running = True
+
+        def run() -> None:
+            while True:
+                try:
+                    self.enforce_quota()
+                except Exception:  # noqa: BLE001 - the next conversion tries again
+                    log.exception("quota enforcement failed")
+                with self._quota_lock:
+                    if not self._quota_again:
+                        self._quota_running = False
+                        return
+                    self._quota_again = False
+
+        threading.Thread(target=run, daemon=True, name="quota").start()
 
     def enforce_quota(self) -> None:
         if self.config.quota is not None:
