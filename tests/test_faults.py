@@ -65,8 +65,14 @@ def mounts_under(path: Path) -> list:
 
 
 def loops_for(cache: Path) -> list:
-    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if str(cache) in l]
+    """Loop devices backed by files under cache: by path AND by the backing filesystem's
+    device, since the kernel's loop list is shared by every system on this machine (test
+    runs in two chroots at once have the same /tmp/pytest-of-root/... paths)."""
+    st = os.stat(cache)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    out = subprocess.run(["losetup", "--list", "--noheadings", "-O",
+                          "NAME,BACK-MAJ:MIN,BACK-FILE"], capture_output=True, text=True).stdout
+    return [l for l in out.splitlines() if str(cache) in l and l.split()[1:2] == [dev]]
 
 
 def assert_cache_sound(cache_dir: Path) -> list:

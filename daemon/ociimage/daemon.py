@@ -251,6 +251,16 @@ def config_from_args(args) -> Config:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.warning("signal received, stopping", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    # Before start(): once the socket answers, a SIGTERM must be a clean stop, not the
+    # default action (it killed a daemon that was still finishing its start).
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         cfg = config_from_args(args)
         logs.setup(cfg.log_level, json_lines=args.log_json)
@@ -261,14 +271,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OciImageError as e:
         print(f"oci-imaged: error: {e}", file=sys.stderr)
         return e.exit_code
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.warning("signal received, stopping", extra={"signal": signal.Signals(signum).name})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     # A process-directed signal may land on any thread (gRPC's, a request's); Python runs
     # its handler only when the main thread next runs bytecode, so never sleep long here:
     # waiting an hour at a time made a SIGTERM wait up to an hour.
