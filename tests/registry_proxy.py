@@ -162,6 +162,10 @@ class RegistryProxy(LoopbackServer):
                     proxy.log.append((self.command, self.path, status))
 
             def _send(self, status: int, headers, body: bytes, length: Optional[str] = None):
+                # Logged before the client can have the answer: its next request (on
+                # another connection, another handler thread) must come after it in the
+                # log, or tests reading the log in order see a late entry under load.
+                self._record(status)
                 self.send_response(status)
                 for k, v in headers:
                     if k.lower() not in _HOP:
@@ -170,7 +174,6 @@ class RegistryProxy(LoopbackServer):
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
-                self._record(status)
 
             def _body(self) -> bytes:
                 n = int(self.headers.get("Content-Length") or 0)
