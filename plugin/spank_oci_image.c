@@ -32,7 +32,9 @@
  *     STEP_CLIENT prepare --socket S --job J --step S --uid U --gid G --node N
  *           --image IMG [--mounts M] [--workdir W] [--writable] [--mount-home 0|1]
  *           [--entrypoint] [--env-names LIST] [--default-mounts LIST]
- *           --allow-sqfs yes|no --cwd DIR --job-env-fd 3
+ *           --allow-sqfs yes|no --cwd DIR --job-env-fd 3 --progress plain|tty|none
+ *       started in init_post_opt and waited for in user_init, where its stderr
+ *       reaches srun: progress (the step's first node only), then errors.
  *       stdout: NUL-separated key/value records:
  *         ns\0/path/to/pinned/mntns\0  (exactly once)
  *         cwd\0/dir\0                  (at most once)
@@ -131,6 +133,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -188,6 +191,15 @@ static struct {
 
 /* ---- remote step state ---------------------------------------------------- */
 
+/* A step client started by child_start() and collected by child_finish(). */
+struct child {
+	pid_t pid;
+	int out, err; /* read ends of its stdout and stderr; -1: closed */
+	const char *name;
+	const char *cmd;
+};
+
+
 static struct {
 	int prepared;     /* prepare was run (release is due) */
 	int active;       /* prepare succeeded: tasks enter the namespace */
@@ -205,6 +217,7 @@ static struct {
 	size_t n_env;
 	const char *unset[256];
 	size_t n_unset;
+	struct child prep; /* prepare, from init_post_opt until user_init */
 	/* messages that must reach the user once the step's I/O is connected */
 	char *deferred[MAX_DEFERRED];
 	size_t n_deferred;
@@ -601,52 +614,69 @@ static void defer(const char *line)
 	}
 }
 
-/* Relay one stderr line: in slurmstepd also keep it for relay_deferred(). */
-static void relay_line(const char *line, int remote)
+/* Relay one stderr line of the step client to the user, as it comes. */
+static void relay_line(const char *line)
 {
 	slurm_spank_log("%s", line);
-	if (remote)
-		defer(line);
 }
 
 struct child_out {
 	char *buf;       /* stdout (NUL-terminated for convenience) */
 	size_t len;
-	char last[MAX_LINE]; /* last stderr line */
 	int status;      /* wait status */
 };
 
-/* Feed stderr bytes; emit complete lines, hold back the last one. */
+/*
+ * Feed stderr bytes; complete lines are relayed at once (progress must reach the
+ * user while the work runs), except the step client's error line ("oci-image:
+ * error: ..."), which is held: at the end it is shown as an error if the child
+ * failed.
+ */
 struct linebuf { char b[MAX_LINE]; size_t n; int have_held; char held[MAX_LINE]; };
 
-static void lb_emit(struct linebuf *lb, int remote)
+static void lb_emit(struct linebuf *lb)
 {
+	static const char err[] = PFX "error: ";
+
 	if (lb->n == 0)
 		return;
 	lb->b[lb->n] = '\0';
-	if (lb->have_held)
-		relay_line(lb->held, remote);
-	memcpy(lb->held, lb->b, lb->n + 1);
-	lb->have_held = 1;
+	if (strncmp(lb->b, err, sizeof(err) - 1) != 0) {
+		relay_line(lb->b);
+	} else {
+		if (lb->have_held)
+			relay_line(lb->held);
+		memcpy(lb->held, lb->b, lb->n + 1);
+		lb->have_held = 1;
+	}
 	lb->n = 0;
 }
 
-static void lb_feed(struct linebuf *lb, const char *p, size_t n, int remote)
+static void lb_feed(struct linebuf *lb, const char *p, size_t n)
 {
 	for (size_t i = 0; i < n; i++) {
 		if (p[i] == '\n') {
-			lb_emit(lb, remote);
+			lb_emit(lb);
 		} else if (lb->n < sizeof(lb->b) - 1) {
 			lb->b[lb->n++] = p[i];
 		} /* else: overlong line truncated */
 	}
 }
 
-/*
- * fork+exec argv; envp NULL means inherit.  extra_fd >= 0 becomes fd 3.
- * stdout is collected (at most max_out bytes, else failure), stderr is
- * relayed line by line.  Returns 0 if the child ran and exited 0.
- */
+/* Close every descriptor >= lowest (in a child about to exec). */
+static void close_from(int lowest)
+{
+#ifdef SYS_close_range
+	if (syscall(SYS_close_range, (unsigned)lowest, ~0U, 0) == 0)
+		return;
+#endif
+	{
+		long max = sysconf(_SC_OPEN_MAX);
+		for (long fd = lowest; fd < (max > 0 && max < 65536 ? max : 65536); fd++)
+			close((int)fd);
+	}
+}
+
 /*
  * Run argv without waiting for it: the step's completion must not wait for the
  * release (a Python process start, ~0.1 s). Double fork + setsid so that the
@@ -677,6 +707,7 @@ static int spawn_detached(char *const argv[], char *const envp[])
 		if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(devnull, 1) < 0 ||
 		    dup2(devnull, 2) < 0)
 			_exit(127);
+		close_from(3);
 		execve(argv[0], argv, envp);
 		_exit(127);
 	}
@@ -687,33 +718,26 @@ static int spawn_detached(char *const argv[], char *const envp[])
 	return (WIFEXITED(status) && WEXITSTATUS(status) == 0) ? 0 : -1;
 }
 
-static int run_child(char *const argv[], char *const envp[], int extra_fd,
-		     size_t max_out, struct child_out *co, int remote, int ignore_term)
+/* fork+exec argv; envp NULL means inherit.  extra_fd >= 0 becomes fd 3. */
+static int child_start(char *const argv[], char *const envp[], int extra_fd, int ignore_term,
+		       struct child *ch)
 {
 	int outp[2] = { -1, -1 }, errp[2] = { -1, -1 };
-	struct linebuf lb;
-	size_t cap = 4096;
-	pid_t pid;
-	int rc = -1, overflow = 0;
-	struct pollfd pf[2];
 
-	memset(co, 0, sizeof(*co));
-	memset(&lb, 0, sizeof(lb));
-	co->buf = malloc(cap);
-	if (co->buf == NULL) {
-		slurm_error(PFX "out of memory");
-		return -1;
-	}
+	ch->pid = -1;
+	ch->out = ch->err = -1;
+	ch->name = argv[0];
+	ch->cmd = argv[1];
 	if (pipe2(outp, O_CLOEXEC) < 0 || pipe2(errp, O_CLOEXEC) < 0) {
 		slurm_error(PFX "pipe: %s", strerror(errno));
-		goto out;
+		goto fail;
 	}
-	pid = fork();
-	if (pid < 0) {
+	ch->pid = fork();
+	if (ch->pid < 0) {
 		slurm_error(PFX "fork: %s", strerror(errno));
-		goto out;
+		goto fail;
 	}
-	if (pid == 0) {
+	if (ch->pid == 0) {
 		int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
 		sigset_t all;
 
@@ -728,6 +752,10 @@ static int run_child(char *const argv[], char *const envp[], int extra_fd,
 			_exit(127);
 		if (extra_fd >= 0 && dup2(extra_fd, 3) < 0)
 			_exit(127);
+		/* Nothing else of slurmstepd's: prepare outlives init_post_opt, and a
+		 * pipe of slurmstepd held open by it stalled the step's launch
+		 * (about 5 s) until user_init. */
+		close_from(extra_fd >= 0 ? 4 : 3);
 		if (envp != NULL)
 			execve(argv[0], argv, envp);
 		else
@@ -736,13 +764,59 @@ static int run_child(char *const argv[], char *const envp[], int extra_fd,
 		_exit(127);
 	}
 	close(outp[1]);
-	outp[1] = -1;
 	close(errp[1]);
-	errp[1] = -1;
+	ch->out = outp[0];
+	ch->err = errp[0];
+	return 0;
+fail:
+	for (int i = 0; i < 2; i++) {
+		if (outp[i] >= 0)
+			close(outp[i]);
+		if (errp[i] >= 0)
+			close(errp[i]);
+	}
+	return -1;
+}
 
-	pf[0].fd = outp[0];
+/* Stop a child that will not be waited for (the step ended before user_init). */
+static void child_abandon(struct child *ch)
+{
+	if (ch->pid > 0) {
+		kill(ch->pid, SIGTERM);
+		while (waitpid(ch->pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		ch->pid = -1;
+	}
+	if (ch->out >= 0)
+		close(ch->out);
+	if (ch->err >= 0)
+		close(ch->err);
+	ch->out = ch->err = -1;
+}
+
+/*
+ * Collect a started child: stdout (at most max_out bytes, else failure) into co;
+ * stderr relayed line by line as it comes, its last line kept (the error, on
+ * failure).  Returns 0 if the child exited 0.
+ */
+static int child_finish(struct child *ch, size_t max_out, struct child_out *co)
+{
+	struct linebuf lb;
+	size_t cap = 4096;
+	int rc = -1, overflow = 0;
+	struct pollfd pf[2];
+
+	memset(co, 0, sizeof(*co));
+	memset(&lb, 0, sizeof(lb));
+	co->buf = malloc(cap);
+	if (co->buf == NULL) {
+		slurm_error(PFX "out of memory");
+		child_abandon(ch);
+		return -1;
+	}
+	pf[0].fd = ch->out;
 	pf[0].events = POLLIN;
-	pf[1].fd = errp[0];
+	pf[1].fd = ch->err;
 	pf[1].events = POLLIN;
 	while (pf[0].fd >= 0 || pf[1].fd >= 0) {
 		char tmp[4096];
@@ -766,7 +840,7 @@ static int run_child(char *const argv[], char *const envp[], int extra_fd,
 				continue;
 			}
 			if (i == 1) {
-				lb_feed(&lb, tmp, (size_t)n, remote);
+				lb_feed(&lb, tmp, (size_t)n);
 				continue;
 			}
 			if (co->len + (size_t)n > max_out) {
@@ -788,42 +862,49 @@ static int run_child(char *const argv[], char *const envp[], int extra_fd,
 			co->len += (size_t)n;
 		}
 	}
+	for (int i = 0; i < 2; i++)
+		if (pf[i].fd >= 0)
+			close(pf[i].fd);
+	ch->out = ch->err = -1;
 	co->buf[co->len] = '\0';
-	while (waitpid(pid, &co->status, 0) < 0) {
+	while (waitpid(ch->pid, &co->status, 0) < 0) {
 		if (errno != EINTR) {
 			slurm_error(PFX "waitpid: %s", strerror(errno));
-			goto out;
+			ch->pid = -1;
+			return -1;
 		}
 	}
-	lb_emit(&lb, remote); /* flush a last line without newline */
-	if (lb.have_held)
-		snprintf(co->last, sizeof(co->last), "%s", lb.held);
+	ch->pid = -1;
+	lb_emit(&lb); /* flush a last line without newline */
 	if (overflow) {
-		slurm_error(PFX "%s: output larger than %zu bytes", argv[0], max_out);
-		goto out;
+		slurm_error(PFX "%s: output larger than %zu bytes", ch->name, max_out);
+		return -1;
 	}
 	if (WIFEXITED(co->status) && WEXITSTATUS(co->status) == 0) {
 		if (lb.have_held)
-			relay_line(lb.held, remote);
+			relay_line(lb.held);
 		rc = 0;
 	} else if (lb.have_held) {
 		slurm_error("%s", lb.held);
-		if (remote)
-			defer(lb.held);
 	} else if (WIFSIGNALED(co->status)) {
-		slurm_error(PFX "%s %s killed by signal %d", argv[0], argv[1], WTERMSIG(co->status));
+		slurm_error(PFX "%s %s killed by signal %d", ch->name, ch->cmd, WTERMSIG(co->status));
 	} else {
-		slurm_error(PFX "%s %s failed with exit code %d", argv[0], argv[1],
+		slurm_error(PFX "%s %s failed with exit code %d", ch->name, ch->cmd,
 			    WEXITSTATUS(co->status));
 	}
-out:
-	for (int i = 0; i < 2; i++) {
-		if (outp[i] >= 0)
-			close(outp[i]);
-		if (errp[i] >= 0)
-			close(errp[i]);
-	}
 	return rc;
+}
+
+static int run_child(char *const argv[], char *const envp[], int extra_fd,
+		     size_t max_out, struct child_out *co, int ignore_term)
+{
+	struct child ch;
+
+	if (child_start(argv, envp, extra_fd, ignore_term, &ch) < 0) {
+		memset(co, 0, sizeof(*co));
+		return -1;
+	}
+	return child_finish(&ch, max_out, co);
 }
 
 /* ---- local context: pin the digest -------------------------------------- */
@@ -941,6 +1022,12 @@ static int local_post_opt(void)
 			slurm_error(PFX "setenv: %s", strerror(errno));
 			return -1;
 		}
+		/* progress redrawn in place on a terminal; plain lines in a file or
+		 * pipe, and with srun -l, whose labels a redraw would scramble */
+		if (isatty(STDERR_FILENO) && getenv("SLURM_LABELIO") == NULL)
+			setenv("OCI_SUBMIT_TTY", "1", 1);
+		else
+			unsetenv("OCI_SUBMIT_TTY");
 	}
 	if (opt.image[0] == '/')
 		return 0; /* a SquashFS path: nothing to pin */
@@ -953,7 +1040,7 @@ static int local_post_opt(void)
 	argv[2] = "--image";
 	argv[3] = opt.image;
 	argv[4] = NULL;
-	if (run_child(argv, NULL, -1, 4096, &co, 0, 0) < 0)
+	if (run_child(argv, NULL, -1, 4096, &co, 0) < 0)
 		goto out;
 	nl = memchr(co.buf, '\n', co.len);
 	if (nl != NULL)
@@ -1192,7 +1279,7 @@ static int remote_post_opt(spank_t sp)
 	const char *image, *pinned, *cwd;
 	char *argv[MAX_ARGS];
 	int ac = 0, fd = -1, rc = -1;
-	struct child_out co = { 0 };
+	uint32_t nodeid = 0;
 	spank_err_t e;
 
 	if (spank_get_item(sp, S_JOB_ENV, &jobenv) != ESPANK_SUCCESS)
@@ -1247,6 +1334,12 @@ static int remote_post_opt(spank_t sp)
 	ARG("--allow-sqfs"); ARG(cfg.allow_sqfs ? "yes" : "no");
 	ARG("--cwd"); ARG(cwd);
 	ARG("--job-env-fd"); ARG(s_fd);
+	/* one node of the step shows the wait (its first); every node shows its errors */
+	ARG("--progress");
+	if (spank_get_item(sp, S_JOB_NODEID, &nodeid) != ESPANK_SUCCESS || nodeid != 0)
+		ARG("none");
+	else
+		ARG(get_jobenv("OCI_SUBMIT_TTY", jobenv) != NULL ? "tty" : "plain");
 	argv[ac] = NULL;
 #undef ARG
 
@@ -1261,19 +1354,15 @@ static int remote_post_opt(spank_t sp)
 	if (fd < 0)
 		goto fail;
 	st.prepared = 1;
-	if (run_child(argv, clean_env, fd, MAX_STDOUT, &co, 1, 0) < 0)
+	/* Started here, collected in slurm_spank_user_init: only from there does
+	 * what it prints reach srun, and there it does so while the image is
+	 * converted or downloaded (the user sees progress live, not afterwards). */
+	if (child_start(argv, clean_env, fd, 0, &st.prep) < 0)
 		goto fail;
-	st.out = co.buf;
-	st.out_len = co.len;
-	co.buf = NULL;
-	if (parse_prepare_output() < 0)
-		goto fail;
-	st.active = 1;
 	rc = 0;
 fail:
 	if (fd >= 0)
 		close(fd);
-	free(co.buf);
 	if (rc < 0) {
 		/* Fail in slurm_spank_user_init instead: only from there do messages
 		 * reach srun (an init_post_opt failure shows the user just "task
@@ -1282,6 +1371,25 @@ fail:
 		defer(PFX "could not start the step in the image");
 	}
 	return 0;
+}
+
+/* In slurm_spank_user_init: wait for prepare, relaying its progress as it comes. */
+static void finish_prepare(void)
+{
+	struct child_out co;
+
+	if (child_finish(&st.prep, MAX_STDOUT, &co) == 0) {
+		st.out = co.buf;
+		st.out_len = co.len;
+		if (parse_prepare_output() == 0) {
+			st.active = 1;
+			return;
+		}
+		co.buf = NULL;
+	}
+	free(co.buf);
+	st.failed = 1;
+	slurm_error(PFX "could not start the step in the image");
 }
 
 int slurm_spank_init(spank_t sp, int ac, char **av)
@@ -1334,7 +1442,7 @@ int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 	}
 }
 
-/* Replay messages from prepare once the step's I/O reaches srun. */
+/* Messages from init_post_opt, shown once the step's I/O reaches srun. */
 static void relay_deferred(void)
 {
 	for (size_t i = 0; i < st.n_deferred; i++) {
@@ -1346,15 +1454,14 @@ static void relay_deferred(void)
 
 int slurm_spank_user_init(spank_t sp, int ac, char **av)
 {
+	(void)sp;
 	(void)ac;
 	(void)av;
-	uint32_t nodeid = 0;
-
-	if (st.n_deferred == 0 || spank_context() != S_CTX_REMOTE)
+	if (spank_context() != S_CTX_REMOTE)
 		return 0;
-	/* progress of a successful prepare: shown once (first node), not N times */
-	if (st.failed || (spank_get_item(sp, S_JOB_NODEID, &nodeid) == ESPANK_SUCCESS && nodeid == 0))
-		relay_deferred();
+	relay_deferred();
+	if (st.prep.pid > 0)
+		finish_prepare();
 	/* Failing here would make srun print "task launch failed" but exit 0
 	 * (Slurm 22.05); the step fails in task_init_privileged instead, which
 	 * gives the task a non-zero exit status that srun reports. */
@@ -1562,7 +1669,7 @@ static void record_job(void)
 	argv[6] = "--sid";
 	argv[7] = s_sid;
 	argv[8] = NULL;
-	if (run_child(argv, NULL, -1, 4096, &co, 0, 0) < 0)
+	if (run_child(argv, NULL, -1, 4096, &co, 0) < 0)
 		slurm_debug(PFX "the image was not recorded in the job's comment");
 	free(co.buf);
 }
@@ -1581,6 +1688,8 @@ int slurm_spank_exit(spank_t sp, int ac, char **av)
 	}
 	if (spank_context() != S_CTX_REMOTE || !st.prepared)
 		return 0;
+	if (st.prep.pid > 0) /* the step ended before user_init */
+		child_abandon(&st.prep);
 	st.prepared = 0;
 	snprintf(s_job, sizeof(s_job), "%u", st.jobid);
 	snprintf(s_step, sizeof(s_step), "%u", st.stepid);

@@ -7,9 +7,11 @@ writes to a terminal itself.
 from __future__ import annotations
 
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional, TextIO
+from typing import Callable, Deque, Optional, TextIO, Tuple
 
 # Phases, in the order an image goes through them.
 RESOLVE = "resolve"
@@ -38,6 +40,13 @@ def silent(_event: ProgressEvent) -> None:
     pass
 
 
+MOUNT = "mount"        # the node mounting the image and building the step's namespace
+NOTE = "note"          # something the user should know once (message only), not a phase
+
+# Phases that carry bytes done of a total (current/total), and their verbs.
+_VERBS = {DOWNLOAD: "converting", FETCH: "downloading", WAIT: ""}
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1000 or unit == "GB":
@@ -46,54 +55,178 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _duration(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Rate:
+    """Bytes per second over the last `window` seconds of a byte counter.
+
+    A window, not the average since the start: a download that stalls for a
+    minute must show it at once, and the ETA must follow the current speed.
+    """
+
+    def __init__(self, window: float = 10.0):
+        self.window = window
+        self._samples: Deque[Tuple[float, int]] = deque()
+
+    def add(self, now: float, current: int) -> None:
+        if self._samples and current < self._samples[-1][1]:
+            self._samples.clear()  # a new counter (the next phase, a restarted download)
+        self._samples.append((now, current))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
+            self._samples.popleft()
+
+    def per_second(self, now: float) -> Optional[float]:
+        """None until there are two samples a second apart (too early to tell)."""
+        if len(self._samples) < 2:
+            return None
+        t0, c0 = self._samples[0]
+        t1, c1 = self._samples[-1]
+        span = max(now, t1) - t0
+        if span < 1.0 or (c1 == c0 and span < self.window):
+            return None  # counters that move in steps (another node's, read every few s)
+        return (c1 - c0) / span
+
+
+@dataclass
+class _State:
+    event: ProgressEvent
+    since: float  # when this phase began
+
+
 class TextProgress:
-    """Renders events: a redrawn bar on a terminal, sparse log lines otherwise."""
+    """Renders events as one line each: phase, bytes done of total, %, rate and ETA.
+
+    tty: a line replaces the one before it (cursor up, erase), each still ending in a
+    newline, because srun passes task output on line by line; otherwise plain lines, at
+    most one per `interval` for the same phase (a batch job's error file stays readable).
+    """
 
     def __init__(self, stream: TextIO = sys.stderr, prefix: str = "", tty: Optional[bool] = None,
-                 interval: float = 2.0):
+                 interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
         self.stream = stream
         self.prefix = prefix
         self.tty = stream.isatty() if tty is None else tty
-        self.interval = interval if not self.tty else 0.1
-        self._last = 0.0
-        self._last_phase = ""
-        self._drawn = False
+        self.interval = interval if not self.tty else 0.25
+        self.clock = clock
+        self.rate = Rate()
+        self._state: Optional[_State] = None
+        self._last = -1e9
+        self._redraw = False  # the last line written may be replaced
 
     def __call__(self, ev: ProgressEvent) -> None:
-        now = time.monotonic()
-        phase_changed = ev.phase != self._last_phase
-        if (not phase_changed and now - self._last < self.interval
-                and ev.phase not in (DONE, RETRY)):  # never drop news of trouble
+        if ev.phase == NOTE:
+            self.note(ev.message)
             return
-        self._last, self._last_phase = now, ev.phase
-        line = self.format(ev)
-        if self.tty:
-            end = "\n" if ev.phase == DONE else ""
-            self.stream.write("\r\x1b[K" + line + end)
-            self._drawn = ev.phase != DONE
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+        now = self.clock()
+        changed = self.update(ev, now)
+        if changed or now - self._last >= self.interval or ev.phase in (DONE, RETRY):
+            self.write_line(now, final=ev.phase in (DONE, RETRY))  # never drop news of trouble
 
-    def format(self, ev: ProgressEvent) -> str:
+    def update(self, ev: ProgressEvent, now: float) -> bool:
+        """Take in an event; True if it starts a new phase (or a new message in one)."""
+        old = self._state.event if self._state else None
+        changed = old is None or ev.phase != old.phase or (
+            ev.phase not in _VERBS and ev.message != old.message)
+        if changed:
+            self._state = _State(ev, now)
+            self.rate = Rate()
+        else:
+            self._state.event = ev
+        if ev.total:
+            self.rate.add(now, ev.current)
+        return changed
+
+    def write_line(self, now: Optional[float] = None, final: bool = False) -> None:
+        """Write the current state (again: a heartbeat, with the time it has taken)."""
+        if self._state is None:
+            return
+        now = self.clock() if now is None else now
+        line = self.format(self._state.event, now)
+        up = "\x1b[1A\x1b[2K" if self.tty and self._redraw else ""
+        self.stream.write(up + line + "\n")
+        self.stream.flush()
+        self._last = now
+        self._redraw = self.tty and not final
+
+    def note(self, message: str) -> None:
+        """A line of its own, never replaced by the next."""
+        up = "\x1b[1A\x1b[2K" if self.tty and self._redraw else ""
+        self.stream.write(f"{up}{self.prefix.split(': ')[0]}: note: {message}\n")
+        self.stream.flush()
+        self._redraw = False
+
+    def format(self, ev: ProgressEvent, now: Optional[float] = None) -> str:
+        now = self.clock() if now is None else now
+        since = self._state.since if self._state else now
         p = self.prefix
-        if ev.phase in (DOWNLOAD, FETCH) and ev.total:
+        if ev.phase in _VERBS and ev.total:
+            head = ev.message if ev.phase == WAIT else _VERBS[ev.phase]
             frac = min(1.0, ev.current / ev.total)
-            bar = ""
-            if self.tty:
-                width = 24
-                filled = int(frac * width)
-                bar = "[" + "#" * filled + "." * (width - filled) + "] "
-            layer = f" layer {ev.layer}/{ev.layers}" if ev.layers else ""
-            verb = "converting" if ev.phase == DOWNLOAD else "fetching"
-            return (f"{p}{verb} {bar}{frac * 100:3.0f}% "
-                    f"{_human(ev.current)}/{_human(ev.total)}{layer}")
-        if ev.phase == WAIT:
-            return f"{p}{ev.message or 'waiting for a conversion in progress elsewhere'} ({ev.current}s)"
-        return f"{p}{ev.message or ev.phase}"
+            if ev.phase == DOWNLOAD and ev.current >= ev.total:
+                return f"{p}writing the image ({_duration(now - since)})"
+            text = (f"{p}{head}: {frac * 100:3.0f}% {_human(ev.current)} of "
+                    f"{_human(ev.total)}")
+            rate = self.rate.per_second(now)
+            if rate is not None:
+                text += f", {_human(rate)}/s"
+                text += (f", {_duration((ev.total - ev.current) / rate)} left" if rate > 0
+                         else ", stalled")
+            if ev.layers and ev.phase == DOWNLOAD:
+                text += f" (layer {ev.layer or 1} of {ev.layers})"
+            return text
+        text = f"{p}{ev.message or ev.phase}"
+        if ev.phase not in (DONE, RETRY) and now - since >= 1.0:
+            text += f" ({_duration(now - since)})"
+        return text
 
     def close(self) -> None:
-        if self.tty and self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        self._redraw = False
+
+
+class LiveProgress:
+    """A TextProgress for someone waiting on a step: silent for `quiet` seconds (a cached
+    image says nothing at all), then a line at least every `every` seconds. A timer
+    writes the line again when no event comes (the image being written, a slow registry,
+    the mount), so a long wait never looks like a hang.
+    """
+
+    def __init__(self, text: TextProgress, quiet: float = 1.0, every: float = 4.0):
+        self.text, self.quiet, self.every = text, quiet, every
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._start = text.clock()
+        self._thread = threading.Thread(target=self._tick, name="progress", daemon=True)
+        self._thread.start()
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        with self._lock:
+            now = self.text.clock()
+            if ev.phase == NOTE:  # at once, even in the quiet start, and kept on screen
+                self.text.note(ev.message)
+                return
+            changed = self.text.update(ev, now)
+            if now - self._start < self.quiet:
+                return
+            final = ev.phase in (DONE, RETRY)
+            if changed or final or now - self.text._last >= self.text.interval:
+                self.text.write_line(now, final=final)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.25):
+            with self._lock:
+                now = self.text.clock()
+                if now - self._start >= self.quiet and now - self.text._last >= \
+                        min(self.every, self.text.interval if self.text.tty else self.every):
+                    self.text.write_line(now)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.text.close()

@@ -22,7 +22,7 @@ from .cache import Cache, CacheEntry
 from .errors import InvalidArgument, OciImageError
 from .flatten import FlattenLimits
 from .layers import ReadAhead, open_layer
-from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, ProgressEvent, Reporter, silent
+from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, WAIT, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
 from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
@@ -268,14 +268,16 @@ def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
 def _waiting(report: Reporter):
     def on_wait(waited: float, builder: Optional[dict] = None) -> None:
         # builder: what the cache knows of the other node's progress (None: nothing)
+        # The builder's bytes go in current/total, so that the step's user sees rate and
+        # ETA of the conversion they wait for, as if it ran on their node.
         message = "waiting for another node converting this image"
+        done = total = 0
         if builder and builder.get("node"):
             message = f"waiting for node {builder['node']} converting this image"
-            done, total = builder.get("done"), builder.get("total")
-            if isinstance(done, int) and isinstance(total, int) and total > 0:
-                message += (f" ({builder.get('phase', 'download')} {done / 2**20:.0f} of "
-                            f"{total / 2**20:.0f} MiB, {100 * done / total:.0f}%)")
-        report(ProgressEvent("wait", message=message, current=int(waited)))
+            d, t = builder.get("done"), builder.get("total")
+            if isinstance(d, int) and isinstance(t, int) and 0 <= d <= t and t > 0:
+                done, total = d, t
+        report(ProgressEvent(WAIT, message=message, current=done, total=total))
     return on_wait
 
 

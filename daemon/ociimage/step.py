@@ -145,7 +145,7 @@ def _records(container) -> bytes:
 def cmd_prepare(args) -> int:
     from .client import DaemonClient
     from .errors import OciImageError
-    from .progress import ProgressEvent, TextProgress
+    from .progress import LiveProgress, ProgressEvent, TextProgress
     from .v1 import ociimage_pb2 as pb
     try:
         mounts = (parse_mounts(args.default_mounts, "plugstack default_mounts")
@@ -163,14 +163,22 @@ def cmd_prepare(args) -> int:
             mount_home=args.mount_home, entrypoint=args.entrypoint,
             environment=read_job_env(args.job_env_fd), env_names=env_names,
             allow_sqfs=args.allow_sqfs, node=args.node or "", home=home, user_name=user_name)
-        show = TextProgress(sys.stderr, prefix=f"{PREFIX}: {args.node or ''}: ".replace(": : ", ": "),
-                            tty=False, interval=2.0)
+        show = None
+        if args.progress != "none":  # one node of the step shows it (the plugin chooses)
+            node = f"{args.node}: " if args.node else ""
+            show = LiveProgress(TextProgress(sys.stderr, prefix=f"{PREFIX}: {node}",
+                                             tty=args.progress == "tty", interval=4.0))
 
         def on_progress(p):
-            show(ProgressEvent(p.phase, p.message, p.current, p.total, p.layer, p.layers))
+            if show is not None:
+                show(ProgressEvent(p.phase, p.message, p.current, p.total, p.layer, p.layers))
 
         client = DaemonClient(socket_path(args))
-        container = client.prepare_step(req, on_progress)
+        try:
+            container = client.prepare_step(req, on_progress)
+        finally:
+            if show is not None:
+                show.stop()
     except OciImageError as e:
         return _die(str(e))
     sys.stdout.buffer.write(_records(container))
@@ -301,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--env-names", default="")
             sp.add_argument("--allow-sqfs", type=_flag, nargs="?", const=True, default=False)
             sp.add_argument("--job-env-fd", type=int, default=-1)
+            sp.add_argument("--progress", choices=("plain", "tty", "none"), default="plain",
+                            help="how to show the wait for the image on stderr (none: "
+                                 "errors only; the plugin asks one node of a step to show it)")
     return p
 
 
