@@ -306,19 +306,33 @@ srun -N3 grep ^ID= /etc/os-release
 
 
 def test_cwd_missing_in_image(e2e):
-    """slurmstepd chdirs to the submit directory inside the image (after task_init_privileged)
-    and warns when it is missing there; the task still starts where the daemon said."""
+    """slurmstepd chdirs each task to the submit directory inside the image (after
+    task_init_privileged) and, where it is missing, prints "couldn't chdir ... going to /tmp"
+    on every node. It is not missing any more (an empty placeholder in the container), the
+    tasks start where the daemon said, and one line of ours per step says where."""
     e2e.push("e2e/env")
     ref = e2e.ref("e2e/env")
-    cwd = Path(tempfile.mkdtemp(prefix="oci-e2e-cwd-", dir="/tmp"))
+    cwd = Path(tempfile.mkdtemp(prefix="oci-e2e-cwd-", dir="/var/tmp"))
     os.chmod(cwd, 0o777)
     try:
-        r = e2e.srun("-N1", f"--oci-image={ref}", "pwd", cwd=str(cwd))
+        r = e2e.srun("-N3", f"--oci-image={ref}", "pwd", cwd=str(cwd))
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == "/opt/app"               # the image's WorkingDir
-        assert f"couldn't chdir to `{cwd}'" in r.stderr
+        assert r.stdout.split() == ["/opt/app"] * 3           # the image's WorkingDir
+        assert "couldn't chdir" not in r.stderr, r.stderr
+        note = f"{cwd} is not in the container; the tasks start in /opt/app"
+        assert r.stderr.count(note) == 1, r.stderr             # once per step, not per node
+        # nothing was made on the host, and in the container the placeholder is empty
+        assert sorted(os.listdir(cwd)) == []
+        (cwd / "host-only").write_text("x")
+        r = e2e.srun("-N1", f"--oci-image={ref}", "ls", "-A", str(cwd), cwd=str(cwd))
+        assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
+        # --oci-workdir: the user chose; no note, still no Slurm error
+        r = e2e.srun("-N1", f"--oci-image={ref}", "--oci-workdir=/etc", "pwd", cwd=str(cwd))
+        assert r.returncode == 0 and r.stdout.strip() == "/etc", r.stderr
+        assert "couldn't chdir" not in r.stderr and "not in the container" not in r.stderr
         r = e2e.srun("-N1", f"--oci-image={ref}", "--no-oci-mount-home", "pwd", cwd=e2e.cluster.home)
         assert r.returncode == 0 and r.stdout.strip() == "/opt/app", r.stderr
+        assert "couldn't chdir" not in r.stderr and r.stderr.count("not in the container") == 1
         r = e2e.srun("-N1", f"--oci-image={ref}", "pwd", cwd=e2e.cluster.home)   # home is mounted
         assert r.returncode == 0 and r.stdout.strip() == e2e.cluster.home, r.stderr
     finally:

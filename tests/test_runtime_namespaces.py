@@ -194,8 +194,32 @@ def test_home_is_mounted_writable_or_not_at_all(make, host):
 
     step2 = make(step_id="1", mount_home=False)
     assert step2.cwd == "/"  # host cwd (the home) is not visible
-    r = enter(step2, f"ls {home}")
+    # only an empty placeholder where slurmstepd will chdir first (plan_submit_dir)
+    r = enter(step2, f"cat {home}/new.txt")
     assert r.returncode != 0 and "No such file" in r.stderr
+    r = enter(step2, f"ls -A {home}")
+    assert r.returncode == 0 and r.stdout == "", (r.stdout, r.stderr)
+
+
+@needs_root
+def test_missing_submit_dir_gets_an_empty_placeholder_in_the_container_only(make, host):
+    """slurmstepd's chdir to the submit directory (as the user, in the container) must
+    succeed; the directory is made empty in the container, never on the host, and the
+    root stays read-only."""
+    gone = host / "not-in-the-image" / "run1"
+    step = make(mount_home=False, host_cwd=str(gone))
+    assert step.placeholder == str(gone) and step.cwd == "/"
+    r = enter(step, f"cd {gone} && ls -A && stat -c %u:%a . && touch x")
+    assert r.stdout.splitlines() == ["0:755"], (r.stdout, r.stderr)
+    assert "Permission denied" in r.stderr or "Read-only file system" in r.stderr
+    assert not (host / "not-in-the-image").exists()
+    # a submit directory the image has: nothing is made
+    step = make(step_id="1", mount_home=False, host_cwd="/etc")
+    assert step.placeholder is None
+    # inside a user's bind, where nothing is ever created: Slurm's message stays
+    step = make(step_id="2", mount_home=False, mounts=[(str(host / "src-rw"), "/data", False)],
+                host_cwd="/data/missing")
+    assert step.placeholder is None
 
 
 @needs_root

@@ -99,6 +99,7 @@ class StepNamespace:
     ns_path: Path
     cwd: str
     user_mounts: Tuple[str, ...] = ()  # container paths the user controls (home, --oci-mounts)
+    placeholder: Optional[str] = None  # the submit directory, made empty (plan_submit_dir)
 
 
 # ---- path resolution inside the container ----------------------------------
@@ -308,6 +309,7 @@ class Plan:
     cwd: str
     overlay: bool
     user_mounts: Tuple[str, ...] = ()
+    placeholder: Optional[str] = None
 
 
 Sources = Mapping[str, Union[asuser.Opened, OciImageError]]
@@ -330,6 +332,7 @@ class _Planner:
         self.visible: List[Tuple[str, str]] = []  # (host dir, container dir) for the cwd
         self.user_targets: List[str] = []
         self.system_targets: List[str] = []
+        self.placeholder: Optional[str] = None
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -424,6 +427,26 @@ class _Planner:
             if o.is_dir:
                 self.visible.append((o.path, t))
 
+    def plan_submit_dir(self) -> None:
+        """An empty placeholder at the submit directory when the container lacks it.
+
+        slurmstepd changes each task to the submit directory (as the user, already in
+        the container) before the plugin moves it to the working directory, and prints
+        "couldn't chdir to ...: going to /tmp instead" on every node when it is missing.
+        The placeholder (root's, empty, in the overlay or /tmp's tmpfs; never on the
+        host, never inside a user's bind) lets that pass; the step client says once
+        where the tasks run instead.
+        """
+        cwd = self.spec.host_cwd
+        if not cwd or not cwd.startswith("/") or os.path.normpath(cwd) == "/":
+            return
+        try:
+            if not resolve_in_root(self.rootfs, cwd, self.layers).exists:
+                self.placeholder = self.target(os.path.normpath(cwd), True, "submit directory")
+        except OciImageError as e:  # a file there, or inside a bind: Slurm's message stays
+            log.debug("no placeholder for the submit directory",
+                      extra={"cwd": cwd, "job": self.spec.job_id, "error": str(e)})
+
     def plan(self) -> Plan:
         spec = self.spec
         self.plan_system()
@@ -431,6 +454,7 @@ class _Planner:
         group_t = self.target("/etc/group", False, "/etc/group")
         self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"] + self.system_targets
         self.plan_binds()
+        self.plan_submit_dir()
         ro_flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
         etc = [("mount", str(self.step_dir / "passwd"), self.host(passwd_t), None, sc.MS_BIND, None),
                ("mount", None, self.host(passwd_t), None, ro_flags, None),
@@ -461,7 +485,7 @@ class _Planner:
         ops += self.user
         ops += etc
         ops.append(("pivot", self.root))
-        return Plan(ops, self.working_dir(), overlay, tuple(self.user_targets))
+        return Plan(ops, self.working_dir(), overlay, tuple(self.user_targets), self.placeholder)
 
     def working_dir(self) -> str:
         spec = self.spec
@@ -596,7 +620,7 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
              extra={"job": spec.job_id, "step": spec.step_id, "ns": str(ns_path),
                     "cwd": plan.cwd, "overlay": plan.overlay,
                     "seconds": round(time.monotonic() - t0, 3)})
-    return StepNamespace(ns_path, plan.cwd, plan.user_mounts)
+    return StepNamespace(ns_path, plan.cwd, plan.user_mounts, plan.placeholder)
 
 
 def _build(ops: List[Op], ns_path: Path) -> None:

@@ -25,7 +25,7 @@ from ..cache import Cache, DEFAULT_LEASE_TTL
 from ..config import Config
 from ..errors import AccessDenied, CacheError, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
-from ..progress import ProgressEvent, Reporter
+from ..progress import MOUNT, NOTE, ProgressEvent, Reporter
 from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
@@ -173,7 +173,7 @@ class StepManager:
             entry, lease_id = self._pull_and_lease(request, report)
             digest, sqfs, config = entry.digest, entry.path, entry.meta.get("config", {})
         try:
-            report(ProgressEvent("mount", message="mounting the image"))
+            report(ProgressEvent(MOUNT, message="mounting the image"))
             try:
                 rootfs = self.mounts.acquire(digest, sqfs, fd=local.fd if local else None)
             finally:
@@ -189,6 +189,12 @@ class StepManager:
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
                     image_workdir=config.get("WorkingDir") or None)
                 ns = create_step_namespace(spec, self.state_dir)
+                if ns.placeholder and not spec.workdir:
+                    # in place of slurmstepd's "couldn't chdir" on every node
+                    report(ProgressEvent(NOTE, message=(
+                        f"{spec.host_cwd} is not in the container; the tasks start in "
+                        f"{ns.cwd} (--oci-mounts={spec.host_cwd} brings it in, "
+                        f"--oci-workdir=DIR picks another)")))
                 # site hooks (GPUs, MPI, ...); on failure the namespace is destroyed
                 hooks.run_for_step(self.config, ns.ns_path, request, digest, config,
                                    user_mounts=ns.user_mounts)
