@@ -78,19 +78,28 @@ class Rate:
     def add(self, now: float, current: int) -> None:
         if self._samples and current < self._samples[-1][1]:
             self._samples.clear()  # a new counter (the next phase, a restarted download)
+        if self._samples and current == self._samples[-1][1]:
+            return  # kept at the time the counter got there: "no news" is not a new sample
         self._samples.append((now, current))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window:
             self._samples.popleft()
 
     def per_second(self, now: float) -> Optional[float]:
-        """None until there are two samples a second apart (too early to tell)."""
-        if len(self._samples) < 2:
+        """None while it is too early to tell; 0 once nothing moved for a whole window.
+
+        Counters that move in steps (another node's progress, read every few seconds)
+        are measured between their steps, not diluted by the time since the last one,
+        until that time reaches the window: then it is a slowdown or a stall.
+        """
+        if not self._samples:
             return None
         t0, c0 = self._samples[0]
         t1, c1 = self._samples[-1]
-        span = max(now, t1) - t0
-        if span < 1.0 or (c1 == c0 and span < self.window):
-            return None  # counters that move in steps (another node's, read every few s)
+        if c1 > c0 and t1 - t0 >= 1.0 and now - t1 < self.window:
+            return (c1 - c0) / (t1 - t0)
+        span = now - t0
+        if span < self.window:
+            return None
         return (c1 - c0) / span
 
 
