@@ -100,8 +100,9 @@ def _node_lines(stdout: str) -> list:
 
 def _one_line_errors(stderr: str) -> list:
     """The error lines of a failed step: the same one line from each node that failed (the
-    plugin shows every failing node's), never a traceback."""
-    errs = [x for x in stderr.splitlines() if "oci-image: error:" in x]
+    plugin shows every failing node's, after its own prefix), never a traceback."""
+    errs = [x[x.index("oci-image: error:"):] for x in stderr.splitlines()
+            if "oci-image: error:" in x]
     assert errs and len(set(errs)) == 1 and "Traceback" not in stderr, stderr
     return errs
 

@@ -205,16 +205,22 @@ def cmd_pull(args, cfg) -> int:
     return 0
 
 
-def _uploading(show):
-    """show(ev), with the upload's bytes in the message (TextProgress draws a bar only for
-    downloads): `uploading  40% 12.0 MB/30.1 MB`."""
+def _uploading(show, every: float = 2.0):
+    """show(ev), with the upload's bytes in the message, at most one such line every `every`
+    seconds and the last (TextProgress counts bytes only for downloads, and takes each new
+    message for news): `uploading  40% 12.0 MiB of 30.1 MiB`."""
     from .progress import ProgressEvent
     from .publisher import UPLOAD
+    last = [-every]
 
     def rep(ev) -> None:
         if ev.phase == UPLOAD and ev.total and not ev.message:
+            now = time.monotonic()
+            if now - last[0] < every and ev.current < ev.total:
+                return
+            last[0] = now
             frac = min(1.0, ev.current / ev.total)
-            ev = ProgressEvent(UPLOAD, f"uploading {frac * 100:3.0f}% {_human(ev.current)}/"
+            ev = ProgressEvent(UPLOAD, f"uploading {frac * 100:3.0f}% {_human(ev.current)} of "
                                        f"{_human(ev.total)}", ev.current, ev.total)
         show(ev)
     return rep
