@@ -11,6 +11,7 @@ proxy sees only the cluster's traffic."""
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -88,10 +89,12 @@ def mono(registry, installed):
     with RegistryProxy(registry.url) as proxy:
         conf = DAEMON_CONF + f"[registries]\ntrusted_squashfs = {proxy.host}/trusted\n"
         site = start_site(installed, "oci-emono-", nodes=3, daemon_conf=conf)
+        m = Mono(site, proxy, registry, installed)
         try:
-            yield Mono(site, proxy, registry, installed)
+            yield m
         finally:
             stop_site(site)
+            shutil.rmtree(m.other_site, ignore_errors=True)
 
 
 def _node_lines(stdout: str) -> list:

@@ -116,7 +116,8 @@ def login(user: str, host: str, account) -> pwd.struct_passwd:
 
 
 class Site:
-    def __init__(self, issuer, reg, daemon, conf, installed):
+    def __init__(self, base, issuer, reg, daemon, conf, installed):
+        self.base = base
         self.issuer, self.reg, self.daemon, self.conf = issuer, reg, daemon, conf
         self.bin = installed.bin
         self.psock = daemon.socket.parent / "oci-imaged-prefetch.sock"
@@ -185,7 +186,7 @@ def site(installed):
                 else:
                     os.environ["REGISTRY_AUTH_FILE"] = old
             try:
-                yield Site(issuer, reg, d, conf, installed)
+                yield Site(base, issuer, reg, d, conf, installed)
             finally:
                 d.stop()
                 unmount_under(base)
@@ -249,7 +250,7 @@ def test_another_users_cached_private_image_is_not_published(site):
     pinned = f"{site.reg.host}/priv/secret@{src.manifest_digest}"
     err = _one_error(site.publish(OTHER_USER, pinned, f"{site.reg.host}/bob/stolen:v1"))
     assert "authentication required" in err or "denied" in err, err
-    with RegistryServer(Path(tempfile.mkdtemp(prefix="oci-bobreg-"))) as bobreg:
+    with RegistryServer(site.base / "bobreg") as bobreg:
         copy = Pusher(bobreg.url).image("bob/copy", "v1", busybox_layers(os_id="secret"),
                                         config=IMAGE_CONFIG)
         assert copy.manifest_digest == src.manifest_digest   # the same image, bob's registry
