@@ -174,9 +174,11 @@ that other sites can mount without converting.
 """
 CLI_DESCRIPTION_2 = """
 Without --cache-dir, pull, ls, inspect, rm and prune talk to the local oci-imaged
-over its Unix socket (root only). convert and publish, and any command given
---cache-dir, work without a daemon. Registry credentials are the invoking user's
-(docker login / podman login). Global options go before the command.
+over its Unix socket (root only), and publish over its user socket (any user: the
+daemon converts in the shared cache and pushes with the caller's own registry
+credentials). convert, and any command given --cache-dir, work without a daemon.
+Registry credentials are the invoking user's (docker login / podman login). Global
+options go before the command.
 """
 
 CLI_EXAMPLES = [
@@ -355,11 +357,11 @@ def oci_imaged_page(version: str) -> str:
     out += para("""Images for a job step are pulled with the job owner's credentials, read
                 from the owner's home directory (podman's and docker's files, as oci-image(1)
                 reads them); credential helper programs named in a user's file are not run
-                as root. publish_to uses root's credentials. Known limitation of this version:
-                an image already in the cache is served to any user who names it by digest,
-                without asking the registry whether that user may read it; do not rely on
-                registry permissions to keep a cached image from other users of the
-                cluster.""")
+                as root. oci-image publish through the daemon resolves, pulls and pushes
+                with the calling user's credentials (read as that user), never root's;
+                publish_to uses root's credentials. An image already in the cache is handed
+                to a user only after the registry confirms that user may pull it
+                (docs/security.md).""")
     out += [".SH ENVIRONMENT"]
     out += item(bold("OCI_IMAGE_CONFIG"), "The configuration file when --config is not given.")
     out += [".SH FILES"]

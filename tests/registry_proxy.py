@@ -14,6 +14,9 @@
   blob storage behind a registry;
 * a token realm: with `bearer_realm`, every /v2/ request without
   Authorization is answered 401 with a Bearer challenge naming that realm;
+* a hostile upload minimum: with `chunk_min_length`, every upload the registry opens
+  (POST .../blobs/uploads/ answered 202) announces `OCI-Chunk-Min-Length` of that many
+  bytes, the way a registry could ask a client to read a whole image into memory;
 * a feature Docker Distribution 2.8 lacks: the referrers API
   (`GET /v2/<name>/referrers/<digest>`), answered from the fallback tag's
   index the way a registry implementing it would (no server-side filter), with
@@ -91,8 +94,9 @@ class RegistryProxy(LoopbackServer):
                  referrers_api: bool = False, tarpit: bool = False, tarpit_over: int = 4096,
                  tarpit_bytes: int = 2, tarpit_interval: float = 0.2,
                  redirect_blobs: Optional[str] = None, bearer_realm: Optional[str] = None,
-                 backlog: int = 5):
+                 backlog: int = 5, chunk_min_length: Optional[int] = None):
         self.backlog = backlog
+        self.chunk_min_length = chunk_min_length
         self.upstream = upstream.rstrip("/")
         self.tarpit, self.tarpit_over = tarpit, tarpit_over
         self.tarpit_bytes, self.tarpit_interval = tarpit_bytes, tarpit_interval
@@ -266,6 +270,12 @@ class RegistryProxy(LoopbackServer):
                 if proxy.tarpit and self.command == "GET" and _BLOB.match(path) \
                         and r.status_code in (200, 206) and len(data) > proxy.tarpit_over:
                     self._trickle(r, data)
+                    return
+                if proxy.chunk_min_length is not None and self.command == "POST" and \
+                        path.endswith("/blobs/uploads/") and r.status_code == 202:
+                    headers = list(r.headers.items()) + [
+                        ("OCI-Chunk-Min-Length", str(proxy.chunk_min_length))]
+                    self._send(r.status_code, headers, data, length)
                     return
                 if cut:
                     # The registry has the first half; the client hears nothing.

@@ -296,3 +296,43 @@ def test_daemon_publish_to_converts_once_per_world(registry, tmp_path):
     finally:
         for d in daemons:
             d.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon runs as root")
+def test_daemon_streams_fetch_progress_while_the_squashfs_downloads(registry, published, tmp_path):
+    """A monolithic image trickled by a proxy (about 200 kB/s): the Pull stream carries
+    FETCH events (current, total = the blob's size) throughout the download, not at its end."""
+    import time
+    from ociimage.client import DaemonClient
+    _, origin, pub = published
+    with RegistryProxy(registry.url, tarpit=True, tarpit_over=64 << 10, tarpit_bytes=32 << 10,
+                       tarpit_interval=0.15) as proxy:
+        base = tmp_path / "d"
+        base.mkdir()
+        (base / "none.conf").write_text(f"[registries]\ntrusted_squashfs = {proxy.host}/mono\n")
+        daemon = DaemonProcess(base, tmp_path / "cache", metrics=False).start()
+        seen = []
+        try:
+            t0 = time.monotonic()
+            img = DaemonClient(str(daemon.socket)).pull(
+                f"{proxy.host}/mono/app:v1-squashfs",
+                progress=lambda ev: seen.append((time.monotonic(), ev)))
+            t_end = time.monotonic()
+        finally:
+            daemon.stop()
+    assert img["digest"] == pub.manifest_digest and img["meta"]["origin"]["kind"] == "fetched"
+    assert proxy.trickling == 1  # the SquashFS, and only it, came through the tarpit
+    fetch = [(t, ev) for t, ev in seen if ev.phase == "fetch"]
+    assert fetch and {ev.total for _, ev in fetch} == {pub.size}, seen
+    currents = [ev.current for _, ev in fetch]
+    assert currents == sorted(currents) and currents[0] == 0 and currents[-1] == pub.size
+    assert not [ev for _, ev in seen if ev.phase == "download"]  # nothing was converted
+    # live: spread over the download (about 5 s here), at least every ~1 s, not bunched up
+    # at the end; the bounds leave room for a loaded machine
+    times = [t for t, _ in fetch]
+    assert t_end - t0 > 3, "the trickle did not slow the download down"
+    assert times[-1] - times[0] > 0.6 * (t_end - t0) - 1, [round(t - t0, 2) for t in times]
+    middle = [t for t, ev in fetch if 0 < ev.current < pub.size]
+    assert len(middle) >= 5, [round(t - t0, 2) for t in times]
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert max(gaps) < 2.0, [round(t - t0, 2) for t in times]

@@ -63,6 +63,9 @@ class Config:
     prefetch_running: int = 4                # prefetch pulls at once, all users
     prefetch_running_per_user: int = 2       # ... per uid
     prefetch_request_timeout: float = 5.0    # a user socket request must arrive within this
+    publish_running: int = 4                 # `oci-image publish` through the daemon at once
+    publish_running_per_user: int = 1        # ... per uid
+    publish_timeout: float = 3600.0          # one publish, conversion and upload included
     slurm_jobs: str = "auto"
     slurm_conf: Optional[str] = None
     slurm_refresh: float = 30.0
@@ -93,7 +96,8 @@ _KNOWN: Dict[str, Tuple[str, ...]] = {
     "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
                "prefetch_socket", "prefetch_rate", "prefetch_rate_per_user", "prefetch_running",
                "prefetch_running_per_user", "prefetch_request_timeout", "hooks_dir",
-               "hooks_timeout", "max_pulls_per_uid", "max_requests_per_uid", "stop_timeout"),
+               "hooks_timeout", "max_pulls_per_uid", "max_requests_per_uid", "stop_timeout",
+               "publish_running", "publish_running_per_user", "publish_timeout"),
     "registries": ("insecure", "trusted_squashfs", "publish_to", "connect_timeout",
                    "stall_timeout", "request_timeout", "min_rate", "rate_window"),
     "squash": ("compression", "level", "jobs"),
@@ -192,9 +196,13 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
                 raise ConfigError(f"[daemon] hooks_dir: {cfg.hooks_dir} must be an absolute path")
         if parser.has_option("daemon", "hooks_timeout"):
             cfg.hooks_timeout = _float("daemon", "hooks_timeout", g("daemon", "hooks_timeout"), 1)
-        for key, minimum in (("max_pulls_per_uid", 1), ("max_requests_per_uid", 1)):
+        for key, minimum in (("max_pulls_per_uid", 1), ("max_requests_per_uid", 1),
+                             ("publish_running", 0), ("publish_running_per_user", 0)):
             if parser.has_option("daemon", key):
                 setattr(cfg, key, int(_float("daemon", key, g("daemon", key), minimum)))
+        if parser.has_option("daemon", "publish_timeout"):
+            cfg.publish_timeout = _float("daemon", "publish_timeout",
+                                         g("daemon", "publish_timeout"), 1)
         if parser.has_option("daemon", "stop_timeout"):
             cfg.stop_timeout = _float("daemon", "stop_timeout", g("daemon", "stop_timeout"), 0.5)
         for key, minimum in (("connect_timeout", 0.1), ("stall_timeout", 0.1),

@@ -88,6 +88,9 @@ class Daemon:
                                      max_running=config.prefetch_running,
                                      rate_per_user=config.prefetch_rate_per_user,
                                      running_per_user=config.prefetch_running_per_user)
+        from .publisher import Publisher
+        self.publisher = Publisher(self.store, running=config.publish_running,
+                                   running_per_user=config.publish_running_per_user)
         self.prefetch_server: Optional[UserSocketServer] = None
         from .runtime.steps import StepManager
         self.steps = StepManager(config, self.cache, self.store)
@@ -148,12 +151,13 @@ class Daemon:
         """The world-writable user socket: not gRPC, which cannot say who is calling.
 
         usersock.py serves it: each connection's uid comes from SO_PEERCRED and
-        every request (prefetch, open for the pyxis importer) runs with that uid's
-        rights only; connections are bounded per uid and in all, requests in size
-        and time.
+        every request (prefetch, open for the pyxis importer, publish) runs with that
+        uid's rights only; connections are bounded per uid and in all, requests in size
+        and time (a publish by [daemon] publish_timeout and publish_running*).
         """
         self.prefetch_server = UserSocketServer(
-            psock, UserRequests(self.store, self.prefetcher),
+            psock, UserRequests(self.store, self.prefetcher, self.publisher,
+                                publish_timeout=self.config.publish_timeout),
             request_timeout=self.config.prefetch_request_timeout)
         self.prefetch_server.start()
 

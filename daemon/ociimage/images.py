@@ -19,7 +19,7 @@ from .config import Config
 from . import cancel
 from .errors import Cancelled, InvalidArgument, LimitExceeded, OciImageError
 from .metrics import Metrics
-from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
+from .progress import DOWNLOAD, FETCH, ProgressEvent, Reporter, silent
 from .pull import (PullOptions, cached_pinned, publish_conversion, pull_pinned_to_cache,
                    pull_to_cache)
 from .reference import Reference, parse_reference
@@ -189,7 +189,7 @@ class ImageStore:
             if self._stopping.is_set():
                 raise Cancelled(SHUTTING_DOWN)
             token.check()
-            if ev.phase == DOWNLOAD:
+            if ev.phase in (DOWNLOAD, FETCH):  # bytes from the registry, either way
                 delta = ev.current - counted["bytes"]
                 if delta > 0:
                     self.metrics.registry_bytes.inc(delta)

@@ -25,13 +25,14 @@ import hashlib
 import json
 import logging
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from . import __version__
 from .errors import AccessDenied, CorruptLayer, InvalidArgument, NotFound, OciImageError
-from .progress import DOWNLOAD, ProgressEvent, Reporter, silent
+from .progress import FETCH, RETRY, ProgressEvent, Reporter, silent
 from .reference import DEFAULT_DOMAIN, Reference, parse_reference  # noqa: F401 (re-export)
 from .registry import mediatypes as mt
 from .registry.client import Descriptor, Manifest, RegistryClient, ResolvedImage
@@ -142,21 +143,41 @@ def file_digest(path: Path) -> str:
             h.update(b)
 
 
+#: while a SquashFS downloads, a FETCH event at most this often (on_bytes fires for every
+#: read of the verifying stream: thousands a second on a fast link) and at least whenever
+#: bytes arrived after it: the step client and the nodes waiting for this one show them live
+FETCH_EVERY = 0.25
+
+
 def download_squashfs(client: RegistryClient, ref: Reference, layer: Descriptor, out: Path,
-                      report: Reporter = silent) -> None:
-    """Stream the SquashFS blob into out; digest and size verified, then the magic."""
+                      report: Reporter = silent,
+                      clock: Callable[[], float] = time.monotonic) -> None:
+    """Stream the SquashFS blob into out; digest and size verified, then the magic.
+
+    Progress: FETCH events (current, total = the blob's size) from the first byte to the
+    last, throttled to one per FETCH_EVERY seconds, and RETRY events when the download
+    resumes after trouble.
+    """
     if layer.media_type != mt.SQUASHFS_LAYER:
         raise CorruptLayer(f"{ref.familiar()}: layer {layer.digest} is {layer.media_type}, "
                            f"not a SquashFS")
     done = [0]
+    last = [clock()]
 
     def on_bytes(n: int) -> None:
         done[0] += n
-        report(ProgressEvent(DOWNLOAD, current=done[0], total=layer.size, layer=1, layers=1))
+        now = clock()
+        if now - last[0] >= FETCH_EVERY or done[0] >= layer.size:
+            last[0] = now
+            report(ProgressEvent(FETCH, current=done[0], total=layer.size))
 
-    report(ProgressEvent(DOWNLOAD, current=0, total=layer.size, layer=1, layers=1,
+    def on_retry(message: str) -> None:
+        report(ProgressEvent(RETRY, message=message, current=done[0], total=layer.size))
+
+    report(ProgressEvent(FETCH, current=0, total=layer.size,
                          message="downloading the ready-to-mount image"))
-    with client.open_blob(ref, layer, on_bytes=on_bytes) as src, open(out, "wb") as f:
+    with client.open_blob(ref, layer, on_bytes=on_bytes, on_retry=on_retry) as src, \
+            open(out, "wb") as f:
         while True:
             chunk = src.read(1 << 20)
             if not chunk:

@@ -22,7 +22,8 @@ from .cache import Cache, CacheEntry
 from .errors import InvalidArgument, OciImageError
 from .flatten import FlattenLimits
 from .layers import ReadAhead, open_layer
-from .progress import DONE, DOWNLOAD, RESOLVE, RETRY, SQUASH, WAIT, ProgressEvent, Reporter, silent
+from .progress import (DONE, DOWNLOAD, FETCH, RESOLVE, RETRY, SQUASH, WAIT, ProgressEvent,
+                       Reporter, silent)
 from .reference import Reference, parse_reference
 from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
@@ -273,7 +274,9 @@ def _waiting(report: Reporter):
         message = "waiting for another node converting this image"
         done = total = 0
         if builder and builder.get("node"):
-            message = f"waiting for node {builder['node']} converting this image"
+            # a monolithic image is fetched, not converted: say what the other node does
+            doing = "fetching" if builder.get("phase") == FETCH else "converting"
+            message = f"waiting for node {builder['node']} {doing} this image"
             d, t = builder.get("done"), builder.get("total")
             if isinstance(d, int) and isinstance(t, int) and 0 <= d <= t and t > 0:
                 done, total = d, t
@@ -285,7 +288,7 @@ def _noting(cache: Cache, digest: str, report: Reporter) -> Reporter:
     """report, also telling the cache how far the build of digest is: the nodes waiting
     for it read that (Cache.note_progress: a no-op unless this process builds digest)."""
     def rep(ev: ProgressEvent) -> None:
-        if ev.phase == DOWNLOAD and ev.total:
+        if ev.phase in (DOWNLOAD, FETCH) and ev.total:
             cache.note_progress(digest, ev.phase, ev.current, ev.total)
         report(ev)
     return rep

@@ -20,6 +20,11 @@ daemon answers one JSON line and closes the connection:
            data on the same message, a read-only descriptor of the cached SquashFS,
            handed out only after the registry confirmed the caller may pull it;
            or {"state": "missing", "digest": ...}
+    {"op": "publish", "image": REF, "target": "REGISTRY/REPO[:TAG]", ["platform": ...,
+     "chunk_size": N, "mount_from": [REPO, ...]]}
+        -> progress lines, then {"state": "published", "reference": ..., "digest": ...}:
+           `oci-image publish` with the CALLER's credentials (publisher.py); a stream of
+           lines on the same connection (userstream.py)
     any failure -> {"error": "one line", "code": "<grpc-style status name>"}
 
 Connections are bounded per uid and in all (a refused one gets a one-line "busy"
@@ -42,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from . import errors
+from .userstream import Streamed, Streams, request_stream
 
 log = logging.getLogger("ociimage.usersock")
 
@@ -99,6 +105,8 @@ class UserSocketServer:
         self._active: Dict[int, int] = {}
         self._total = 0
         self._stop = threading.Event()
+        #: long requests (publish) in progress: the daemon's stop cancels them
+        self.streams = Streams()
         self._sock: Optional[socket.socket] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -121,6 +129,7 @@ class UserSocketServer:
 
     def stop(self) -> None:
         self._stop.set()
+        self.streams.cancel_all()
         if self._thread:
             self._thread.join(timeout=5)
         if self._sock:
@@ -173,6 +182,10 @@ class UserSocketServer:
             try:
                 request = self._read_request(conn, deadline)
                 reply, fd = self.handler(caller, request)
+                if isinstance(reply, Streamed):
+                    # a long request: its own deadline, progress lines, then the answer
+                    self.streams.serve(conn, reply, who=str(caller.uid))
+                    return
             except errors.OciImageError as e:
                 reply = {"error": str(e), "code": e.status}
             except Exception:  # noqa: BLE001 - a bad request never takes the daemon down
@@ -238,9 +251,11 @@ def _line(obj: dict) -> bytes:
 class UserRequests:
     """The ops of the user socket, each with the caller's rights only."""
 
-    def __init__(self, store, prefetcher):
+    def __init__(self, store, prefetcher, publisher=None, publish_timeout: float = 3600.0):
         self.store = store
         self.prefetcher = prefetcher
+        self.publisher = publisher
+        self.publish_timeout = publish_timeout
 
     def __call__(self, caller: Caller, request: dict) -> Tuple[dict, Optional[int]]:
         op, image = request["op"], request["image"]
@@ -254,7 +269,12 @@ class UserRequests:
             return reply, None
         if op == "open":
             return self._open(caller, image)
-        raise errors.InvalidArgument(f"unknown op {op[:40]!r} (prefetch, open)")
+        if op == "publish" and self.publisher is not None:
+            publisher = self.publisher
+            return Streamed(lambda report: publisher.publish(caller.uid, request, report),
+                            self.publish_timeout, "[daemon] publish_timeout",
+                            "the publish"), None
+        raise errors.InvalidArgument(f"unknown op {op[:40]!r} (prefetch, open, publish)")
 
     def _open(self, caller: Caller, image: str) -> Tuple[dict, Optional[int]]:
         from .reference import parse_reference
@@ -280,19 +300,39 @@ class UserRequests:
 
 # ---- the client side (step client, pyxis importer) -------------------------------------
 
+def _connect(path: str, timeout: float) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        s.close()
+        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: is the daemon "
+                                       f"running? (systemctl status oci-imaged)") from None
+    except PermissionError:
+        s.close()
+        raise errors.AccessDenied(f"permission denied on {path}") from None
+    except OSError as e:
+        s.close()
+        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: "
+                                       f"{e.strerror or e}") from None
+    return s
+
+
+def stream(path: str, message: dict, on_progress, timeout: float) -> dict:
+    """A long request (publish): on_progress(ProgressEvent) for each progress line, then the
+    final reply; failures as typed errors. timeout bounds the whole request."""
+    if len(_line(message)) > MAX_REQUEST:
+        raise errors.InvalidArgument(f"request larger than {MAX_REQUEST} bytes")
+    return request_stream(lambda: _connect(path, 10.0), message, on_progress, timeout, path,
+                          _BY_CODE)
+
+
 def request(path: str, message: dict, timeout: float = 10.0) -> Tuple[dict, Optional[int]]:
     """Send one request, return (reply, descriptor or None); failures as typed errors."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = _connect(path, timeout)
     fds = []
     try:
-        s.settimeout(timeout)
-        try:
-            s.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError):
-            raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: is the daemon "
-                                           f"running? (systemctl status oci-imaged)") from None
-        except PermissionError:
-            raise errors.AccessDenied(f"permission denied on {path}") from None
         data = _line(message)
         if len(data) > MAX_REQUEST:
             raise errors.InvalidArgument(f"request larger than {MAX_REQUEST} bytes")

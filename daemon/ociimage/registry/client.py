@@ -316,6 +316,10 @@ class RegistryClient:
         self._cancel = cancel
         #: blobs up to this size go up in one PUT; larger ones in PATCH chunks of it
         self.chunk_size = chunk_size
+        #: None, or the largest chunk (a chunk is read into memory) this client sends,
+        #: whatever the registry's OCI-Chunk-Min-Length asks for: oci-imaged publishing to
+        #: a registry a user chose must not read a whole image into root's memory
+        self.max_chunk_size: Optional[int] = None
         self.retries = max(0, int(retries))
         self.backoff = backoff
         self.user_agent = user_agent
@@ -963,6 +967,11 @@ class RegistryClient:
             minimum = 0
             if location is None:
                 location, minimum = self._start_upload(ref, scopes)
+            if self.max_chunk_size is not None and size > chunk \
+                    and max(chunk, minimum) > self.max_chunk_size:
+                raise LimitExceeded(f"registry {ref.domain} wants upload chunks of at least "
+                                    f"{minimum} bytes; at most {self.max_chunk_size} are "
+                                    f"sent at once")
             try:
                 if size <= chunk:
                     self._upload_monolithic(ref, scopes, location, source, digest, size,
