@@ -36,10 +36,10 @@ class Mono:
         self.cluster, self.daemons, self.cache = site.cluster, site.daemons, site.cache
         self.other_site = Path(tempfile.mkdtemp(prefix="oci-emono-other-"))
 
-    def elsewhere(self, name: str, repo: str):
+    def elsewhere(self, name: str, repo: str, **kw):
         """An image converted and published as `repo:v1` by another site (another cache):
         (published, entry there, source image)."""
-        src = push_source(self.registry, f"emono/{name}", os_id=f"emono-{name}")
+        src = push_source(self.registry, f"emono/{name}", os_id=f"emono-{name}", **kw)
         entry, pub, _ = convert_and_publish(client(), self.other_site / name,
                                             f"{self.registry.host}/emono/{name}:v1",
                                             f"{self.registry.host}/{repo}:v1")
@@ -86,10 +86,15 @@ class Mono:
 
 @pytest.fixture(scope="module")
 def mono(registry, installed):
-    with RegistryProxy(registry.url) as proxy:
-        conf = DAEMON_CONF + f"[registries]\ntrusted_squashfs = {proxy.host}/trusted\n"
+    # slow: the same registry through a tarpit (~256 KiB/s), to watch a download in srun
+    with RegistryProxy(registry.url) as proxy, \
+            RegistryProxy(registry.url, tarpit=True, tarpit_over=256 << 10,
+                          tarpit_bytes=32 << 10, tarpit_interval=0.125) as slow:
+        conf = DAEMON_CONF + (f"[registries]\ntrusted_squashfs = {proxy.host}/trusted "
+                              f"{slow.host}/trusted\n")
         site = start_site(installed, "oci-emono-", nodes=3, daemon_conf=conf)
         m = Mono(site, proxy, registry, installed)
+        m.slow = slow
         try:
             yield m
         finally:
@@ -224,3 +229,36 @@ def test_a_user_publishes_through_the_daemon_and_runs_it_on_three_nodes(mono):
     squashfs = mono.entry_meta(digest)["squashfs_digest"]
     assert mono.blob_gets(squashfs, mark) == 1            # one download for the cluster
     assert mono.entry_meta(digest)["origin"]["kind"] == "fetched"
+
+
+def test_srun_shows_the_download_of_a_monolithic_image_live(mono):
+    """While the SquashFS downloads (slowly, through the tarpit), srun's stderr says so,
+    from the step's first node, with bytes of the blob's size, before the tasks run."""
+    import re
+    import subprocess
+    import threading
+    import time
+
+    from cluster_fixture import as_user
+    pub, theirs, _ = mono.elsewhere("slowdl", "trusted/slowdl", extra_mb=4)  # ~17 s here
+    conversions = mono.conversions()
+    p = subprocess.Popen(as_user(["srun", "-N3", f"--oci-image={mono.slow.host}/trusted/slowdl:v1",
+                                  "echo", "RAN"], mono.cluster.uid, mono.cluster.gid),
+                         cwd="/tmp", env=mono.cluster.user_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    start, err = time.monotonic(), []
+    t = threading.Thread(target=lambda: err.extend((time.monotonic() - start, l.rstrip())
+                                                   for l in p.stderr))
+    t.start()
+    out = p.stdout.read()
+    ran_at = time.monotonic() - start
+    assert p.wait(180) == 0, err
+    t.join(10)
+    assert out.split() == ["RAN"] * 3
+    from ociimage.progress import _human
+    size = _human(theirs.size)   # the SquashFS blob's size, as the lines write it
+    lines = [(at, l) for at, l in err if re.match(
+        r"^oci-image: n1: (downloading|waiting for node n\d fetching this image): +\d+% ", l)]
+    assert len(lines) >= 2 and all(f"of {size}" in l for _, l in lines), err
+    assert ran_at - lines[0][0] >= 2, err          # shown while it downloads, not after
+    assert mono.conversions() == conversions
