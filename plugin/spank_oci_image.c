@@ -129,6 +129,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -614,10 +615,70 @@ static void defer(const char *line)
 	}
 }
 
-/* Relay one stderr line of the step client to the user, as it comes. */
+#define REDRAW "\x1b[1A\x1b[2K" /* a terminal line that replaces the one before it */
+
+/*
+ * line with its control characters (C0, DEL, C1) shown as '?': it holds paths and
+ * references a user chose, and goes to terminals and the slurmd log.  Only the
+ * step client's own redraw prefix, at the very start, is kept when keep_redraw.
+ */
+static void sanitize(char *dst, size_t size, const char *line, int keep_redraw)
+{
+	size_t o = 0, i = 0, n = sizeof(REDRAW) - 1;
+
+	if (keep_redraw && strncmp(line, REDRAW, n) == 0 && size > n) {
+		memcpy(dst, REDRAW, n);
+		o = i = n;
+	}
+	for (; line[i] != '\0' && o + 1 < size; i++) {
+		unsigned char c = (unsigned char)line[i];
+
+		if (c == 0xc2 && (unsigned char)line[i + 1] >= 0x80 &&
+		    (unsigned char)line[i + 1] <= 0x9f) {
+			i++;
+			c = '?';
+		} else if ((c < 0x20 && c != '\t') || c == 0x7f) {
+			c = '?';
+		}
+		dst[o++] = (char)c;
+	}
+	dst[o] = '\0';
+}
+
+/*
+ * Relay one stderr line of the step client to the user, as it comes.  In
+ * slurmstepd (user_init) straight to fd 2, the step's stderr on its way to srun:
+ * progress is for the user, and one line every few seconds of a long wait does
+ * not belong in the slurmd log.
+ */
 static void relay_line(const char *line)
 {
-	slurm_spank_log("%s", line);
+	char buf[MAX_LINE + 1];
+
+	if (spank_context() != S_CTX_REMOTE) {
+		sanitize(buf, sizeof(buf), line, 0);
+		slurm_spank_log("%s", buf);
+		return;
+	}
+	sanitize(buf, sizeof(buf) - 1, line, 1);
+	strcat(buf, "\n");
+	for (size_t o = 0, n = strlen(buf); o < n;) {
+		ssize_t w = write(STDERR_FILENO, buf + o, n - o);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return; /* nobody reads it any more: the step is going away */
+		o += (size_t)w;
+	}
+}
+
+/* An error line of the step client, to the user and the slurmd log. */
+static void relay_error(const char *line)
+{
+	char buf[MAX_LINE];
+
+	sanitize(buf, sizeof(buf), line, 0);
+	slurm_error("%s", buf);
 }
 
 struct child_out {
@@ -750,8 +811,8 @@ static int child_start(char *const argv[], char *const envp[], int extra_fd, int
 		if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(outp[1], 1) < 0 ||
 		    dup2(errp[1], 2) < 0)
 			_exit(127);
-		if (extra_fd >= 0 && dup2(extra_fd, 3) < 0)
-			_exit(127);
+		if (extra_fd >= 0 && (extra_fd == 3 ? fcntl(3, F_SETFD, 0) : dup2(extra_fd, 3)) < 0)
+			_exit(127); /* dup2(3, 3) would leave close-on-exec set */
 		/* Nothing else of slurmstepd's: prepare outlives init_post_opt, and a
 		 * pipe of slurmstepd held open by it stalled the step's launch
 		 * (about 5 s) until user_init. */
@@ -782,9 +843,18 @@ fail:
 static void child_abandon(struct child *ch)
 {
 	if (ch->pid > 0) {
+		/* SIGTERM, a few seconds to go, then SIGKILL: slurmstepd must not hang */
 		kill(ch->pid, SIGTERM);
+		for (int i = 0; i < 50; i++) {
+			pid_t r = waitpid(ch->pid, NULL, WNOHANG);
+			if (r != 0 && !(r < 0 && errno == EINTR))
+				goto reaped; /* ours, or someone else reaped it: gone either way */
+			usleep(100000);
+		}
+		kill(ch->pid, SIGKILL);
 		while (waitpid(ch->pid, NULL, 0) < 0 && errno == EINTR)
 			;
+reaped:
 		ch->pid = -1;
 	}
 	if (ch->out >= 0)
@@ -885,7 +955,7 @@ static int child_finish(struct child *ch, size_t max_out, struct child_out *co)
 			relay_line(lb.held);
 		rc = 0;
 	} else if (lb.have_held) {
-		slurm_error("%s", lb.held);
+		relay_error(lb.held);
 	} else if (WIFSIGNALED(co->status)) {
 		slurm_error(PFX "%s %s killed by signal %d", ch->name, ch->cmd, WTERMSIG(co->status));
 	} else {
@@ -1022,12 +1092,19 @@ static int local_post_opt(void)
 			slurm_error(PFX "setenv: %s", strerror(errno));
 			return -1;
 		}
-		/* progress redrawn in place on a terminal; plain lines in a file or
-		 * pipe, and with srun -l, whose labels a redraw would scramble */
-		if (isatty(STDERR_FILENO) && getenv("SLURM_LABELIO") == NULL)
-			setenv("OCI_SUBMIT_TTY", "1", 1);
-		else
+		/* progress redrawn in place on a terminal (its width, to keep each
+		 * line on one row); plain lines in a file or pipe */
+		struct winsize ws;
+		char cols[16];
+		if (isatty(STDERR_FILENO)) { /* "0": a terminal of unknown width */
+			int known = ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20;
+			snprintf(cols, sizeof(cols), "%u", known ? (unsigned)ws.ws_col : 0U);
+			setenv("OCI_SUBMIT_TTY", cols, 1);
+		} else {
 			unsetenv("OCI_SUBMIT_TTY");
+		}
+	} else {
+		unsetenv("OCI_SUBMIT_TTY"); /* a job's error file is no terminal */
 	}
 	if (opt.image[0] == '/')
 		return 0; /* a SquashFS path: nothing to pin */
@@ -1270,6 +1347,21 @@ static int job_marker(char *buf, size_t n, uint32_t jobid, const char *node, int
 	return (size_t)snprintf(buf, n, "%s/jobs/%u", sock, jobid) < n ? 0 : -1;
 }
 
+/*
+ * srun saw a terminal, and its stderr really goes there: not with -l (labels
+ * would scramble a redraw; srun sets SLURM_LABELIO for the job, not for itself),
+ * nor -o/-e to files, nor for a batch step.
+ */
+static int tty_progress(char **jobenv)
+{
+	const char *cols = get_jobenv("OCI_SUBMIT_TTY", jobenv);
+
+	return cols != NULL && strspn(cols, "0123456789") == strlen(cols) && cols[0] != '\0' &&
+	       st.stepid != STEP_BATCH && get_jobenv("SLURM_LABELIO", jobenv) == NULL &&
+	       get_jobenv("SLURM_STDERRMODE", jobenv) == NULL &&
+	       get_jobenv("SLURM_STDOUTMODE", jobenv) == NULL;
+}
+
 static int remote_post_opt(spank_t sp)
 {
 	char **jobenv = NULL;
@@ -1339,7 +1431,11 @@ static int remote_post_opt(spank_t sp)
 	if (spank_get_item(sp, S_JOB_NODEID, &nodeid) != ESPANK_SUCCESS || nodeid != 0)
 		ARG("none");
 	else
-		ARG(get_jobenv("OCI_SUBMIT_TTY", jobenv) != NULL ? "tty" : "plain");
+		ARG(tty_progress(jobenv) ? "tty" : "plain");
+	if (tty_progress(jobenv)) {
+		ARG("--columns");
+		ARG(get_jobenv("OCI_SUBMIT_TTY", jobenv));
+	}
 	argv[ac] = NULL;
 #undef ARG
 

@@ -178,3 +178,62 @@ def test_batch_error_file_gets_the_progress(ps):
             l)) >= 2, lines
     finally:
         subprocess.run(["rm", "-rf", str(d)])
+
+
+UP = "\x1b[1A\x1b[2K"
+
+
+def _on_a_tty(argv):
+    return ["script", "-qefc", " ".join(argv), "/dev/null"]
+
+
+def _node_log(ps, node="n1"):
+    return ps.cluster.node_log(node).read_text(errors="replace").splitlines()
+
+
+def test_srun_l_on_a_terminal_gets_plain_lines(ps):
+    """srun -l labels every line: a redraw would scramble them (srun sets SLURM_LABELIO in
+    the job's environment only, which is where the plugin looks)."""
+    ref = ps.new_image()
+    rc, out, err = ps.srun_timed("-l", "-N1", f"--oci-image={ref}", "echo", "RAN", wrap=_on_a_tty)
+    text = "\n".join(l for _, l in out)
+    assert rc == 0 and "0: RAN" in text, text
+    assert UP not in text and re.search(r"0: oci-image: n1: converting: +\d+% ", text), text
+
+
+def test_progress_stays_out_of_the_slurmd_log(ps):
+    """Progress is for the user: none of it (and no escape sequence) in the node's log."""
+    before = len(_node_log(ps))
+    ref = ps.new_image()
+    rc, out, err = ps.srun_timed("-N1", f"--oci-image={ref}", "echo", "RAN", wrap=_on_a_tty)
+    assert rc == 0 and UP in "\n".join(l for _, l in out)   # it was shown, redrawn
+    logged = _node_log(ps)[before:]
+    assert not [l for l in logged if "oci-image: n1: " in l or "\x1b" in l], logged
+
+
+def test_control_bytes_a_user_chose_reach_nobody_raw(ps):
+    """A submit directory named with a newline, a forged log line and a terminal escape:
+    the note shows it with '?' for each control byte, on one line."""
+    ref = ps.new_image()
+    assert ps.srun_timed("-N1", f"--oci-image={ref}", "true")[0] == 0   # cached from now on
+    base = Path(tempfile.mkdtemp(prefix="oci-prog-odd-", dir="/var/tmp"))
+    os.chmod(base, 0o777)
+    odd = base / "x\n[2030-01-01T00:00:00.000] error: forged\x1b]0;pwned\x07"
+    odd.mkdir()
+    os.chmod(odd, 0o777)
+    before = len(_node_log(ps))
+    try:
+        c = ps.cluster
+        r = subprocess.run(as_user(["srun", "-N1", f"--oci-image={ref}", "true"], c.uid, c.gid),
+                           cwd=str(odd), env=c.user_env(), capture_output=True, text=True,
+                           errors="replace", timeout=120)
+        assert r.returncode == 0, r.stderr
+        notes = [l for l in r.stderr.splitlines() if "is not in the container" in l]
+        assert len(notes) == 1 and "x?[2030-01-01T00:00:00.000] error: forged?]0;pwned?" \
+            in notes[0], r.stderr
+        assert not any(l.startswith("[2030") for l in r.stderr.splitlines())
+        assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+        assert not any("\x1b" in l or "\x07" in l or "forged" in l
+                       for l in _node_log(ps)[before:])
+    finally:
+        subprocess.run(["rm", "-rf", str(base)])

@@ -223,6 +223,22 @@ def test_missing_submit_dir_gets_an_empty_placeholder_in_the_container_only(make
 
 
 @needs_root
+def test_submit_dir_placeholder_never_fails_a_step_and_says_nothing_when_bound(make, host):
+    # a name the kernel refuses: no placeholder (Slurm's own message stays), no failure
+    step = make(mount_home=False, host_cwd="/scratch/" + "a" * 300)
+    assert step.placeholder is None and step.cwd == "/"
+    # the submit directory is in the container where a bind put it: the tasks start
+    # there; a placeholder at the host path keeps slurmstepd quiet, and there is no note
+    sub = host / "src-rw" / "run1"
+    sub.mkdir(exist_ok=True)
+    os.chown(sub, UID, GID)
+    step = make(step_id="1", mount_home=False, mounts=[(str(host / "src-rw"), "/data", False)],
+                host_cwd=str(sub))
+    assert step.cwd == "/data/run1" and step.submit_visible
+    assert step.placeholder == str(sub)
+
+
+@needs_root
 def test_user_mounts_read_only_and_read_write(make, host):
     step = make(mounts=[(str(host / "src-ro"), "/newdir/ro", True),
                         (str(host / "src-rw"), "/data", False)],

@@ -55,6 +55,16 @@ def _human(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+_CONTROL = {c: "?" for c in list(range(0x20)) + list(range(0x7f, 0xa0)) if c != 0x09}
+
+
+def printable(text: str) -> str:
+    """text with control characters shown as '?': a message may hold a path or name a
+    user chose, and a newline or an escape sequence in it must not make a line of its own
+    or reach a terminal (the plugin filters what reaches srun too)."""
+    return text.translate(_CONTROL)
+
+
 def _duration(seconds: float) -> str:
     s = int(seconds + 0.5)
     if s < 60:
@@ -118,11 +128,14 @@ class TextProgress:
     """
 
     def __init__(self, stream: TextIO = sys.stderr, prefix: str = "", tty: Optional[bool] = None,
-                 interval: float = 2.0, clock: Callable[[], float] = time.monotonic):
+                 interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 columns: int = 0):
         self.stream = stream
         self.prefix = prefix
         self.tty = stream.isatty() if tty is None else tty
-        self.interval = interval if not self.tty else 0.25
+        self.interval = interval if not self.tty else 0.5
+        # a redrawn line must fit on one row: cursor-up would leave a wrapped tail behind
+        self.columns = columns if self.tty else 0
         self.clock = clock
         self.rate = Rate()
         self._state: Optional[_State] = None
@@ -157,7 +170,9 @@ class TextProgress:
         if self._state is None:
             return
         now = self.clock() if now is None else now
-        line = self.format(self._state.event, now)
+        line = printable(self.format(self._state.event, now))
+        if self.columns > 1 and len(line) > self.columns - 1:
+            line = line[:self.columns - 2] + "…"
         up = "\x1b[1A\x1b[2K" if self.tty and self._redraw else ""
         self.stream.write(up + line + "\n")
         self.stream.flush()
@@ -167,7 +182,7 @@ class TextProgress:
     def note(self, message: str) -> None:
         """A line of its own, never replaced by the next."""
         up = "\x1b[1A\x1b[2K" if self.tty and self._redraw else ""
-        self.stream.write(f"{up}{self.prefix.split(': ')[0]}: note: {message}\n")
+        self.stream.write(f"{up}{self.prefix.split(': ')[0]}: note: {printable(message)}\n")
         self.stream.flush()
         self._redraw = False
 
@@ -231,8 +246,9 @@ class LiveProgress:
         while not self._stop.wait(0.25):
             with self._lock:
                 now = self.text.clock()
+                # on a terminal the elapsed seconds tick in place; else a line per `every`
                 if now - self._start >= self.quiet and now - self.text._last >= \
-                        min(self.every, self.text.interval if self.text.tty else self.every):
+                        (min(self.every, 1.0) if self.text.tty else self.every):
                     self.text.write_line(now)
 
     def stop(self) -> None:

@@ -26,7 +26,8 @@ PREFIX = "oci-image"
 
 
 def _die(message: str, code: int = 1) -> int:
-    sys.stderr.write(f"{PREFIX}: error: {message}\n")
+    from .progress import printable  # one line, whatever the message quotes
+    sys.stderr.write(f"{PREFIX}: error: {printable(message)}\n")
     sys.stderr.flush()
     return code
 
@@ -167,7 +168,8 @@ def cmd_prepare(args) -> int:
         if args.progress != "none":  # one node of the step shows it (the plugin chooses)
             node = f"{args.node}: " if args.node else ""
             show = LiveProgress(TextProgress(sys.stderr, prefix=f"{PREFIX}: {node}",
-                                             tty=args.progress == "tty", interval=4.0))
+                                             tty=args.progress == "tty", interval=4.0,
+                                             columns=args.columns))
 
         def on_progress(p):
             if show is not None:
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--progress", choices=("plain", "tty", "none"), default="plain",
                             help="how to show the wait for the image on stderr (none: "
                                  "errors only; the plugin asks one node of a step to show it)")
+            sp.add_argument("--columns", type=int, default=0,
+                            help="the terminal's width (tty): a redrawn line is cut to fit")
     return p
 
 

@@ -100,6 +100,7 @@ class StepNamespace:
     cwd: str
     user_mounts: Tuple[str, ...] = ()  # container paths the user controls (home, --oci-mounts)
     placeholder: Optional[str] = None  # the submit directory, made empty (plan_submit_dir)
+    submit_visible: bool = False       # the tasks start in the submit directory (or its bind)
 
 
 # ---- path resolution inside the container ----------------------------------
@@ -310,6 +311,7 @@ class Plan:
     overlay: bool
     user_mounts: Tuple[str, ...] = ()
     placeholder: Optional[str] = None
+    submit_visible: bool = False
 
 
 Sources = Mapping[str, Union[asuser.Opened, OciImageError]]
@@ -333,6 +335,7 @@ class _Planner:
         self.user_targets: List[str] = []
         self.system_targets: List[str] = []
         self.placeholder: Optional[str] = None
+        self.submit_visible = False
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -440,6 +443,8 @@ class _Planner:
         cwd = self.spec.host_cwd
         if not cwd or not cwd.startswith("/") or os.path.normpath(cwd) == "/":
             return
+        if len(os.fsencode(cwd)) >= 4000 or any(len(os.fsencode(c)) > 255 for c in _split(cwd)):
+            return  # the kernel would refuse it (ENAMETOOLONG): never fail a step for this
         try:
             if not resolve_in_root(self.rootfs, cwd, self.layers).exists:
                 self.placeholder = self.target(os.path.normpath(cwd), True, "submit directory")
@@ -485,7 +490,9 @@ class _Planner:
         ops += self.user
         ops += etc
         ops.append(("pivot", self.root))
-        return Plan(ops, self.working_dir(), overlay, tuple(self.user_targets), self.placeholder)
+        cwd = self.working_dir()
+        return Plan(ops, cwd, overlay, tuple(self.user_targets), self.placeholder,
+                    self.submit_visible)
 
     def working_dir(self) -> str:
         spec = self.spec
@@ -500,6 +507,7 @@ class _Planner:
                     if best is None or len(host) > len(best[0]):
                         best = (host, cont)
             if best:
+                self.submit_visible = True  # the tasks start in it (where a bind put it)
                 rest = cwd[len(best[0]):].lstrip("/")
                 return _join(best[1], *_split(rest))
         if spec.image_workdir and spec.image_workdir.startswith("/"):
@@ -620,7 +628,8 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
              extra={"job": spec.job_id, "step": spec.step_id, "ns": str(ns_path),
                     "cwd": plan.cwd, "overlay": plan.overlay,
                     "seconds": round(time.monotonic() - t0, 3)})
-    return StepNamespace(ns_path, plan.cwd, plan.user_mounts, plan.placeholder)
+    return StepNamespace(ns_path, plan.cwd, plan.user_mounts, plan.placeholder,
+                         plan.submit_visible)
 
 
 def _build(ops: List[Op], ns_path: Path) -> None:

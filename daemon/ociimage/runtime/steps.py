@@ -189,7 +189,7 @@ class StepManager:
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
                     image_workdir=config.get("WorkingDir") or None)
                 ns = create_step_namespace(spec, self.state_dir)
-                if ns.placeholder and not spec.workdir:
+                if ns.placeholder and not spec.workdir and not ns.submit_visible:
                     # in place of slurmstepd's "couldn't chdir" on every node
                     report(ProgressEvent(NOTE, message=(
                         f"{spec.host_cwd} is not in the container; the tasks start in "
