@@ -282,8 +282,11 @@ class AccessChecker:
     def _head(self, client: RegistryClient, ref: Reference, digest: str) -> int:
         """Status of HEAD /v2/<repo>/manifests/<digest> (after auth, retries): one of _ANSWERS."""
         self.requests += 1
-        resp = client._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{digest}",
-                               client.pull_scopes(ref), {"Accept": mt.ACCEPT})
+        # one registry operation like any other: bounded by request_timeout and aborted at
+        # once when the request (a step, a publish) is cancelled, retries and all
+        with client._operation(f"the access check of {ref.domain}/{ref.path}@{digest}"):
+            resp = client._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{digest}",
+                                   client.pull_scopes(ref), {"Accept": mt.ACCEPT})
         status = resp.status_code
         if status == 200:
             resp.close()

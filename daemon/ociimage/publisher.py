@@ -161,7 +161,11 @@ class Publisher:
                              f"{entry.digest}; try again")
         # Pushed from a descriptor: an eviction (or prune) meanwhile unlinks the entry but
         # cannot take the file away mid-upload, and nothing is opened by a name again.
-        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise CacheError(f"image {entry.digest} was removed from the cache meanwhile; "
+                             f"try again") from None
         try:
             size = os.fstat(fd).st_size
             if size != entry.size:

@@ -203,9 +203,26 @@ def _discover(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
             log.warning("looking for a ready-to-mount image failed",
                         extra={"repository": repo.name, "error": str(e)})
             continue
+        if found and cl is not client and not _made_from(found, src):
+            # Found with the site's identity: only for the repository the caller just
+            # resolved with their own credentials. Otherwise anyone who can serve a private
+            # image's manifest from a registry of their own would get its SquashFS.
+            log.warning("a ready-to-mount image of the publish_to repository was made from "
+                        "another repository than the one asked for: converting instead",
+                        extra={"repository": repo.name, "asked": str(src)})
+            continue
         if found:
             return found
     return None
+
+
+def _made_from(found: monolithic.Found, src: Reference) -> bool:
+    made = found.annotations.get(monolithic.A_SOURCE_REF)
+    try:
+        ref = parse_reference(made) if isinstance(made, str) else None
+    except OciImageError:
+        return False
+    return ref is not None and (ref.domain, ref.path) == (src.domain, src.path)
 
 
 def _fetched_metadata(resolved: ResolvedImage, options: PullOptions, found_ref: Reference,
