@@ -184,3 +184,27 @@ def svg_bars(path: Path, title: str, groups: List[str], series: Dict[str, List[f
 
 def _esc(s: str) -> str:
     return str(s).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def tree_entries(base: Path, limit_bytes: int, total: int = 0):
+    """A layer of real files: base's tree (paths as in the image, under base), until
+    total reaches limit_bytes; returns (entries, total)."""
+    from ocibuild import Entry  # tests/
+    entries = []
+    for p in sorted(Path(base).rglob("*")):
+        rel = str(p)[1:]
+        try:
+            if p.is_symlink():
+                entries.append(Entry(rel, "symlink", linkname=os.readlink(p)))
+            elif p.is_dir():
+                entries.append(Entry(rel + "/", "dir", mode=0o755))
+            elif p.is_file():
+                data = p.read_bytes()
+                total += len(data)
+                entries.append(Entry(rel, data=data, mode=0o644))
+        except OSError:
+            continue
+        if total > limit_bytes:
+            break
+    return entries, total
+

@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import tree_entries  # noqa: E402
 from cluster_fixture import as_user  # noqa: E402
 from install_fixture import Installed  # noqa: E402
 from localsite import start_site, stop_site  # noqa: E402
@@ -44,23 +46,8 @@ TREES = [f"/usr/lib/python3.{sys.version_info.minor}", "/usr/share", "/usr/lib/x
 def tree_layers(limit_mb: int):
     """Real files, one layer per tree, about limit_mb MB in all."""
     layers, total = [], 0
-    for base in map(Path, TREES):
-        entries = []
-        for p in sorted(base.rglob("*")):
-            rel = str(p)[1:]
-            try:
-                if p.is_symlink():
-                    entries.append(Entry(rel, "symlink", linkname=os.readlink(p)))
-                elif p.is_dir():
-                    entries.append(Entry(rel + "/", "dir", mode=0o755))
-                elif p.is_file():
-                    data = p.read_bytes()
-                    total += len(data)
-                    entries.append(Entry(rel, data=data, mode=0o644))
-            except OSError:
-                continue
-            if total > limit_mb << 20:
-                break
+    for base in TREES:
+        entries, total = tree_entries(Path(base), limit_mb << 20, total)
         layers.append(entries)
         if total > limit_mb << 20:
             break

@@ -31,7 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from _common import tree_entries  # noqa: E402
 from daemon_proc import DaemonProcess  # noqa: E402
 from images import busybox_layers  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
@@ -57,21 +59,7 @@ def summary(xs):
 
 def python_tree_layer(limit_mb: int = 60):
     """A realistic layer: this machine's Python standard library (many small files)."""
-    base = Path("/usr/lib/python3.11")
-    entries, total = [], 0
-    for p in sorted(base.rglob("*")):
-        rel = "usr/lib/python3.11/" + str(p.relative_to(base))
-        if p.is_symlink():
-            entries.append(Entry(rel, "symlink", linkname=os.readlink(p)))
-        elif p.is_dir():
-            entries.append(Entry(rel + "/", "dir", mode=0o755))
-        elif p.is_file():
-            data = p.read_bytes()
-            total += len(data)
-            entries.append(Entry(rel, data=data, mode=0o644))
-            if total > limit_mb << 20:
-                break
-    return entries, total
+    return tree_entries(Path("/usr/lib/python3.11"), limit_mb << 20)
 
 
 def main() -> int:

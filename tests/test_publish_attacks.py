@@ -73,31 +73,25 @@ PUBLISH_TO_CONF = ("[daemon]\nmount_idle = 1\npublish_running = 2\npublish_runni
                    "publish_timeout = 60\n[registries]\npublish_to = {reg}/site/converted\n")
 
 
-@pytest.fixture(scope="module")
-def pubsite(installed):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    s, close = _site(installed, PUBLISH_TO_CONF)
-    try:
-        yield s
-    finally:
-        close()
+def _site_fixture(conf_text):
+    @pytest.fixture(scope="module")
+    def fixture(installed):
+        if os.geteuid() != 0:
+            pytest.skip("needs root")
+        s, close = _site(installed, conf_text)
+        try:
+            yield s
+        finally:
+            close()
+    return fixture
 
+
+pubsite = _site_fixture(PUBLISH_TO_CONF)
 
 TIMEOUT_CONF = ("[daemon]\nmount_idle = 1\npublish_running = 2\npublish_running_per_user = 1\n"
                 "publish_timeout = 8\n[registries]\nrequest_timeout = 120\nstall_timeout = 120\n"
                 "min_rate = 0\n")
-
-
-@pytest.fixture(scope="module")
-def slowsite(installed):
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    s, close = _site(installed, TIMEOUT_CONF)
-    try:
-        yield s
-    finally:
-        close()
+slowsite = _site_fixture(TIMEOUT_CONF)
 
 
 def _drop_blobs(reg: RegistryServer, digests):
