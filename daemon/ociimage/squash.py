@@ -259,6 +259,11 @@ class SquashFSWriter:
         if not nospace and _IO_ERROR.search(text) and free is not None and \
                 self.stdin.written + _SLACK >= free:
             nospace = True
+        if not nospace and _IO_ERROR.search(text):
+            # Or something else filled the filesystem meanwhile (the layer downloads
+            # spooled next to the image, another writer): it is full now.
+            now = _free_bytes(self.out_path.parent)
+            nospace = now is not None and now < _SLACK
         if nospace:
             return NoSpace(f"no space left for {self.out_path}: {name} stopped ({last}); "
                            f"{free if free is not None else '?'} bytes were free at the start",
