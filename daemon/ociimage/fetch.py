@@ -69,6 +69,14 @@ class Spool:
                 self.cond.wait(_POLL)
                 check()
 
+    def verdict(self, check: Callable[[], None]) -> Optional[BaseException]:
+        """Wait for the download to end; its error, or None when the blob was verified."""
+        with self.cond:
+            while self.error is None and not self.done:
+                self.cond.wait(_POLL)
+                check()
+            return self.error
+
     def _update(self, written: int = 0, done: bool = False,
                 error: Optional[BaseException] = None) -> None:
         with self.cond:

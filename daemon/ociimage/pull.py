@@ -20,7 +20,7 @@ from typing import BinaryIO, Callable, Dict, Iterator, Optional, Sequence, Tuple
 from . import __version__, cancel, monolithic
 from .cache import UMASK as cache_umask
 from .cache import Cache, CacheEntry
-from .errors import InvalidArgument, OciImageError
+from .errors import CorruptLayer, DigestMismatch, InvalidArgument, OciImageError
 from .flatten import FlattenLimits
 from .fetch import DEFAULT_PARALLEL, Prefetcher
 from .inflate import inflater_name, open_spooled_layer
@@ -151,12 +151,15 @@ class _Progress:
 
 
 def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: Path,
-                   progress: _Progress, options: PullOptions) -> Iterator[BinaryIO]:
+                   progress: _Progress, options: PullOptions, reading: dict
+                   ) -> Iterator[BinaryIO]:
     """Decompressed layer streams, top-most first, each verified against its digest.
 
     All layers download at once (bounded, fetch.Prefetcher) into spool files
     named after spool_base; each is decompressed by a child process where a
     fast inflater is installed (inflate.py), else in a thread.
+    reading["spool"] is the layer being read, reading["check"] what raises
+    when the conversion must stop.
     """
     n = len(resolved.layers)
     descs = list(reversed(resolved.layers))
@@ -168,9 +171,10 @@ def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: 
             progress.check()
             fetcher.check()
 
+        reading["check"] = check
         for i, desc in enumerate(descs):
             progress.layer = n - i
-            spool = fetcher.reading(i)
+            spool = reading["spool"] = fetcher.reading(i)
             stream = open_spooled_layer(
                 spool, compression_of(desc.media_type), check=check, on_bytes=progress.on_bytes,
                 name=f"layer {n - i} of {n} ({desc.digest})",
@@ -191,9 +195,19 @@ def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
     total = sum(d.size for d in resolved.layers)
     started = time.monotonic()
     with _Progress(report, total, len(resolved.layers)) as progress:
-        layers = _layer_streams(client, resolved, out, progress, options)
+        reading: dict = {}
+        layers = _layer_streams(client, resolved, out, progress, options, reading)
         try:
             stats = squash_layers(layers, out, options.squash, options.limits)
+        except CorruptLayer:
+            # A damaged tar or compressed stream may be a blob that is not what the
+            # manifest says: the download's verdict on the layer is the better error.
+            spool = reading.get("spool")
+            if spool is not None:
+                verdict = spool.verdict(reading["check"])
+                if isinstance(verdict, DigestMismatch):
+                    raise verdict from None
+            raise
         finally:
             # at once, not when the traceback lets go of it: stops the downloads and
             # removes their spool files
