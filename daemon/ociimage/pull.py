@@ -121,6 +121,9 @@ class _Progress:
                              layers=self.layers)
 
 
+    def tick(self) -> None:
+        self._emit(self.event())
+
     def on_retry(self, message: str) -> None:
         self._emit(ProgressEvent(RETRY, message=message, current=self.done, total=self.total,
                                  layer=self.layer, layers=self.layers))
@@ -133,13 +136,13 @@ class _Progress:
             raise self.error
 
     def __enter__(self) -> "_Progress":
-        self._emit(self.event())
+        self.tick()
         token = cancel.current()
 
         def tick() -> None:
             with cancel.scope(token):
                 while not self._stop.wait(self.TICK):
-                    self._emit(self.event())
+                    self.tick()
         self._thread = threading.Thread(target=tick, name="convert-progress", daemon=True)
         self._thread.start()
         return self
@@ -187,6 +190,8 @@ def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: 
                 stream.drain()
             finally:
                 stream.close()
+        # every layer read (current == total): the writer finishes the image now
+        progress.tick()
 
 
 def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
