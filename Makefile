@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # Python dependencies come from Debian too: the same versions on every machine
 # of a release (and what distribution packages of this project would use).
 APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount procps \
-	squashfs-tools-ng squashfs-tools zstd umoci skopeo docker-registry \
+	squashfs-tools-ng squashfs-tools zstd isal pigz umoci skopeo docker-registry \
 	slurm-wlm slurmctld slurmd libslurm-dev munge curl busybox-static \
 	python3-requests python3-filelock python3-zstandard python3-grpcio python3-protobuf \
 	python3-prometheus-client python3-setuptools python3-wheel \

@@ -60,12 +60,12 @@ from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import unquote_to_bytes
 
 from .errors import CorruptLayer, LimitExceeded
+from .tarstream import FastTarInfo, TarStream, ustar_header
 
 log = logging.getLogger("ociimage.flatten")
 
 _ENC, _ERR = "utf-8", "surrogateescape"
 _CHUNK = 1 << 20
-_TAR_BUFSIZE = 16 * 1024     # tarfile's stream buffer; larger costs a copy per header
 _NAME_MAX = 255
 _LINK_MAX = 4095
 _MAX_WARNINGS = 200
@@ -137,7 +137,7 @@ class _End(Exception):
 
 
 def _tarinfo_class(limits: FlattenLimits):
-    class _TarInfo(tarfile.TarInfo):
+    class _TarInfo(FastTarInfo):
         @classmethod
         def fromtarfile(cls, tf):
             try:
@@ -159,19 +159,6 @@ def _tarinfo_class(limits: FlattenLimits):
             return super()._proc_member(tf)
 
     return _TarInfo
-
-
-class _Counted:
-    """Counts decompressed bytes read across all layers against the limit."""
-
-    def __init__(self, stream: BinaryIO, flat: "_Flattener"):
-        self.stream, self.flat = stream, flat
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        if data:
-            self.flat.add_input(len(data))
-        return data
 
 
 class _Out:
@@ -202,6 +189,14 @@ def _clean(name: str) -> Tuple[Optional[List[str]], str]:
         return None, "empty name"
     if "\0" in name:
         return None, "NUL byte in name"
+    if (name.isascii() and "//" not in name and "/." not in name and name[0] not in "./"
+            and len(name) <= _NAME_MAX):
+        # The common name: nothing to resolve, no component too long (an ASCII
+        # component is as long in bytes).
+        parts = name.split("/")
+        if not parts[-1]:
+            parts.pop()
+        return parts, ""
     parts: List[str] = []
     for comp in name.split("/"):
         if comp in ("", "."):
@@ -243,12 +238,64 @@ def _xattrs(pax: Dict[str, str]) -> Tuple[Optional[Dict[str, str]], List[str]]:
     return (out or None), dropped
 
 
+class _Records:
+    """path -> record, the flattener's memory of what it emitted: most of its memory.
+
+    Written regular files (most entries) are kept by directory, {parent: {name:
+    layer}}, the parent's path stored once, and share one record per layer;
+    every other record (directories, links, ... written at the end) by path.
+    The same mapping either way, in about half the memory of one dict by
+    path at 200,000 files.
+    """
+
+    def __init__(self) -> None:
+        self.files: Dict[str, Dict[str, int]] = {}
+        self.other: Dict[str, _Rec] = {}
+        self.file_recs: Dict[int, _Rec] = {}
+        self.n_files = 0
+
+    def get(self, path: str) -> Optional[_Rec]:
+        rec = self.other.get(path)
+        if rec is None:
+            cut = path.rfind("/")
+            names = self.files.get(path[:cut] if cut > 0 else "")
+            if names is not None:
+                layer = names.get(path[cut + 1:])
+                if layer is not None:
+                    rec = self.file_recs[layer]
+        return rec
+
+    def __contains__(self, path: str) -> bool:
+        return self.get(path) is not None
+
+    def __setitem__(self, path: str, rec: _Rec) -> None:
+        layer, typ, meta = rec
+        if typ != REG or meta is not None:
+            self.other[path] = rec
+            return
+        self.other.pop(path, None)  # a link or the like that this layer's file replaces
+        if layer not in self.file_recs:
+            self.file_recs[layer] = rec
+        cut = path.rfind("/")
+        names = self.files.setdefault(path[:cut] if cut > 0 else "", {})
+        if path[cut + 1:] not in names:
+            self.n_files += 1
+        names[path[cut + 1:]] = layer
+
+    def __len__(self) -> int:
+        return len(self.other) + self.n_files
+
+    def items(self):
+        """The records still to be written (everything but regular files)."""
+        return self.other.items()
+
+
 class _Flattener:
     def __init__(self, out: BinaryIO, limits: FlattenLimits):
         self.out = _Out(out)
         self.limits = limits
         self.stats = FlattenStats()
-        self.seen: Dict[str, _Rec] = {}
+        self.seen = _Records()
         self.hide_tree: set = set()    # whiteouts: the path and all below it
         self.hide_below: set = set()   # opaque dirs and replaced non-dirs: all below
         self.rules = 0
@@ -260,6 +307,8 @@ class _Flattener:
         # (no entry of their own yet), with the layer that implied them: a lower
         # layer's non-directory there must not be emitted over them.
         self.implied: Dict[str, int] = {}
+        #: the last parent directory whose ancestors passed parents_ok() in this layer
+        self.ok_parent: Optional[str] = None
         self.tarinfo_cls = _tarinfo_class(limits)
 
     # -- accounting ---------------------------------------------------------
@@ -294,33 +343,27 @@ class _Flattener:
 
     def layer_pass(self, stream: BinaryIO) -> None:
         self.layer += 1
+        self.ok_parent = None
         self.stats.layers += 1
-        counted = _Counted(stream, self)
+        tar = TarStream(stream, self.tarinfo_cls, encoding=_ENC, errors=_ERR,
+                        count=self.add_input, name=f"layer {self.layer} from the top")
         try:
-            try:
-                tf = tarfile.open(fileobj=counted, mode="r|", bufsize=_TAR_BUFSIZE,
-                                  tarinfo=self.tarinfo_cls, encoding=_ENC, errors=_ERR)
-            except _End:
-                tf = None  # an empty stream: an empty layer
-            if tf is not None:
-                while True:
-                    try:
-                        member = tf.next()
-                    except _End:
-                        break
-                    if member is None:
-                        break
-                    tf.members.clear()  # stream mode would keep every TarInfo
-                    self.entry(tf, member)
+            while True:
+                try:
+                    member = tar.next()
+                except _End:
+                    break
+                if member is None:
+                    break
+                self.entry(tar, member)
+            # The blob's digest is checked at its EOF: read what follows the tar.
+            tar.rest()
         except tarfile.TarError as e:
             raise CorruptLayer(f"layer {self.layer} from the top: corrupt tar ({e})",
                                hint="the layer is damaged; pull it again") from None
         except EOFError as e:
             raise CorruptLayer(f"layer {self.layer} from the top: truncated tar ({e})",
                                hint="the layer is damaged; pull it again") from None
-        # The blob's digest is checked at its EOF: read what follows the tar.
-        while counted.read(_CHUNK):
-            pass
         drain = getattr(stream, "drain", None)
         if drain is not None:
             drain()
@@ -329,7 +372,7 @@ class _Flattener:
         self.hide_below |= self.pend_nondir
         self.pend_tree, self.pend_opaque, self.pend_nondir = set(), set(), set()
 
-    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+    def entry(self, tar: TarStream, m: tarfile.TarInfo) -> None:
         name = m.name
         typ = m.type
         if typ in _REGULAR:
@@ -342,32 +385,18 @@ class _Flattener:
             self.skip("hostile_name", name, why)
             return
         base = parts[-1] if parts else ""
-        if any(p.startswith(_WH) for p in parts[:-1]):
-            self.skip("whiteout_parent", name, "entry below a whiteout name")
-            return
-        # Walk the ancestors: hidden by an upper layer, or below a non-directory.
-        anc = ""
         layer = self.layer
         seen = self.seen
-        for k, comp in enumerate(parts):
-            if anc in self.hide_below or anc in self.hide_tree:
-                self.skip("whited_out", warn=False)
+        path = "/".join(parts)
+        # Entries come grouped by directory: the ancestors of the last parent that
+        # passed need no new walk until a record there could change the verdict
+        # (_claim resets it).
+        parent = path[:len(path) - len(base) - 1] if len(parts) > 1 else ""
+        if not parts or parent != self.ok_parent:
+            if not self.parents_ok(parts, name):
                 return
-            if k:
-                rec = seen.get(anc)
-                if rec is not None and rec[1] != DIR:
-                    if rec[0] < layer:
-                        self.skip("whited_out", warn=False)
-                    else:
-                        self.skip("parent_not_dir", name,
-                                  f"parent {anc!r} is not a directory in this layer")
-                    return
-                if anc in self.pend_nondir:
-                    self.skip("parent_not_dir", name,
-                              f"parent {anc!r} is not a directory in this layer")
-                    return
-            anc = comp if not k else anc + "/" + comp
-        path = anc
+            if parts:
+                self.ok_parent = parent
         if path in self.hide_tree:
             self.skip("whited_out", warn=False)
             return
@@ -385,6 +414,7 @@ class _Flattener:
             # CVE-2021-29136 layout): the directory wins, nothing is followed.
             if implied < layer:
                 self.pend_nondir.add(path)
+                self._claim(path)
                 self.rules += 1
                 self._track()
                 self.skip("shadowed", warn=False)
@@ -396,6 +426,7 @@ class _Flattener:
             # what lower layers have below it.
             if typ != DIR and rec[1] == DIR:
                 self.pend_nondir.add(path)
+                self._claim(path)
                 self.rules += 1
                 self._track()
             self.skip("shadowed", warn=False)
@@ -413,10 +444,12 @@ class _Flattener:
         else:
             self._track()
         if typ == REG:
-            self.write_file(tf, m, path, meta)
+            self.write_file(tar, m, path, meta)
             seen[path] = (layer, REG, None)
         else:
             seen[path] = (layer, typ, meta)
+        if typ != DIR:
+            self._claim(path)
         self.implied.pop(path, None)
         cut = path.rfind("/")
         while cut > 0:
@@ -425,6 +458,42 @@ class _Flattener:
                 break
             self.implied[anc] = layer
             cut = anc.rfind("/")
+
+    def parents_ok(self, parts: List[str], name: str) -> bool:
+        """Whether parts' ancestors let it through: not hidden by an upper layer, not
+        below a whiteout name or a non-directory (counted and skipped otherwise)."""
+        if any(p.startswith(_WH) for p in parts[:-1]):
+            self.skip("whiteout_parent", name, "entry below a whiteout name")
+            return False
+        anc = ""
+        layer = self.layer
+        seen = self.seen
+        for k, comp in enumerate(parts):
+            if anc in self.hide_below or anc in self.hide_tree:
+                self.skip("whited_out", warn=False)
+                return False
+            if k:
+                rec = seen.get(anc)
+                if rec is not None and rec[1] != DIR:
+                    if rec[0] < layer:
+                        self.skip("whited_out", warn=False)
+                    else:
+                        self.skip("parent_not_dir", name,
+                                  f"parent {anc!r} is not a directory in this layer")
+                    return False
+                if anc in self.pend_nondir:
+                    self.skip("parent_not_dir", name,
+                              f"parent {anc!r} is not a directory in this layer")
+                    return False
+            anc = comp if not k else anc + "/" + comp
+        return True
+
+    def _claim(self, path: str) -> None:
+        """A non-directory now stands at path (in seen or pend_nondir): a cached parent
+        at or below it no longer passes."""
+        ok = self.ok_parent
+        if ok is not None and (ok == path or ok.startswith(path + "/")):
+            self.ok_parent = None
 
     def whiteout(self, name: str, parts: List[str], base: str) -> None:
         parent = "/".join(parts[:-1])
@@ -483,6 +552,13 @@ class _Flattener:
 
     def header(self, path: str, typ: bytes, meta: _Meta, size: int = 0) -> None:
         mode, uid, gid, mtime, link, devmajor, devminor, xattrs = meta
+        if not xattrs:
+            buf = ustar_header(path or ".", typ, mode, uid, gid, size, mtime, link,
+                               devmajor, devminor)
+            if buf is not None:
+                self.out.write(buf)
+                self.stats.entries += 1
+                return
         ti = tarfile.TarInfo(path or ".")
         ti.type = typ
         ti.mode, ti.uid, ti.gid, ti.mtime, ti.size = mode, uid, gid, mtime, size
@@ -494,24 +570,18 @@ class _Flattener:
         self.out.write(ti.tobuf(tarfile.PAX_FORMAT, _ENC, _ERR))
         self.stats.entries += 1
 
-    def write_file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, path: str, meta: _Meta) -> None:
+    def write_file(self, tar: TarStream, m: tarfile.TarInfo, path: str, meta: _Meta) -> None:
         size = m.size
         if self.stats.bytes + size > self.limits.max_bytes:
             raise LimitExceeded(f"image contents exceed {self.limits.max_bytes} bytes",
                                 hint="raise max_bytes if the image is genuine")
         self.header(path, REG, meta, size)
-        src = tf.extractfile(m)
-        left = size
-        while left:
-            chunk = src.read(min(left, _CHUNK))
-            if not chunk:
-                raise CorruptLayer(f"layer {self.layer} from the top: data of {m.name!r} "
-                                   "is truncated", hint="the layer is damaged; pull it again")
-            self.out.write(chunk)
-            left -= len(chunk)
+        write = self.out.write
+        for chunk in tar.data(m):
+            write(chunk)
         pad = -size % tarfile.BLOCKSIZE
         if pad:
-            self.out.write(tarfile.NUL * pad)
+            write(tarfile.NUL * pad)
         self.stats.bytes += size
 
     def finish(self) -> None:

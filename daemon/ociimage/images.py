@@ -222,7 +222,7 @@ class ImageStore:
             # from the verdict recorded above, without a request.
             self.access.check(entry, uid)
         except Exception:
-            if outcome.get("produced") is None and counted["bytes"]:
+            if outcome.get("produced") is None and (counted["bytes"] or outcome.get("converting")):
                 self.metrics.conversions.labels("error").inc()
             raise
         produced = outcome.get("produced")

@@ -11,17 +11,20 @@ import dataclasses
 import logging
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Optional, Sequence
+from typing import BinaryIO, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
-from . import __version__, monolithic
+from . import __version__, cancel, monolithic
 from .cache import UMASK as cache_umask
 from .cache import Cache, CacheEntry
-from .errors import InvalidArgument, OciImageError
+from .errors import CorruptLayer, DigestMismatch, InvalidArgument, OciImageError
 from .flatten import FlattenLimits
-from .layers import ReadAhead, open_layer
+from .fetch import DEFAULT_PARALLEL, Prefetcher
+from .inflate import inflater_name, open_spooled_layer
+from .layers import compression_of
 from .progress import (DONE, DOWNLOAD, FETCH, RESOLVE, RETRY, SQUASH, WAIT, ProgressEvent,
                        Reporter, silent)
 from .reference import Reference, parse_reference
@@ -48,6 +51,11 @@ class PullOptions:
     publish_to: Optional[str] = None
     #: look for a monolithic referrer in trusted repositories before converting
     discover: bool = True
+    #: layer downloads at once while converting (fetch.Prefetcher)
+    parallel_downloads: int = DEFAULT_PARALLEL
+    #: child decompressors tried per compression, best first (None: inflate.TOOLS; {}: none,
+    #: always decompress in-process)
+    inflaters: Optional[Dict[str, Sequence[Tuple[str, ...]]]] = None
 
     def trust(self) -> Trust:
         # publish_to is the site's own repository for conversions: trusted by configuration
@@ -79,61 +87,141 @@ def image_metadata(resolved: ResolvedImage, options: PullOptions) -> dict:
 
 
 class _Progress:
-    """Turns byte counts from the blob readers into DOWNLOAD events."""
+    """DOWNLOAD events while a conversion runs: compressed bytes converted of the total.
+
+    The layers download ahead of the conversion (fetch.Prefetcher), so what is
+    shown is how far the conversion has read them: the figure that reaches the
+    total when the last layer is read (then the writer finishes the image). A
+    thread reports every TICK seconds, whatever the conversion is waiting for;
+    an exception from the reporter (the pull was cancelled) is raised in the
+    conversion at its next read (check()).
+    """
+
+    TICK = 0.5
 
     def __init__(self, report: Reporter, total: int, layers: int):
         self.report, self.total, self.layers = report, total, layers
         self.done = 0
         self.layer = 0
+        self.error: Optional[BaseException] = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _emit(self, ev: ProgressEvent) -> None:
+        with self._lock:
+            if self.error is not None:
+                return
+            try:
+                self.report(ev)
+            except BaseException as e:  # noqa: BLE001 - raised in the conversion by check()
+                self.error = e
+
+    def event(self) -> ProgressEvent:
+        return ProgressEvent(DOWNLOAD, current=self.done, total=self.total, layer=self.layer,
+                             layers=self.layers)
+
+
+    def tick(self) -> None:
+        self._emit(self.event())
 
     def on_retry(self, message: str) -> None:
-        self.report(ProgressEvent(RETRY, message=message, current=self.done, total=self.total,
-                                  layer=self.layer, layers=self.layers))
+        self._emit(ProgressEvent(RETRY, message=message, current=self.done, total=self.total,
+                                 layer=self.layer, layers=self.layers))
 
     def on_bytes(self, n: int) -> None:
         self.done += n
-        self.report(ProgressEvent(DOWNLOAD, current=self.done, total=self.total,
-                                  layer=self.layer, layers=self.layers))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> "_Progress":
+        self.tick()
+        token = cancel.current()
+
+        def tick() -> None:
+            with cancel.scope(token):
+                while not self._stop.wait(self.TICK):
+                    self.tick()
+        self._thread = threading.Thread(target=tick, name="convert-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
-def _layer_streams(client: RegistryClient, resolved: ResolvedImage,
-                   progress: _Progress, limits: Optional[FlattenLimits] = None
+def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: Path,
+                   progress: _Progress, options: PullOptions, reading: dict
                    ) -> Iterator[BinaryIO]:
-    """Decompressed layer streams, top-most first, each verified against its digest."""
+    """Decompressed layer streams, top-most first, each verified against its digest.
+
+    All layers download at once (bounded, fetch.Prefetcher) into spool files
+    named after spool_base; each is decompressed by a child process where a
+    fast inflater is installed (inflate.py), else in a thread.
+    reading["spool"] is the layer being read, reading["check"] what raises
+    when the conversion must stop.
+    """
     n = len(resolved.layers)
-    for i, desc in enumerate(reversed(resolved.layers)):
-        progress.layer = n - i
-        raw = client.open_blob(resolved.reference, desc, on_bytes=progress.on_bytes,
-                               on_retry=progress.on_retry)
-        ahead = None
-        try:
-            bound = limits.layer_bound(desc.size) if limits else None
-            ahead = ReadAhead(open_layer(raw, desc.media_type, max_bytes=bound,
-                                         name=f"layer {n - i} of {len(resolved.layers)} "
-                                              f"({desc.digest})"))
-            yield ahead
-            # Whatever follows the tar's end must still pass through the
-            # digest check, so the layer is only trusted once fully read.
-            ahead.drain()
-        finally:
-            if ahead is not None:
-                ahead.close()
-            close = getattr(raw, "close", None)
-            if close:
-                close()
+    descs = list(reversed(resolved.layers))
+    limits = options.limits
+    with Prefetcher(client, resolved.reference, descs, spool_base,
+                    parallel=options.parallel_downloads,
+                    on_retry=progress.on_retry) as fetcher:
+        def check() -> None:
+            progress.check()
+            fetcher.check()
+
+        reading["check"] = check
+        for i, desc in enumerate(descs):
+            progress.layer = n - i
+            spool = reading["spool"] = fetcher.reading(i)
+            stream = open_spooled_layer(
+                spool, compression_of(desc.media_type), check=check, on_bytes=progress.on_bytes,
+                name=f"layer {n - i} of {n} ({desc.digest})",
+                max_bytes=limits.layer_bound(desc.size) if limits else None,
+                tools=options.inflaters)
+            try:
+                yield stream
+                # Whatever follows the tar's end must still pass through the
+                # digest check, so the layer is only trusted once fully read.
+                stream.drain()
+            finally:
+                stream.close()
+        # every layer read (current == total): the writer finishes the image now
+        progress.tick()
 
 
 def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
                      options: PullOptions, report: Reporter = silent) -> dict:
     """Write the flattened SquashFS of a resolved image to out; return its metadata."""
     total = sum(d.size for d in resolved.layers)
-    progress = _Progress(report, total, len(resolved.layers))
-    report(ProgressEvent(DOWNLOAD, current=0, total=total, layers=len(resolved.layers)))
     started = time.monotonic()
-    stats = squash_layers(_layer_streams(client, resolved, progress, options.limits), out,
-                          options.squash,
-                          options.limits)
+    with _Progress(report, total, len(resolved.layers)) as progress:
+        reading: dict = {}
+        layers = _layer_streams(client, resolved, out, progress, options, reading)
+        try:
+            stats = squash_layers(layers, out, options.squash, options.limits)
+        except CorruptLayer:
+            # A damaged tar or compressed stream may be a blob that is not what the
+            # manifest says: the download's verdict on the layer is the better error.
+            spool = reading.get("spool")
+            if spool is not None:
+                verdict = spool.verdict(reading["check"])
+                if isinstance(verdict, DigestMismatch):
+                    raise verdict from None
+            raise
+        finally:
+            # at once, not when the traceback lets go of it: stops the downloads and
+            # removes their spool files
+            layers.close()
     meta = image_metadata(resolved, options)
+    meta["converter"]["inflaters"] = sorted({inflater_name(compression_of(d.media_type),
+                                                           options.inflaters)
+                                             for d in resolved.layers})
     meta["conversion_seconds"] = round(time.monotonic() - started, 3)
     meta["entries"] = getattr(stats, "entries", None)
     report(ProgressEvent(SQUASH, message="image written"))
@@ -277,6 +365,7 @@ def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
                 log.warning("cannot use the ready-to-mount image; converting",
                             extra={"from": str(found.reference), "error": str(e)})
         log.info("converting", extra={"reference": str(ref), "digest": digest})
+        outcome["converting"] = True  # a failure from here on is a failed conversion
         meta = convert_resolved(client, resolved, tmp, options, report)
         outcome["produced"] = "converted"
         return meta

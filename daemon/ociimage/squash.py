@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import logging
 import os
 import re
@@ -47,6 +48,8 @@ _NOSPACE = re.compile(r"no space left on device|ENOSPC|disk quota exceeded", re.
 # tar2sqfs 1.2 reports a failed write as "<entry>: I/O error." without errno.
 _IO_ERROR = re.compile(r"I/O error|\bwrit(e|ing)\b", re.I)
 _SLACK = 1 << 20
+_F_SETPIPE_SZ = 1031
+_PIPE_SIZE = 1 << 20
 
 
 @dataclass
@@ -214,6 +217,12 @@ class SquashFSWriter:
             raise SquashError(f"cannot start {writer.name}: {e.strerror}",
                               hint=_INSTALL_HINT) from None
         self.writer = writer
+        try:
+            # A larger pipe lets the writer read on while this process parses headers
+            # and the other way round (the default 64 KiB costs a switch per 64 KiB).
+            fcntl.fcntl(self.proc.stdin.fileno(), _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass
         self.stdin = _CountingPipe(self.proc.stdin)
         self._thread = threading.Thread(target=self._read_stderr, name="squashfs-stderr",
                                         daemon=True)
@@ -259,6 +268,11 @@ class SquashFSWriter:
         if not nospace and _IO_ERROR.search(text) and free is not None and \
                 self.stdin.written + _SLACK >= free:
             nospace = True
+        if not nospace and _IO_ERROR.search(text):
+            # Or something else filled the filesystem meanwhile (the layer downloads
+            # spooled next to the image, another writer): it is full now.
+            now = _free_bytes(self.out_path.parent)
+            nospace = now is not None and now < _SLACK
         if nospace:
             return NoSpace(f"no space left for {self.out_path}: {name} stopped ({last}); "
                            f"{free if free is not None else '?'} bytes were free at the start",
