@@ -14,6 +14,7 @@ import requests
 from daemon_proc import DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from ocibuild import Pusher
+from registry_proxy import RegistryProxy
 
 TEST_USER = "ocitest"
 
@@ -195,8 +196,11 @@ def test_sigterm_mid_conversion_abandons_cleanly(tmp_path, registry):
     Pusher(registry.url).image("term/img", "v1", busybox_layers(extra_mb=48))
     cache = tmp_path / "cache"
     d = DaemonProcess(tmp_path / "d", cache).start()
+    # ~2.5 MB/s: still converting when SIGTERM comes, however fast the converter
+    slow = RegistryProxy(registry.url, tarpit=True, tarpit_over=1 << 20, tarpit_bytes=256 << 10,
+                         tarpit_interval=0.1).__enter__()
     cli = subprocess.Popen([str(d.argv()[0]).replace("oci-imaged", "oci-image"), "--socket",
-                            str(d.socket), "pull", f"{registry.host}/term/img:v1"],
+                            str(d.socket), "pull", f"{slow.host}/term/img:v1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 30
@@ -210,6 +214,7 @@ def test_sigterm_mid_conversion_abandons_cleanly(tmp_path, registry):
     finally:
         if cli.poll() is None:
             cli.kill()
+        slow.__exit__(None, None, None)
     last = err.decode().strip().splitlines()[-1]
     assert cli.returncode != 0 and last.startswith("oci-image: error:")
     assert "shutting down" in last or "went away" in last
