@@ -375,3 +375,28 @@ def test_memory_of_the_whole_conversion_is_bounded(registry, tmp_path):
     assert proc.returncode == 0, proc.stderr.read().decode()
     assert out.stat().st_size > 256 << 20
     assert peak < 150 << 10, f"peak RSS of the conversion's process tree: {peak >> 10} MiB"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+@pytest.mark.parametrize("tool", ["igzip", "pigz"])
+def test_the_child_inflater_runs_as_nobody(tmp_path, monkeypatch, tool):
+    """It parses bytes from any registry a user names: never as root."""
+    from ociimage import inflate
+    if shutil.which(tool) is None:
+        pytest.skip(f"no {tool} here")
+    seen = []
+    real = subprocess.Popen
+
+    def spy(argv, **kw):
+        p = real(argv, **kw)
+        seen.append(Path(f"/proc/{p.pid}/status").read_text())
+        return p
+
+    monkeypatch.setattr(inflate.subprocess, "Popen", spy)
+    r = open_spooled_layer(_spool(tmp_path, gzip.compress(TAR)), GZIP, check=lambda: None,
+                           on_bytes=None, name="layer 1", tools=GZIP_TOOLS[tool])
+    assert isinstance(r, ChildInflater) and _read(r) == TAR
+    uids = next(l for l in seen[0].splitlines() if l.startswith("Uid:")).split()[1:]
+    gids = next(l for l in seen[0].splitlines() if l.startswith("Gid:")).split()[1:]
+    groups = next(l for l in seen[0].splitlines() if l.startswith("Groups:")).split()[1:]
+    assert uids == ["65534"] * 4 and gids == ["65534"] * 4 and groups == [], seen[0]
