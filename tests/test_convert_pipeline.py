@@ -389,7 +389,13 @@ def test_the_child_inflater_runs_as_nobody(tmp_path, monkeypatch, tool):
 
     def spy(argv, **kw):
         p = real(argv, **kw)
-        seen.append(Path(f"/proc/{p.pid}/status").read_text())
+        deadline = time.monotonic() + 5  # setpriv drops to nobody, then execs the tool
+        while time.monotonic() < deadline:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            if status.startswith(f"Name:\t{tool}"):
+                break
+            time.sleep(0.01)
+        seen.append(status)
         return p
 
     monkeypatch.setattr(inflate.subprocess, "Popen", spy)
@@ -400,3 +406,33 @@ def test_the_child_inflater_runs_as_nobody(tmp_path, monkeypatch, tool):
     gids = next(l for l in seen[0].splitlines() if l.startswith("Gid:")).split()[1:]
     groups = next(l for l in seen[0].splitlines() if l.startswith("Groups:")).split()[1:]
     assert uids == ["65534"] * 4 and gids == ["65534"] * 4 and groups == [], seen[0]
+
+
+def test_a_broken_layer_fails_at_once_without_downloading_the_rest(registry, tmp_path):
+    """A layer that is not gzip from its first bytes: the conversion fails as soon as the
+    inflater says so, not after the whole blob (which a hostile manifest can make a
+    terabyte) came through; the download is stopped and nothing is left."""
+    from registry_proxy import RegistryProxy
+    p = Pusher(registry.url)
+    blob = b"NOT GZIP" + os.urandom(6 << 20)
+    layer = p.blob("pipe/broken", blob)
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": p.blob("pipe/broken", cfg), "size": len(cfg)},
+                "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": layer, "size": len(blob)}]}
+    p.manifest("pipe/broken", "v1", json.dumps(manifest).encode(),
+               "application/vnd.oci.image.manifest.v1+json")
+    work = tmp_path / "out"
+    work.mkdir()
+    # ~256 KiB/s: the whole blob would take about 25 s
+    with RegistryProxy(registry.url, tarpit=True, tarpit_over=64 << 10, tarpit_bytes=32 << 10,
+                       tarpit_interval=0.125) as slow:
+        started = time.monotonic()
+        with pytest.raises(CorruptLayer):
+            convert_to_file(_client(), f"{slow.host}/pipe/broken:v1", work / "img.sqfs",
+                            PullOptions())
+        took = time.monotonic() - started
+        assert took < 12, f"waited {took:.0f} s for a blob already known to be broken"
+        assert _leftovers(work) == []

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -69,10 +70,15 @@ class Spool:
                 self.cond.wait(_POLL)
                 check()
 
-    def verdict(self, check: Callable[[], None]) -> Optional[BaseException]:
-        """Wait for the download to end; its error, or None when the blob was verified."""
+    def verdict(self, check: Callable[[], None], wait: Optional[float] = None
+                ) -> Optional[BaseException]:
+        """Wait for the download to end (at most `wait` seconds, if given); its error, or
+        None when the blob was verified or is not downloaded yet."""
+        deadline = None if wait is None else time.monotonic() + wait
         with self.cond:
             while self.error is None and not self.done:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return None
                 self.cond.wait(_POLL)
                 check()
             return self.error

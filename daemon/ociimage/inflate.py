@@ -53,9 +53,32 @@ _PIPE_SIZE = 1 << 20
 _CHUNK = 1 << 20
 
 
+# The inflater parses bytes straight from a registry anyone may name: as nobody, with
+# pipes only (it opens nothing), so a bug in it is not a root exploit. Through setpriv(1)
+# (util-linux), not Popen(user=...): that makes CPython fork() instead of vfork(), and a
+# fork() from a gRPC thread waits forever in grpc's fork handler ("Waiting for thread
+# pool to idle before forking", grpcio >= 1.5x on Debian 13).
+_NOBODY = "65534"
+_CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
+
+
+def _as_nobody(argv: List[str]) -> Optional[List[str]]:
+    """argv run as nobody with no groups; None if that cannot be done here (as root)."""
+    if os.geteuid() != 0:
+        return argv
+    setpriv = shutil.which("setpriv", path=_CHILD_ENV["PATH"])
+    if setpriv is None:
+        return None
+    return [setpriv, f"--reuid={_NOBODY}", f"--regid={_NOBODY}", "--clear-groups",
+            "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--pdeathsig=KILL",
+            "--", *argv]
+
+
 def find_tool(compression: str, tools: Optional[Dict[str, Sequence[Tuple[str, ...]]]] = None
               ) -> Optional[List[str]]:
     """argv of the child decompressor for `compression`, or None (decompress in-process)."""
+    if os.geteuid() == 0 and shutil.which("setpriv", path=_CHILD_ENV["PATH"]) is None:
+        return None  # never as root: the in-process inflater instead
     for argv in (TOOLS if tools is None else tools).get(compression, ()):
         path = shutil.which(argv[0])
         if path:
@@ -140,18 +163,6 @@ class SpoolReader(io.RawIOBase):
         super().close()
 
 
-# The inflater parses bytes straight from a registry anyone may name: as nobody, with
-# pipes only (it opens nothing), so a bug in it is not a root exploit.
-_NOBODY = 65534
-_CHILD_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LC_ALL": "C"}
-
-
-def _unprivileged() -> dict:
-    if os.geteuid() != 0:
-        return {}
-    return {"user": _NOBODY, "group": _NOBODY, "extra_groups": []}
-
-
 class ChildInflater(io.RawIOBase):
     """A layer's tar, decompressed by `argv` in a child process fed from a SpoolReader."""
 
@@ -165,10 +176,13 @@ class ChildInflater(io.RawIOBase):
         self._stderr: "collections.deque[str]" = collections.deque(maxlen=5)
         self._feed_error: Optional[BaseException] = None
         self._finished = False
+        run = _as_nobody(list(argv))
+        if run is None:
+            raise CorruptLayer(f"{name}: cannot run {self.tool} unprivileged (no setpriv)")
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            self.proc = subprocess.Popen(run, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, bufsize=0, close_fds=True,
-                                         env=_CHILD_ENV, **_unprivileged())
+                                         env=_CHILD_ENV)
         except OSError as e:
             raise CorruptLayer(f"{name}: cannot start {self.tool}: {e.strerror or e}") from None
         for pipe in (self.proc.stdin, self.proc.stdout):
@@ -194,11 +208,18 @@ class ChildInflater(io.RawIOBase):
                     if not self.source.sendfile(fd):
                         break
                 except (BrokenPipeError, ConnectionResetError):
-                    # The tool stopped reading (done, or failed: its exit status says
-                    # which); the rest of the blob is still read for its digest.
-                    buf = bytearray(_CHUNK)
-                    while self.source.readinto(buf):
-                        pass
+                    # The tool stopped reading. Failed: nothing more is read (a hostile
+                    # blob can be as long as its manifest says; the reader stops the
+                    # download). Done: what follows its stream is still read for the
+                    # digest, as the in-process inflater does.
+                    try:
+                        failed = self.proc.wait(timeout=5) != 0
+                    except subprocess.TimeoutExpired:
+                        failed = True
+                    if not failed:
+                        buf = bytearray(_CHUNK)
+                        while self.source.readinto(buf):
+                            pass
                     break
         except BaseException as e:  # noqa: BLE001 - handed to the reader
             self._feed_error = e
@@ -210,10 +231,17 @@ class ChildInflater(io.RawIOBase):
                 pass
 
     def _read_stderr(self) -> None:
-        for line in self.proc.stderr:
-            text = line.decode("utf-8", "replace").strip()
-            if text:
-                self._stderr.append(text)
+        # in chunks, never by line: a child writing without newlines must not grow root's
+        # memory; the last few lines are kept for the error message
+        tail = b""
+        while True:
+            chunk = self.proc.stderr.read(4096)
+            if not chunk:
+                break
+            tail = (tail + chunk)[-4096:]
+        for line in tail.decode("utf-8", "replace").splitlines()[-5:]:
+            if line.strip():
+                self._stderr.append(line.strip())
 
     def readinto(self, b) -> int:
         if self._finished:

@@ -195,6 +195,9 @@ def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: 
         progress.tick()
 
 
+_VERDICT_WAIT = 2.0  # seconds a broken layer's download may take to give its digest verdict
+
+
 def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
                      options: PullOptions, report: Reporter = silent) -> dict:
     """Write the flattened SquashFS of a resolved image to out; return its metadata."""
@@ -208,9 +211,11 @@ def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
         except CorruptLayer:
             # A damaged tar or compressed stream may be a blob that is not what the
             # manifest says: the download's verdict on the layer is the better error.
+            # Not worth the rest of a blob the manifest may say is a terabyte: a verdict
+            # that is not in after a moment is not waited for (the downloads are stopped).
             spool = reading.get("spool")
             if spool is not None:
-                verdict = spool.verdict(reading["check"])
+                verdict = spool.verdict(reading["check"], wait=_VERDICT_WAIT)
                 if isinstance(verdict, DigestMismatch):
                     raise verdict from None
             raise

@@ -163,15 +163,29 @@ class TarStream:
         if h.offset != self.tell():
             self._skip_to(h.offset)
         try:
-            return self._tarinfo.fromtarfile(h)
+            member = self._tarinfo.fromtarfile(h)
         except tarfile.EOFHeaderError:
             return None
+        except ValueError as e:  # e.g. a negative size in a PAX or long-name header
+            raise CorruptLayer(f"{self.name}: invalid tar header ({e})",
+                               hint="the layer is damaged or hostile") from None
+        if member.size < 0 or h.offset < self.tell():
+            # octal fields take a '-', base-256 ones can be negative: stream-mode tarfile
+            # refused going back; here it would reread data as headers (CVE-2025-8194)
+            raise CorruptLayer(f"{self.name}: invalid size of {member.name!r}",
+                               hint="the layer is damaged or hostile")
+        return member
 
     def data(self, member: tarfile.TarInfo) -> Iterator[memoryview]:
         """The member's contents (sparse files expanded), in chunks of at most BUFSIZE."""
         if member.offset_data != self.tell():
             self._skip_to(member.offset_data)
         if member.sparse is not None:
+            stored = sum(n for _, n in member.sparse)
+            if stored > self._headers.offset - member.offset_data:
+                # more data than the member has: the next header would be read as data
+                raise CorruptLayer(f"{self.name}: invalid sparse map of {member.name!r}",
+                                   hint="the layer is damaged or hostile")
             yield from self._sparse(member)
             return
         yield from self._stored(member.size, member.name)
@@ -211,6 +225,9 @@ class TarStream:
         return bool(self._read_raw(self._view))
 
     def _skip_to(self, offset: int) -> None:
+        if offset < self.tell():  # a stream never goes back
+            raise CorruptLayer(f"{self.name}: invalid tar (an offset goes backwards)",
+                               hint="the layer is damaged or hostile")
         while self.tell() < offset:
             if self._pos >= self._end and not self._refill():
                 raise CorruptLayer(f"{self.name}: truncated tar (unexpected end of data)",
