@@ -27,8 +27,8 @@ from localsite import unmount_under
 from ocibuild import Pusher
 from registry_proxy import RegistryProxy
 from registry_server import RegistryServer
-from test_publish_daemon import (GRANTS, PASSWORDS, Site, _errors, _one_error, _wait,
-                                 login)
+from test_publish_daemon import (GRANTS, PASSWORDS, Blackhole, Site, _errors, _one_error,
+                                 _wait, login)
 from test_security import OTHER_USER, PRIV_USER
 from token_issuer import TokenIssuer
 
@@ -169,35 +169,6 @@ def test_publish_timeout_also_ends_a_conversion(slowsite):
                 (proxy.trickling, proxy.trickle_ended)
 
 
-class _Hole:
-    """Accepts on a given loopback port and never answers."""
-
-    def __init__(self, port: int):
-        import socket
-        import threading
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", port))
-        self.sock.listen(64)
-        self.accepted = 0
-        self.conns = []
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            self.conns.append(c)
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
-            c.close()
-
-
 @needs_root
 def test_publish_timeout_also_ends_an_access_check_on_a_hanging_registry(slowsite):
     """The cached entry's source registry hangs when bob's publish asks it whether he may
@@ -212,7 +183,7 @@ def test_publish_timeout_also_ends_an_access_check_on_a_hanging_registry(slowsit
         r = site.daemon.cli("pull", f"{proxy.host}/x/src:v1")     # root: entry's source = proxy
         assert r.returncode == 0, r.stderr
         proxy.__exit__(None, None, None)
-        hole = _Hole(port)
+        hole = Blackhole(port)
         try:
             with RegistryServer(site.base / "bobreg3") as bobreg:
                 Pusher(bobreg.url).image("bob/copy", "v1", busybox_layers(os_id="hangcheck"),
@@ -234,61 +205,49 @@ def test_publish_timeout_also_ends_an_access_check_on_a_hanging_registry(slowsit
 
 # ---- pure (no root): the access check's registry request, and an evicted entry ---------------
 
-def _hole_port():
-    h = _Hole(0)
-    return h, h.sock.getsockname()[1]
-
-
-def test_the_access_checks_registry_request_is_bounded_by_request_timeout():
-    """AccessChecker._head calls client._request outside any registry operation: neither
-    [registries] request_timeout nor the caller's cancellation token applies to it, only the
-    stall timeout of each attempt (times the retries)."""
-    from ociimage.access import AccessChecker
-    from ociimage.cache import CacheEntry
-    from ociimage.errors import AccessDenied
-    from ociimage.registry.client import RegistryClient
-    from ociimage.registry.transport import NetLimits
-    hole, port = _hole_port()
-    try:
-        client = RegistryClient(credentials=None, retries=0,
-                                limits=NetLimits(connect=2, stall=20, request=2))
-        checker = AccessChecker(lambda uid: client, anonymous_client=client)
-        d = "sha256:" + "ab" * 32
-        entry = CacheEntry(d, Path("/nonexistent"), {"reference": f"127.0.0.1:{port}/x/y@{d}"},
-                           1, 0.0)
-        t0 = time.monotonic()
-        with pytest.raises(AccessDenied):
-            checker.check(entry, 4242)
-        assert time.monotonic() - t0 < 8, time.monotonic() - t0   # request_timeout = 2 s
-    finally:
-        hole.close()
-
-
-def test_the_access_checks_registry_request_is_cancellable():
-    import threading
+def _check_against_a_hanging_registry(request_timeout: float, token=None,
+                                       raises=None) -> float:
+    """Seconds AccessChecker.check takes to fail on a registry that accepts and never
+    answers (stall timeout 20 s), under the given request_timeout and cancel token."""
     from ociimage import cancel
     from ociimage.access import AccessChecker
     from ociimage.cache import CacheEntry
     from ociimage.errors import OciImageError
     from ociimage.registry.client import RegistryClient
     from ociimage.registry.transport import NetLimits
-    hole, port = _hole_port()
+    hole = Blackhole()
     try:
         client = RegistryClient(credentials=None, retries=0,
-                                limits=NetLimits(connect=2, stall=20, request=60))
+                                limits=NetLimits(connect=2, stall=20, request=request_timeout))
         checker = AccessChecker(lambda uid: client, anonymous_client=client)
-        d = "sha256:" + "cd" * 32
-        entry = CacheEntry(d, Path("/nonexistent"), {"reference": f"127.0.0.1:{port}/x/y@{d}"},
+        d = "sha256:" + "ab" * 32
+        entry = CacheEntry(d, Path("/nonexistent"), {"reference": f"{hole.host}/x/y@{d}"},
                            1, 0.0)
-        token = cancel.CancelToken()
-        threading.Timer(1.0, token.cancel, args=("publish_timeout",)).start()
         t0 = time.monotonic()
-        with cancel.scope(token):
-            with pytest.raises(OciImageError):
-                checker.check(entry, 4243)
-        assert time.monotonic() - t0 < 5, time.monotonic() - t0
+        with cancel.scope(token or cancel.CancelToken()):
+            with pytest.raises(raises or OciImageError):
+                checker.check(entry, 4242)
+        assert hole.accepted > 0
+        return time.monotonic() - t0
     finally:
         hole.close()
+
+
+def test_the_access_checks_registry_request_is_bounded_by_request_timeout():
+    """The access check's HEAD is one registry operation: request_timeout (2 s) ends it,
+    not the stall timeout (20 s) of each attempt."""
+    from ociimage.errors import AccessDenied  # fails closed
+    took = _check_against_a_hanging_registry(2, raises=AccessDenied)
+    assert took < 8, took
+
+
+def test_the_access_checks_registry_request_is_cancellable():
+    import threading
+    from ociimage import cancel
+    token = cancel.CancelToken()
+    threading.Timer(1.0, token.cancel, args=("publish_timeout",)).start()
+    took = _check_against_a_hanging_registry(60, token)
+    assert took < 5, took
 
 
 def test_an_entry_evicted_before_the_push_fails_in_one_typed_line(monkeypatch, tmp_path):

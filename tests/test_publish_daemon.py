@@ -308,9 +308,10 @@ def test_a_registry_cannot_make_the_daemon_read_a_whole_image_into_memory(site, 
 class Blackhole:
     """A TCP server that accepts and never answers (a registry that hangs)."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
         self.sock.listen(64)
         self.host = f"127.0.0.1:{self.sock.getsockname()[1]}"
         self.accepted = 0
@@ -333,6 +334,9 @@ class Blackhole:
         except OSError:
             pass
         self.closed += 1
+
+    def close(self):
+        self.sock.close()
 
 
 def _wait(cond, timeout):
