@@ -445,9 +445,11 @@ class _Planner:
             return
         if len(os.fsencode(cwd)) >= 4000 or any(len(os.fsencode(c)) > 255 for c in _split(cwd)):
             return  # the kernel would refuse it (ENAMETOOLONG): never fail a step for this
+        planned = len(self.image_create) + len(self.tmp_create)
         try:
-            if not resolve_in_root(self.rootfs, cwd, self.layers).exists:
-                self.placeholder = self.target(os.path.normpath(cwd), True, "submit directory")
+            t = self.target(os.path.normpath(cwd), True, "submit directory")
+            if len(self.image_create) + len(self.tmp_create) > planned:
+                self.placeholder = t  # missing: target() planned it (one resolution)
         except OciImageError as e:  # a file there, or inside a bind: Slurm's message stays
             log.debug("no placeholder for the submit directory",
                       extra={"cwd": cwd, "job": self.spec.job_id, "error": str(e)})
