@@ -17,7 +17,7 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount pro
 	strace
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv plugin proto man rpm test test-matrix demo demo-stop clean
+.PHONY: all deps venv plugin proto man contract rpm test test-matrix demo demo-stop clean
 
 all: venv plugin
 
@@ -48,6 +48,11 @@ proto: .deps-stamp
 # fails when the committed pages are stale)
 man:
 	$(PYTHON) scripts/manpages.py
+
+# plugin/options_gen.h, the README's and docs/configuration.md's tables and docs/man from
+# daemon/ociimage/contract.py and configkeys.py (tests/test_contract.py: they are fresh)
+contract:
+	$(PYTHON) scripts/gencontract.py
 
 # The RPM, from the working tree (tracked and untracked-but-not-ignored files),
 # into build/rpm/ (RPMS/, SRPMS/). RPMBUILD_FLAGS: e.g. --define 'slurm_include /opt/slurm/include'.

@@ -176,19 +176,23 @@ static struct {
 
 /* ---- user options -------------------------------------------------------- */
 
-enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME,
-       O_ENTRYPOINT, O_ENV, O_BATCH, O_READONLY, O_NO_ENTRYPOINT, O_C_IMAGE };
-
+/*
+ * The options' raw values, as given (or from their OCI_* variable): the step client
+ * checks them (submit, then prepare on every node; ociimage/stepargs.py), the plugin
+ * only passes them on.  A flag holds "1"/"0" when given, else its variable's value.
+ */
 static struct {
 	char *image;
+	char *c_image;   /* --container-image: pyxis' form, translated by the step client */
 	char *mounts;
 	char *workdir;
 	char *env_names;
-	int writable;
-	int mount_home; /* -1: not given */
-	int entrypoint;
+	char *writable;
+	char *mount_home;
+	char *entrypoint;
 	int batch_in_image;
-} opt = { .mount_home = -1 };
+	int given;       /* an option was given on the command line */
+} opt;
 
 /* ---- remote step state ---------------------------------------------------- */
 
@@ -225,64 +229,9 @@ static struct {
 	int failed;
 } st;
 
-static int opt_cb(int val, const char *optarg, int remote);
-
-static struct spank_option options[] = {
-	{ "oci-image", "REF",
-	  "Run the step in OCI image REF (e.g. docker.io/library/debian:12, or "
-	  "REF@sha256:... ). The tag is resolved to a digest once at submit. "
-	  "Env: OCI_IMAGE.", 1, O_IMAGE, opt_cb },
-	{ "oci-mounts", "SRC:DST[:ro],...",
-	  "Bind mount host paths into the image. Env: OCI_MOUNTS.", 1, O_MOUNTS, opt_cb },
-	{ "oci-workdir", "DIR",
-	  "Working directory inside the image (default: the current directory if it "
-	  "exists there, else the image's). Env: OCI_WORKDIR.", 1, O_WORKDIR, opt_cb },
-	{ "oci-writable", NULL,
-	  "Give the step a writable (throw-away) overlay over the image. "
-	  "Env: OCI_WRITABLE=1.", 0, O_WRITABLE, opt_cb },
-	{ "oci-mount-home", NULL,
-	  "Bind mount your home directory into the image. Env: OCI_MOUNT_HOME=1.",
-	  0, O_MOUNT_HOME, opt_cb },
-	{ "no-oci-mount-home", NULL,
-	  "Do not bind mount your home directory. Env: OCI_MOUNT_HOME=0.",
-	  0, O_NO_MOUNT_HOME, opt_cb },
-	{ "oci-entrypoint", NULL,
-	  "Run the image's ENTRYPOINT with the step's command as its arguments "
-	  "(like docker run IMAGE CMD...); no effect for an image without one. "
-	  "Env: OCI_ENTRYPOINT=1.", 0, O_ENTRYPOINT, opt_cb },
-	{ "oci-env", "NAMES",
-	  "Comma-separated names of host variables that override the image's ENV "
-	  "(default: the image's ENV wins for names it sets). Env: OCI_ENV.",
-	  1, O_ENV, opt_cb },
-	{ "oci-batch-in-image", NULL,
-	  "sbatch: run the batch script itself in the image too (default: the "
-	  "script runs on the host and its srun steps run in the image).",
-	  0, O_BATCH, opt_cb },
-	SPANK_OPTIONS_TABLE_END
-};
-
-/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */
-static struct spank_option pyxis_aliases[] = {
-	{ "container-image", "REF",
-	  "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://.",
-	  1, O_C_IMAGE, opt_cb },
-	{ "container-mounts", "SRC:DST[:ro],...", "Alias of --oci-mounts (oci-image).",
-	  1, O_MOUNTS, opt_cb },
-	{ "container-workdir", "DIR", "Alias of --oci-workdir (oci-image).", 1, O_WORKDIR, opt_cb },
-	{ "container-writable", NULL, "Alias of --oci-writable (oci-image).", 0, O_WRITABLE, opt_cb },
-	{ "container-readonly", NULL, "The image read-only, the default (oci-image).",
-	  0, O_READONLY, opt_cb },
-	{ "container-mount-home", NULL, "Alias of --oci-mount-home (oci-image).",
-	  0, O_MOUNT_HOME, opt_cb },
-	{ "no-container-mount-home", NULL, "Alias of --no-oci-mount-home (oci-image).",
-	  0, O_NO_MOUNT_HOME, opt_cb },
-	{ "container-env", "NAMES", "Alias of --oci-env (oci-image).", 1, O_ENV, opt_cb },
-	{ "container-entrypoint", NULL, "Alias of --oci-entrypoint (oci-image).",
-	  0, O_ENTRYPOINT, opt_cb },
-	{ "no-container-entrypoint", NULL, "Do not run the image's ENTRYPOINT, the default "
-	  "(oci-image).", 0, O_NO_ENTRYPOINT, opt_cb },
-	SPANK_OPTIONS_TABLE_END
-};
+/* the option tables, their codes and OCI_* variables, the step client's argument names
+ * and record keys: generated from daemon/ociimage/contract.py (scripts/gencontract.py) */
+#include "options_gen.h"
 
 /* Is a pyxis plugin loaded in this process?  slurm dlopen()s every plugstack
  * plugin before calling any slurm_spank_init, so the order does not matter. */
@@ -299,45 +248,12 @@ static int find_pyxis(struct dl_phdr_info *info, size_t size, void *data)
 	return strstr(base, "pyxis") != NULL;
 }
 
-static int set_str(char **dst, const char *name, const char *val);
-
-/* pyxis' REGISTRY#IMAGE and docker:// to a docker reference; USER@ is dropped */
-static int set_pyxis_image(const char *val)
-{
-	char buf[4096];
-	const char *hash, *p = val;
-	int n;
-
-	if (val == NULL || *val == '\0')
-		return set_str(&opt.image, "container-image", val);
-	if (strncmp(p, "docker://", 9) == 0)
-		p += 9;
-	hash = strchr(p, '#');
-	if (hash == NULL || p[0] == '/')
-		return set_str(&opt.image, "container-image", p);
-	{
-		const char *at = memchr(p, '@', (size_t)(hash - p));
-		if (at != NULL)
-			p = at + 1;
-	}
-	n = snprintf(buf, sizeof(buf), "%.*s/%s", (int)(hash - p), p, hash + 1);
-	if (n < 0 || (size_t)n >= sizeof(buf)) {
-		slurm_error(PFX "--container-image: value too long");
-		return -1;
-	}
-	return set_str(&opt.image, "container-image", buf);
-}
-
 static int set_str(char **dst, const char *name, const char *val)
 {
 	char *dup;
 
 	if (val == NULL || *val == '\0') {
 		slurm_error(PFX "--%s needs a value", name);
-		return -1;
-	}
-	if (strlen(val) > 65536 || strpbrk(val, "\n\r") != NULL) {
-		slurm_error(PFX "--%s: invalid value", name);
 		return -1;
 	}
 	dup = strdup(val);
@@ -353,87 +269,87 @@ static int set_str(char **dst, const char *name, const char *val)
 static int opt_cb(int val, const char *optarg, int remote)
 {
 	(void)remote;
+	opt.given = 1;
 	switch (val) {
 	case O_IMAGE: return set_str(&opt.image, "oci-image", optarg);
+	case O_C_IMAGE: return set_str(&opt.c_image, "container-image", optarg);
 	case O_MOUNTS: return set_str(&opt.mounts, "oci-mounts", optarg);
-	case O_WORKDIR:
-		if (optarg == NULL || optarg[0] != '/') {
-			slurm_error(PFX "--oci-workdir must be an absolute path");
-			return -1;
-		}
-		return set_str(&opt.workdir, "oci-workdir", optarg);
+	case O_WORKDIR: return set_str(&opt.workdir, "oci-workdir", optarg);
 	case O_ENV: return set_str(&opt.env_names, "oci-env", optarg);
-	case O_WRITABLE: opt.writable = 1; return 0;
+	case O_WRITABLE: return set_str(&opt.writable, "oci-writable", "1");
+	case O_READONLY: return set_str(&opt.writable, "container-readonly", "0");
 	case O_MOUNT_HOME:
 	case O_NO_MOUNT_HOME: {
-		int v = (val == O_MOUNT_HOME);
-		if (opt.mount_home != -1 && opt.mount_home != v) {
+		const char *v = val == O_MOUNT_HOME ? "1" : "0";
+		if (opt.mount_home != NULL && strcmp(opt.mount_home, v) != 0) {
 			slurm_error(PFX "both --oci-mount-home and --no-oci-mount-home given");
 			return -1;
 		}
-		opt.mount_home = v;
-		return 0;
+		return set_str(&opt.mount_home, "oci-mount-home", v);
 	}
-	case O_ENTRYPOINT: opt.entrypoint = 1; return 0;
+	case O_ENTRYPOINT: return set_str(&opt.entrypoint, "oci-entrypoint", "1");
+	case O_NO_ENTRYPOINT: return set_str(&opt.entrypoint, "no-container-entrypoint", "0");
 	case O_BATCH: opt.batch_in_image = 1; return 0;
-	case O_READONLY: opt.writable = 0; return 0;
-	case O_NO_ENTRYPOINT: opt.entrypoint = 0; return 0;
-	case O_C_IMAGE: return set_pyxis_image(optarg);
 	default: return -1;
 	}
 }
 
 /* Fill options that were not given from OCI_* variables (getter: getenv in
- * srun/sbatch, the job environment in slurmstepd). */
+ * srun/sbatch, the job environment in slurmstepd), raw: the step client reads them. */
 typedef const char *(*getter_f)(const char *name, void *ctx);
 
-static int flag_env(getter_f get, void *ctx, const char *name, int *dst)
+static char **opt_slot(int code)
 {
-	const char *v = get(name, ctx);
-
-	if (v == NULL || *v == '\0')
-		return 0;
-	if (strcmp(v, "1") == 0 || strcmp(v, "yes") == 0 || strcmp(v, "true") == 0)
-		*dst = 1;
-	else if (strcmp(v, "0") == 0 || strcmp(v, "no") == 0 || strcmp(v, "false") == 0)
-		*dst = 0;
-	else {
-		slurm_error(PFX "%s=%s: expected 0 or 1", name, v);
-		return -1;
+	switch (code) {
+	case O_IMAGE: return &opt.image;
+	case O_MOUNTS: return &opt.mounts;
+	case O_WORKDIR: return &opt.workdir;
+	case O_ENV: return &opt.env_names;
+	case O_WRITABLE: return &opt.writable;
+	case O_MOUNT_HOME: case O_NO_MOUNT_HOME: return &opt.mount_home;
+	case O_ENTRYPOINT: return &opt.entrypoint;
+	default: return NULL;
 	}
-	return 0;
 }
 
 static int env_fallbacks(getter_f get, void *ctx)
 {
-	const char *v;
-	int f;
+	for (const struct oci_opt_env *e = oci_opt_env; e->env != NULL; e++) {
+		char **slot = opt_slot(e->code);
+		const char *v = get(e->env, ctx);
 
-	if (opt.image == NULL && (v = get("OCI_IMAGE", ctx)) != NULL && *v != '\0')
-		if (set_str(&opt.image, "oci-image (OCI_IMAGE)", v) < 0)
+		if (slot == NULL || *slot != NULL || v == NULL || *v == '\0')
+			continue;
+		if (e->code == O_IMAGE && opt.c_image != NULL)
+			continue;
+		if (e->code == O_NO_MOUNT_HOME)
+			continue; /* the same variable as O_MOUNT_HOME, taken once */
+		if (set_str(slot, e->env, v) < 0)
 			return -1;
-	if (opt.image == NULL)
-		return 0; /* nothing else matters without an image */
-	if (opt.mounts == NULL && (v = get("OCI_MOUNTS", ctx)) != NULL && *v != '\0')
-		if (set_str(&opt.mounts, "oci-mounts (OCI_MOUNTS)", v) < 0)
-			return -1;
-	if (opt.workdir == NULL && (v = get("OCI_WORKDIR", ctx)) != NULL && *v != '\0')
-		if (opt_cb(O_WORKDIR, v, 0) < 0)
-			return -1;
-	if (opt.env_names == NULL && (v = get("OCI_ENV", ctx)) != NULL && *v != '\0')
-		if (set_str(&opt.env_names, "oci-env (OCI_ENV)", v) < 0)
-			return -1;
-	if (!opt.writable && flag_env(get, ctx, "OCI_WRITABLE", &opt.writable) < 0)
-		return -1;
-	if (!opt.entrypoint && flag_env(get, ctx, "OCI_ENTRYPOINT", &opt.entrypoint) < 0)
-		return -1;
-	if (opt.mount_home == -1) {
-		f = -1;
-		if (flag_env(get, ctx, "OCI_MOUNT_HOME", &f) < 0)
-			return -1;
-		opt.mount_home = f;
 	}
 	return 0;
+}
+
+/* an image was asked for (either option, or OCI_IMAGE) */
+static int have_image(void)
+{
+	return opt.image != NULL || opt.c_image != NULL;
+}
+
+/* argv += the options' raw values, as the step client's NAME (submit or prepare) takes them */
+static int add_option_args(char **argv, int ac)
+{
+#define OPTARG(flag, v) do { if ((v) != NULL) { argv[ac++] = (char *)(flag); argv[ac++] = (v); } } while (0)
+	OPTARG(SC_PREPARE_IMAGE, opt.image);
+	OPTARG(SC_PREPARE_CONTAINER_IMAGE, opt.c_image);
+	OPTARG(SC_PREPARE_MOUNTS, opt.mounts);
+	OPTARG(SC_PREPARE_WORKDIR, opt.workdir);
+	OPTARG(SC_PREPARE_WRITABLE, opt.writable);
+	OPTARG(SC_PREPARE_MOUNT_HOME, opt.mount_home);
+	OPTARG(SC_PREPARE_ENTRYPOINT, opt.entrypoint);
+	OPTARG(SC_PREPARE_ENV_NAMES, opt.env_names);
+#undef OPTARG
+	return ac;
 }
 
 static const char *get_local(const char *name, void *ctx)
@@ -467,45 +383,24 @@ static int copy_val(char *dst, size_t size, const char *key, const char *val)
 	return 0;
 }
 
+static int word_in(const char *v, const char *const *words)
+{
+	for (; *words != NULL; words++)
+		if (strcasecmp(v, *words) == 0)
+			return 1;
+	return 0;
+}
+
+/* a plugstack boolean, spelt as every boolean of the contract (contract.TRUE_WORDS) */
 static int yes_no(const char *key, const char *val, int *dst)
 {
-	if (strcmp(val, "yes") == 0)
+	if (word_in(val, oci_true_words))
 		*dst = 1;
-	else if (strcmp(val, "no") == 0)
+	else if (word_in(val, oci_false_words))
 		*dst = 0;
 	else {
 		slurm_error(PFX "plugstack.conf: %s=%s: expected yes or no", key, val);
 		return -1;
-	}
-	return 0;
-}
-
-/* SRC:DST[:ro|rw],... with absolute paths */
-static int check_mounts(const char *key, const char *val)
-{
-	const char *p = val;
-
-	while (*p != '\0') {
-		const char *end = strchr(p, ',');
-		size_t len = end ? (size_t)(end - p) : strlen(p);
-		const char *c1 = memchr(p, ':', len);
-		const char *c2 = c1 ? memchr(c1 + 1, ':', len - (size_t)(c1 + 1 - p)) : NULL;
-		size_t flen = c2 ? len - (size_t)(c2 + 1 - p) : 0;
-
-		if (len == 0 || p[0] != '/' || c1 == NULL || c1[1] != '/' ||
-		    (c2 != NULL && !((flen == 2 && (strncmp(c2 + 1, "ro", 2) == 0 ||
-						     strncmp(c2 + 1, "rw", 2) == 0))))) {
-			slurm_error(PFX "plugstack.conf: %s: bad entry \"%.*s\" "
-				    "(expected /SRC:/DST[:ro|rw],...)", key, (int)len, p);
-			return -1;
-		}
-		if (end == NULL)
-			break;
-		p = end + 1;
-		if (*p == '\0') {
-			slurm_error(PFX "plugstack.conf: %s: trailing comma", key);
-			return -1;
-		}
 	}
 	return 0;
 }
@@ -516,9 +411,9 @@ static int parse_args(int ac, char **av)
 
 	memset(&cfg, 0, sizeof(cfg));
 	if (copy_val(cfg.socket, sizeof(cfg.socket), "socket",
-		     "/run/oci-image/oci-imaged.sock") < 0 ||
+		     OCI_DEFAULT_SOCKET) < 0 ||
 	    copy_val(cfg.prefetch_socket, sizeof(cfg.prefetch_socket), "prefetch_socket",
-		     "/run/oci-image/oci-imaged-prefetch.sock") < 0)
+		     OCI_DEFAULT_PREFETCH_SOCKET) < 0)
 		return -1;
 	cfg.record_job = 1;
 	for (int i = 0; i < ac; i++) {
@@ -532,7 +427,7 @@ static int parse_args(int ac, char **av)
 			slurm_error(PFX "plugstack.conf: argument \"%s\": expected key=value", a);
 			return -1;
 		}
-		if (KEY("step_client")) {
+		if (KEY(PS_STEP_CLIENT)) {
 			if (v[0] != '/') {
 				slurm_error(PFX "plugstack.conf: step_client=%s: must be an absolute path", v);
 				return -1;
@@ -540,21 +435,21 @@ static int parse_args(int ac, char **av)
 			if (copy_val(cfg.step_client, sizeof(cfg.step_client), "step_client", v) < 0)
 				return -1;
 			have_client = 1;
-		} else if (KEY("launcher")) {
+		} else if (KEY(PS_LAUNCHER)) {
 			if (v[0] != '/') {
 				slurm_error(PFX "plugstack.conf: launcher=%s: must be an absolute path", v);
 				return -1;
 			}
 			if (copy_val(cfg.launcher, sizeof(cfg.launcher), "launcher", v) < 0)
 				return -1;
-		} else if (KEY("socket")) {
+		} else if (KEY(PS_SOCKET)) {
 			if (v[0] != '/') {
 				slurm_error(PFX "plugstack.conf: socket=%s: must be an absolute path", v);
 				return -1;
 			}
 			if (copy_val(cfg.socket, sizeof(cfg.socket), "socket", v) < 0)
 				return -1;
-		} else if (KEY("prefetch_socket")) {
+		} else if (KEY(PS_PREFETCH_SOCKET)) {
 			if (strcmp(v, "none") == 0 || strcmp(v, "off") == 0) {
 				cfg.prefetch_socket[0] = '\0';
 			} else if (v[0] != '/') {
@@ -565,21 +460,21 @@ static int parse_args(int ac, char **av)
 					    "prefetch_socket", v) < 0) {
 				return -1;
 			}
-		} else if (KEY("record_job")) {
+		} else if (KEY(PS_RECORD_JOB)) {
 			if (yes_no("record_job", v, &cfg.record_job) < 0)
 				return -1;
-		} else if (KEY("allow_sqfs")) {
+		} else if (KEY(PS_ALLOW_SQFS)) {
 			if (yes_no("allow_sqfs", v, &cfg.allow_sqfs) < 0)
 				return -1;
-		} else if (KEY("batch_in_image")) {
+		} else if (KEY(PS_BATCH_IN_IMAGE)) {
 			if (yes_no("batch_in_image", v, &cfg.batch_in_image) < 0)
 				return -1;
-		} else if (KEY("pyxis_aliases")) {
+		} else if (KEY(PS_PYXIS_ALIASES)) {
 			if (yes_no("pyxis_aliases", v, &cfg.pyxis_aliases) < 0)
 				return -1;
-		} else if (KEY("default_mounts")) {
-			if (check_mounts("default_mounts", v) < 0 ||
-			    copy_val(cfg.default_mounts, sizeof(cfg.default_mounts),
+		} else if (KEY(PS_DEFAULT_MOUNTS)) {
+			/* checked by the step client, at submit and on every node */
+			if (copy_val(cfg.default_mounts, sizeof(cfg.default_mounts),
 				     "default_mounts", v) < 0)
 				return -1;
 		} else {
@@ -758,7 +653,12 @@ static int spawn_detached(char *const argv[], char *const envp[])
 		sigset_t all;
 		int devnull;
 
-		if (setsid() < 0 || fork() != 0)
+		pid_t grandchild;
+
+		/* exit 0 only once the grandchild exists: a failed fork is a failure */
+		if (setsid() < 0 || (grandchild = fork()) < 0)
+			_exit(1);
+		if (grandchild > 0)
 			_exit(0);
 		sigemptyset(&all);
 		sigprocmask(SIG_SETMASK, &all, NULL);
@@ -1009,116 +909,65 @@ static void prefetch(const char *pinned)
 	(void)spawn_detached(argv, clean_env); /* a lost prefetch only costs the nodes a pull */
 }
 
-static int pinned_matches(const char *pinned, const char *ref)
-{
-	const char *at = NULL, *p = pinned;
-
-	while ((p = strstr(p, "@sha256:")) != NULL)
-		at = p++;
-	if (at == NULL)
-		return 0;
-	return strlen(ref) == (size_t)(at - pinned) && strncmp(pinned, ref, (size_t)(at - pinned)) == 0;
-}
-
-/* An absolute path with no ".." component (the daemon re-checks everything). */
-static int path_ok(const char *p, size_t n)
-{
-	if (n == 0 || p[0] != '/')
-		return 0;
-	for (size_t i = 0; i + 1 < n; i++) {
-		if (p[i] == '/' && p[i + 1] == '.' && (i + 2 == n || p[i + 2] == '/' ||
-		    (p[i + 2] == '.' && (i + 3 == n || p[i + 3] == '/'))))
-			return 0;
-	}
-	return 1;
-}
-
-/* --oci-mounts=SRC[:DST[:ro|rw]],...: refuse a bad value at submit, not at every step. */
-static int mounts_ok(const char *v)
-{
-	const char *item = v;
-
-	while (item != NULL && *item != '\0') {
-		const char *end = strchr(item, ',');
-		size_t len = end ? (size_t)(end - item) : strlen(item);
-		const char *f[4];
-		size_t fl[4];
-		int nf = 0;
-		const char *q = item;
-
-		while (q < item + len && nf < 4) {
-			const char *c = memchr(q, ':', (size_t)(item + len - q));
-			f[nf] = q;
-			fl[nf] = c ? (size_t)(c - q) : (size_t)(item + len - q);
-			nf++;
-			q = c ? c + 1 : item + len;
-		}
-		if (len > 0 && (nf > 3 || q < item + len || !path_ok(f[0], fl[0]) ||
-		    (nf >= 2 && !path_ok(f[1], fl[1])) ||
-		    (nf == 3 && !((fl[2] == 2 && (!strncmp(f[2], "ro", 2) || !strncmp(f[2], "rw", 2))))))) {
-			slurm_error(PFX "--oci-mounts: \"%.*s\" is not SRC:DST[:ro|rw] with absolute paths and no '..' "
-				    "(e.g. /scratch/me:/data:ro)", (int)(len > 200 ? 200 : len), item);
-			return 0;
-		}
-		item = end ? end + 1 : NULL;
-	}
-	return 1;
-}
-
 static int local_post_opt(void)
 {
 	const char *pinned;
-	char *argv[5];
+	char *argv[MAX_ARGS];
 	struct child_out co;
 	char *nl;
-	int rc = -1;
+	int ac = 0, rc = -1;
 
 	if (env_fallbacks(get_local, NULL) < 0)
 		return -1;
-	if (opt.mounts != NULL && !mounts_ok(opt.mounts))
-		return -1;
-	if (opt.workdir != NULL && !path_ok(opt.workdir, strlen(opt.workdir))) {
-		slurm_error(PFX "--oci-workdir: \"%.200s\" is not an absolute path", opt.workdir);
-		return -1;
-	}
-	if (opt.image == NULL)
-		return 0;
-	/* slurmstepd has no SPANK item for the step's working directory and the
-	 * job's PWD is whatever the user's shell exported: pass srun's real cwd.
-	 * (srun --chdir=DIR is not seen here; the step client gets srun's cwd.) */
-	if (spank_context() == S_CTX_LOCAL) {
-		char wd[PATH_MAX];
-		if (getcwd(wd, sizeof(wd)) != NULL && setenv("OCI_SUBMIT_CWD", wd, 1) < 0) {
-			slurm_error(PFX "setenv: %s", strerror(errno));
-			return -1;
-		}
-		/* progress redrawn in place on a terminal (its width, to keep each
-		 * line on one row); plain lines in a file or pipe */
-		struct winsize ws;
-		char cols[16];
-		if (isatty(STDERR_FILENO)) { /* "0": a terminal of unknown width */
-			int known = ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20;
-			snprintf(cols, sizeof(cols), "%u", known ? (unsigned)ws.ws_col : 0U);
-			setenv("OCI_SUBMIT_TTY", cols, 1);
+	if (!have_image() && !opt.given)
+		return 0; /* no option given: nothing to check, nothing to pin */
+	if (have_image()) {
+		/* slurmstepd has no SPANK item for the step's working directory and the
+		 * job's PWD is whatever the user's shell exported: pass srun's real cwd.
+		 * (srun --chdir=DIR is not seen here; the step client gets srun's cwd.) */
+		if (spank_context() == S_CTX_LOCAL) {
+			char wd[PATH_MAX];
+			if (getcwd(wd, sizeof(wd)) != NULL && setenv("OCI_SUBMIT_CWD", wd, 1) < 0) {
+				slurm_error(PFX "setenv: %s", strerror(errno));
+				return -1;
+			}
+			/* progress redrawn in place on a terminal (its width, to keep each
+			 * line on one row); plain lines in a file or pipe */
+			struct winsize ws;
+			char cols[16];
+			if (isatty(STDERR_FILENO)) { /* "0": a terminal of unknown width */
+				int known = ioctl(STDERR_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20;
+				snprintf(cols, sizeof(cols), "%u", known ? (unsigned)ws.ws_col : 0U);
+				setenv("OCI_SUBMIT_TTY", cols, 1);
+			} else {
+				unsetenv("OCI_SUBMIT_TTY");
+			}
 		} else {
-			unsetenv("OCI_SUBMIT_TTY");
+			unsetenv("OCI_SUBMIT_TTY"); /* a job's error file is no terminal */
 		}
-	} else {
-		unsetenv("OCI_SUBMIT_TTY"); /* a job's error file is no terminal */
 	}
-	if (opt.image[0] == '/')
-		return 0; /* a SquashFS path: nothing to pin */
-	pinned = getenv("OCI_IMAGE_PINNED");
-	if (pinned != NULL && (pinned_matches(pinned, opt.image) || strcmp(pinned, opt.image) == 0))
-		return 0; /* srun inside a job that already pinned this image */
 
-	argv[0] = cfg.step_client;
-	argv[1] = "submit";
-	argv[2] = "--image";
-	argv[3] = opt.image;
-	argv[4] = NULL;
+	/* Every value is checked by the step client, as every node will check it
+	 * (one grammar: ociimage/stepargs.py), and the tag pinned to its digest. */
+	argv[ac++] = cfg.step_client;
+	argv[ac++] = SC_SUBMIT;
+	ac = add_option_args(argv, ac);
+	if (cfg.default_mounts[0]) {
+		argv[ac++] = SC_SUBMIT_DEFAULT_MOUNTS;
+		argv[ac++] = cfg.default_mounts;
+	}
+	pinned = getenv("OCI_IMAGE_PINNED");
+	if (pinned != NULL && *pinned != '\0') { /* srun inside a job that pinned it already */
+		argv[ac++] = SC_SUBMIT_PINNED;
+		argv[ac++] = (char *)pinned;
+	}
+	argv[ac] = NULL;
 	if (run_child(argv, NULL, -1, 4096, &co, 0) < 0)
 		goto out;
+	if (co.len == 0) {
+		rc = 0; /* nothing (new) to pin */
+		goto out;
+	}
 	nl = memchr(co.buf, '\n', co.len);
 	if (nl != NULL)
 		*nl = '\0';
@@ -1188,13 +1037,13 @@ static int parse_prepare_output(void)
 		}
 		val = p;
 		p += strlen(p) + 1;
-		if (strcmp(key, "ns") == 0) {
+		if (strcmp(key, REC_NS) == 0) {
 			if (st.ns != NULL || val[0] != '/') {
 				slurm_error(PFX "step client prepare: bad or repeated ns");
 				return -1;
 			}
 			st.ns = val;
-		} else if (strcmp(key, "holder") == 0) {
+		} else if (strcmp(key, REC_HOLDER) == 0) {
 			char tail;
 			if (st.holder_pid != 0 ||
 			    sscanf(val, "%lu %llu %llu%c", &st.holder_pid, &st.holder_start,
@@ -1202,26 +1051,27 @@ static int parse_prepare_output(void)
 				slurm_error(PFX "step client prepare: bad or repeated holder");
 				return -1;
 			}
-		} else if (strcmp(key, "cwd") == 0) {
+		} else if (strcmp(key, REC_CWD) == 0) {
 			if (st.cwd != NULL || val[0] != '/') {
 				slurm_error(PFX "step client prepare: bad or repeated cwd");
 				return -1;
 			}
 			st.cwd = val;
-		} else if (strcmp(key, "env") == 0) {
+		} else if (strcmp(key, REC_ENV) == 0) {
 			char *eq = strchr(val, '=');
 			if (eq == NULL || eq == val || st.n_env >= sizeof(st.env) / sizeof(st.env[0])) {
 				slurm_error(PFX "step client prepare: bad env record \"%.64s\"", val);
 				return -1;
 			}
 			st.env[st.n_env++] = val;
-		} else if (strcmp(key, "entrypoint") == 0) {
-			if (st.entrypoint != NULL || !opt.entrypoint || !entrypoint_ok(val)) {
+		} else if (strcmp(key, REC_ENTRYPOINT) == 0) {
+			/* only when asked for (the step client says whether "1"/"yes"/... means it) */
+			if (st.entrypoint != NULL || opt.entrypoint == NULL || !entrypoint_ok(val)) {
 				slurm_error(PFX "step client prepare: bad or unexpected entrypoint record");
 				return -1;
 			}
 			st.entrypoint = val;
-		} else if (strcmp(key, "unsetenv") == 0) {
+		} else if (strcmp(key, REC_UNSETENV) == 0) {
 			if (val[0] == '\0' || strchr(val, '=') != NULL ||
 			    st.n_unset >= sizeof(st.unset) / sizeof(st.unset[0])) {
 				slurm_error(PFX "step client prepare: bad unsetenv record \"%.64s\"", val);
@@ -1368,7 +1218,7 @@ static int remote_post_opt(spank_t sp)
 	uid_t uid;
 	gid_t gid;
 	char s_job[16], s_step[16], s_uid[16], s_gid[16], s_fd[] = "3";
-	const char *image, *pinned, *cwd;
+	const char *pinned, *cwd;
 	char *argv[MAX_ARGS];
 	int ac = 0, fd = -1, rc = -1;
 	uint32_t nodeid = 0;
@@ -1378,7 +1228,7 @@ static int remote_post_opt(spank_t sp)
 		jobenv = NULL;
 	if (env_fallbacks(get_jobenv, jobenv) < 0)
 		return -1;
-	if (opt.image == NULL)
+	if (!have_image())
 		return 0;
 	if ((e = spank_get_item(sp, S_JOB_STEPID, &st.stepid)) != ESPANK_SUCCESS ||
 	    (e = spank_get_item(sp, S_JOB_ID, &st.jobid)) != ESPANK_SUCCESS ||
@@ -1392,10 +1242,7 @@ static int remote_post_opt(spank_t sp)
 	if (st.stepid == STEP_BATCH && !(cfg.batch_in_image || opt.batch_in_image))
 		return 0; /* the batch script runs on the host; its sruns use the image */
 
-	pinned = get_jobenv("OCI_IMAGE_PINNED", jobenv);
-	image = opt.image;
-	if (pinned != NULL && opt.image[0] != '/' && pinned_matches(pinned, opt.image))
-		image = pinned;
+	pinned = get_jobenv("OCI_IMAGE_PINNED", jobenv); /* the step client picks it if it matches */
 	cwd = get_jobenv("OCI_SUBMIT_CWD", jobenv);
 	if (cwd == NULL || cwd[0] != '/')
 		cwd = get_jobenv("PWD", jobenv);
@@ -1415,13 +1262,8 @@ static int remote_post_opt(spank_t sp)
 	ARG("--uid"); ARG(s_uid);
 	ARG("--gid"); ARG(s_gid);
 	ARG("--node"); ARG(st.node);
-	ARG("--image"); ARG(image);
-	if (opt.mounts) { ARG("--mounts"); ARG(opt.mounts); }
-	if (opt.workdir) { ARG("--workdir"); ARG(opt.workdir); }
-	if (opt.writable) ARG("--writable");
-	if (opt.mount_home != -1) { ARG("--mount-home"); ARG(opt.mount_home ? "1" : "0"); }
-	if (opt.entrypoint) ARG("--entrypoint");
-	if (opt.env_names) { ARG("--env-names"); ARG(opt.env_names); }
+	ac = add_option_args(argv, ac);
+	if (pinned != NULL && *pinned != '\0') { ARG(SC_PREPARE_PINNED); ARG(pinned); }
 	if (cfg.default_mounts[0]) { ARG("--default-mounts"); ARG(cfg.default_mounts); }
 	ARG("--allow-sqfs"); ARG(cfg.allow_sqfs ? "yes" : "no");
 	ARG("--cwd"); ARG(cwd);

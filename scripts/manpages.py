@@ -5,14 +5,13 @@ Usage: manpages.py [OUTDIR]      (default: docs/man; `make man`)
 
   oci-image(1)        from ociimage.cli.build_parser()    (the parser `oci-image --help` prints)
   oci-imaged(8)       from ociimage.daemon.build_parser() (the parser `oci-imaged --help` prints)
-  spank-oci-image(8)  from plugin/spank_oci_image.c: the SPANK option table (names, argument
-                      names, help texts: what `srun --help` prints), the plugstack.conf keys
-                      its parser accepts, the socket default and the OCI_* variables it reads
+  spank-oci-image(8)  from ociimage.contract: the SPANK options (names, argument names, help
+                      texts: what `srun --help` prints, from the same table), their OCI_*
+                      variables, the plugstack.conf keys and the socket default
 
 Options, arguments, help texts and defaults come only from those sources; this
 script adds the prose around them (description, files, exit status, see also).
-A plugstack key or a variable that the C reads but this script does not describe
-is an error, so a new one cannot reach a release undocumented. The output is
+The output is
 deterministic (no dates, no terminal-width dependence, no use of argparse's
 private formatting, which changes between Python versions), so
 tests/test_manpages.py can regenerate the pages and compare them with the
@@ -28,7 +27,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
-PLUGIN_C = ROOT / "plugin" / "spank_oci_image.c"
 sys.path.insert(0, str(ROOT / "daemon"))
 
 SOURCE = "slurm-oci-image"
@@ -189,13 +187,6 @@ CLI_EXAMPLES = [
     "oci-image publish ghcr.io/acme/solver:2.1 reg.example.org/site/solver",
 ]
 
-CLI_EXIT = [
-    ("0", "success"),
-    ("1", "the operation failed (not found, authentication, registry unavailable, ...)"),
-    ("2", "invalid arguments, reference or configuration"),
-    ("70", "internal error (run with -vv for details)"),
-    ("130", "interrupted"),
-]
 
 
 def credentials_section() -> List[str]:
@@ -233,11 +224,13 @@ def oci_image_page(version: str) -> str:
     out += item(bold("REGISTRY_AUTH_FILE") + ", " + bold("DOCKER_CONFIG") + ", "
                 + bold("XDG_RUNTIME_DIR"), "Where registry credentials are looked up (above).")
     out += [".SH EXIT STATUS"]
-    for code, text in CLI_EXIT:
-        out += item(bold(code), text)
+    from ociimage import contract
+    for e in contract.EXIT_CODES:
+        out += item(bold(str(e.code)), e.meaning)
     out += [".SH FILES"]
     out += item(ital("/etc/oci-image/oci-image.conf"), "Configuration shared with oci-imaged(8).")
-    out += item(ital("/run/oci-image/oci-imaged.sock"), "The daemon's socket (default).")
+    from ociimage.contract import DEFAULT_SOCKET
+    out += item(ital(DEFAULT_SOCKET), "The daemon's socket (default).")
     out += [".SH EXAMPLES"] + example(CLI_EXAMPLES)
     out += [".SH SEE ALSO", "\\fBoci-imaged\\fR(8), \\fBspank-oci-image\\fR(8), "
             "\\fBsrun\\fR(1), \\fBsbatch\\fR(1)"]
@@ -250,23 +243,10 @@ CONFIG_FILE = ROOT / "packaging" / "config" / "oci-image.conf"
 
 
 def parse_config_reference() -> Dict[Tuple[str, str], str]:
-    """{(section, key): meaning} from the tables of docs/configuration.md."""
-    out: Dict[Tuple[str, str], str] = {}
-    path = ROOT / "docs" / "configuration.md"
-    if not path.exists():
-        return out
-    section = None
-    for line in path.read_text().splitlines():
-        m = re.match(r"^## \[([a-z_]+)\]", line)
-        if m:
-            section = m.group(1)
-        elif line.startswith("## "):
-            section = None
-        elif section:
-            m = re.match(r"^\| `([a-z_]+)` \|[^|]*\|(.*)\|\s*$", line)
-            if m:
-                out[(section, m.group(1))] = re.sub(r"[`*]", "", m.group(2)).strip()
-    return out
+    """{(section, key): meaning} from ociimage.configkeys (markdown marks dropped)."""
+    from ociimage import configkeys
+    return {(k.section, k.name): re.sub(r"[`*]", "", k.meaning).replace("\\|", "|").strip()
+            for k in configkeys.CONFIG_KEYS}
 
 
 def parse_config_file() -> List[Tuple[str, List[Tuple[str, str, str]]]]:
@@ -366,7 +346,8 @@ def oci_imaged_page(version: str) -> str:
     out += item(bold("OCI_IMAGE_CONFIG"), "The configuration file when --config is not given.")
     out += [".SH FILES"]
     out += item(ital("/etc/oci-image/oci-image.conf"), "Configuration.")
-    out += item(ital("/run/oci-image/oci-imaged.sock"), "The gRPC socket (mode 0600).")
+    from ociimage.contract import DEFAULT_SOCKET
+    out += item(ital(DEFAULT_SOCKET), "The gRPC socket (mode 0600).")
     out += item(ital("/run/oci-image/"), "Node-local state: image mount points, step "
                 "namespaces.")
     out += item(ital("/var/lib/oci-image/cache/"), "Default cache directory; set [cache] dir to "
@@ -377,122 +358,14 @@ def oci_imaged_page(version: str) -> str:
     return "\n".join(out) + "\n"
 
 
-# ---- plugin/spank_oci_image.c -> spank-oci-image(8) ---------------------------------
+# ---- the contract -> spank-oci-image(8) ---------------------------------------------
 
-_TOKEN = re.compile(r'''\s+|/\*.*?\*/|//[^\n]*|"(?:[^"\\\n]|\\.)*"|[A-Za-z_][A-Za-z0-9_]*|\d+|.''',
-                    re.S)
-_C_ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\", "'": "'"}
+def spank_options() -> List[Dict]:
+    """The SPANK options as srun --help shows them: name, arginfo, usage, has_arg."""
+    from ociimage import contract
+    return [{"name": o.name, "arginfo": o.arginfo, "usage": contract.option_usage(o),
+             "has_arg": int(o.arginfo is not None)} for o in contract.OPTIONS]
 
-
-def _c_string(lit: str) -> str:
-    return re.sub(r"\\(.)", lambda m: _C_ESCAPES.get(m.group(1), m.group(1)), lit[1:-1])
-
-
-class _Str(str):
-    """A decoded C string literal (adjacent literals concatenated)."""
-
-
-def _tokens(src: str) -> List[str]:
-    """C tokens without whitespace and comments; string literals decoded as _Str."""
-    out: List[str] = []
-    for t in _TOKEN.findall(src):
-        if t.isspace() or t.startswith(("/*", "//")):
-            continue
-        if t.startswith('"'):
-            if out and isinstance(out[-1], _Str):
-                out[-1] = _Str(out[-1] + _c_string(t))
-            else:
-                out.append(_Str(_c_string(t)))
-            continue
-        out.append(t)
-    return out
-
-
-def parse_spank_options(src: str) -> List[Dict]:
-    """The entries of `struct spank_option options[]`: name, arginfo, usage, has_arg, val."""
-    m = re.search(r"static\s+struct\s+spank_option\s+\w+\s*\[\s*\]\s*=\s*\{(.*?)\n\};", src, re.S)
-    if not m:
-        raise SystemExit(f"manpages: no spank_option table in {PLUGIN_C}")
-    toks = _tokens(m.group(1))
-    entries, i = [], 0
-    while i < len(toks):
-        if toks[i] == "SPANK_OPTIONS_TABLE_END":
-            break
-        if toks[i] != "{":
-            i += 1
-            continue
-        j = toks.index("}", i)
-        fields = [t for t in toks[i + 1:j] if t != ","]
-        if len(fields) != 6:
-            raise SystemExit(f"manpages: cannot read spank option entry {fields!r}")
-        name, arginfo, usage, has_arg, val, _cb = fields
-        if not (isinstance(name, _Str) and isinstance(usage, _Str)
-                and (arginfo == "NULL" or isinstance(arginfo, _Str)) and has_arg in ("0", "1")):
-            raise SystemExit(f"manpages: cannot read spank option entry {fields!r}")
-        entries.append({"name": str(name), "arginfo": None if arginfo == "NULL" else str(arginfo),
-                        "usage": str(usage), "has_arg": int(has_arg), "val": val})
-        i = j + 1
-    if not entries:
-        raise SystemExit("manpages: empty spank option table")
-    return entries
-
-
-def parse_plugstack_keys(src: str) -> List[str]:
-    """The key=value arguments parse_args() accepts, in source order."""
-    m = re.search(r"static int parse_args\(.*?\n\}\n", src, re.S)
-    if not m:
-        raise SystemExit(f"manpages: no parse_args() in {PLUGIN_C}")
-    return re.findall(r'KEY\("([a-z_]+)"\)', m.group(0))
-
-
-def parse_socket_default(src: str) -> str:
-    m = re.search(r'copy_val\(cfg\.socket,[^;]*?"socket",\s*"([^"]+)"\)', src, re.S)
-    if not m:
-        raise SystemExit("manpages: cannot find the default socket in the plugin")
-    return m.group(1)
-
-
-def parse_env_reads(src: str) -> List[str]:
-    """OCI_* names the plugin reads from the submit environment / job environment."""
-    return sorted(set(re.findall(r'\bget\("(OCI_[A-Z_]+)",', src)))
-
-
-#: plugstack.conf arguments. The C has no help texts for these; every key its
-#: parser accepts must be described here (checked), with its value syntax.
-PLUGSTACK_ARGS: Dict[str, Tuple[str, str]] = {
-    "step_client": ("PATH", """Required. Absolute path of the step client the plugin runs:
-                    /usr/libexec/oci-image/oci-image-step from the package."""),
-    "launcher": ("PATH", """Absolute path of the static program that runs an image's
-                 Entrypoint for --oci-entrypoint. Default: oci-image-launch in the step
-                 client's directory (the package installs it there). Only steps with
-                 --oci-entrypoint use it."""),
-    "socket": ("PATH", """The oci-imaged socket (default {socket})."""),
-    "allow_sqfs": ("yes|no", """Whether users may give an absolute path to their own .sqfs file
-                   as --oci-image (default no: the kernel would parse a file a user
-                   made)."""),
-    "batch_in_image": ("no|yes", """Run every batch script in the image, as
-                       --oci-batch-in-image does for one job (default no: the batch script
-                       runs on the host so that it can call srun)."""),
-    "default_mounts": ("SRC:DST[:ro|rw],...", """Site bind mounts added to every container,
-                       absolute paths, e.g. /scratch:/scratch,/apps:/apps:ro."""),
-    "prefetch_socket": ("PATH|none", """The daemon's user socket (mode 0666; the daemon knows
-                        each caller's uid from SO_PEERCRED and pulls digest-pinned references
-                        with that user's own credentials only). After pinning the digest, srun, sbatch
-                        and salloc ask the local daemon through it to start pulling the image
-                        while the job waits in the queue. Default
-                        /run/oci-image/oci-imaged-prefetch.sock; none disables prefetch."""),
-    "record_job": ("yes|no", """Whether sbatch records the pinned image's digest in the job's
-                   Comment (oci-image=sha256:..., never the image's name: squeue shows comments
-                   to everyone) so that the daemons can see which pending jobs need which
-                   images and eviction spares them, for a job whose owner may pull the image
-                   (default yes)."""),
-    "pyxis_aliases": ("no|yes", """Also register pyxis' option names (--container-image,
-                      --container-mounts, --container-workdir, --container-writable,
-                      --container-readonly, --[no-]container-mount-home, --container-env,
-                      --[no-]container-entrypoint) with this plugin's meanings, for sites
-                      moving from pyxis (default no). Ignored, with a message in slurmd's
-                      log, when a pyxis plugin is loaded too."""),
-}
 
 #: variables the plugin sets (not read from users); described, not parsed.
 PLUGIN_SETS = [
@@ -539,24 +412,8 @@ srun, and fails the steps, never slurmd.
 
 
 def spank_page(version: str) -> str:
-    src = PLUGIN_C.read_text()
-    options = parse_spank_options(src)
-    keys = parse_plugstack_keys(src)
-    missing = [k for k in keys if k not in PLUGSTACK_ARGS]
-    if missing:  # (a description of a key the plugin does not accept is simply not shown)
-        raise SystemExit(f"manpages: plugstack keys in {PLUGIN_C.name} but not described in "
-                         f"scripts/manpages.py PLUGSTACK_ARGS: {missing}")
-    socket = parse_socket_default(src)
-    env_in_help = set(re.findall(r"\bEnv: (OCI_[A-Z_]+)", " ".join(o["usage"] for o in options)))
-    env_read = parse_env_reads(src)
-    set_by_c = set(re.findall(r'\bsetenv\("(OCI_[A-Z_]+)",', src))
-    stale_sets = [n for n, _t in PLUGIN_SETS if n not in set_by_c]
-    if stale_sets:
-        raise SystemExit(f"manpages: described as set by the plugin but not set: {stale_sets}")
-    undocumented = [e for e in env_read if e not in env_in_help]
-    if undocumented:
-        raise SystemExit(f"manpages: the plugin reads {undocumented} but no option's help "
-                         f"names it (\"Env: NAME\")")
+    from ociimage import contract
+    options = spank_options()
 
     out = th("spank-oci-image", 8, version, "Slurm Components")
     out += [".SH NAME", "spank\\-oci\\-image, spank_oci_image.so \\- run Slurm job steps in "
@@ -588,9 +445,9 @@ def spank_page(version: str) -> str:
     out += para("""Arguments follow the plugin's path in plugstack.conf (or in a file of
                 plugstack.conf.d included from it) as key=value words. An unknown key or a
                 bad value is an error logged at load time.""")
-    for k in keys:
-        syntax, text = PLUGSTACK_ARGS[k]
-        out += item(bold(k + "=") + ital(syntax), text.format(socket=socket))
+    for k in contract.PLUGSTACK:
+        out += item(bold(k.name + "=") + ital(k.syntax),
+                    k.man.format(socket=contract.DEFAULT_SOCKET))
     out += [".SH ENVIRONMENT"]
     out += para("The variables named under OPTIONS; and, set by the plugin:")
     for name, text in PLUGIN_SETS:

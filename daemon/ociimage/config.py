@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .configkeys import known as known_keys
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/oci-image/oci-image.conf"
@@ -90,19 +91,8 @@ class Config:
                          rate_window=self.rate_window)
 
 
-_KNOWN: Dict[str, Tuple[str, ...]] = {
-    "cache": ("dir", "quota", "lease_ttl", "lock_timeout", "convert_timeout", "locking",
-              "claim_stale"),
-    "daemon": ("socket", "runtime_dir", "node", "metrics", "log_level", "mount_idle",
-               "prefetch_socket", "prefetch_rate", "prefetch_rate_per_user", "prefetch_running",
-               "prefetch_running_per_user", "prefetch_request_timeout", "hooks_dir",
-               "hooks_timeout", "max_pulls_per_uid", "max_requests_per_uid", "stop_timeout",
-               "publish_running", "publish_running_per_user", "publish_timeout"),
-    "registries": ("insecure", "trusted_squashfs", "publish_to", "connect_timeout",
-                   "stall_timeout", "request_timeout", "min_rate", "rate_window"),
-    "squash": ("compression", "level", "jobs"),
-    "slurm": ("jobs", "conf", "refresh"),
-}
+#: the accepted keys, per section: declared with their meanings in configkeys.py
+_KNOWN: Dict[str, Tuple[str, ...]] = known_keys()
 SLURM_MODES = ("auto", "cli", "pyslurm", "off")
 #: [cache] locking: how converters on different nodes exclude each other (cachelock.py)
 LOCKING_MODES = ("auto", "flock", "claim")

@@ -72,33 +72,14 @@ def _say(msg: str) -> None:
 
 
 def enroot_uri_to_reference(uri: str) -> str:
-    """docker://[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST] -> what `docker pull` takes.
-
-    Without REGISTRY# the image is on Docker Hub (enroot's default), exactly as
-    for a reference without a registry. USER@ names the enroot credentials entry
-    to use; we use the user's docker/podman login instead, so it is dropped.
-    """
-    text = uri.strip()
-    if text.startswith("dockerd://") or text.startswith("podman://"):
-        raise ImportError_(f"{uri}: images from a local Docker/Podman daemon are not supported; "
-                           f"push the image to a registry")
-    if text.startswith("docker://"):
-        text = text[len("docker://"):]
-    elif "://" in text:
-        raise ImportError_(f"{uri}: unsupported URI scheme (expected docker://)")
-    if not text:
-        raise ImportError_(f"{uri!r}: empty image reference")
-    head, sep, rest = text.partition("#")
-    if sep:
-        if "@" in head:  # USER@REGISTRY#IMAGE
-            head = head.rsplit("@", 1)[1]
-        if not head or not rest:
-            raise ImportError_(f"{uri}: expected [USER@][REGISTRY#]IMAGE[:TAG]")
-        return f"{head}/{rest}"
-    # no registry: a USER@ prefix can only be told apart from IMAGE@DIGEST by the digest
-    if "@" in text and not text.split("@", 1)[1].startswith("sha256:"):
-        text = text.split("@", 1)[1]
-    return text
+    """docker://[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST] -> what `docker pull` takes: the one
+    translator, the one the step client uses for --container-image (ociimage.stepargs)."""
+    from .errors import InvalidArgument
+    from .stepargs import enroot_uri_to_reference as translate
+    try:
+        return translate(uri)
+    except InvalidArgument as e:
+        raise ImportError_(str(e)) from None
 
 
 def _load_config(path: Optional[str]):

@@ -1,6 +1,8 @@
 """The step client the SPANK plugin execs (`oci-image-step`). Kept small: it is on the per-step path.
 
-    submit  --image REF                 (srun/sbatch/salloc, as the user) -> prints the pinned REF@digest
+    submit  [--image REF] [--mounts M]... (srun/sbatch/salloc, as the user: every option's raw
+                                        value, checked as the nodes check it) -> prints the
+                                        pinned REF@digest, or nothing
     prepare --socket S --job J --step S (slurmstepd, root)  -> NUL-separated records on stdout
     release --socket S --job J --step S (slurmstepd, root)
     prefetch --socket P --image REF@DIGEST (srun/sbatch/salloc, as the user, detached: never waited for)
@@ -8,19 +10,20 @@
     record-job --image REF@DIGEST --since T --sid SID (sbatch's exit, as the user: the digest
                                         goes into the submitted job's comment)
 
-prepare's stdout, parsed by the plugin: ns\\0PATH\\0 cwd\\0DIR\\0 then env\\0NAME=VALUE\\0 and
-unsetenv\\0NAME\\0 records, and with --oci-entrypoint entrypoint\\0ENCODED\\0 (see
+The arguments are ociimage.contract.STEP_COMMANDS; prepare's stdout, parsed by the
+plugin, is contract.PREPARE_RECORDS as KEY\\0VALUE\\0 (the entrypoint encoded by
 encode_entrypoint). Progress and errors go to stderr, one line each, which the plugin
 shows in the user's srun output. Exit status 0 only on success.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pwd
 import sys
 from typing import List, Optional
+
+from .stepargs import build_parser as _build_parser, parse_mounts, resolve_options
 
 PREFIX = "oci-image"
 
@@ -32,41 +35,13 @@ def _die(message: str, code: int = 1) -> int:
     return code
 
 
-def parse_mounts(text: str, what: str) -> List[tuple]:
-    """'SRC:DST[:ro|rw],...' -> [(src, dst, read_only)]; both paths absolute."""
-    from .errors import InvalidArgument
-    out = []
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) == 1:
-            parts = [parts[0], parts[0]]
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            src, dst, ro = parts[0], parts[1], parts[2] == "ro"
-        elif len(parts) == 2:
-            src, dst, ro = parts[0], parts[1], False
-        else:
-            raise InvalidArgument(f"{what}: {item!r} is not SRC:DST[:ro|rw]")
-        for p in (src, dst):
-            if not p.startswith("/") or "\0" in p or "/../" in p + "/" or "\n" in p:
-                raise InvalidArgument(f"{what}: {p!r} must be an absolute path without '..'")
-        out.append((os.path.normpath(src), os.path.normpath(dst), ro))
-    return out
-
-
 def cmd_submit(args) -> int:
-    """Validate and pin the reference once, at submit, with the user's own credentials."""
+    """Check every option (as every node would) and pin the reference once, at submit,
+    with the user's own credentials. main() has checked the options (resolve_options)."""
     from .errors import OciImageError
-    image = args.image.strip()
-    if image.startswith("/"):
-        if not image.endswith((".sqfs", ".squashfs", ".sqsh")):
-            return _die(f"--oci-image={image}: a local image must be a .sqfs (or enroot .sqsh) file")
-        if not os.path.isfile(image):
-            return _die(f"--oci-image={image}: no such file")
-        print(os.path.realpath(image))
-        return 0
+    image = args.image
+    if not image or image.startswith("/") or args.inherited_pin:
+        return 0  # nothing to pin: no image, a SquashFS file the nodes check, or pinned by the job
     try:
         from .reference import parse_reference
         from .registry.client import RegistryClient
@@ -265,63 +240,21 @@ def socket_path(args) -> str:
     return args.socket.replace("%n", args.node)
 
 
-def _flag(text: str) -> bool:
-    return str(text).lower() in ("1", "yes", "true", "on")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="oci-image-step", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command")
-    sub.required = True
-    s = sub.add_parser("submit")
-    s.add_argument("--image", required=True)
-    pf = sub.add_parser("prefetch")
-    pf.add_argument("--socket", default="/run/oci-image/oci-imaged-prefetch.sock")
-    pf.add_argument("--image", required=True)
-    pf.add_argument("--node", default="")
-    pf.add_argument("--timeout", type=float, default=10.0)
-    cj = sub.add_parser("cleanup-job")
-    cj.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
-    cj.add_argument("--job", required=True)
-    cj.add_argument("--node", default="")
-    cj.add_argument("--timeout", type=float, default=60.0)
-    rj = sub.add_parser("record-job")
-    rj.add_argument("--image", required=True)
-    rj.add_argument("--since", type=float, default=0.0)
-    rj.add_argument("--sid", type=int, default=None)
-    rj.add_argument("--job", default="", help="the job (default: find the one just submitted)")
-    rj.add_argument("--verbose", action="store_true")
-    for name in ("prepare", "release"):
-        sp = sub.add_parser(name)
-        sp.add_argument("--socket", default="/run/oci-image/oci-imaged.sock")
-        sp.add_argument("--job", required=True)
-        sp.add_argument("--step", required=True)
-        sp.add_argument("--node", default="")
-        if name == "prepare":
-            sp.add_argument("--uid", type=int, required=True)
-            sp.add_argument("--gid", type=int, required=True)
-            sp.add_argument("--image", required=True)
-            sp.add_argument("--mounts", default="")
-            sp.add_argument("--default-mounts", default="")
-            sp.add_argument("--workdir", default="")
-            sp.add_argument("--cwd", default="")
-            sp.add_argument("--writable", type=_flag, nargs="?", const=True, default=False)
-            sp.add_argument("--mount-home", type=_flag, nargs="?", const=True, default=True)
-            sp.add_argument("--entrypoint", type=_flag, nargs="?", const=True, default=False)
-            sp.add_argument("--env-names", default="")
-            sp.add_argument("--allow-sqfs", type=_flag, nargs="?", const=True, default=False)
-            sp.add_argument("--job-env-fd", type=int, default=-1)
-            sp.add_argument("--progress", choices=("plain", "tty", "none"), default="plain",
-                            help="how to show the wait for the image on stderr (none: "
-                                 "errors only; the plugin asks one node of a step to show it)")
-            sp.add_argument("--columns", type=int, default=0,
-                            help="the terminal's width (tty): a redrawn line is cut to fit")
-    return p
+def build_parser():
+    return _build_parser(__doc__.splitlines()[0])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("submit", "prepare"):
+            from .errors import OciImageError
+            try:
+                resolve_options(args)
+            except OciImageError as e:
+                return _die(str(e), e.exit_code)
+            if args.command == "prepare" and not args.image:
+                return _die("prepare: no image (--image or --container-image)", 2)
         if args.command == "submit":
             return cmd_submit(args)
         if args.command == "prepare":

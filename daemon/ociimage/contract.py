@@ -1,0 +1,276 @@
+"""The contract with users and admins, declared once.
+
+What srun/sbatch/salloc users type (the SPANK options and their environment
+variables), what admins write in plugstack.conf, the exit codes, the step
+client's subcommands and the records between the plugin and the step client.
+Everything that shows or parses these is generated from here by
+scripts/gencontract.py (plugin/options_gen.h: the C option table and the step
+client's argument names; the README's tables; docs/man) or built from it at
+run time (the step client's argparse parser, ociimage.stepargs), and
+tests/test_contract.py fails when a generated file is stale.
+
+Plain Python data, not TOML: Python 3.9 (RHEL 9) has no tomllib, and the step
+client imports this module on every submit and step, so it stays free of
+imports beyond typing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+DEFAULT_SOCKET = "/run/oci-image/oci-imaged.sock"
+DEFAULT_PREFETCH_SOCKET = "/run/oci-image/oci-imaged-prefetch.sock"
+
+#: the one spelling of booleans, for OCI_* variables and the step client's flags
+TRUE_WORDS = ("1", "yes", "true")
+FALSE_WORDS = ("0", "no", "false")
+
+
+class Option(NamedTuple):
+    """A SPANK option of srun, sbatch and salloc."""
+    name: str               # --NAME
+    code: str               # its C enum value (O_...), shared by its aliases
+    arginfo: Optional[str]  # the argument's name in --help; None: a flag
+    help: str               # what srun --help and the man page say (without "Env: ...")
+    env: Optional[str]      # the OCI_* variable that sets it when the option is not given
+    env_value: str          # for a flag: the value of env that means this option ("" for values)
+    step_arg: str           # how the plugin hands the raw value to the step client
+    doc: str                # the README's text (markdown)
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("oci-image", "O_IMAGE", "REF",
+           "Run the step in OCI image REF (e.g. docker.io/library/debian:12, or "
+           "REF@sha256:... ). The tag is resolved to a digest once at submit.",
+           "OCI_IMAGE", "", "--image",
+           "run the step(s) in this image: `ubuntu:24.04`, `reg.example.org:5000/ns/img:tag`, "
+           "`img@sha256:…`, or an absolute path to a `.sqfs` file (only where the site allows "
+           "it: `allow_sqfs=yes`)"),
+    Option("oci-mounts", "O_MOUNTS", "SRC:DST[:ro|rw],...",
+           "Bind mount host paths into the image.", "OCI_MOUNTS", "", "--mounts",
+           "bind host paths into the container (absolute paths; read-write unless `:ro`; "
+           "`SRC` alone mounts it at the same path)"),
+    Option("oci-workdir", "O_WORKDIR", "DIR",
+           "Working directory inside the image (default: the current directory if it "
+           "exists there, else the image's).", "OCI_WORKDIR", "", "--workdir",
+           "where tasks start in the container (absolute)"),
+    Option("oci-writable", "O_WRITABLE", None,
+           "Give the step a writable (throw-away) overlay over the image.",
+           "OCI_WRITABLE", "1", "--writable",
+           "a per-step writable layer (tmpfs overlay, in node memory) over the read-only "
+           "image; discarded at step end"),
+    Option("oci-mount-home", "O_MOUNT_HOME", None,
+           "Bind mount your home directory into the image.", "OCI_MOUNT_HOME", "1",
+           "--mount-home", "mount your home directory at the same path (default: yes)"),
+    Option("no-oci-mount-home", "O_NO_MOUNT_HOME", None,
+           "Do not bind mount your home directory.", "OCI_MOUNT_HOME", "0", "--mount-home", ""),
+    Option("oci-entrypoint", "O_ENTRYPOINT", None,
+           "Run the image's ENTRYPOINT with the step's command as its arguments "
+           "(like docker run IMAGE CMD...); no effect for an image without one.",
+           "OCI_ENTRYPOINT", "1", "--entrypoint",
+           "run the image's `Entrypoint` with your command as its arguments, like `docker run "
+           "IMAGE CMD…` (default: no; not with `--multi-prog`)"),
+    Option("oci-env", "O_ENV", "NAME,...",
+           "Comma-separated names of host variables that override the image's ENV "
+           "(default: the image's ENV wins for names it sets).", "OCI_ENV", "", "--env-names",
+           "host variables that win over the image's `Env`"),
+    Option("oci-batch-in-image", "O_BATCH", None,
+           "sbatch: run the batch script itself in the image too (default: the "
+           "script runs on the host and its srun steps run in the image).", None, "", "",
+           "sbatch: also run the batch script itself in the image"),
+)
+
+
+class Alias(NamedTuple):
+    """pyxis' name for one of ours (plugstack pyxis_aliases=yes)."""
+    name: str
+    code: str
+    arginfo: Optional[str]
+    help: str
+
+
+ALIASES: Tuple[Alias, ...] = (
+    Alias("container-image", "O_C_IMAGE", "REF",
+          "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://."),
+    Alias("container-mounts", "O_MOUNTS", "SRC:DST[:ro],...", "Alias of --oci-mounts (oci-image)."),
+    Alias("container-workdir", "O_WORKDIR", "DIR", "Alias of --oci-workdir (oci-image)."),
+    Alias("container-writable", "O_WRITABLE", None, "Alias of --oci-writable (oci-image)."),
+    Alias("container-readonly", "O_READONLY", None, "The image read-only, the default (oci-image)."),
+    Alias("container-mount-home", "O_MOUNT_HOME", None, "Alias of --oci-mount-home (oci-image)."),
+    Alias("no-container-mount-home", "O_NO_MOUNT_HOME", None,
+          "Alias of --no-oci-mount-home (oci-image)."),
+    Alias("container-env", "O_ENV", "NAMES", "Alias of --oci-env (oci-image)."),
+    Alias("container-entrypoint", "O_ENTRYPOINT", None, "Alias of --oci-entrypoint (oci-image)."),
+    Alias("no-container-entrypoint", "O_NO_ENTRYPOINT", None,
+          "Do not run the image's ENTRYPOINT, the default (oci-image)."),
+)
+
+
+def option_usage(o: Option) -> str:
+    """The text srun --help shows: the help and the variable that sets the option."""
+    if o.env is None:
+        return o.help
+    return f"{o.help} Env: {o.env}{'=' + o.env_value if o.env_value else ''}."
+
+
+class PlugstackKey(NamedTuple):
+    """A key=value argument after the plugin's path in plugstack.conf."""
+    name: str
+    syntax: str       # the value's form
+    default: str      # the README's default column (markdown)
+    doc: str          # the README's text (markdown)
+    man: str          # the man page's text ({socket}: the default socket)
+
+
+PLUGSTACK: Tuple[PlugstackKey, ...] = (
+    PlugstackKey("step_client", "PATH", "(required)",
+                 "the step client: `/usr/libexec/oci-image/oci-image-step`",
+                 """Required. Absolute path of the step client the plugin runs:
+                 /usr/libexec/oci-image/oci-image-step from the package."""),
+    PlugstackKey("socket", "PATH", f"`{DEFAULT_SOCKET}`", "the daemon's socket",
+                 """The oci-imaged socket (default {socket})."""),
+    PlugstackKey("launcher", "PATH", "`oci-image-launch` next to the step client",
+                 "the static program that runs an image's Entrypoint for `--oci-entrypoint`",
+                 """Absolute path of the static program that runs an image's
+                 Entrypoint for --oci-entrypoint. Default: oci-image-launch in the step
+                 client's directory (the package installs it there). Only steps with
+                 --oci-entrypoint use it."""),
+    PlugstackKey("allow_sqfs", "yes|no", "`no`",
+                 "users may run their own `.sqfs` files (the kernel parses what a user made: "
+                 "leave off unless you trust your users' files)",
+                 """Whether users may give an absolute path to their own .sqfs file
+                 as --oci-image (default no: the kernel would parse a file a user
+                 made)."""),
+    PlugstackKey("default_mounts", "SRC:DST[:ro|rw],...", "none",
+                 "site mounts in every container, e.g. `/scratch:/scratch,/apps:/apps:ro`",
+                 """Site bind mounts added to every container, absolute paths, e.g.
+                 /scratch:/scratch,/apps:/apps:ro."""),
+    PlugstackKey("batch_in_image", "no|yes", "`no`",
+                 "run every batch script in its image (as `--oci-batch-in-image` does per job)",
+                 """Run every batch script in the image, as --oci-batch-in-image does for
+                 one job (default no: the batch script runs on the host so that it can
+                 call srun)."""),
+    PlugstackKey("prefetch_socket", "PATH|none", f"`{DEFAULT_PREFETCH_SOCKET}`",
+                 "the daemon's user socket that srun, sbatch and salloc ask to start pulling "
+                 "a pinned image while the job waits; `none` disables prefetch",
+                 """The daemon's user socket (mode 0666; the daemon knows each caller's uid
+                 from SO_PEERCRED and pulls digest-pinned references with that user's own
+                 credentials only). After pinning the digest, srun, sbatch and salloc ask
+                 the local daemon through it to start pulling the image while the job waits
+                 in the queue. Default /run/oci-image/oci-imaged-prefetch.sock; none
+                 disables prefetch."""),
+    PlugstackKey("record_job", "yes|no", "`yes`",
+                 "sbatch records the pinned digest in the job's Comment (`oci-image=sha256:…`) "
+                 "so that eviction spares the images of pending jobs",
+                 """Whether sbatch records the pinned image's digest in the job's Comment
+                 (oci-image=sha256:..., never the image's name: squeue shows comments to
+                 everyone) so that the daemons can see which pending jobs need which images
+                 and eviction spares them, for a job whose owner may pull the image (default
+                 yes)."""),
+    PlugstackKey("pyxis_aliases", "no|yes", "`no`",
+                 "also register pyxis' `--container-*` option names with this plugin's "
+                 "meanings ([docs/migrating-from-pyxis.md](docs/migrating-from-pyxis.md)); "
+                 "ignored when a pyxis plugin is loaded too",
+                 """Also register pyxis' option names (--container-image,
+                 --container-mounts, --container-workdir, --container-writable,
+                 --container-readonly, --[no-]container-mount-home, --container-env,
+                 --[no-]container-entrypoint) with this plugin's meanings, for sites moving
+                 from pyxis (default no). Ignored, with a message in slurmd's log, when a
+                 pyxis plugin is loaded too."""),
+)
+
+
+class ExitCode(NamedTuple):
+    code: int
+    meaning: str
+
+
+#: the exit status of oci-image, oci-imaged and the step client (ociimage.errors: exit_code)
+EXIT_CODES: Tuple[ExitCode, ...] = (
+    ExitCode(0, "success"),
+    ExitCode(1, "the operation failed (not found, authentication, registry unavailable, ...)"),
+    ExitCode(2, "invalid arguments, reference or configuration"),
+    ExitCode(3, "the node's oci-imaged cannot be reached (not running, or its socket is not "
+                "this user's to use)"),
+    ExitCode(70, "internal error (run with -vv for details)"),
+    ExitCode(130, "interrupted"),
+)
+
+
+class Record(NamedTuple):
+    """A key of the NUL-separated KEY\\0VALUE\\0 records that prepare prints."""
+    key: str
+    count: str    # "1", "0..1", "any"
+    meaning: str
+
+
+PREPARE_RECORDS: Tuple[Record, ...] = (
+    Record("ns", "1", "the step's pinned mount namespace (a path)"),
+    Record("holder", "1", "PID START INODE of the process holding the namespace"),
+    Record("cwd", "0..1", "the tasks' working directory in the image"),
+    Record("env", "any", "NAME=VALUE to set in the tasks' environment"),
+    Record("unsetenv", "any", "NAME to remove from the tasks' environment"),
+    Record("entrypoint", "0..1", "the image's Entrypoint, encoded for oci-image-launch "
+                                 "(only with --oci-entrypoint)"),
+)
+
+class Arg(NamedTuple):
+    """One argument of a step client subcommand (what the plugin passes)."""
+    flag: str
+    kind: str = "str"          # str | int | float | flag (bare, or =1/0/yes/no/...)
+    default: object = None
+    required: bool = False
+    help: Optional[str] = None
+    choices: Optional[Tuple[str, ...]] = None
+
+
+_RAW = "the raw value of the option or its variable; checked here, not in the plugin"
+
+#: the step client's subcommands and arguments; the plugin builds exactly these argv
+STEP_COMMANDS = {
+    # srun/sbatch/salloc, as the user: check every option, pin the digest. stdout: one
+    # line, REF@sha256:<hex>, the new OCI_IMAGE_PINNED; nothing when there is none to pin
+    "submit": (
+        Arg("--image", default="", help=_RAW), Arg("--container-image", default="", help=_RAW),
+        Arg("--mounts", default="", help=_RAW), Arg("--workdir", default="", help=_RAW),
+        Arg("--env-names", default="", help=_RAW), Arg("--writable", "flag", False, help=_RAW),
+        Arg("--mount-home", "flag", True, help=_RAW), Arg("--entrypoint", "flag", False, help=_RAW),
+        Arg("--default-mounts", default="", help="plugstack default_mounts, checked as the "
+                                                 "nodes check it"),
+        Arg("--pinned", default="", help="OCI_IMAGE_PINNED of the submitting environment"),
+    ),
+    "prefetch": (
+        Arg("--socket", default=DEFAULT_PREFETCH_SOCKET), Arg("--image", required=True),
+        Arg("--node", default=""), Arg("--timeout", "float", 10.0),
+    ),
+    "cleanup-job": (
+        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
+        Arg("--node", default=""), Arg("--timeout", "float", 60.0),
+    ),
+    "record-job": (
+        Arg("--image", required=True), Arg("--since", "float", 0.0), Arg("--sid", "int", None),
+        Arg("--job", default="", help="the job (default: find the one just submitted)"),
+        Arg("--verbose", "store_true", False),
+    ),
+    "prepare": (
+        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
+        Arg("--step", required=True), Arg("--node", default=""),
+        Arg("--uid", "int", required=True), Arg("--gid", "int", required=True),
+        Arg("--image", default=""), Arg("--container-image", default=""),
+        Arg("--pinned", default="", help="OCI_IMAGE_PINNED of the job"),
+        Arg("--mounts", default=""),
+        Arg("--default-mounts", default=""), Arg("--workdir", default=""),
+        Arg("--cwd", default=""), Arg("--writable", "flag", False),
+        Arg("--mount-home", "flag", True), Arg("--entrypoint", "flag", False),
+        Arg("--env-names", default=""), Arg("--allow-sqfs", "flag", False),
+        Arg("--job-env-fd", "int", -1),
+        Arg("--progress", default="plain", choices=("plain", "tty", "none"),
+            help="how to show the wait for the image on stderr (none: errors only; the "
+                 "plugin asks one node of a step to show it)"),
+        Arg("--columns", "int", 0, help="the terminal's width (tty): a redrawn line is cut to fit"),
+    ),
+    "release": (
+        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
+        Arg("--step", required=True), Arg("--node", default=""),
+    ),
+}

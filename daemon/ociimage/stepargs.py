@@ -1,0 +1,204 @@
+"""The step client's arguments: its parser, built from ociimage.contract, and the checks of
+the users' option values that submit and prepare both run.
+
+The plugin passes every --oci-* value raw (as typed, or from its OCI_* variable); this
+module is the only place that reads them. submit runs the same checks on the submit
+host that prepare runs on every node, so a value a node would refuse is refused once,
+at submit, with the same one-line message.
+
+The parser is built from the contract at run time rather than generated into a file:
+nothing can go stale, and the contract is plain data (cheap to import on every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional, Tuple
+
+from . import contract
+from .errors import InvalidArgument, InvalidReference
+
+#: the most a value may be (the plugin once cut at this too)
+MAX_VALUE = 65536
+_SQFS_SUFFIXES = (".sqfs", ".squashfs", ".sqsh")
+
+
+def parse_bool(text, what: str = "value") -> bool:
+    """The one spelling of booleans: 1/yes/true, 0/no/false (any case)."""
+    t = str(text).strip().lower()
+    if t in contract.TRUE_WORDS:
+        return True
+    if t in contract.FALSE_WORDS:
+        return False
+    raise InvalidArgument(f"{what}={text}: expected 1, yes, true, 0, no or false")
+
+
+def _plain(value: str, what: str) -> str:
+    if len(value) > MAX_VALUE or "\n" in value or "\r" in value or "\0" in value:
+        raise InvalidArgument(f"{what}: invalid value (a line break, or longer than "
+                              f"{MAX_VALUE} bytes)")
+    return value
+
+
+def _path_ok(p: str) -> bool:
+    return p.startswith("/") and "\0" not in p and "\n" not in p and "/../" not in p + "/" \
+        and "/./" not in p + "/"
+
+
+def parse_mounts(text: str, what: str) -> List[Tuple[str, str, bool]]:
+    """'SRC[:DST[:ro|rw]],...' -> [(src, dst, read_only)]; both paths absolute, no '.' or '..'.
+
+    An empty item (a trailing comma) is skipped; an empty field (`/a:`, `/a:/b:`) is an error.
+    """
+    out = []
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.split(":")
+        if len(parts) == 1:
+            parts = [parts[0], parts[0]]
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            src, dst, ro = parts[0], parts[1], parts[2] == "ro"
+        elif len(parts) == 2:
+            src, dst, ro = parts[0], parts[1], False
+        else:
+            raise InvalidArgument(f"{what}: {item!r} is not SRC:DST[:ro|rw]")
+        for p in (src, dst):
+            if not p.startswith("/") or "\0" in p or "/../" in p + "/" or "\n" in p:
+                raise InvalidArgument(f"{what}: {p!r} must be an absolute path without '..'")
+        out.append((os.path.normpath(src), os.path.normpath(dst), ro))
+    return out
+
+
+def check_workdir(text: str, what: str = "--oci-workdir") -> str:
+    _plain(text, what)
+    if text and not _path_ok(text.rstrip("/") or "/"):
+        raise InvalidArgument(f"{what}: {text!r} is not an absolute path without '.' or '..'")
+    return text
+
+
+def enroot_uri_to_reference(uri: str) -> str:
+    """pyxis' --container-image: docker://[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST] -> a reference.
+
+    Without REGISTRY# the image is on Docker Hub (enroot's default), exactly as for a
+    reference without a registry. USER@ names an enroot credentials entry; we use the
+    user's docker/podman login instead, so it is dropped. An absolute path is a file.
+    """
+    text = uri.strip()
+    if text.startswith("/"):
+        return text
+    if text.startswith("dockerd://") or text.startswith("podman://"):
+        raise InvalidArgument(f"{uri}: images from a local Docker/Podman daemon are not "
+                              f"supported; push the image to a registry")
+    if text.startswith("docker://"):
+        text = text[len("docker://"):]
+    elif "://" in text:
+        raise InvalidArgument(f"{uri}: unsupported URI scheme (expected docker://)")
+    if not text:
+        raise InvalidArgument(f"{uri!r}: empty image reference")
+    head, sep, rest = text.partition("#")
+    if sep:
+        if "@" in head:  # USER@REGISTRY#IMAGE
+            head = head.rsplit("@", 1)[1]
+        if not head or not rest:
+            raise InvalidArgument(f"{uri}: expected [USER@][REGISTRY#]IMAGE[:TAG]")
+        return f"{head}/{rest}"
+    # no registry: a USER@ prefix can only be told apart from IMAGE@DIGEST by the digest
+    if "@" in text and not text.split("@", 1)[1].startswith("sha256:"):
+        text = text.split("@", 1)[1]
+    return text
+
+
+def check_image(image: str, what: str = "--oci-image") -> str:
+    """The image's form (not whether it exists): a reference, or an absolute .sqfs path."""
+    _plain(image, f"{what}={image[:200]}")
+    if image.startswith("/"):
+        if not image.endswith(_SQFS_SUFFIXES):
+            raise InvalidArgument(f"{what}={image}: a local image must be a .sqfs "
+                                  f"(or enroot .sqsh) file")
+        if not _path_ok(image):
+            raise InvalidArgument(f"{what}={image}: not an absolute path without '.' or '..'")
+        return image
+    from .reference import parse_reference
+    try:
+        parse_reference(image)
+    except InvalidReference as e:
+        raise InvalidReference(f"{what}={image}: {e}") from None
+    return image
+
+
+def pinned_for(image: str, pinned: str) -> Optional[str]:
+    """OCI_IMAGE_PINNED when it pins this very image (a step of the job that pinned it)."""
+    if not pinned or not image or image.startswith("/"):
+        return None
+    if pinned == image:
+        return pinned
+    base, at, digest = pinned.rpartition("@sha256:")
+    return pinned if at and base == image else None
+
+
+def _flag_names(flag: str) -> str:
+    """How a user set a step client flag: '--oci-writable or OCI_WRITABLE'."""
+    for o in contract.OPTIONS:
+        if o.step_arg == flag and o.env_value in ("", "1"):
+            return f"--{o.name} or {o.env}" if o.env else f"--{o.name}"
+    return flag
+
+
+def resolve_options(args) -> None:
+    """Check the users' option values (submit and prepare) and settle args.image.
+
+    Flags come as raw values (the plugin passes OCI_WRITABLE=... as it is) and leave as bools.
+
+    --container-image is translated from pyxis' form; --pinned (OCI_IMAGE_PINNED of the
+    job) replaces a matching image by its pinned digest.
+    """
+    for a in contract.STEP_COMMANDS[args.command]:
+        dest = a.flag[2:].replace("-", "_")
+        if a.kind == "flag" and not isinstance(getattr(args, dest), bool):
+            setattr(args, dest, parse_bool(getattr(args, dest), _flag_names(a.flag)))
+    if getattr(args, "container_image", "") and not args.image:
+        args.image = enroot_uri_to_reference(_plain(args.container_image, "--container-image"))
+    if args.image:
+        check_image(args.image.strip())
+        args.image = args.image.strip()
+    if args.mounts:
+        _plain(args.mounts, "--oci-mounts")
+        parse_mounts(args.mounts, "--oci-mounts")
+    if args.workdir:
+        check_workdir(args.workdir)
+    if args.default_mounts:
+        parse_mounts(args.default_mounts, "plugstack default_mounts")
+    if args.env_names:
+        _plain(args.env_names, "--oci-env")
+    pinned = pinned_for(args.image, getattr(args, "pinned", "") or "")
+    args.inherited_pin = pinned is not None  # the job pinned it already: nothing new to pin
+    if pinned:
+        args.image = pinned
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    """The step client's parser: exactly contract.STEP_COMMANDS."""
+    p = argparse.ArgumentParser(prog="oci-image-step", description=description)
+    sub = p.add_subparsers(dest="command")
+    sub.required = True
+    for name, arguments in contract.STEP_COMMANDS.items():
+        sp = sub.add_parser(name)
+        for a in arguments:
+            kw = {"default": a.default}
+            if a.required:
+                kw["required"] = True
+            if a.help:
+                kw["help"] = a.help
+            if a.choices:
+                kw["choices"] = a.choices
+            if a.kind == "flag":  # bare, or with a raw value: --writable / --writable no
+                kw.update(nargs="?", const=True)  # the value: resolve_options
+            elif a.kind == "store_true":
+                kw["action"] = "store_true"
+            elif a.kind in ("int", "float"):
+                kw["type"] = int if a.kind == "int" else float
+            sp.add_argument(a.flag, **kw)
+    return p
