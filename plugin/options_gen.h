@@ -2,25 +2,7 @@
 #ifndef OCI_OPTIONS_GEN_H
 #define OCI_OPTIONS_GEN_H
 
-#define OCI_DEFAULT_SOCKET "/run/oci-image/oci-imaged.sock"
-#define OCI_DEFAULT_PREFETCH_SOCKET "/run/oci-image/oci-imaged-prefetch.sock"
-
-/* option codes (the val of struct spank_option; aliases share them) */
-enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME, O_ENTRYPOINT, O_ENV, O_BATCH, O_C_IMAGE, O_READONLY, O_NO_ENTRYPOINT, O_COUNT };
-
-/* the variable that sets an option that was not given, and the value that means it */
-struct oci_opt_env { int code; const char *env; const char *value; };
-static const struct oci_opt_env oci_opt_env[] = {
-	{ O_IMAGE, "OCI_IMAGE", "" },
-	{ O_MOUNTS, "OCI_MOUNTS", "" },
-	{ O_WORKDIR, "OCI_WORKDIR", "" },
-	{ O_WRITABLE, "OCI_WRITABLE", "1" },
-	{ O_MOUNT_HOME, "OCI_MOUNT_HOME", "1" },
-	{ O_NO_MOUNT_HOME, "OCI_MOUNT_HOME", "0" },
-	{ O_ENTRYPOINT, "OCI_ENTRYPOINT", "1" },
-	{ O_ENV, "OCI_ENV", "" },
-	{ 0, NULL, NULL }
-};
+#include "contract_gen.h"
 
 static int opt_cb(int val, const char *optarg, int remote);
 
@@ -89,84 +71,5 @@ static struct spank_option pyxis_aliases[] = {
 	  0, O_NO_ENTRYPOINT, opt_cb },
 	SPANK_OPTIONS_TABLE_END
 };
-
-/* the step client's subcommands and arguments (SC_<COMMAND> and SC_<COMMAND>_<ARG>) */
-#define SC_SUBMIT "submit"
-#define SC_SUBMIT_IMAGE "--image"
-#define SC_SUBMIT_CONTAINER_IMAGE "--container-image"
-#define SC_SUBMIT_MOUNTS "--mounts"
-#define SC_SUBMIT_WORKDIR "--workdir"
-#define SC_SUBMIT_ENV_NAMES "--env-names"
-#define SC_SUBMIT_WRITABLE "--writable"
-#define SC_SUBMIT_MOUNT_HOME "--mount-home"
-#define SC_SUBMIT_ENTRYPOINT "--entrypoint"
-#define SC_SUBMIT_DEFAULT_MOUNTS "--default-mounts"
-#define SC_SUBMIT_PINNED "--pinned"
-#define SC_PREFETCH "prefetch"
-#define SC_PREFETCH_SOCKET "--socket"
-#define SC_PREFETCH_IMAGE "--image"
-#define SC_PREFETCH_NODE "--node"
-#define SC_PREFETCH_TIMEOUT "--timeout"
-#define SC_CLEANUP_JOB "cleanup-job"
-#define SC_CLEANUP_JOB_SOCKET "--socket"
-#define SC_CLEANUP_JOB_JOB "--job"
-#define SC_CLEANUP_JOB_NODE "--node"
-#define SC_CLEANUP_JOB_TIMEOUT "--timeout"
-#define SC_RECORD_JOB "record-job"
-#define SC_RECORD_JOB_IMAGE "--image"
-#define SC_RECORD_JOB_SINCE "--since"
-#define SC_RECORD_JOB_SID "--sid"
-#define SC_RECORD_JOB_JOB "--job"
-#define SC_RECORD_JOB_VERBOSE "--verbose"
-#define SC_PREPARE "prepare"
-#define SC_PREPARE_SOCKET "--socket"
-#define SC_PREPARE_JOB "--job"
-#define SC_PREPARE_STEP "--step"
-#define SC_PREPARE_NODE "--node"
-#define SC_PREPARE_UID "--uid"
-#define SC_PREPARE_GID "--gid"
-#define SC_PREPARE_IMAGE "--image"
-#define SC_PREPARE_CONTAINER_IMAGE "--container-image"
-#define SC_PREPARE_PINNED "--pinned"
-#define SC_PREPARE_MOUNTS "--mounts"
-#define SC_PREPARE_DEFAULT_MOUNTS "--default-mounts"
-#define SC_PREPARE_WORKDIR "--workdir"
-#define SC_PREPARE_CWD "--cwd"
-#define SC_PREPARE_WRITABLE "--writable"
-#define SC_PREPARE_MOUNT_HOME "--mount-home"
-#define SC_PREPARE_ENTRYPOINT "--entrypoint"
-#define SC_PREPARE_ENV_NAMES "--env-names"
-#define SC_PREPARE_ALLOW_SQFS "--allow-sqfs"
-#define SC_PREPARE_JOB_ENV_FD "--job-env-fd"
-#define SC_PREPARE_PROGRESS "--progress"
-#define SC_PREPARE_COLUMNS "--columns"
-#define SC_RELEASE "release"
-#define SC_RELEASE_SOCKET "--socket"
-#define SC_RELEASE_JOB "--job"
-#define SC_RELEASE_STEP "--step"
-#define SC_RELEASE_NODE "--node"
-
-/* the keys of prepare's records */
-#define REC_NS "ns"
-#define REC_HOLDER "holder"
-#define REC_CWD "cwd"
-#define REC_ENV "env"
-#define REC_UNSETENV "unsetenv"
-#define REC_ENTRYPOINT "entrypoint"
-
-/* the one spelling of booleans (contract.TRUE_WORDS, FALSE_WORDS) */
-static const char *const oci_true_words[] = { "1", "yes", "true", NULL };
-static const char *const oci_false_words[] = { "0", "no", "false", NULL };
-
-/* plugstack.conf keys */
-#define PS_STEP_CLIENT "step_client"
-#define PS_SOCKET "socket"
-#define PS_LAUNCHER "launcher"
-#define PS_ALLOW_SQFS "allow_sqfs"
-#define PS_DEFAULT_MOUNTS "default_mounts"
-#define PS_BATCH_IN_IMAGE "batch_in_image"
-#define PS_PREFETCH_SOCKET "prefetch_socket"
-#define PS_RECORD_JOB "record_job"
-#define PS_PYXIS_ALIASES "pyxis_aliases"
 
 #endif

@@ -3,8 +3,9 @@
 
 Usage: gencontract.py [ROOT]     (default: this checkout; `make contract`)
 
-  plugin/options_gen.h    the SPANK option tables, their codes and variables, the default
-                          sockets, the step client's subcommands and arguments, the record keys
+  plugin/contract_gen.h   option codes and variables, the default sockets, the step client's
+                          subcommands and arguments, the record and plugstack keys, booleans
+  plugin/options_gen.h    the SPANK option tables
   README.md               the options, plugstack and exit status tables (between markers)
   docs/configuration.md   the table of every section (between markers)
   docs/man/*              scripts/manpages.py (which reads the same contract)
@@ -46,12 +47,13 @@ def _c_entry(name, arginfo, usage, code) -> List[str]:
             f"\t  {1 if arginfo else 0}, {code}, opt_cb }},"]
 
 
-def options_header() -> str:
+def contract_header() -> str:
+    """plugin/contract_gen.h: names and small tables every part of the plugin may use."""
     codes: List[str] = []
     for o in list(contract.OPTIONS) + list(contract.ALIASES):
         if o.code not in codes:
             codes.append(o.code)
-    out = [f"/* {GENERATED} */", "#ifndef OCI_OPTIONS_GEN_H", "#define OCI_OPTIONS_GEN_H", ""]
+    out = [f"/* {GENERATED} */", "#ifndef OCI_CONTRACT_GEN_H", "#define OCI_CONTRACT_GEN_H", ""]
     out += [f'#define OCI_DEFAULT_SOCKET {c_str(contract.DEFAULT_SOCKET)}',
             f'#define OCI_DEFAULT_PREFETCH_SOCKET {c_str(contract.DEFAULT_PREFETCH_SOCKET)}', ""]
     out += ["/* option codes (the val of struct spank_option; aliases share them) */",
@@ -64,16 +66,6 @@ def options_header() -> str:
         if o.env:
             out.append(f"\t{{ {o.code}, {c_str(o.env)}, {c_str(o.env_value)} }},")
     out += ["\t{ 0, NULL, NULL }", "};", ""]
-    out += ["static int opt_cb(int val, const char *optarg, int remote);", "",
-            "static struct spank_option options[] = {"]
-    for o in contract.OPTIONS:
-        out += _c_entry(o.name, o.arginfo, contract.option_usage(o), o.code)
-    out += ["\tSPANK_OPTIONS_TABLE_END", "};", "",
-            "/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */",
-            "static struct spank_option pyxis_aliases[] = {"]
-    for a in contract.ALIASES:
-        out += _c_entry(a.name, a.arginfo, a.help, a.code)
-    out += ["\tSPANK_OPTIONS_TABLE_END", "};", ""]
     out += ["/* the step client's subcommands and arguments (SC_<COMMAND> and SC_<COMMAND>_<ARG>) */"]
     for cmd, args in contract.STEP_COMMANDS.items():
         out.append(f"#define SC_{c_ident(cmd)} {c_str(cmd)}")
@@ -91,6 +83,23 @@ def options_header() -> str:
     for k in contract.PLUGSTACK:
         out.append(f"#define PS_{c_ident(k.name)} {c_str(k.name)}")
     out += ["", "#endif", ""]
+    return "\n".join(out)
+
+
+def options_header() -> str:
+    """plugin/options_gen.h: the SPANK option tables (args.c alone includes it)."""
+    out = [f"/* {GENERATED} */", "#ifndef OCI_OPTIONS_GEN_H", "#define OCI_OPTIONS_GEN_H", "",
+           '#include "contract_gen.h"', "",
+           "static int opt_cb(int val, const char *optarg, int remote);", "",
+           "static struct spank_option options[] = {"]
+    for o in contract.OPTIONS:
+        out += _c_entry(o.name, o.arginfo, contract.option_usage(o), o.code)
+    out += ["\tSPANK_OPTIONS_TABLE_END", "};", "",
+            "/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */",
+            "static struct spank_option pyxis_aliases[] = {"]
+    for a in contract.ALIASES:
+        out += _c_entry(a.name, a.arginfo, a.help, a.code)
+    out += ["\tSPANK_OPTIONS_TABLE_END", "};", "", "#endif", ""]
     return "\n".join(out)
 
 
@@ -179,6 +188,7 @@ def generate(root: Path) -> List[Path]:
         path.write_text(content)
         written.append(path)
 
+    write("plugin/contract_gen.h", contract_header())
     write("plugin/options_gen.h", options_header())
     write("README.md", readme((HERE / "README.md").read_text()))
     write("docs/configuration.md", configuration((HERE / "docs" / "configuration.md").read_text()))

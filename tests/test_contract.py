@@ -11,9 +11,10 @@ from ociimage import config, configkeys, contract, errors, step, stepargs
 from ociimage.errors import InvalidArgument
 
 ROOT = Path(__file__).resolve().parent.parent
-GENERATED = ["plugin/options_gen.h", "README.md", "docs/configuration.md",
+GENERATED = ["plugin/contract_gen.h", "plugin/options_gen.h", "README.md", "docs/configuration.md",
              "docs/man/oci-image.1", "docs/man/oci-imaged.8", "docs/man/spank-oci-image.8"]
-PLUGIN_C = (ROOT / "plugin" / "spank_oci_image.c").read_text()
+PLUGIN_C = "\n".join(p.read_text() for p in sorted((ROOT / "plugin").glob("*.c"))
+                     if p.name != "oci-image-launch.c")
 
 
 def test_generated_files_are_fresh(tmp_path):
@@ -31,8 +32,8 @@ def test_a_changed_contract_makes_the_files_stale(tmp_path, monkeypatch):
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     monkeypatch.setattr(gen.contract, "DEFAULT_SOCKET", "/elsewhere.sock")
-    assert "/elsewhere.sock" in gen.options_header()
-    assert gen.options_header() != (ROOT / "plugin" / "options_gen.h").read_text()
+    assert "/elsewhere.sock" in gen.contract_header()
+    assert gen.contract_header() != (ROOT / "plugin" / "contract_gen.h").read_text()
 
 
 def test_the_plugin_handles_every_plugstack_key_and_no_other():
@@ -112,7 +113,7 @@ def test_one_spelling_of_booleans():
     for w in ("on", "off", "maybe", ""):
         with pytest.raises(InvalidArgument):
             stepargs.parse_bool(w)
-    header = (ROOT / "plugin" / "options_gen.h").read_text()
+    header = (ROOT / "plugin" / "contract_gen.h").read_text()
     assert 'oci_true_words[] = { "1", "yes", "true", NULL }' in header
     assert "word_in(val, oci_true_words)" in PLUGIN_C
 

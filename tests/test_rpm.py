@@ -211,7 +211,7 @@ def test_source_rpm_carries_the_spec_and_the_working_tree(built):
         names = set(tf.getnames())
     prefix = f"{NAME}-{_version()}/"
     assert all(n.startswith(prefix) for n in names)
-    for f in ("plugin/spank_oci_image.c", "setup.cfg", "daemon/ociimage/step.py",
+    for f in ("plugin/dispatch.c", "plugin/contract_gen.h", "setup.cfg", "daemon/ociimage/step.py",
               "packaging/rpm/slurm-spank-oci-image.spec", "docs/man/oci-image.1"):
         assert prefix + f in names, f
     assert not any("/.git/" in n or "/.venv/" in n or n.endswith(".so") for n in names)

@@ -2,7 +2,7 @@
  * A test harness for the plugin's C, without a cluster: the option callbacks, the
  * variable fallbacks, the record parser, the plugstack parser, the line sanitiser and
  * spawn_detached, against stubs of the few slurm_* / spank_* functions they call.
- * The plugin's source is included so that its static functions are reachable; fork()
+ * The plugin's parts are included so that their static functions are reachable; fork()
  * goes through harness_fork, which can be told to fail (a failed fork cannot be
  * provoked otherwise as root).  Run by tests/test_plugin_harness.py; exit 0 = all passed.
  */
@@ -10,7 +10,12 @@
 #include <sys/types.h>
 #define fork harness_fork
 static pid_t harness_fork(void);
-#include "../spank_oci_image.c"
+#include "../dispatch.c"
+#include "../args.c"
+#include "../child.c"
+#include "../local.c"
+#include "../remote.c"
+#include "../task.c"
 #undef fork
 pid_t fork(void); /* <unistd.h> declared it under the macro's name */
 
