@@ -8,7 +8,7 @@
 /* option codes (the val of struct spank_option; aliases share them) */
 enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME, O_ENTRYPOINT, O_ENV, O_BATCH, O_C_IMAGE, O_READONLY, O_NO_ENTRYPOINT, O_COUNT };
 
-/* the variable that sets an option that was not given, and the value that means it */
+/* the variable that sets an option not given, and the value that means it */
 struct oci_opt_env { int code; const char *env; const char *value; };
 static const struct oci_opt_env oci_opt_env[] = {
 	{ O_IMAGE, "OCI_IMAGE", "" },
@@ -22,7 +22,7 @@ static const struct oci_opt_env oci_opt_env[] = {
 	{ 0, NULL, NULL }
 };
 
-/* the step client's subcommands and arguments (SC_<COMMAND> and SC_<COMMAND>_<ARG>) */
+/* the step client's subcommands and arguments: SC_<COMMAND>, SC_<COMMAND>_<ARG> */
 #define SC_SUBMIT "submit"
 #define SC_SUBMIT_IMAGE "--image"
 #define SC_SUBMIT_CONTAINER_IMAGE "--container-image"

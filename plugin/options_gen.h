@@ -37,7 +37,7 @@ static struct spank_option options[] = {
 	SPANK_OPTIONS_TABLE_END
 };
 
-/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */
+/* pyxis' names for the same things (pyxis_aliases=yes, pyxis not loaded) */
 static struct spank_option pyxis_aliases[] = {
 	{ "container-image", "REF",
 	  "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://.",

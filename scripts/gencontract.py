@@ -59,14 +59,14 @@ def contract_header() -> str:
     out += ["/* option codes (the val of struct spank_option; aliases share them) */",
             "enum { " + ", ".join(f"{c} = {i + 1}" if i == 0 else c for i, c in enumerate(codes))
             + ", O_COUNT };", ""]
-    out += ["/* the variable that sets an option that was not given, and the value that means it */",
+    out += ["/* the variable that sets an option not given, and the value that means it */",
             "struct oci_opt_env { int code; const char *env; const char *value; };",
             "static const struct oci_opt_env oci_opt_env[] = {"]
     for o in contract.OPTIONS:
         if o.env:
             out.append(f"\t{{ {o.code}, {c_str(o.env)}, {c_str(o.env_value)} }},")
     out += ["\t{ 0, NULL, NULL }", "};", ""]
-    out += ["/* the step client's subcommands and arguments (SC_<COMMAND> and SC_<COMMAND>_<ARG>) */"]
+    out += ["/* the step client's subcommands and arguments: SC_<COMMAND>, SC_<COMMAND>_<ARG> */"]
     for cmd, args in contract.STEP_COMMANDS.items():
         out.append(f"#define SC_{c_ident(cmd)} {c_str(cmd)}")
         for a in args:
@@ -95,7 +95,7 @@ def options_header() -> str:
     for o in contract.OPTIONS:
         out += _c_entry(o.name, o.arginfo, contract.option_usage(o), o.code)
     out += ["\tSPANK_OPTIONS_TABLE_END", "};", "",
-            "/* pyxis' names for the same things (plugstack pyxis_aliases=yes, pyxis not loaded) */",
+            "/* pyxis' names for the same things (pyxis_aliases=yes, pyxis not loaded) */",
             "static struct spank_option pyxis_aliases[] = {"]
     for a in contract.ALIASES:
         out += _c_entry(a.name, a.arginfo, a.help, a.code)

@@ -28,7 +28,8 @@ def test_generated_files_are_fresh(tmp_path):
 def test_a_changed_contract_makes_the_files_stale(tmp_path, monkeypatch):
     """The freshness check sees a change in the contract (not only in the files)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gencontract", ROOT / "scripts" / "gencontract.py")
+    spec = importlib.util.spec_from_file_location("gencontract",
+                                                  ROOT / "scripts" / "gencontract.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     monkeypatch.setattr(gen.contract, "DEFAULT_SOCKET", "/elsewhere.sock")
