@@ -25,7 +25,7 @@
  *
  * Step client contract (argv exactly as built below):
  *   local  (srun/sbatch/salloc, as the user, the user's own environment):
- *     STEP_CLIENT submit --image REF
+ *     STEP_CLIENT submit --image REF [--socket PREFETCH_SOCKET]
  *       exit 0: stdout one line "REF@sha256:<hex>"; exit != 0: stderr has the error.
  *   remote (slurmstepd, root, clean environment; the job's environment is
  *           passed as NUL-separated NAME=VALUE records on fd 3, see below):
@@ -1068,7 +1068,7 @@ static int mounts_ok(const char *v)
 static int local_post_opt(void)
 {
 	const char *pinned;
-	char *argv[5];
+	char *argv[7];
 	struct child_out co;
 	char *nl;
 	int rc = -1;
@@ -1117,6 +1117,11 @@ static int local_post_opt(void)
 	argv[2] = "--image";
 	argv[3] = opt.image;
 	argv[4] = NULL;
+	if (cfg.prefetch_socket[0] != '\0') { /* this host's daemon resolves a tag fastest */
+		argv[4] = "--socket";
+		argv[5] = cfg.prefetch_socket;
+		argv[6] = NULL;
+	}
 	if (run_child(argv, NULL, -1, 4096, &co, 0) < 0)
 		goto out;
 	nl = memchr(co.buf, '\n', co.len);

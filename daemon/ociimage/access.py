@@ -123,6 +123,26 @@ class AccessChecker:
         if not ans.allowed:
             raise AccessDenied(ans.reason)
 
+    def remembered(self, entry: CacheEntry, uid: Optional[int]) -> Optional[bool]:
+        """check() from this daemon's memory alone: True (may use it), False (may not:
+        check() raises the reason), None (not known here: only check() can tell).
+        Never reads a file or asks the registry, so the hot path can call it anywhere."""
+        if uid is None or uid == 0:
+            return True
+        ref = self._source(entry)
+        if ref is None:
+            return True
+        now = self._clock()
+        pkey = (ref.domain, ref.path, entry.digest)
+        with self._lock:
+            public = self._public.get(pkey)
+            mine = self._users.get((uid,) + pkey)
+        if public is not None and public.allowed and public.expires > now:
+            return True
+        if mine is not None and mine.expires > now:
+            return mine.allowed
+        return None
+
     def now(self) -> float:
         """This checker's clock, for record_pulled's `since`."""
         return self._clock()

@@ -245,24 +245,33 @@ class Cache(LeaseMethods):
 
     # ---- entries ---------------------------------------------------------
 
-    def get(self, digest: str) -> Optional[CacheEntry]:
-        """The valid entry for digest, or None. Never returns a partial entry."""
+    def get(self, digest: str, *, known_only: bool = False) -> Optional[CacheEntry]:
+        """The valid entry for digest, or None. Never returns a partial entry.
+
+        known_only (the hot path): one stat of the metadata, the entry's commit point
+        (published after its image, hidden before it is removed); an unchanged one
+        answers with the entry this daemon last validated, else None without more I/O.
+        """
         meta_path = self.meta_path(digest)
         try:
             mst = meta_path.stat()
             key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
             memo = self._meta_memo.get(digest)
             if memo and memo[0] == key:
+                if known_only:
+                    return memo[2]
                 meta = memo[1]
+            elif known_only:
+                return None
             else:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                self._meta_memo[digest] = (key, meta)
         except FileNotFoundError:
             self._meta_memo.pop(digest, None)
             return None
         except (OSError, ValueError) as e:
             log.warning("unreadable cache metadata", extra={"digest": digest, "error": str(e)})
             return None
+        self._meta_memo[digest] = (key, meta, None)
         sqfs = self.sqfs_path(digest)
         try:
             st = sqfs.stat()
@@ -276,7 +285,9 @@ class Cache(LeaseMethods):
             last_used = self._used_path(digest).stat().st_mtime
         except FileNotFoundError:
             last_used = st.st_mtime
-        return CacheEntry(digest, sqfs, meta, st.st_size, last_used)
+        entry = CacheEntry(digest, sqfs, meta, st.st_size, last_used)
+        self._meta_memo[digest] = (key, meta, entry)
+        return entry
 
     def touch(self, digest: str, resolution: float = 30.0) -> None:
         """Record a use, for least-recently-used eviction (at most every `resolution` seconds)."""

@@ -266,7 +266,7 @@ def _publish_standalone(args, cfg, target, chunk, prog):
 
 
 def _publish_through_daemon(args, cfg, chunk, prog):
-    from . import usersock
+    from . import sockclient
     for opt, given in (("--trusted-squashfs", args.trusted_squashfs),
                        ("--insecure-registry", args.insecure_registry),
                        ("--compression", args.compression), ("--level", args.level),
@@ -280,7 +280,7 @@ def _publish_through_daemon(args, cfg, chunk, prog):
     if chunk is not None:
         request["chunk_size"] = chunk
     # the daemon ends every publish within publish_timeout and says so; a little more here
-    reply = usersock.stream(_user_socket(args, cfg), request, prog, cfg.publish_timeout + 60)
+    reply = sockclient.stream(_user_socket(args, cfg), request, prog, cfg.publish_timeout + 60)
     reply.pop("state", None)
     return reply
 

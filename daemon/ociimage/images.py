@@ -123,10 +123,30 @@ class ImageStore:
         return CredentialStore(home=home, environ={"XDG_RUNTIME_DIR": f"/run/user/{uid}"},
                                as_user=Identity.of_user(uid))
 
-    def client(self, uid: Optional[int] = None) -> RegistryClient:
-        return RegistryClient(credentials=self.credentials_for(uid),
-                              insecure_registries=self.config.insecure_registries,
+    def client(self, uid: Optional[int] = None, insecure=(),
+               credentials: Optional[CredentialStore] = None) -> RegistryClient:
+        return RegistryClient(credentials=credentials or self.credentials_for(uid),
+                              insecure_registries=list(self.config.insecure_registries)
+                              + list(insecure),
                               limits=self.config.net_limits())
+
+    def resolve_tag(self, ref: Reference, uid: int, insecure=(), environ=None) -> str:
+        """The digest a tag names at the registry now, asked as the user at submit would.
+
+        For srun/sbatch on this host (usersock "resolve"): insecure are the registries
+        the user reaches over plain HTTP (their OCI_IMAGE_INSECURE_REGISTRIES) and
+        environ their REGISTRY_AUTH_FILE / DOCKER_CONFIG / XDG_RUNTIME_DIR; both only for
+        this question, whose credential files are read as the user, never for a pull.
+        """
+        creds = None
+        if environ:
+            try:
+                home = pwd.getpwuid(uid).pw_dir
+            except KeyError:
+                home = "/nonexistent"
+            creds = CredentialStore(home=home, environ=dict(environ),
+                                    as_user=Identity.of_user(uid))
+        return self.client(uid, insecure, creds).resolve_digest(ref)
 
     def site_client(self) -> RegistryClient:
         """The daemon's own registry identity (root's credentials), for publish_to."""
@@ -163,6 +183,18 @@ class ImageStore:
                                   self.answers)
         if entry is not None:
             self.access.check(entry, uid)
+        return entry
+
+    def lookup_known(self, reference: str, uid: Optional[int] = None) -> Optional[CacheEntry]:
+        """lookup() for the hot path: the entry of a digest this daemon has seen, which uid
+        may use as far as this daemon remembers, with one stat (Cache.get's memo) and no
+        other I/O; None whenever lookup() or pull() must tell (they may block)."""
+        ref = parse_reference(reference)
+        if not ref.digest:
+            return None
+        entry = self.cache.get(ref.digest, known_only=True)
+        if entry is None or not self.access.remembered(entry, uid):
+            return None
         return entry
 
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
