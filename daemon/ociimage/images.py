@@ -200,7 +200,8 @@ class ImageStore:
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
-        entry = self.lookup(reference, uid, platform)
+        # a step's pinned digest this daemon has seen: one stat (then the full lookup)
+        entry = self.lookup_known(reference, uid) or self.lookup(reference, uid, platform)
         if entry:
             self.metrics.cache_hits.inc()
             self.cache.touch(entry.digest)
