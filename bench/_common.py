@@ -214,8 +214,9 @@ def install_revision(rev: Optional[str], prefix: Path, work: Path) -> Path:
     """scripts/install-local.sh of this checkout (rev None) or of a git worktree of rev
     (under work, removed afterwards) into prefix; returns prefix.
 
-    The step client is then written as the RPM writes it (packaging/rpm's write_cmd:
-    `python -s`, no console-script shim), so per-step figures are a package's."""
+    The step client is the RPM's (scripts/step-wrapper.sh, or before it existed the
+    spec's `python -s` wrapper), not pip's console-script shim, so that per-step
+    figures are a package's."""
     root = Path(__file__).resolve().parent.parent
     src = root
     if rev:
@@ -225,9 +226,11 @@ def install_revision(rev: Optional[str], prefix: Path, work: Path) -> Path:
     try:
         subprocess.run([str(src / "scripts" / "install-local.sh"), str(prefix)], check=True,
                        capture_output=True)
-        step = prefix / "venv" / "bin" / "oci-image-step"
-        step.write_text(f"#!{prefix}/venv/bin/python -s\nimport sys\n"
-                        "from ociimage.step import main\nsys.exit(main())\n")
+        if not (src / "scripts" / "step-wrapper.sh").exists():
+            # a revision from before step-wrapper.sh: its RPM's wrapper (python -s)
+            step = prefix / "venv" / "bin" / "oci-image-step"
+            step.write_text(f"#!{prefix}/venv/bin/python -s\nimport sys\n"
+                            "from ociimage.step import main\nsys.exit(main())\n")
     finally:
         if rev:
             subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(src)],

@@ -20,9 +20,18 @@ import argparse
 import os
 import pwd
 import sys
-from typing import List, Optional
 
 PREFIX = "oci-image"
+
+
+def _full_site() -> None:
+    """The installed wrapper starts Python with -IS (-I -S): no site-packages, no .pth files
+    (they cost more than this program's whole per-step work). The per-step commands need
+    only the standard library; the others (a tag resolved without a daemon, the job
+    record) call this first to get the installation's packages (requests, ...) after all."""
+    if sys.flags.no_site:
+        import site
+        site.main()
 
 
 def _die(message: str, code: int = 1) -> int:
@@ -32,7 +41,7 @@ def _die(message: str, code: int = 1) -> int:
     return code
 
 
-def parse_mounts(text: str, what: str) -> List[tuple]:
+def parse_mounts(text: str, what: str) -> "list[tuple]":
     """'SRC:DST[:ro|rw],...' -> [(src, dst, read_only)]; both paths absolute."""
     from .errors import InvalidArgument
     out = []
@@ -82,7 +91,7 @@ def cmd_submit(args) -> int:
 _CREDENTIAL_ENV = ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
 
 
-def _resolve_by_daemon(sock: str, image: str, insecure: List[str]) -> Optional[str]:
+def _resolve_by_daemon(sock: str, image: str, insecure: "list[str]") -> "str | None":
     """REF@digest from this host's daemon (usersock "resolve": the caller's credentials,
     the registry's answer of now), or None where there is no daemon to ask.
 
@@ -112,7 +121,8 @@ def _resolve_by_daemon(sock: str, image: str, insecure: List[str]) -> Optional[s
     return image if reply.get("pinned") else f"{image}@{digest}"
 
 
-def _resolve_here(image: str, insecure: List[str]) -> str:
+def _resolve_here(image: str, insecure: "list[str]") -> str:
+    _full_site()
     from .reference import parse_reference
     from .registry.client import RegistryClient
     from .registry.credentials import CredentialStore
@@ -288,6 +298,7 @@ def cmd_record_job(args) -> int:
     digest: squeue shows comments to everyone, and a name may be private. Best effort:
     the job runs the same without it, so this says one line and exits 0 on failure.
     """
+    _full_site()
     from .slurm import SlurmUnavailable, record_image, submitted_job
     if "@sha256:" not in args.image:
         return 0  # a .sqfs path: nothing in the cache to spare
@@ -372,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: "list[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "submit":

@@ -22,8 +22,6 @@ The client half (the bottom of this file) imports only what the step client need
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional
-
 from . import errors
 
 #: the job's environment comes in the request (at most 4 MiB of it, read_job_env)
@@ -95,7 +93,7 @@ def serve(path, steps, config):
 
 # ---- the step client's side --------------------------------------------------------------
 
-def call(path: str, message: dict, on_progress: Optional[Callable] = None,
+def call(path: str, message: dict, on_progress=None,
          timeout: float = 60.0) -> dict:
     """One request on the step socket; progress events to on_progress; typed errors."""
     from .sockclient import connect, request_stream
