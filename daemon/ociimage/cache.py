@@ -291,10 +291,18 @@ class Cache(LeaseMethods):
 
     def touch(self, digest: str, resolution: float = 30.0) -> None:
         """Record a use, for least-recently-used eviction (at most every `resolution` seconds)."""
+        if self.use_due(digest, resolution):
+            self.record_use(digest)
+
+    def use_due(self, digest: str, resolution: float = 30.0) -> bool:
+        """Whether a use of digest is to be recorded now (memory only); marks it done."""
         now = time.monotonic()
         if now - self._touched.get(digest, -resolution) < resolution:
-            return
+            return False
         self._touched[digest] = now
+        return True
+
+    def record_use(self, digest: str) -> None:
         p = self._used_path(digest)
         try:
             os.utime(p)

@@ -164,8 +164,8 @@ class Daemon:
             # other requests (release, prune) get most of the budget to finish; then their
             # RPCs are cancelled, which cancels what they wait for
             self.server.stop(budget * 0.6, budget)
-        if self.step_server:  # a prepare under way is cancelled; a release has had its time
-            self.step_server.stop()
+        if self.step_server:  # a prepare under way is cancelled, a release may finish
+            self.step_server.stop(wait=max(0.1, deadline - time.monotonic()))
         if not self.store.wait_idle(max(0.1, deadline - time.monotonic())):
             log.warning("an abandoned pull is still winding down at exit")
         self.remove_sockets()

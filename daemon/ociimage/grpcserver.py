@@ -5,8 +5,8 @@ pool thread and back, about a millisecond of CPU under the GIL per call; with 64
 steps asking at once the queue, not the work, was the latency. Here a handler
 written as a coroutine (a cache hit, the health service) runs on the loop with no
 thread at all, and everything that blocks (a pull, building a step's namespace,
-reading the cache for a listing) runs in `pool`: the coroutine handlers hand it
-there themselves (service.py), plain methods go there through grpc.aio's
+reading the cache for a listing) runs in a thread: the coroutine handlers hand it to
+`work` themselves (service.py), plain methods go to `pool`, grpc.aio's
 migration_thread_pool.
 """
 
@@ -79,6 +79,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
+            if not self.serving:
+                return  # said NOT_SERVING: the stop must not wait for this stream
             await changed.wait()
 
 
@@ -91,9 +93,13 @@ class GrpcServer:
         self.register = register
         self.health = health
         self.options = list(options)
+        # plain methods (List, Remove, Prune, ReleaseStep, ...) and the coroutines' work
+        # (pulls that may wait an hour for a conversion) in pools of their own, so that
+        # waiting pulls never starve the rest
         self.pool = futures.ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="rpc")
+        self.work = futures.ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="pull")
         self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(self.pool)
+        self.loop.set_default_executor(self.work)
         self._server: Optional[grpc.aio.Server] = None
         self._thread = threading.Thread(target=self._run, daemon=True, name="grpc-aio")
 
@@ -134,3 +140,4 @@ class GrpcServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
         self.pool.shutdown(wait=False)
+        self.work.shutdown(wait=False)

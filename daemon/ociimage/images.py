@@ -123,30 +123,31 @@ class ImageStore:
         return CredentialStore(home=home, environ={"XDG_RUNTIME_DIR": f"/run/user/{uid}"},
                                as_user=Identity.of_user(uid))
 
-    def client(self, uid: Optional[int] = None, insecure=(),
+    def client(self, uid: Optional[int] = None,
                credentials: Optional[CredentialStore] = None) -> RegistryClient:
-        return RegistryClient(credentials=credentials or self.credentials_for(uid),
-                              insecure_registries=list(self.config.insecure_registries)
-                              + list(insecure),
+        return RegistryClient(credentials=credentials if credentials is not None
+                              else self.credentials_for(uid),
+                              insecure_registries=self.config.insecure_registries,
                               limits=self.config.net_limits())
 
-    def resolve_tag(self, ref: Reference, uid: int, insecure=(), environ=None) -> str:
+    def resolve_tag(self, ref: Reference, uid: int, environ=None) -> str:
         """The digest a tag names at the registry now, asked as the user at submit would.
 
-        For srun/sbatch on this host (usersock "resolve"): insecure are the registries
-        the user reaches over plain HTTP (their OCI_IMAGE_INSECURE_REGISTRIES) and
-        environ their REGISTRY_AUTH_FILE / DOCKER_CONFIG / XDG_RUNTIME_DIR; both only for
-        this question, whose credential files are read as the user, never for a pull.
+        For srun/sbatch on this host (usersock "resolve"): environ holds the user's HOME,
+        REGISTRY_AUTH_FILE, DOCKER_CONFIG, XDG_RUNTIME_DIR, only paths of credential
+        files that are read as the user; the site's network policy applies.
         """
         creds = None
         if environ:
-            try:
-                home = pwd.getpwuid(uid).pw_dir
-            except KeyError:
-                home = "/nonexistent"
-            creds = CredentialStore(home=home, environ=dict(environ),
-                                    as_user=Identity.of_user(uid))
-        return self.client(uid, insecure, creds).resolve_digest(ref)
+            env = dict(environ)
+            home = env.pop("HOME", None)
+            if home is None:
+                try:
+                    home = pwd.getpwuid(uid).pw_dir
+                except KeyError:
+                    home = "/nonexistent"
+            creds = CredentialStore(home=home, environ=env, as_user=Identity.of_user(uid))
+        return self.client(uid, credentials=creds).resolve_digest(ref)
 
     def site_client(self) -> RegistryClient:
         """The daemon's own registry identity (root's credentials), for publish_to."""
@@ -200,15 +201,21 @@ class ImageStore:
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
-        # a step's pinned digest this daemon has seen: one stat (then the full lookup)
-        entry = self.lookup_known(reference, uid) or self.lookup(reference, uid, platform)
-        if entry:
-            self.metrics.cache_hits.inc()
-            self.cache.touch(entry.digest)
-            return entry
-        key = f"{ref}|{platform}|{uid}"
-        with self.gate.slot(uid, key):
-            return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep), report)
+        # a step's pinned digest this daemon has seen: one stat, nothing that can block
+        entry = self.lookup_known(reference, uid)
+        if entry is None:
+            key = f"{ref}|{platform}|{uid}"
+            # within uid's limits from here: the access check may wait on the registry
+            # (or on the user's own slow home), and one user's waits must not fill the
+            # daemon's threads for everyone else's steps
+            with self.gate.slot(uid, key):
+                entry = self.lookup(reference, uid, platform)
+                if entry is None:
+                    return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep),
+                                            report)
+        self.metrics.cache_hits.inc()
+        self.cache.touch(entry.digest)
+        return entry
 
     def _pull(self, ref: Reference, platform: str, uid: Optional[int], report: Reporter) -> CacheEntry:
         started = time.monotonic()

@@ -11,6 +11,7 @@ import array
 import json
 import os
 import socket
+import struct
 import time
 
 from . import errors
@@ -39,21 +40,43 @@ def line(obj: dict) -> bytes:
 
 
 def connect(path: str, timeout: float) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    """A connection to the daemon's socket at path, made within timeout seconds.
+
+    A full listen queue (many steps starting at once on a node) answers EAGAIN at once
+    on a Unix socket instead of waiting: that is retried until the timeout. The peer
+    must be root: a socket someone else made in the daemon's place pins nothing."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(max(0.1, deadline - time.monotonic()))
+        try:
+            s.connect(path)
+            break
+        except BlockingIOError:
+            s.close()
+            if time.monotonic() + delay >= deadline:
+                raise errors.DaemonUnavailable(f"oci-imaged at {path} is too busy to take the "
+                                               f"connection within {timeout:g} s") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: is the daemon "
+                                           f"running? (systemctl status oci-imaged)") from None
+        except PermissionError:
+            s.close()
+            raise errors.AccessDenied(f"permission denied on {path}") from None
+        except OSError as e:
+            s.close()
+            raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: "
+                                           f"{e.strerror or e}") from None
+    _pid, uid, _gid = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    if uid != 0:
+        s.close()
+        raise errors.DaemonUnavailable(f"{path} is not oci-imaged's socket (its listener is "
+                                       f"uid {uid}, not root)")
     s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        s.close()
-        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: is the daemon "
-                                       f"running? (systemctl status oci-imaged)") from None
-    except PermissionError:
-        s.close()
-        raise errors.AccessDenied(f"permission denied on {path}") from None
-    except OSError as e:
-        s.close()
-        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: "
-                                       f"{e.strerror or e}") from None
     return s
 
 

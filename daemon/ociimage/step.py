@@ -78,8 +78,10 @@ def cmd_submit(args) -> int:
         return 0
     insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
     try:
-        pinned = _resolve_by_daemon(args.socket, image, insecure) if args.socket else None
-        if pinned is None:  # no daemon on this host: ask the registry ourselves
+        pinned = None
+        if args.socket and _registry_of(image) not in insecure:
+            pinned = _resolve_by_daemon(args.socket, image)
+        if pinned is None:  # no daemon here, or it could not say: ask the registry ourselves
             pinned = _resolve_here(image, insecure)
     except OciImageError as e:
         return _die(f"--oci-image={image}: {e}")
@@ -88,31 +90,35 @@ def cmd_submit(args) -> int:
 
 
 #: where the user's registry credentials are (credentials.py), as the daemon needs to know
-_CREDENTIAL_ENV = ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
+_CREDENTIAL_ENV = ("HOME", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
 
 
-def _resolve_by_daemon(sock: str, image: str, insecure: "list[str]") -> "str | None":
+def _registry_of(image: str) -> str:
+    """The registry part of a reference as Docker splits it (no parser on this path)."""
+    first, sep, _rest = image.partition("/")
+    return first if sep and ("." in first or ":" in first or first == "localhost") else ""
+
+
+def _resolve_by_daemon(sock: str, image: str) -> "str | None":
     """REF@digest from this host's daemon (usersock "resolve": the caller's credentials,
-    the registry's answer of now), or None where there is no daemon to ask.
+    the registry's answer of now), or None where the daemon cannot say.
 
-    A warm daemon answers in milliseconds; this process then never imports the
-    registry client (requests, urllib3: most of a cold lookup's time).
+    A warm daemon answers in milliseconds, and this process never imports the registry
+    client (requests, urllib3: most of a cold lookup's time). Whatever goes wrong there
+    (no daemon, busy, an older one, a registry it may not reach, credentials it cannot
+    read, such as a helper program's) is asked again here, whose answer is the last word.
     """
-    from .errors import DaemonUnavailable, InvalidArgument, LimitExceeded
+    from .errors import OciImageError
     from .sockclient import MAX_REQUEST, line, request
-    message = {"op": "resolve", "image": image, "insecure": insecure,
+    message = {"op": "resolve", "image": image,
                "env": {k: os.environ[k] for k in _CREDENTIAL_ENV
                        if os.environ.get(k, "").startswith("/")}}
     if len(line(message)) > MAX_REQUEST:
         return None
     try:
         reply, fd = request(sock, message, timeout=30.0)
-    except (DaemonUnavailable, LimitExceeded):
-        return None  # none here, or busy with this user's other requests
-    except InvalidArgument as e:
-        if "unknown op" in str(e):
-            return None  # a daemon from before "resolve"
-        raise
+    except OciImageError:
+        return None
     if fd is not None:
         os.close(fd)
     digest = reply.get("digest")

@@ -24,11 +24,18 @@ from __future__ import annotations
 import os
 from . import errors
 
-#: the job's environment comes in the request (at most 4 MiB of it, read_job_env)
-MAX_STEP_REQUEST = 12 << 20
+#: The job's environment comes in the request: the step client reads at most 4 MiB of
+#: it (read_job_env) and refuses a request larger than this once encoded (an environment
+#: of control characters is six times its size in JSON). The gRPC contract's limit was
+#: 4 MiB; a request is read whole before it is parsed.
+MAX_STEP_REQUEST = 6 << 20
 MAX_STEP_REPLY = 8 << 20
-#: steps of all jobs on a node come from root: bounded in all, not per uid
-MAX_STEP_CONNECTIONS = 256
+#: Every caller is root (slurmstepd, for all users' steps), so no connection is refused
+#: for being one too many: that would fail any user's step, or leak a release, because of
+#: another's. How many wait is bounded by the steps Slurm runs on the node; what each may
+#: wait for is bounded per job user, by the request's uid ([daemon] max_requests_per_uid,
+#: max_pulls_per_uid, in ImageStore.pull).
+UNBOUNDED = 1 << 20
 STEP_REQUEST_TIMEOUT = 30.0
 
 
@@ -84,8 +91,8 @@ def serve(path, steps, config):
     from .usersock import UserSocketServer
     server = UserSocketServer(
         path, StepRequests(steps, 2 * config.convert_timeout),
-        request_timeout=STEP_REQUEST_TIMEOUT, max_connections=MAX_STEP_CONNECTIONS,
-        max_per_uid=MAX_STEP_CONNECTIONS, max_request=MAX_STEP_REQUEST, mode=0o600,
+        request_timeout=STEP_REQUEST_TIMEOUT, max_connections=UNBOUNDED,
+        max_per_uid=UNBOUNDED, max_request=MAX_STEP_REQUEST, mode=0o600,
         only_uid=0)
     server.start()
     return server
@@ -96,6 +103,11 @@ def serve(path, steps, config):
 def call(path: str, message: dict, on_progress=None,
          timeout: float = 60.0) -> dict:
     """One request on the step socket; progress events to on_progress; typed errors."""
-    from .sockclient import connect, request_stream
+    from .sockclient import connect, line, request_stream
+    size = len(line(message))
+    if size > MAX_STEP_REQUEST:
+        raise errors.InvalidArgument(f"the step's request is {size} bytes encoded, more than "
+                                     f"the {MAX_STEP_REQUEST} the daemon takes: the job's "
+                                     f"environment is too large")
     return request_stream(lambda: connect(path, 10.0), message, on_progress or (lambda ev: None),
                           timeout, path, max_line=MAX_STEP_REPLY)

@@ -12,8 +12,8 @@ most MAX_REQUEST bytes, complete within the request timeout, default 5 s, counte
 from accept: a client that sends nothing or trickles is cut off by then), the
 daemon answers one JSON line and closes the connection:
 
-    {"op": "resolve", "image": "NAME[:TAG]", ["insecure": [REGISTRY, ...]],
-     ["env": {"REGISTRY_AUTH_FILE"|"DOCKER_CONFIG"|"XDG_RUNTIME_DIR": "/path"}]}
+    {"op": "resolve", "image": "NAME[:TAG]",
+     ["env": {"HOME"|"REGISTRY_AUTH_FILE"|"DOCKER_CONFIG"|"XDG_RUNTIME_DIR": "/path"}]}
         -> {"state": "resolved", "digest": "sha256:...", ["pinned": true]}: the tag's
            digest at the registry now, with the CALLER's registry credentials (srun/sbatch at submit)
     {"op": "prefetch", "image": "NAME@sha256:..."}
@@ -121,7 +121,8 @@ class UserSocketServer:
             # The user socket: every request is attributed to its caller's uid, so anyone
             # may connect. (A socket's x bits mean nothing.)
             os.chmod(self.path, self.mode)
-            s.listen(128)
+            # as deep as the kernel allows: a node's steps may all start at once
+            s.listen(socket.SOMAXCONN)
         except OSError as e:
             s.close()
             raise errors.ConfigError(f"cannot listen on {self.path}: {e.strerror}") from None
@@ -132,13 +133,21 @@ class UserSocketServer:
                                         name="user-socket")
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """Stop accepting, cancel the long requests, then give the short ones under way
+        (a step's release) up to `wait` seconds to finish."""
         self._stop.set()
-        self.streams.cancel_all()
         if self._thread:
             self._thread.join(timeout=5)
         if self._sock:
             self._sock.close()
+        self.streams.cancel_all()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._total == 0:
+                    return
+            time.sleep(0.02)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -286,7 +295,7 @@ class UserRequests:
         raise errors.InvalidArgument(f"unknown op {op[:40]!r} (resolve, prefetch, open, publish)")
 
     #: the user's variables that say where their registry credentials are (credentials.py)
-    RESOLVE_ENV = ("REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
+    RESOLVE_ENV = ("HOME", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
 
     def _resolve(self, caller: Caller, request: dict) -> dict:
         """srun/sbatch's tag lookup at submit, asked of this host's warm daemon (no
@@ -294,13 +303,14 @@ class UserRequests:
 
         Always the registry's answer of now, with the caller's own credential files
         (read as the caller, where the caller's environment says they are): never a
-        cached answer, never anyone else's credentials.
+        cached answer, never anyone else's credentials. Only the site's network policy
+        applies: a registry the user reaches over plain HTTP is theirs to ask themselves
+        (the step client does, in-process).
         """
         from .reference import parse_reference
-        insecure = request.get("insecure") or []
-        if not isinstance(insecure, list) or len(insecure) > 32 or not all(
-                isinstance(x, str) and 0 < len(x) <= 255 for x in insecure):
-            raise errors.InvalidArgument("insecure must be a list of registry names")
+        unknown = set(request) - {"op", "image", "env"}
+        if unknown:
+            raise errors.InvalidArgument(f"resolve: unknown fields {', '.join(sorted(unknown))}")
         environ = request.get("env") or {}
         if not isinstance(environ, dict) or not all(
                 k in self.RESOLVE_ENV and isinstance(v, str) and v.startswith("/")
@@ -310,7 +320,7 @@ class UserRequests:
         ref = parse_reference(request["image"])
         if ref.digest:
             return {"state": "resolved", "digest": ref.digest, "pinned": True}
-        digest = self.store.resolve_tag(ref, caller.uid, insecure, environ)
+        digest = self.store.resolve_tag(ref, caller.uid, environ)
         log.info("tag resolved for a user", extra={"uid": caller.uid, "pid": caller.pid,
                                                    "reference": str(ref), "digest": digest})
         return {"state": "resolved", "digest": digest}
