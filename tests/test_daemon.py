@@ -101,6 +101,7 @@ def test_three_daemons_one_conversion(tmp_path, fresh_registry):
             t.start()
         for t in threads:
             t.join(120)
+        assert sorted(results) == ["n1", "n2", "n3"]     # every pull ended
         paths = set()
         for node, r in results.items():
             assert r.returncode == 0, (node, r.stderr)
