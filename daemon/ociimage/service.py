@@ -119,6 +119,8 @@ async def stream_with_progress(work, context, wrap_progress, wrap_result, execut
     finally:
         if not fut.done():  # cancelled by grpc.aio, or closed: nobody waits any more
             token.cancel(CLIENT_GONE)
+            # its end (Cancelled, most likely) is nobody's news: not a logged traceback
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
         result = fut.result()
     except Exception as e:  # noqa: BLE001 - every failure becomes a status code
