@@ -19,6 +19,7 @@ SquashFS layer of any of them.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import BinaryIO, Callable, Iterator, List, Optional
 
 from .flatten import FlattenLimits, FlattenStats, flatten
@@ -32,12 +33,20 @@ OnBytes = Optional[Callable[[int], None]]
 OnRetry = Optional[Callable[[str], None]]
 
 
-class Layer:
-    """One layer of an image: what its descriptor says, and its compressed bytes."""
+Opener = Callable[..., BinaryIO]
 
-    def __init__(self, image: "Image", descriptor: Descriptor):
-        self.image = image
+
+class Layer:
+    """One layer of an image: what its descriptor says, and its compressed bytes.
+
+    opener(descriptor, on_bytes=, on_retry=) reads the blob where it lives;
+    source names the image in messages.
+    """
+
+    def __init__(self, descriptor: Descriptor, opener: Opener, source: str):
         self.descriptor = descriptor
+        self.source = source
+        self._opener = opener
 
     @property
     def digest(self) -> str:
@@ -53,7 +62,7 @@ class Layer:
 
     def open(self, on_bytes: OnBytes = None, on_retry: OnRetry = None) -> BinaryIO:
         """The compressed blob; its digest is checked when it is read to EOF."""
-        return self.image.open_blob(self.descriptor, on_bytes=on_bytes, on_retry=on_retry)
+        return self._opener(self.descriptor, on_bytes=on_bytes, on_retry=on_retry)
 
 
 class Image(abc.ABC):
@@ -77,6 +86,11 @@ class Image(abc.ABC):
         return self.resolved.manifest
 
     @property
+    def index_digest(self) -> Optional[str]:
+        """The index the manifest was chosen from, None for a single-platform image."""
+        return self.resolved.index_digest
+
+    @property
     def digest(self) -> str:
         return self.resolved.digest
 
@@ -90,7 +104,7 @@ class Image(abc.ABC):
 
     def layers(self) -> List[Layer]:
         """The layers, bottom-most first, as in the manifest."""
-        return [Layer(self, d) for d in self.resolved.layers]
+        return [Layer(d, self.open_blob, self.reference.familiar()) for d in self.resolved.layers]
 
 
 class RegistryImage(Image):
@@ -109,6 +123,11 @@ class RegistryImage(Image):
                   on_retry: OnRetry = None) -> BinaryIO:
         return self.client.open_blob(self.reference, descriptor, on_bytes=on_bytes,
                                      on_retry=on_retry)
+
+
+def registry_layer(client: RegistryClient, ref: Reference, descriptor: Descriptor) -> Layer:
+    """One blob of a registry repository as a Layer (a monolithic image's SquashFS)."""
+    return Layer(descriptor, functools.partial(client.open_blob, ref), ref.familiar())
 
 
 def layer_streams(image: Image, limits: Optional[FlattenLimits] = None) -> Iterator[BinaryIO]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 from ..errors import (AccessDenied, AuthenticationRequired, RegistryProtocolError,
                       RegistryUnavailable)
 from .credentials import Credentials
+from .manifest import json_object
 
 log = logging.getLogger("ociimage.registry")
 
@@ -297,12 +297,8 @@ class Authenticator:
         body = read_limited(resp, MAX_TOKEN_RESPONSE)
         if body is None:
             raise RegistryProtocolError(f"the token server of {domain} sent an oversized answer")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise RegistryProtocolError(f"the token server of {domain} sent invalid JSON") from None
-        if not isinstance(data, dict):
-            raise RegistryProtocolError(f"the token server of {domain} sent invalid JSON")
+        invalid = f"the token server of {domain} sent invalid JSON"
+        data = json_object(body, invalid, invalid)
         value = data.get("token") or data.get("access_token")
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n\0 "):
             raise RegistryProtocolError(f"the token server of {domain} sent no usable token")

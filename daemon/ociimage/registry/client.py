@@ -31,12 +31,11 @@ from .blobstream import pull_scopes
 from .chain import RegistryTransport
 from .credentials import Credentials
 from .deadlines import Deadlines
-# The model's names are used through this module by older callers.
-from .manifest import (MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Descriptor,  # noqa: F401
-                       Manifest, PushedManifest, ResolvedImage)
+# The model's names are imported from here by the rest of the daemon too.
+from .manifest import MAX_MANIFEST_SIZE, Descriptor, Manifest, PushedManifest, ResolvedImage
 from .platform import Platform
 from .puller import Puller
-from .push import DEFAULT_CHUNK_SIZE, MOUNTED, Pusher, push_scopes  # noqa: F401
+from .push import DEFAULT_CHUNK_SIZE, Pusher, push_scopes
 from .retry import Backoff
 from .transport import NetLimits, NetPolicy, guarded_session
 
@@ -107,24 +106,6 @@ class RegistryClient:
     def base_url(self, domain: str) -> str:
         host = DOCKER_HUB_REGISTRY if domain == DOCKER_HUB else domain
         return ("http://" if self.is_plain_http(domain) else "https://") + host
-
-    # -- push settings (publisher.py caps the chunk a user's registry may ask for) --
-
-    @property
-    def chunk_size(self) -> int:
-        return self.pusher.chunk_size
-
-    @chunk_size.setter
-    def chunk_size(self, value: int) -> None:
-        self.pusher.chunk_size = value
-
-    @property
-    def max_chunk_size(self) -> Optional[int]:
-        return self.pusher.max_chunk_size
-
-    @max_chunk_size.setter
-    def max_chunk_size(self, value: Optional[int]) -> None:
-        self.pusher.max_chunk_size = value
 
     # -- pull side (puller.py, blobstream.py) ------------------------------
 

@@ -26,6 +26,17 @@ MAX_MANIFEST_SIZE = 4 << 20
 MAX_CONFIG_SIZE = 8 << 20
 
 
+def json_object(raw: bytes, bad_json: str, not_object: str) -> dict:
+    """raw parsed as a JSON object, else RegistryProtocolError with the message that fits."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise RegistryProtocolError(bad_json) from None
+    if not isinstance(data, dict):
+        raise RegistryProtocolError(not_object)
+    return data
+
+
 def one_line(text: str, limit: int = 200) -> str:
     """A registry's text on one line of at most limit characters (it goes into messages)."""
     text = " ".join(str(text).split())
@@ -181,12 +192,8 @@ def parse_manifest(ref: Reference, raw: bytes, content_type: str = "",
     if expected is not None and expected.size != len(raw):
         raise DigestMismatch(f"manifest {digest} of {name} is {len(raw)} bytes, "
                              f"the index says {expected.size}")
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        raise RegistryProtocolError(f"manifest of {name} is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise RegistryProtocolError(f"manifest of {name} is not a JSON object")
+    data = json_object(raw, f"manifest of {name} is not valid JSON",
+                       f"manifest of {name} is not a JSON object")
     if data.get("schemaVersion") == 1 or content_type in mt.SCHEMA1_TYPES:
         raise UnsupportedMediaType(f"{name} is a Docker schema 1 image, which is not "
                                    f"supported: re-push it with a current docker or podman")
@@ -228,13 +235,8 @@ def parse_manifest(ref: Reference, raw: bytes, content_type: str = "",
 
 def parse_config(raw: bytes, name: str) -> dict:
     """An image config blob as a JSON object."""
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        raise RegistryProtocolError(f"config of {name} is not valid JSON") from None
-    if not isinstance(config, dict):
-        raise RegistryProtocolError(f"config of {name} is not a JSON object")
-    return config
+    return json_object(raw, f"config of {name} is not valid JSON",
+                       f"config of {name} is not a JSON object")
 
 
 def resolve_image(ref: Reference, manifest: Manifest,
