@@ -10,7 +10,6 @@ conversion is configured with.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,8 +28,6 @@ from .progress import DOWNLOAD, RETRY, SQUASH, ProgressEvent, Reporter, silent
 from .registry.manifest import ResolvedImage
 from .registry.platform import Platform
 from .squash import SquashOptions, squash_layers, writer_version
-
-log = logging.getLogger("ociimage.pull")
 
 # The parts of an image config the runtime needs; the rest stays in the registry.
 CONFIG_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "StopSignal")

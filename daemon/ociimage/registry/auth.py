@@ -131,6 +131,19 @@ def repository_scope(repository: str, actions: Sequence[str] = ("pull",)) -> str
     return f"repository:{repository}:{','.join(actions)}"
 
 
+def pull_scopes(ref) -> List[str]:
+    """The token scopes reading ref's repository needs."""
+    return [repository_scope(ref.path, ("pull",))]
+
+
+def push_scopes(ref, mount_from: Optional[str] = None) -> List[str]:
+    """`pull,push` on the target; `pull` on the repository a blob is mounted from."""
+    scopes = [repository_scope(ref.path, ("pull", "push"))]
+    if mount_from and mount_from != ref.path:
+        scopes.append(repository_scope(mount_from, ("pull",)))
+    return scopes
+
+
 def basic_header(creds: Credentials) -> str:
     raw = f"{creds.username}:{creds.password}".encode("utf-8")
     return "Basic " + base64.b64encode(raw).decode("ascii")

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import BinaryIO, Callable, List, Optional
+from typing import BinaryIO, Callable, Optional
 
 import requests
 
 from ..digests import VerifyingReader
 from ..errors import OciImageError, RegistryProtocolError, RegistryUnavailable
 from ..reference import Reference
-from .auth import repository_scope
+from .auth import pull_scopes
 from .chain import RegistryTransport
 from .deadlines import STREAM_ERRORS
 from .manifest import Descriptor, one_line
@@ -30,9 +30,6 @@ log = logging.getLogger("ociimage.registry")
 
 READ_CHUNK = 64 << 10
 
-
-def pull_scopes(ref: Reference) -> List[str]:
-    return [repository_scope(ref.path, ("pull",))]
 
 class BlobStream(io.RawIOBase):
     """The raw bytes of a blob, reconnecting with Range after a failed read."""

@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional, Sequence
 from urllib.parse import urljoin, urlsplit
 
 import requests
+import urllib3
 
 from ..errors import RegistryProtocolError, RegistryUnavailable
 from .auth import Authenticator, read_limited
@@ -225,9 +226,14 @@ class Retry:
             resp.oci_body = None  # type: ignore[attr-defined]
             return
         try:
-            resp.oci_body = read_limited(resp, limit)  # type: ignore[attr-defined]
+            body = read_limited(resp, limit)
         finally:
             resp.close()
+        # urllib3 1.26 (Debian 12) takes a connection closed mid-body for the body's end;
+        # 2.x raises. Either way it is a cut transfer, to be retried like one.
+        if body is not None and length.isdigit() and len(body) < int(length):
+            raise urllib3.exceptions.IncompleteRead(len(body), int(length) - len(body))
+        resp.oci_body = body  # type: ignore[attr-defined]
 
 
 class Auth:

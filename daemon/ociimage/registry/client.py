@@ -27,7 +27,7 @@ from .. import __version__
 from ..cancel import CancelToken
 from ..reference import Reference
 from . import mediatypes as mt
-from .blobstream import pull_scopes
+from .auth import pull_scopes, push_scopes
 from .chain import RegistryTransport
 from .credentials import Credentials
 from .deadlines import Deadlines
@@ -35,7 +35,7 @@ from .deadlines import Deadlines
 from .manifest import MAX_MANIFEST_SIZE, Descriptor, Manifest, PushedManifest, ResolvedImage
 from .platform import Platform
 from .puller import Puller
-from .push import DEFAULT_CHUNK_SIZE, Pusher, push_scopes
+from .push import DEFAULT_CHUNK_SIZE, Pusher
 from .retry import Backoff
 from .transport import NetLimits, NetPolicy, guarded_session
 

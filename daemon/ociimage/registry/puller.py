@@ -18,8 +18,8 @@ from ..digests import is_valid_digest, validate_digest
 from ..errors import LimitExceeded, RegistryProtocolError, RegistryUnavailable
 from ..reference import Reference
 from . import mediatypes as mt
-from .auth import read_limited
-from .blobstream import open_blob, pull_scopes
+from .auth import pull_scopes, read_limited
+from .blobstream import open_blob
 from .chain import RegistryTransport
 from .deadlines import STREAM_ERRORS, registry_op
 from .manifest import (MAX_CONFIG_SIZE, MAX_MANIFEST_SIZE, Descriptor, Manifest, ResolvedImage,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
@@ -22,8 +22,7 @@ from ..digests import ALGORITHMS, validate_digest
 from ..errors import (DigestMismatch, LimitExceeded, OciImageError, RegistryProtocolError,
                       RegistryUnavailable)
 from ..reference import Reference
-from .auth import read_limited, repository_scope
-from .blobstream import pull_scopes
+from .auth import pull_scopes, push_scopes, read_limited
 from .chain import RegistryTransport
 from .deadlines import STREAM_ERRORS, registry_op
 from .manifest import PushedManifest
@@ -71,14 +70,6 @@ def _range_end(header: Optional[str]) -> int:
     except ValueError:
         return 0
     return end_i + 1 if end_i >= 0 else 0
-
-
-def push_scopes(ref: Reference, mount_from: Optional[str] = None) -> List[str]:
-    """`pull,push` on the target; `pull` on the repository a blob is mounted from."""
-    scopes = [repository_scope(ref.path, ("pull", "push"))]
-    if mount_from and mount_from != ref.path:
-        scopes.append(repository_scope(mount_from, ("pull",)))
-    return scopes
 
 
 class Pusher:
