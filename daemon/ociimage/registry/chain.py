@@ -76,14 +76,13 @@ class Exchange:
     #: what that body is, for "reading ... kept failing"
     reading: str = ""
 
-    def with_headers(self, **changes: Optional[str]) -> "Exchange":
+    def with_header(self, name: str, value: Optional[str]) -> "Exchange":
+        """A copy with header name set to value (removed when value is None)."""
         h = dict(self.headers)
-        for k, v in changes.items():
-            k = k.replace("_", "-")
-            if v is None:
-                h.pop(k, None)
-            else:
-                h[k] = v
+        if value is None:
+            h.pop(name, None)
+        else:
+            h[name] = value
         return dataclasses.replace(self, headers=h)
 
 
@@ -143,7 +142,7 @@ class Redirects:
         first = origin(ex.url)
         self.policy.check_url(ex.url, ex.what or f"the request to {first[1]}")
         for _ in range(MAX_REDIRECTS + 1):
-            sent = ex if origin(ex.url) == first else ex.with_headers(Authorization=None)
+            sent = ex if origin(ex.url) == first else ex.with_header("Authorization", None)
             resp = self.inner.send(sent)
             location = resp.headers.get("Location")
             if resp.status_code not in _REDIRECT_STATUSES or not location:
@@ -169,7 +168,7 @@ class UserAgent:
 
     def send(self, ex: Exchange) -> requests.Response:
         if "User-Agent" not in ex.headers:
-            ex = ex.with_headers(User_Agent=self.user_agent)
+            ex = ex.with_header("User-Agent", self.user_agent)
         return self.inner.send(ex)
 
 
@@ -249,7 +248,7 @@ class Auth:
         auth = self.transport.auth
         same_origin = origin(ex.url) == origin(self.transport.base_url(ex.domain))
         authorization = auth.cached_authorization(ex.domain, ex.scopes) if same_origin else None
-        resp = self.inner.send(ex.with_headers(Authorization=authorization))
+        resp = self.inner.send(ex.with_header("Authorization", authorization))
         if resp.status_code != 401 or not same_origin:
             return resp
         challenge = resp.headers.get("WWW-Authenticate", "")
@@ -257,7 +256,7 @@ class Auth:
         new = auth.authorize(ex.domain, ex.scopes, challenge, sent=authorization)
         if new is None:
             raise self.transport.errors.auth_error(ex.domain, ex.scopes, anonymous=True)
-        return self.inner.send(ex.with_headers(Authorization=new))
+        return self.inner.send(ex.with_header("Authorization", new))
 
 
 class RegistryTransport:
