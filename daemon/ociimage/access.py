@@ -284,7 +284,8 @@ class AccessChecker:
         self.requests += 1
         # one registry operation like any other: bounded by request_timeout and aborted at
         # once when the request (a step, a publish) is cancelled, retries and all
-        with client.transport.deadlines.operation(f"the access check of {ref.domain}/{ref.path}@{digest}"):
+        what = f"the access check of {ref.domain}/{ref.path}@{digest}"
+        with client.transport.deadlines.operation(what):
             resp = client.transport.request("HEAD", ref.domain,
                                             f"/v2/{ref.path}/manifests/{digest}",
                                             client.pull_scopes(ref), {"Accept": mt.ACCEPT})

@@ -114,7 +114,6 @@ class _Progress:
         return ProgressEvent(DOWNLOAD, current=self.done, total=self.total, layer=self.layer,
                              layers=self.layers)
 
-
     def tick(self) -> None:
         self._emit(self.event())
 

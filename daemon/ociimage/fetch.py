@@ -101,7 +101,8 @@ class Prefetcher:
     stops what is still downloading and removes every spool file.
     """
 
-    def __init__(self, layers: Sequence[Layer], base: Path, *, parallel: int = DEFAULT_PARALLEL, ahead: int = DEFAULT_AHEAD,
+    def __init__(self, layers: Sequence[Layer], base: Path, *,
+                 parallel: int = DEFAULT_PARALLEL, ahead: int = DEFAULT_AHEAD,
                  on_bytes: Optional[Callable[[int], None]] = None,
                  on_retry: Optional[Callable[[str], None]] = None):
         self.layers = list(layers)

@@ -9,12 +9,13 @@ damaged header is CorruptLayer; a stream that simply stops between members
 ends the layer (as Go's archive/tar accepts).
 
 Xattrs: from PAX `SCHILY.xattr.*` (and `LIBARCHIVE.xattr.*`) headers, only
-those in the `user.` namespace are kept. `security.*` (file capabilities, SELinux/SMACK labels, IMA/EVM)
-and `trusted.*` (root-only metadata such as overlayfs' `trusted.overlay.*`)
-are policy that the image author does not get to set on a host that mounts
-the image as root; they are dropped, counted, and logged at debug level.
-`system.*` (POSIX ACLs) is dropped too: SquashFS cannot store it, and the
-mode bits still carry the owner/group/other permissions.
+those in the `user.` namespace are kept. `security.*` (file capabilities,
+SELinux/SMACK labels, IMA/EVM) and `trusted.*` (root-only metadata such as
+overlayfs' `trusted.overlay.*`) are policy that the image author does not get
+to set on a host that mounts the image as root; they are dropped, counted,
+and logged at debug level. `system.*` (POSIX ACLs) is dropped too: SquashFS
+cannot store it, and the mode bits still carry the owner/group/other
+permissions.
 
 Hostile names are handled without ever touching the host filesystem: leading
 `/` and `./` are stripped, `..` is resolved lexically and an entry that would

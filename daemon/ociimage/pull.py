@@ -32,6 +32,7 @@ from .verdicts import SharedAnswers
 
 log = logging.getLogger("ociimage.pull")
 
+
 def resolve(client: RegistryClient, reference, options: PullOptions,
             report: Reporter = silent) -> ResolvedImage:
     ref = reference if isinstance(reference, Reference) else parse_reference(reference)

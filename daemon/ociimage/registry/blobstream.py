@@ -183,7 +183,6 @@ class BlobStream(io.RawIOBase):
         super().close()
 
 
-
 def open_blob(transport: RegistryTransport, ref: Reference, descriptor: Descriptor,
               on_bytes: Optional[Callable[[int], None]] = None,
               on_retry: Optional[Callable[[str], None]] = None) -> BinaryIO:

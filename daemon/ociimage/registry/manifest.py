@@ -69,7 +69,8 @@ class Descriptor:
         annotations = d.get("annotations") or {}
         artifact_type = d.get("artifactType")
         return cls(media_type=media_type, digest=digest, size=size,
-                   urls=tuple(u for u in urls if isinstance(u, str)) if isinstance(urls, list) else (),
+                   urls=(tuple(u for u in urls if isinstance(u, str))
+                         if isinstance(urls, list) else ()),
                    annotations=annotations if isinstance(annotations, dict) else {},
                    platform=Platform.from_dict(d.get("platform")) if "platform" in d else None,
                    artifact_type=artifact_type if isinstance(artifact_type, str) else None)
@@ -158,11 +159,9 @@ class PushedManifest:
         return Descriptor(media_type=self.media_type, digest=self.digest, size=self.size, **kw)
 
 
-
-
 def parse_manifest(ref: Reference, raw: bytes, content_type: str = "",
-               header_digest: Optional[str] = None,
-               expected: Optional[Descriptor] = None) -> Manifest:
+                   header_digest: Optional[str] = None,
+                   expected: Optional[Descriptor] = None) -> Manifest:
     """Check and parse the manifest or index `ref` names, as the bytes `raw`.
 
     ref.digest, when set, is what raw must hash to; else header_digest (a
@@ -230,7 +229,6 @@ def parse_manifest(ref: Reference, raw: bytes, content_type: str = "",
         raise RegistryProtocolError(f"manifest {digest} of {name} is {media_type}, "
                                     f"the index says {expected.media_type}")
     return Manifest(media_type=media_type, digest=digest, raw=raw, data=data)
-
 
 
 def parse_config(raw: bytes, name: str) -> dict:

@@ -95,12 +95,14 @@ class Puller:
 
     @registry_op("the tag lookup")
     def resolve_digest(self, ref: Reference) -> str:
-        """Tag -> digest cheaply (HEAD); the digest of whatever the tag names (index or manifest)."""
+        """Tag -> digest cheaply (HEAD): the digest of whatever the tag names (index or
+        manifest)."""
         if ref.digest:
             return ref.digest
         scopes = pull_scopes(ref)
-        resp = self.transport.request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{ref.identifier}",
-                             scopes, {"Accept": mt.ACCEPT})
+        resp = self.transport.request("HEAD", ref.domain,
+                                      f"/v2/{ref.path}/manifests/{ref.identifier}",
+                                      scopes, {"Accept": mt.ACCEPT})
         if resp.status_code == 200:
             digest = (resp.headers.get("Docker-Content-Digest") or "").strip()
             resp.close()
@@ -111,7 +113,7 @@ class Puller:
             resp.close()
         else:
             self.transport.raise_for(resp, ref.domain, scopes, f"image not found: {ref.familiar()}",
-                            f"the manifest request for {ref.familiar()}")
+                                     f"the manifest request for {ref.familiar()}")
         return self.get_manifest(ref).digest
 
     def resolve(self, ref: Reference, platform: Optional[Platform] = None) -> ResolvedImage:
@@ -150,13 +152,14 @@ class Puller:
         url: Optional[str] = None
         for _ in range(MAX_REFERRER_PAGES):
             resp = self.transport.request("GET", ref.domain, path, scopes, {"Accept": mt.OCI_INDEX},
-                                 url=url)
+                                          url=url)
             if resp.status_code in (404, 405, 501) and not out and url is None:
                 resp.close()
                 return None
             if resp.status_code != 200:
-                self.transport.raise_for(resp, ref.domain, scopes, f"referrers of {digest} not found",
-                                f"the referrers request for {digest}")
+                self.transport.raise_for(resp, ref.domain, scopes,
+                                         f"referrers of {digest} not found",
+                                         f"the referrers request for {digest}")
             try:
                 ctype = mt.base_type(resp.headers.get("Content-Type", ""))
                 applied = resp.headers.get("OCI-Filters-Applied", "")

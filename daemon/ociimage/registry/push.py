@@ -40,7 +40,6 @@ class _UploadLost(Exception):
     """The registry lost an upload session (or never finished it): start over."""
 
 
-
 def _read_range(source, offset: int, n: int) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source[offset:offset + n])
@@ -98,7 +97,7 @@ class Pusher:
             resp.close()
             return False
         self.transport.raise_for(resp, ref.domain, scopes, f"blob {digest} not found",
-                        f"the existence check of blob {digest}")
+                                 f"the existence check of blob {digest}")
         return False  # not reached
 
     @staticmethod
@@ -112,10 +111,10 @@ class Pusher:
     def _start_upload(self, ref: Reference, scopes: Sequence[str]) -> Tuple[str, int]:
         """POST /v2/<name>/blobs/uploads/ -> (upload URL, the registry's minimum chunk)."""
         resp = self.transport.request("POST", ref.domain, f"/v2/{ref.path}/blobs/uploads/", scopes,
-                             {"Content-Length": "0"})
+                                      {"Content-Length": "0"})
         if resp.status_code != 202:
             self.transport.raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
-                            f"the upload request to {ref.name}")
+                                     f"the upload request to {ref.name}")
         location = self._location(resp, f"the upload request to {ref.name}")
         minimum = resp.headers.get("OCI-Chunk-Min-Length", "")
         resp.close()
@@ -205,11 +204,12 @@ class Pusher:
         data = _read_range(source, 0, size)
         try:
             with self.deadlines.operation(f"the upload of blob {digest} to {ref.domain}",
-                                 self.transport.limits.blob_deadline(size)):
+                                          self.transport.limits.blob_deadline(size)):
                 resp = self.transport.request("PUT", ref.domain, "", scopes,
-                                     {"Content-Type": "application/octet-stream"},
-                                     data=data, url=_with_query(location, "digest", digest),
-                                     retries=0)
+                                              {"Content-Type": "application/octet-stream"},
+                                              data=data,
+                                              url=_with_query(location, "digest", digest),
+                                              retries=0)
         except RegistryUnavailable as e:
             if self._blob_landed(ref, digest, scopes):
                 return
@@ -251,7 +251,7 @@ class Pusher:
             raise RegistryProtocolError(f"registry {ref.domain} refused the upload of "
                                         f"{digest} (HTTP 400)")
         self.transport.raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
-                        f"the upload of blob {digest}")
+                                 f"the upload of blob {digest}")
 
     @registry_op("the upload status request")
     def upload_status(self, ref: Reference, scopes: Sequence[str],
@@ -263,7 +263,7 @@ class Pusher:
                 raise _UploadLost("the registry no longer knows the upload")
             if resp.status_code not in (200, 204):
                 self.transport.raise_for(resp, ref.domain, scopes, "upload not found",
-                                "the upload status request")
+                                         "the upload status request")
             new = urljoin(resp.url, resp.headers["Location"]) \
                 if resp.headers.get("Location") else location
             return new, _range_end(resp.headers.get("Range"))
@@ -283,9 +283,9 @@ class Pusher:
             problem = ""
             try:
                 with self.deadlines.operation(f"a chunk upload of blob {digest} to {ref.domain}",
-                                     self.transport.limits.blob_deadline(n)):
-                    resp = self.transport.request("PATCH", ref.domain, "", scopes, headers, data=data,
-                                         url=location, retries=0)
+                                              self.transport.limits.blob_deadline(n)):
+                    resp = self.transport.request("PATCH", ref.domain, "", scopes, headers,
+                                                  data=data, url=location, retries=0)
             except RegistryUnavailable as e:
                 problem = str(e)
             else:
@@ -307,8 +307,9 @@ class Pusher:
                     problem = f"HTTP {status}"
                     resp.close()
                 else:
-                    self.transport.raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
-                                    f"a chunk upload of blob {digest}")
+                    self.transport.raise_for(resp, ref.domain, scopes,
+                                             f"repository {ref.name} not found",
+                                             f"a chunk upload of blob {digest}")
             delay = failures.next_delay()
             if delay is None:
                 raise RegistryUnavailable(f"upload of blob {digest} to {ref.name} kept failing "
@@ -322,7 +323,7 @@ class Pusher:
             log.info("resuming the upload of %s at byte %d", digest, offset)
         try:
             resp = self.transport.request("PUT", ref.domain, "", scopes, {"Content-Length": "0"},
-                                 url=_with_query(location, "digest", digest), retries=0)
+                                          url=_with_query(location, "digest", digest), retries=0)
         except RegistryUnavailable as e:
             if self._blob_landed(ref, digest, scopes):
                 return
@@ -338,10 +339,10 @@ class Pusher:
         if ref.digest and ref.digest != digest:
             raise DigestMismatch(f"manifest for {ref.familiar()} has digest {digest}")
         resp = self.transport.request("PUT", ref.domain, f"/v2/{ref.path}/manifests/{identifier}",
-                             scopes, {"Content-Type": media_type}, data=raw)
+                                      scopes, {"Content-Type": media_type}, data=raw)
         if resp.status_code not in (200, 201, 202):
             self.transport.raise_for(resp, ref.domain, scopes, f"repository {ref.name} not found",
-                            f"the manifest upload to {ref.familiar()}")
+                                     f"the manifest upload to {ref.familiar()}")
         announced = (resp.headers.get("Docker-Content-Digest") or "").strip()
         subject = (resp.headers.get("OCI-Subject") or "").strip()
         resp.close()
@@ -351,4 +352,3 @@ class Pusher:
         return PushedManifest(reference=ref.with_digest(digest), digest=digest,
                               size=len(raw), media_type=media_type,
                               subject_processed=bool(subject))
-
