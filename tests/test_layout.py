@@ -1,5 +1,7 @@
 """OCI image-layout directories as images (layout.py), and the image interface they share
-with registries (image.py): resolution, verification, conversion, monolithic download."""
+with registries (image.py): resolution, verification, conversion, monolithic download.
+Only the last test needs a registry (the one conftest starts); none needs root but the
+one marked so."""
 
 import io
 import json
@@ -9,13 +11,15 @@ import pytest
 
 from fstree import names, tree_of
 from ocibuild import OCI_INDEX, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Built, Entry as E, sha256
-from ocibuild import write_layout
+from ocibuild import Pusher, write_layout
 from ociimage import monolithic
 from ociimage.convert import PullOptions, convert_image
 from ociimage.errors import DigestMismatch, NotFound, PlatformNotFound, RegistryProtocolError
-from ociimage.image import flatten_image
+from ociimage.image import RegistryImage, flatten_image
 from ociimage.layout import LayoutImage
+from ociimage.reference import parse_reference
 from ociimage.registry import mediatypes as mt
+from ociimage.registry.client import RegistryClient
 from ociimage.registry.platform import Platform
 from tartree import tree_of_tar
 
@@ -158,3 +162,20 @@ def test_monolithic_download_takes_a_layout_layer(tmp_path):
     out = tmp_path / "fetched.sqfs"
     monolithic.download_squashfs(image.layers()[0], out)
     assert out.read_bytes() == blob
+
+
+def test_a_registry_image_and_a_layout_of_the_same_layers_flatten_alike(tmp_path, registry):
+    """Both Image implementations through one flatten: byte-identical tar streams."""
+    pushed = Pusher(registry.url).image("layout/same", "v1", LAYERS)
+    with RegistryClient(backoff=0.01) as client:
+        remote = RegistryImage.resolve(client, parse_reference(f"{registry.host}/layout/same:v1"),
+                                       Platform("linux", "amd64"))
+        from_registry = io.BytesIO()
+        flatten_image(remote, from_registry)
+    write_layout(tmp_path / "same", LAYERS)
+    local = LayoutImage(tmp_path / "same")
+    from_layout = io.BytesIO()
+    flatten_image(local, from_layout)
+    assert remote.digest == local.digest == pushed.manifest_digest
+    assert names(tree_of_tar(from_registry.getvalue())) == {b"etc", b"etc/b", b"etc/c"}
+    assert from_registry.getvalue() == from_layout.getvalue()
