@@ -304,17 +304,19 @@ class AccessChecker:
         self.requests += 1
         # one registry operation like any other: bounded by request_timeout and aborted at
         # once when the request (a step, a publish) is cancelled, retries and all
-        with client._operation(f"the access check of {ref.domain}/{ref.path}@{digest}"):
-            resp = client._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{digest}",
-                                   client.pull_scopes(ref), {"Accept": mt.ACCEPT})
+        what = f"the access check of {ref.domain}/{ref.path}@{digest}"
+        with client.transport.deadlines.operation(what):
+            resp = client.transport.request("HEAD", ref.domain,
+                                            f"/v2/{ref.path}/manifests/{digest}",
+                                            client.pull_scopes(ref), {"Accept": mt.ACCEPT})
         status = resp.status_code
         if status == 200:
             resp.close()
             return 200
         try:
-            client._raise_for(resp, ref.domain, client.pull_scopes(ref),
-                              f"image not found: {ref.domain}/{ref.path}@{digest}",
-                              f"the manifest request for {ref.domain}/{ref.path}@{digest}")
+            client.transport.raise_for(resp, ref.domain, client.pull_scopes(ref),
+                                       f"image not found: {ref.domain}/{ref.path}@{digest}",
+                                       f"the manifest request for {ref.domain}/{ref.path}@{digest}")
         except (AuthenticationRequired, AccessDenied, NotFound):
             return status if status in _ANSWERS else 403
         return status if status in _ANSWERS else 403
