@@ -80,6 +80,53 @@ class Variant:
                      f"prefetch_socket={self.dir}/n1/oci-imaged-prefetch.sock\n")
 
 
+def step_breakdown(v: Variant, tag: str, cluster, runs: int) -> dict:
+    """Where a step's time goes on one node, as slurmstepd would spend it (root, n1's daemon):
+    a bare `python -IS`, the step client's prepare and release as fresh processes, and the
+    daemon's own work for them (the same requests from a warm client). The difference
+    between a fresh prepare and the daemon's work is what preparing the image once per job
+    could save at most, if later steps still ran the step client; the daemon's prepare is
+    what it could save if they did not."""
+    sys.path.insert(0, str(ROOT / "daemon"))
+    from ociimage.stepsock import call, step_socket_path
+    py = v.prefix / "venv" / "bin" / "python"
+    step = v.prefix / "venv" / "bin" / "oci-image-step"
+    d = v.daemons[0]
+    pinned = subprocess.run([str(step), "submit", "--image", tag], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    ids = ["--socket", str(d.socket), "--node", "n1", "--job", "424242"]
+    who = ["--uid", str(cluster.uid), "--gid", str(cluster.gid), "--image", pinned,
+           "--cwd", "/tmp", "--progress", "none"]
+    bare = timed(lambda: subprocess.run([str(py), "-IS", "-c", "pass"], check=True), runs)
+    prep, rel, warm_prep, warm_rel = [], [], [], []
+    for i in range(runs):
+        t = time.perf_counter()
+        subprocess.run([str(step), "prepare", *ids, "--step", str(i), *who], check=True,
+                       stdout=subprocess.DEVNULL)
+        prep.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        subprocess.run([str(step), "release", *ids, "--step", str(i)], check=True)
+        rel.append(time.perf_counter() - t)
+    path = step_socket_path(d.socket)
+    req = {"job_id": "424243", "uid": cluster.uid, "gid": cluster.gid, "image": pinned,
+           "cwd": "/tmp", "node": "n1", "mount_home": True, "home": "/tmp",
+           "user_name": cluster.user}
+    for i in range(runs):
+        t = time.perf_counter()
+        call(path, {"op": "prepare", "step": dict(req, step_id=str(i))})
+        warm_prep.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        call(path, {"op": "release", "job": "424243", "step": str(i)})
+        warm_rel.append(time.perf_counter() - t)
+    out = {"python_IS_pass": summary(bare), "step_client_prepare": summary(prep),
+           "step_client_release": summary(rel), "daemon_prepare_warm_client": summary(warm_prep),
+           "daemon_release_warm_client": summary(warm_rel)}
+    print("where a step's time goes (one node, median):")
+    for k, r in out.items():
+        print(f"  {k:<30} {r['median_s'] * 1000:7.1f} ms")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15, help="per case and revision")
@@ -169,6 +216,8 @@ def main() -> int:
                 add(f"{v.name}:step_in_job_cached_image_N3", steps_in_job(3, per, small))
         results.update({k: summary(xs) for k, xs in samples.items()})
 
+        results["breakdown"] = step_breakdown(variants[0], f"{reg.host}/bench/small:v1", cluster,
+                                              args.runs)
         use(variants[0].plug)
         entries, size = python_tree_layer()
         layers = busybox_layers() + [entries]
