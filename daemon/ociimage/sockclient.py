@@ -137,7 +137,7 @@ def request(path: str, message: dict, timeout: float = 10.0) -> "tuple[dict, int
 def request_stream(opener, message: dict, on_progress, timeout: float, where: str,
                    by_code: dict = BY_CODE, max_line: int = MAX_REPLY) -> dict:
     """Send one request on opener()'s socket, give each progress line to on_progress (a
-    ProgressEvent), return the final reply; failures as typed errors."""
+    ProgressEvent; None: drop them), return the final reply; failures as typed errors."""
     s = opener()
     try:
         deadline = time.monotonic() + timeout
@@ -150,6 +150,8 @@ def request_stream(opener, message: dict, on_progress, timeout: float, where: st
                     obj = _parse(raw, where)
                     p = obj.get("progress")
                     if isinstance(p, dict):
+                        if on_progress is None:  # nobody shows it: no progress module either
+                            continue
                         from .progress import ProgressEvent
                         on_progress(ProgressEvent(
                             str(p.get("phase", "")), str(p.get("message", "")),

@@ -109,5 +109,5 @@ def call(path: str, message: dict, on_progress=None,
         raise errors.InvalidArgument(f"the step's request is {size} bytes encoded, more than "
                                      f"the {MAX_STEP_REQUEST} the daemon takes: the job's "
                                      f"environment is too large")
-    return request_stream(lambda: connect(path, 10.0), message, on_progress or (lambda ev: None),
+    return request_stream(lambda: connect(path, 10.0), message, on_progress,
                           timeout, path, max_line=MAX_STEP_REPLY)
