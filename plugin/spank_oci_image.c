@@ -130,6 +130,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -760,6 +761,9 @@ static int spawn_detached(char *const argv[], char *const envp[])
 
 		if (setsid() < 0 || fork() != 0)
 			_exit(0);
+		/* background work (a release, a prefetch, a job's cleanup): the next step's
+		 * start, often the same job's right after this one, must not wait behind it */
+		(void)setpriority(PRIO_PROCESS, 0, 19);
 		sigemptyset(&all);
 		sigprocmask(SIG_SETMASK, &all, NULL);
 		signal(SIGTERM, SIG_IGN);
