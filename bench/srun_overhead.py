@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import install_revision, tree_entries  # noqa: E402
+from _common import install_revision, svg_bars, tree_entries  # noqa: E402
 from daemon_proc import DaemonProcess  # noqa: E402
 from images import busybox_layers  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
@@ -274,7 +274,20 @@ def main() -> int:
     out = ROOT / "bench" / "results" / "srun_overhead.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, out.with_suffix(".svg"))
     return 0
+
+
+def plot(results: dict, path: Path) -> None:
+    """What --oci-image adds to a step over plain Slurm, this checkout against --before."""
+    cases = [("standalone srun, tag", "standalone_srun_cached_image_N1"),
+             ("step in a job, 1 node", "step_in_job_cached_image_N1"),
+             ("step in a job, 3 nodes", "step_in_job_cached_image_N3")]
+    before = results["before"]
+    series = {name: [round(results[f"{key}:{c}"]["delta_vs_plain_s"] * 1000) for _, c in cases]
+              for name, key in (("this checkout", "this"), (f"{before} (before)", before))}
+    svg_bars(path, "srun ... true in a cached image: ms added to plain Slurm (median)",
+             [label for label, _ in cases], series, " ms")
 
 
 if __name__ == "__main__":
