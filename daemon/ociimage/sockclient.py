@@ -80,6 +80,15 @@ def connect(path: str, timeout: float) -> socket.socket:
     return s
 
 
+def _lost(e: OSError, where: str, timeout: float) -> errors.DaemonUnavailable:
+    """A request's connection failed after it was made: the deadline, or the daemon gone."""
+    if isinstance(e, socket.timeout):
+        return errors.DaemonUnavailable(f"oci-imaged at {where} did not answer within "
+                                        f"{timeout:g} s")
+    return errors.DaemonUnavailable(f"oci-imaged at {where} went away during the request "
+                                    f"({e.strerror or e})")
+
+
 def stream(path: str, message: dict, on_progress, timeout: float) -> dict:
     """A long request (publish): on_progress(ProgressEvent) for each progress line, then the
     final reply; failures as typed errors. timeout bounds the whole request."""
@@ -110,12 +119,8 @@ def request(path: str, message: dict, timeout: float = 10.0) -> "tuple[dict, int
                 if not chunk:
                     break
                 buf += chunk
-        except socket.timeout:
-            raise errors.DaemonUnavailable(f"oci-imaged at {path} did not answer within "
-                                           f"{timeout:g} s") from None
         except OSError as e:
-            raise errors.DaemonUnavailable(f"oci-imaged at {path} went away during the request "
-                                           f"({e.strerror or e})") from None
+            raise _lost(e, path, timeout) from None
         try:
             reply = json.loads(buf.split(b"\n", 1)[0].decode("utf-8"))
             if not isinstance(reply, dict):
@@ -174,12 +179,8 @@ def request_stream(opener, message: dict, on_progress, timeout: float, where: st
                     raise errors.DaemonUnavailable(f"oci-imaged at {where} ended the request "
                                                    f"without an answer (restarted?)")
                 buf += chunk
-        except socket.timeout:
-            raise errors.DaemonUnavailable(f"oci-imaged at {where} did not answer within "
-                                           f"{timeout:g} s") from None
         except OSError as e:
-            raise errors.DaemonUnavailable(f"oci-imaged at {where} went away during the "
-                                           f"request ({e.strerror or e})") from None
+            raise _lost(e, where, timeout) from None
     finally:
         s.close()
 
