@@ -31,6 +31,8 @@ from ociimage.stepsock import MAX_STEP_REQUEST, call, step_socket_path
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the daemon needs root")
 
 USER = "ocitest"
+#: the attacker's interpreter: the system's (this checkout's venv may be out of their reach)
+USER_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def _request(user: pwd.struct_passwd, job: str, step: str, image: str) -> dict:
 def _as_user(code: str, path: str):
     """Run python code as the test user with the step socket's path as argv[1]."""
     ensure_user(USER)
-    return subprocess.run(["runuser", "-u", USER, "--", sys.executable, "-c", code, path],
+    return subprocess.run(["runuser", "-u", USER, "--", USER_PYTHON, "-c", code, path],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -100,7 +102,7 @@ def test_a_socket_made_world_writable_still_serves_root_only(site):
     msg = json.dumps({"op": "prepare", "step": _request(user, "72", "0", ref)})
     os.chmod(path, 0o666)
     try:
-        r = subprocess.run(["runuser", "-u", USER, "--", sys.executable, "-c",
+        r = subprocess.run(["runuser", "-u", USER, "--", USER_PYTHON, "-c",
                             "import socket, sys\ns = socket.socket(socket.AF_UNIX)\n"
                             "s.settimeout(20)\ns.connect(sys.argv[1])\nprint('connected')\n"
                             "try:\n    s.sendall(sys.argv[2].encode() + b'\\n')\n"

@@ -79,7 +79,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            if not self.serving:
+            if last == health_pb2.HealthCheckResponse.NOT_SERVING:
                 return  # said NOT_SERVING: the stop must not wait for this stream
             await changed.wait()
 

@@ -202,20 +202,20 @@ class ImageStore:
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
         # a step's pinned digest this daemon has seen: one stat, nothing that can block
-        entry = self.lookup_known(reference, uid)
-        if entry is None:
-            key = f"{ref}|{platform}|{uid}"
-            # within uid's limits from here: the access check may wait on the registry
-            # (or on the user's own slow home), and one user's waits must not fill the
-            # daemon's threads for everyone else's steps
-            with self.gate.slot(uid, key):
-                entry = self.lookup(reference, uid, platform)
-                if entry is None:
-                    return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep),
-                                            report)
-        self.metrics.cache_hits.inc()
-        self.cache.touch(entry.digest)
-        return entry
+        entry = self.lookup_known(reference, uid) or self.lookup(reference, uid, platform)
+        if entry is not None:
+            # A hit never takes one of uid's pull slots ([daemon] max_pulls_per_uid): a user
+            # converting four images must still start steps in the ones already cached.
+            self.metrics.cache_hits.inc()
+            try:
+                self.cache.touch(entry.digest)
+            except OSError as e:  # a read-only or stale cache: the hit stands
+                log.warning("cannot record an image's use", extra={"digest": entry.digest,
+                                                                   "error": str(e)})
+            return entry
+        key = f"{ref}|{platform}|{uid}"
+        with self.gate.slot(uid, key):
+            return self._flights.do(key, lambda rep: self._pull(ref, platform, uid, rep), report)
 
     def _pull(self, ref: Reference, platform: str, uid: Optional[int], report: Reporter) -> CacheEntry:
         started = time.monotonic()

@@ -103,6 +103,7 @@ async def stream_with_progress(work, context, wrap_progress, wrap_result, execut
             return work(report)
 
     fut = loop.run_in_executor(executor, run)
+    waiter = None
     try:
         while True:
             waiter = asyncio.ensure_future(woken.wait())
@@ -117,6 +118,8 @@ async def stream_with_progress(work, context, wrap_progress, wrap_result, execut
             if fut.done():
                 break
     finally:
+        if waiter is not None:
+            waiter.cancel()
         if not fut.done():  # cancelled by grpc.aio, or closed: nobody waits any more
             token.cancel(CLIENT_GONE)
             # its end (Cancelled, most likely) is nobody's news: not a logged traceback

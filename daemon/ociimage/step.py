@@ -124,7 +124,9 @@ def _resolve_by_daemon(sock: str, image: str) -> "str | None":
     digest = reply.get("digest")
     if not isinstance(digest, str) or not digest.startswith("sha256:"):
         return None
-    return image if reply.get("pinned") else f"{image}@{digest}"
+    if reply.get("pinned"):  # the reference named its digest: only that one will do
+        return image if image.endswith("@" + digest) else None
+    return f"{image}@{digest}"
 
 
 def _resolve_here(image: str, insecure: "list[str]") -> str:

@@ -24,18 +24,19 @@ from __future__ import annotations
 import os
 from . import errors
 
-#: The job's environment comes in the request: the step client reads at most 4 MiB of
-#: it (read_job_env) and refuses a request larger than this once encoded (an environment
-#: of control characters is six times its size in JSON). The gRPC contract's limit was
-#: 4 MiB; a request is read whole before it is parsed.
-MAX_STEP_REQUEST = 6 << 20
+#: The job's environment comes in the request, and the step client refuses a request
+#: larger than this once encoded (an environment of control characters is six times
+#: its size in JSON). A request is read whole and parsed under the GIL (3 MiB of JSON:
+#: about half a second), so this stays small: the kernel lets no task start with more
+#: than about 2 MiB of arguments and environment anyway.
+MAX_STEP_REQUEST = 3 << 20
 MAX_STEP_REPLY = 8 << 20
 #: Every caller is root (slurmstepd, for all users' steps), so no connection is refused
 #: for being one too many: that would fail any user's step, or leak a release, because of
 #: another's. How many wait is bounded by the steps Slurm runs on the node; what each may
 #: wait for is bounded per job user, by the request's uid ([daemon] max_requests_per_uid,
-#: max_pulls_per_uid, in ImageStore.pull).
-UNBOUNDED = 1 << 20
+#: max_pulls_per_uid, in ImageStore.pull). A ceiling remains for what threads cost.
+UNBOUNDED = 4096
 STEP_REQUEST_TIMEOUT = 30.0
 
 

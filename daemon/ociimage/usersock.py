@@ -179,20 +179,16 @@ class UserSocketServer:
                     self._total += 1
                     self._active[caller.uid] = self._active.get(caller.uid, 0) + 1
             if busy:
-                # Never read from or wait on a refused connection: one line, if the
-                # socket buffer takes it, and close.
-                log.info("user socket busy, connection refused", extra={"uid": caller.uid})
-                try:
-                    conn.setblocking(False)
-                    conn.send(_line({"error": "oci-imaged is busy with other requests from "
-                                              "this user; try again later",
-                                     "code": "RESOURCE_EXHAUSTED"}))
-                except OSError:
-                    pass
-                conn.close()
+                self._refuse(conn, caller)
                 continue
-            threading.Thread(target=self._serve, args=(conn, caller), daemon=True,
-                             name=f"user-request-{caller.uid}").start()
+            try:
+                threading.Thread(target=self._serve, args=(conn, caller), daemon=True,
+                                 name=f"user-request-{caller.uid}").start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep accepting
+                self._refuse(conn, caller)
+                with self._lock:
+                    self._total -= 1
+                    self._release_uid(caller.uid)
 
     def _serve(self, conn: socket.socket, caller: Caller) -> None:
         deadline = time.monotonic() + self.request_timeout
@@ -227,11 +223,27 @@ class UserSocketServer:
             conn.close()
             with self._lock:
                 self._total -= 1
-                n = self._active.get(caller.uid, 1) - 1
-                if n:
-                    self._active[caller.uid] = n
-                else:
-                    self._active.pop(caller.uid, None)
+                self._release_uid(caller.uid)
+
+    def _release_uid(self, uid: int) -> None:
+        n = self._active.get(uid, 1) - 1
+        if n:
+            self._active[uid] = n
+        else:
+            self._active.pop(uid, None)
+
+    @staticmethod
+    def _refuse(conn: socket.socket, caller: Caller) -> None:
+        """Never read from or wait on a refused connection: one line, if the socket
+        buffer takes it, and close."""
+        log.info("local socket busy, connection refused", extra={"uid": caller.uid})
+        try:
+            conn.setblocking(False)
+            conn.send(_line({"error": "oci-imaged is busy with other requests from this user; "
+                                      "try again later", "code": "RESOURCE_EXHAUSTED"}))
+        except OSError:
+            pass
+        conn.close()
 
     def _read_request(self, conn: socket.socket, deadline: float) -> dict:
         buf = b""
