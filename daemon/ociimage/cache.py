@@ -258,14 +258,20 @@ class Cache(LeaseMethods, RecordMethods):
         return True
 
     def record_use(self, digest: str) -> None:
+        """Mark the entry used now. Best effort: on a read-only or stale cache the use goes
+        unrecorded (logged), and whatever the caller was answering stands."""
         p = self._used_path(digest)
         try:
-            os.utime(p)
-        except FileNotFoundError:
             try:
-                create_private_file(p)
-            except FileExistsError:
-                pass
+                os.utime(p)
+            except FileNotFoundError:
+                try:
+                    create_private_file(p)
+                except FileExistsError:
+                    pass
+        except OSError as e:
+            log.warning("cannot record an image's use", extra={"digest": digest,
+                                                               "error": str(e)})
 
     def list(self) -> List[CacheEntry]:
         out = []

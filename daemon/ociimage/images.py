@@ -207,11 +207,7 @@ class ImageStore:
             # A hit never takes one of uid's pull slots ([daemon] max_pulls_per_uid): a user
             # converting four images must still start steps in the ones already cached.
             self.metrics.cache_hits.inc()
-            try:
-                self.cache.touch(entry.digest)
-            except OSError as e:  # a read-only or stale cache: the hit stands
-                log.warning("cannot record an image's use", extra={"digest": entry.digest,
-                                                                   "error": str(e)})
+            self.cache.touch(entry.digest)
             return entry
         key = f"{ref}|{platform}|{uid}"
         with self.gate.slot(uid, key):

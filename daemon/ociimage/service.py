@@ -163,7 +163,8 @@ class ImagesServicer(pbg.ImagesServicer):
         if entry is not None:
             self.store.metrics.cache_hits.inc()
             if self.store.cache.use_due(entry.digest):  # a write, every 30 s: off the loop
-                asyncio.get_running_loop().run_in_executor(None, self._touch, entry.digest)
+                asyncio.get_running_loop().run_in_executor(None, self.store.cache.record_use,
+                                                           entry.digest)
             yield pb.PullEvent(image=self._image_pb(entry))
             return
         async for event in stream_with_progress(
@@ -171,13 +172,6 @@ class ImagesServicer(pbg.ImagesServicer):
                 context, lambda p: pb.PullEvent(progress=p),
                 lambda e: pb.PullEvent(image=self._image_pb(e))):
             yield event
-
-    def _touch(self, digest: str) -> None:
-        try:
-            self.store.cache.record_use(digest)
-        except OSError as e:  # a read-only or stale cache: the answer stands
-            log.warning("cannot record an image's use", extra={"digest": digest,
-                                                               "error": str(e)})
 
     def _image_pb(self, entry: CacheEntry) -> pb.Image:
         """image_pb for a Pull's answer, made once per version of the entry's metadata."""

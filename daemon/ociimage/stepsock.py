@@ -31,12 +31,12 @@ from . import errors
 #: than about 2 MiB of arguments and environment anyway.
 MAX_STEP_REQUEST = 3 << 20
 MAX_STEP_REPLY = 8 << 20
-#: Every caller is root (slurmstepd, for all users' steps), so no connection is refused
-#: for being one too many: that would fail any user's step, or leak a release, because of
-#: another's. How many wait is bounded by the steps Slurm runs on the node; what each may
-#: wait for is bounded per job user, by the request's uid ([daemon] max_requests_per_uid,
-#: max_pulls_per_uid, in ImageStore.pull). A ceiling remains for what threads cost.
-UNBOUNDED = 4096
+#: Every caller is root (slurmstepd, for all users' steps), so connections are not
+#: counted per uid: a cap per caller would fail one user's step, or leak a release,
+#: because of another's. What a step may wait for is bounded per job user, by the
+#: request's uid ([daemon] max_requests_per_uid, max_pulls_per_uid, in ImageStore.pull);
+#: this ceiling, far above the steps Slurm runs on a node, is for what threads cost.
+MAX_STEP_CONNECTIONS = 4096
 STEP_REQUEST_TIMEOUT = 30.0
 
 
@@ -92,8 +92,8 @@ def serve(path, steps, config):
     from .usersock import UserSocketServer
     server = UserSocketServer(
         path, StepRequests(steps, 2 * config.convert_timeout),
-        request_timeout=STEP_REQUEST_TIMEOUT, max_connections=UNBOUNDED,
-        max_per_uid=UNBOUNDED, max_request=MAX_STEP_REQUEST, mode=0o600,
+        request_timeout=STEP_REQUEST_TIMEOUT, max_connections=MAX_STEP_CONNECTIONS,
+        max_per_uid=MAX_STEP_CONNECTIONS, max_request=MAX_STEP_REQUEST, mode=0o600,
         only_uid=0)
     server.start()
     return server
