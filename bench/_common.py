@@ -208,3 +208,31 @@ def tree_entries(base: Path, limit_bytes: int, total: int = 0):
             break
     return entries, total
 
+
+
+def install_revision(rev: Optional[str], prefix: Path, work: Path) -> Path:
+    """scripts/install-local.sh of this checkout (rev None) or of a git worktree of rev
+    (under work, removed afterwards) into prefix; returns prefix.
+
+    The step client is the RPM's (scripts/step-wrapper.sh, or before it existed the
+    spec's `python -s` wrapper), not pip's console-script shim, so that per-step
+    figures are a package's."""
+    root = Path(__file__).resolve().parent.parent
+    src = root
+    if rev:
+        src = work / f"src-{rev}"
+        subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(src), rev],
+                       check=True, capture_output=True)
+    try:
+        subprocess.run([str(src / "scripts" / "install-local.sh"), str(prefix)], check=True,
+                       capture_output=True)
+        if not (src / "scripts" / "step-wrapper.sh").exists():
+            # a revision from before step-wrapper.sh: its RPM's wrapper (python -s)
+            step = prefix / "venv" / "bin" / "oci-image-step"
+            step.write_text(f"#!{prefix}/venv/bin/python -s\nimport sys\n"
+                            "from ociimage.step import main\nsys.exit(main())\n")
+    finally:
+        if rev:
+            subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(src)],
+                           check=False, capture_output=True)
+    return prefix

@@ -48,6 +48,7 @@ from convert import compare_listings, listing, run_alt, tree_stats  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402  (tests/)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
+from ociimage.layout import LayoutImage  # noqa: E402
 from ociimage.squash import SquashOptions, find_writer, writer_argv  # noqa: E402
 
 REPO = "bench/big"
@@ -56,12 +57,8 @@ KEYS = ("wall_s", "cpu_s", "peak_tree_rss_mib", "ru_maxrss_mib")
 
 def layout_layers(layout: Path) -> list:
     """[(blob path, size, media type)] of the layout's image, bottom-most first."""
-    index = json.loads((layout / "index.json").read_text())
-    desc = next(m for m in index["manifests"]
-                if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG)
-    blobs = layout / "blobs" / "sha256"
-    man = json.loads((blobs / desc["digest"].split(":")[1]).read_text())
-    return [(blobs / l["digest"].split(":")[1], l["size"], l["mediaType"]) for l in man["layers"]]
+    image = LayoutImage(layout, tag=TAG)
+    return [(image.blob_path(l.digest), l.size, l.media_type) for l in image.layers()]
 
 
 def run_ours(ref: str, work: Path, env: dict) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import tree_entries  # noqa: E402
+from _common import install_revision, tree_entries  # noqa: E402
 from cluster_fixture import as_user  # noqa: E402
 from install_fixture import Installed  # noqa: E402
 from localsite import start_site, stop_site  # noqa: E402
@@ -55,15 +55,8 @@ def tree_layers(limit_mb: int):
 
 
 def install(rev: str, base: Path) -> Installed:
-    prefix = base / f"install-{rev}"
-    src = ROOT
-    if rev != "HEAD":
-        src = base / f"src-{rev}"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(src), rev],
-                       check=True, capture_output=True)
-    subprocess.run([str(src / "scripts" / "install-local.sh"), str(prefix)], check=True,
-                   capture_output=True)
-    return Installed(prefix)
+    return Installed(install_revision(None if rev == "HEAD" else rev, base / f"install-{rev}",
+                                      base))
 
 
 def srun_timed(cluster, argv):
@@ -127,11 +120,6 @@ def main() -> int:
             for rev in (args.before, "HEAD"):
                 results["runs"][rev] = first_start(install(rev, base), registry, layers, f"t-{rev}")
     finally:
-        for rev in (args.before,):
-            src = base / f"src-{rev}"
-            if src.exists():
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(src)],
-                               capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
     print(f"image: {results['image_mb']} MB, {results['image_files']} files, never seen; "

@@ -15,7 +15,10 @@ load (/proc/<pid>/status VmRSS sampled every 5 ms, VmHWM), one unloaded
 client for comparison, and the wall time of the CLI (`oci-image pull`, a fresh
 process per call) for the same cache hits.
 
-Run:  .venv/bin/python bench/pull_latency.py [--clients 64] [--requests 20]
+The same measurement runs first against an earlier revision's daemon and CLI (--before,
+installed from a git worktree), then this checkout's, and both are printed side by side.
+
+Run:  .venv/bin/python bench/pull_latency.py [--clients 64] [--requests 20] [--before REV]
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, VENV_BIN, machine, measure, median, proc_status, table,  # noqa: E402
-                     write_result)
+from _common import (RESULTS, VENV_BIN, install_revision, machine, measure,  # noqa: E402
+                     median, proc_status, table, write_result)
 from daemon_proc import DaemonProcess  # noqa: E402  (tests/)
 from images import busybox_layers  # noqa: E402
 from ocibuild import Pusher  # noqa: E402
@@ -80,15 +83,9 @@ def self_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--requests", type=int, default=20, help="Pull calls per client (measured)")
-    ap.add_argument("--single", type=int, default=200, help="calls by the unloaded single client")
-    ap.add_argument("--cli-runs", type=int, default=5)
-    ap.add_argument("--no-write", action="store_true")
-    args = ap.parse_args()
-
+def run_once(args, bin_dir: Path, label: str) -> dict:
+    """The whole measurement against the daemon and CLI of one install (bin_dir)."""
+    print(f"== {label} ({bin_dir})")
     work = Path(tempfile.mkdtemp(prefix="oci-bench-pull-", dir="/var/tmp"))
     reg = RegistryServer(workdir=work / "registry").start()
     d = None
@@ -96,7 +93,7 @@ def main() -> int:
         pushed = Pusher(reg.url).image("bench/busybox", "v1", busybox_layers())
         tag_ref = f"{reg.host}/bench/busybox:v1"
         dig_ref = f"{reg.host}/bench/busybox@{pushed.manifest_digest}"
-        d = DaemonProcess(work / "d", work / "cache").start()
+        d = DaemonProcess(work / "d", work / "cache", bin_dir=bin_dir).start()
         pid = d.proc.pid
         sock = "unix:" + str(d.socket)
 
@@ -203,7 +200,7 @@ def main() -> int:
         env = dict(os.environ, OCI_IMAGE_CONFIG=str(work / "d" / "none.conf"))
         cli = {}
         for kind, ref in (("digest", dig_ref), ("tag", tag_ref)):
-            runs = [measure([str(VENV_BIN / "oci-image"), "--socket", str(d.socket), "pull", ref], env=env)
+            runs = [measure([str(bin_dir / "oci-image"), "--socket", str(d.socket), "pull", ref], env=env)
                     for _ in range(args.cli_runs)]
             for r in runs:
                 assert r["stdout"].split()[0] == expect[0], r["stdout"]
@@ -270,15 +267,50 @@ def main() -> int:
                                  "after_vmhwm": round(after["VmHWM"] / 1024, 1)},
               "daemon_threads": {"rest": rest["Threads"], "load_peak": peak["threads"]},
               "cpu": cpu, "cli": cli, "goals": goal}
+    result["_samples"] = {f"{n} clients, by digest": lat["digest"],
+                          f"{n} clients, by tag": lat["tag"],
+                          "1 client, by digest": single["digest"],
+                          "1 client, by tag": single["tag"]}
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=20, help="Pull calls per client (measured)")
+    ap.add_argument("--single", type=int, default=200, help="calls by the unloaded single client")
+    ap.add_argument("--cli-runs", type=int, default=5)
+    ap.add_argument("--before", default="55e19f1",
+                    help="the revision to compare with, measured in the same run ('' for none)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    runs = {}
+    work = Path(tempfile.mkdtemp(prefix="oci-bench-pull-rev-", dir="/var/tmp"))
+    try:
+        if args.before:
+            prefix = install_revision(args.before, work / "install-before", work)
+            runs[args.before] = run_once(args, prefix / "venv" / "bin", args.before)
+        runs["this"] = run_once(args, VENV_BIN, "this checkout")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = args.clients
+    print(f"\n{'revision':<14} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8} "
+          f"{'daemon ms/call':>15} {'RSS at rest MiB':>16}   ({n} clients, cache hits)")
+    for name, r in runs.items():
+        print(f"{name:<14} {r['loaded']['all']['p50_ms']:>8.2f} {r['loaded']['all']['p99_ms']:>8.2f} "
+              f"{r['calls_per_s']:>8.0f} {r['cpu']['load_daemon_cpu_ms_per_call']:>15.2f} "
+              f"{r['daemon_rss_mib']['rest_vmrss']:>16.1f}")
+    samples = runs["this"].pop("_samples")
+    for r in runs.values():
+        r.pop("_samples", None)
     if not args.no_write:
+        result = dict(runs["this"], before={args.before: runs[args.before]} if args.before else {})
         p = write_result("pull_latency", result)
         cdf_svg(RESULTS / "pull_latency.svg",
                 f"Pull on a cache hit: latency CDF, {n} concurrent clients x {args.requests} "
-                f"({machine()['nproc']} cores)",
-                {f"{n} clients, by digest": lat["digest"], f"{n} clients, by tag": lat["tag"],
-                 "1 client, by digest": single["digest"], "1 client, by tag": single["tag"]})
+                f"({machine()['nproc']} cores)", samples)
         print(f"wrote {p} and {RESULTS / 'pull_latency.svg'}")
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

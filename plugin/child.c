@@ -151,6 +151,10 @@ int spawn_detached(char *const argv[], char *const envp[])
 			_exit(1);
 		if (grandchild > 0)
 			_exit(0);
+		/* background work (a release, a prefetch, a job's cleanup): the next step's
+		 * start must not wait behind it; nice 10, not 19, so that a release on a node
+		 * whose CPUs the job keeps busy does not hold its lease for seconds */
+		(void)setpriority(PRIO_PROCESS, 0, 10);
 		sigemptyset(&all);
 		sigprocmask(SIG_SETMASK, &all, NULL);
 		signal(SIGTERM, SIG_IGN);

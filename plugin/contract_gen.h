@@ -34,6 +34,7 @@ static const struct oci_opt_env oci_opt_env[] = {
 #define SC_SUBMIT_ENTRYPOINT "--entrypoint"
 #define SC_SUBMIT_DEFAULT_MOUNTS "--default-mounts"
 #define SC_SUBMIT_PINNED "--pinned"
+#define SC_SUBMIT_SOCKET "--socket"
 #define SC_PREFETCH "prefetch"
 #define SC_PREFETCH_SOCKET "--socket"
 #define SC_PREFETCH_IMAGE "--image"

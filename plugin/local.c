@@ -80,6 +80,10 @@ int local_post_opt(void)
 		argv[ac++] = SC_SUBMIT_DEFAULT_MOUNTS;
 		argv[ac++] = cfg.default_mounts;
 	}
+	if (cfg.prefetch_socket[0] != '\0') { /* this host's daemon resolves a tag fastest */
+		argv[ac++] = SC_SUBMIT_SOCKET;
+		argv[ac++] = cfg.prefetch_socket;
+	}
 	pinned = getenv("OCI_IMAGE_PINNED");
 	if (pinned != NULL && *pinned != '\0') { /* srun inside a job that pinned it already */
 		argv[ac++] = SC_SUBMIT_PINNED;

@@ -73,8 +73,10 @@ start() {
   say "registry on $REGISTRY"; start_registry
   say "demo image $IMAGE"; build_image
   say "oci-imaged on $NODES (shared cache $STATE/cache)"; start_daemons
+  # This host is also the login node: n1's daemon answers srun's tag lookups and
+  # sbatch's prefetches (its user socket).
   cat >"$STATE/plugstack.conf" <<EOF
-required $INSTALL/lib/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock
+required $INSTALL/lib/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock prefetch_socket=$STATE/n1/oci-imaged-prefetch.sock
 EOF
   say "3-node Slurm cluster"
   $PY scripts/localcluster.py start --state-dir "$STATE/slurm" --nodes 3 \

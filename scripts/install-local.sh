@@ -20,6 +20,10 @@ tar -C "$ROOT" --exclude=.git --exclude=.venv --exclude='*.egg-info' --exclude=b
 "$PREFIX/venv/bin/python" -m pip install -q --no-deps --no-build-isolation --no-index \
   --force-reinstall "$src" 2>&1 | grep -v "^WARNING: Location" || true
 "$PREFIX/venv/bin/python" -c "import ociimage" >/dev/null
+# the step client as the RPM writes it (not pip's console-script shim)
+"$ROOT/scripts/step-wrapper.sh" "$PREFIX/venv/bin/python" \
+  "$("$PREFIX/venv/bin/python" -c 'import ociimage, os; print(os.path.dirname(os.path.dirname(ociimage.__file__)))')" \
+  "$PREFIX/venv/bin/oci-image-step"
 make -s -C "$ROOT/plugin"
 install -m 0755 "$ROOT"/plugin/spank_oci_image.so "$PREFIX/lib/"
 install -m 0755 "$ROOT"/plugin/oci-image-launch "$PREFIX/venv/bin/"

@@ -17,7 +17,8 @@ BIN = Path(sys.executable).parent
 
 class DaemonProcess:
     def __init__(self, base: Path, cache_dir: Path, node: str = "n1", extra: Optional[List[str]] = None,
-                 metrics: bool = True):
+                 metrics: bool = True, bin_dir: Optional[Path] = None):
+        self.bin = Path(bin_dir) if bin_dir else BIN  # another install's (bench: a revision's)
         self.base = Path(base)
         self.node = node
         self.cache_dir = Path(cache_dir)
@@ -29,7 +30,7 @@ class DaemonProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def argv(self) -> List[str]:
-        argv = [str(BIN / "oci-imaged"), "--socket", str(self.socket), "--runtime-dir",
+        argv = [str(self.bin / "oci-imaged"), "--socket", str(self.socket), "--runtime-dir",
                 str(self.runtime_dir), "--cache-dir", str(self.cache_dir), "--node", self.node,
                 "--log-level", "info"]
         if self.metrics_port:
@@ -84,7 +85,7 @@ class DaemonProcess:
 
     def cli(self, *args: str, user: Optional[str] = None, check: bool = False,
             timeout: float = 120) -> subprocess.CompletedProcess:
-        argv = [str(BIN / "oci-image"), "--socket", str(self.socket), *args]
+        argv = [str(self.bin / "oci-image"), "--socket", str(self.socket), *args]
         if user:
             argv = ["runuser", "-u", user, "--"] + argv
         env = dict(os.environ, OCI_IMAGE_CONFIG=str(self.base / "none.conf"))

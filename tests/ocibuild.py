@@ -90,6 +90,66 @@ def compress(tar: bytes, media_type: str) -> bytes:
 
 
 @dataclass
+class Built:
+    """The blobs of one image: config, layers (bottom-first) and manifest."""
+
+    config: bytes
+    layers: List[bytes]
+    manifest: bytes
+    manifest_type: str
+
+    @property
+    def manifest_json(self) -> dict:
+        return json.loads(self.manifest)
+
+    @classmethod
+    def of(cls, layers: Sequence[Sequence[Entry]], layer_media_type: str = OCI_LAYER_GZIP,
+           config: Optional[dict] = None, docker: bool = False, architecture: str = "amd64",
+           os_: str = "linux") -> "Built":
+        blobs, diff_ids = [], []
+        for entries in layers:
+            tar = layer_tar(entries)
+            diff_ids.append(sha256(tar))
+            blobs.append(compress(tar, layer_media_type))
+        cfg = {
+            "architecture": architecture, "os": os_,
+            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+                       "Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }
+        if config:
+            cfg["config"].update(config)
+        cfg_bytes = json.dumps(cfg, sort_keys=True).encode()
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
+            "config": {"mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
+                       "digest": sha256(cfg_bytes), "size": len(cfg_bytes)},
+            "layers": [{"mediaType": DOCKER_LAYER_GZIP if docker else layer_media_type,
+                        "digest": sha256(b), "size": len(b)} for b in blobs],
+        }
+        return cls(cfg_bytes, blobs, json.dumps(manifest, sort_keys=True).encode(),
+                   DOCKER_MANIFEST if docker else OCI_MANIFEST)
+
+
+def write_layout(path, layers: Sequence[Sequence[Entry]], *, tag: Optional[str] = "t",
+                 layer_media_type: str = OCI_LAYER_GZIP, **kw) -> Built:
+    """An OCI image-layout directory holding one image (layers bottom-first), tagged tag."""
+    img = Built.of(layers, layer_media_type, **kw)
+    blobdir = path / "blobs" / "sha256"
+    blobdir.mkdir(parents=True)
+    for blob in [img.config, img.manifest] + img.layers:
+        (blobdir / sha256(blob).split(":", 1)[1]).write_bytes(blob)
+    entry = {"mediaType": img.manifest_type, "digest": sha256(img.manifest),
+             "size": len(img.manifest)}
+    if tag is not None:
+        entry["annotations"] = {"org.opencontainers.image.ref.name": tag}
+    (path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [entry]}))
+    return img
+
+
+@dataclass
 class Pushed:
     repository: str
     tag: Optional[str]
@@ -131,34 +191,12 @@ class Pusher:
               layer_media_type: str = OCI_LAYER_GZIP, config: Optional[dict] = None,
               docker: bool = False, architecture: str = "amd64", os_: str = "linux") -> Pushed:
         """Push an image whose layers are given bottom-first, as in a manifest."""
-        blobs, diff_ids = [], []
-        for entries in layers:
-            tar = layer_tar(entries)
-            diff_ids.append(sha256(tar))
-            blobs.append(compress(tar, layer_media_type))
-        cfg = {
-            "architecture": architecture, "os": os_,
-            "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                       "Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        }
-        if config:
-            cfg["config"].update(config)
-        cfg_bytes = json.dumps(cfg, sort_keys=True).encode()
-        cfg_digest = self.blob(repo, cfg_bytes)
-        layer_digests = [self.blob(repo, b) for b in blobs]
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
-            "config": {"mediaType": DOCKER_CONFIG if docker else OCI_CONFIG,
-                       "digest": cfg_digest, "size": len(cfg_bytes)},
-            "layers": [{"mediaType": DOCKER_LAYER_GZIP if docker else layer_media_type,
-                        "digest": d, "size": len(b)} for d, b in zip(layer_digests, blobs)],
-        }
-        body = json.dumps(manifest, sort_keys=True).encode()
-        digest = self.manifest(repo, tag or sha256(body), body,
-                               DOCKER_MANIFEST if docker else OCI_MANIFEST)
-        return Pushed(repo, tag, digest, manifest, cfg_digest, layer_digests)
+        img = Built.of(layers, layer_media_type, config, docker, architecture, os_)
+        cfg_digest = self.blob(repo, img.config)
+        layer_digests = [self.blob(repo, b) for b in img.layers]
+        digest = self.manifest(repo, tag or sha256(img.manifest), img.manifest,
+                               img.manifest_type)
+        return Pushed(repo, tag, digest, img.manifest_json, cfg_digest, layer_digests)
 
     def index(self, repo: str, tag: str, images: Sequence[Pushed], platforms: Sequence[dict],
               docker: bool = False) -> str:

@@ -1,7 +1,11 @@
 """flatten(): OCI changeset rules, metadata, hostile names, limits.
 
-Each case flattens hand-made layers through tar2sqfs and checks the mounted
-SquashFS, so what is tested is what a container would see.
+Each case runs two ways. `squashfs`: hand-made layers flattened through
+tar2sqfs and the mounted SquashFS checked, so what is tested is what a
+container would see (needs root for the loop mount). `layout-tar`: the same
+layers written as an OCI image-layout directory, opened as an Image
+(layout.py) and flattened tar to tar (image.flatten_image), the tar read
+back as the same records (tartree.py): no root, no registry, no mount.
 """
 
 import hashlib
@@ -17,21 +21,39 @@ import pytest
 
 from fstree import find, hardlink_groups, names, tree_of
 from ocibuild import Entry as E
-from ocibuild import layer_tar
+from ocibuild import OCI_LAYER_GZIP, layer_tar, write_layout
 from ociimage.errors import CorruptLayer, LimitExceeded
 from ociimage.flatten import FlattenLimits, flatten
+from ociimage.image import flatten_image
+from ociimage.layout import LayoutImage
 from ociimage.squash import squash_layers
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop-mounting needs root")
+from tartree import tree_of_tar
 
 D = dict(kind="dir", mode=0o755)
 
 
-def squash(tmp_path, *layers, limits=None):
-    """Flatten layers (entry lists, top-most first) into a SquashFS; return (stats, tree)."""
+def _through_squashfs(tmp_path, *layers, limits=None):
     out = tmp_path / "image.sqfs"
     stats = squash_layers([io.BytesIO(layer_tar(l)) for l in layers], out, limits=limits)
     return stats, tree_of(out)
+
+
+def _through_layout(tmp_path, *layers, limits=None):
+    layout = tmp_path / "layout"
+    write_layout(layout, list(reversed(layers)), tag="t", layer_media_type=OCI_LAYER_GZIP)
+    out = io.BytesIO()
+    stats = flatten_image(LayoutImage(layout, tag="t"), out, limits=limits)
+    return stats, tree_of_tar(out.getvalue())
+
+
+@pytest.fixture(params=["squashfs", "layout-tar"])
+def squash(request):
+    """squash(tmp_path, *layers): flatten layers (entry lists, top-most first); (stats, tree)."""
+    if request.param == "squashfs":
+        if os.geteuid() != 0:
+            pytest.skip("loop-mounting needs root")
+        return _through_squashfs
+    return _through_layout
 
 
 def sha(data):
@@ -42,7 +64,7 @@ def b(*paths):
     return {os.fsencode(p) for p in paths}
 
 
-def test_whiteouts_opaque_and_replacement(tmp_path):
+def test_whiteouts_opaque_and_replacement(tmp_path, squash):
     bottom = [
         E("etc", **D), E("etc/keep", data=b"keep"), E("etc/gone", data=b"gone"),
         E("etc/sub", **D), E("etc/sub/deep", data=b"deep"),
@@ -74,14 +96,14 @@ def test_whiteouts_opaque_and_replacement(tmp_path):
     assert not stats.warnings
 
 
-def test_opaque_root_hides_every_lower_layer(tmp_path):
+def test_opaque_root_hides_every_lower_layer(tmp_path, squash):
     bottom = [E("a", data=b"a"), E("dir", **D), E("dir/x", data=b"x")]
     top = [E(".wh..wh..opq"), E("b", data=b"b")]
     _, t = squash(tmp_path, top, bottom)
     assert names(t) == b("b")
 
 
-def test_hardlinks(tmp_path):
+def test_hardlinks(tmp_path, squash):
     bottom = [
         E("lower", data=b"lower target", mode=0o755, uid=3),
         E("doomed", data=b"whited out above"),
@@ -114,7 +136,7 @@ def test_hardlinks(tmp_path):
     assert stats.skipped["bad_hardlink"] == 5
 
 
-def test_hardlink_to_target_replaced_above_is_dropped(tmp_path):
+def test_hardlink_to_target_replaced_above_is_dropped(tmp_path, squash):
     # The link was made to the lower contents, which no longer exist.
     bottom = [E("t", data=b"v1")]
     middle = [E("l", kind="hardlink", linkname="t")]
@@ -124,7 +146,7 @@ def test_hardlink_to_target_replaced_above_is_dropped(tmp_path):
     assert stats.skipped["bad_hardlink"] == 1
 
 
-def test_metadata(tmp_path):
+def test_metadata(tmp_path, squash):
     cap = "\x01\x00\x00\x02\x00\x04\x00\x00" + "\x00" * 12  # vfs_cap_data v2: cap_net_bind_service
     layer = [
         E("bin", **D),
@@ -165,7 +187,7 @@ def test_metadata(tmp_path):
     assert find(t, "fifo").kind == "fifo" and find(t, "fifo").mode == 0o600
 
 
-def test_security_and_trusted_xattrs_are_dropped(tmp_path, caplog):
+def test_security_and_trusted_xattrs_are_dropped(tmp_path, squash, caplog):
     """An image must not set file capabilities, LSM labels or root-only trusted.* metadata
     (e.g. overlayfs' trusted.overlay.*) on the host that mounts it; user.* stays."""
     cap = "\x01\x00\x00\x02\x00\x04\x00\x00" + "\x00" * 12  # cap_net_bind_service
@@ -192,7 +214,7 @@ def test_security_and_trusted_xattrs_are_dropped(tmp_path, caplog):
     assert "security.* 3" in summary[0].getMessage() and "trusted.* 2" in summary[0].getMessage()
 
 
-def test_hostile_names(tmp_path, caplog):
+def test_hostile_names(tmp_path, squash, caplog):
     bottom = [E("etc", **D), E("etc/shadow", data=b"secret"), E("safe", data=b"safe")]
     top = [
         E("../escape", data=b"1"),
@@ -223,7 +245,7 @@ def test_hostile_names(tmp_path, caplog):
     assert all(r.layer == 0 for r in rec)
 
 
-def test_entries_below_symlink_in_lower_layer_stay_hidden(tmp_path):
+def test_entries_below_symlink_in_lower_layer_stay_hidden(tmp_path, squash):
     bottom = [E("lib", kind="symlink", linkname="usr/lib"), E("usr", **D), E("usr/lib", **D),
               E("usr/lib/x", data=b"x")]
     top = [E("lib", **D), E("lib/y", data=b"y")]  # directory replaces the symlink
@@ -232,7 +254,7 @@ def test_entries_below_symlink_in_lower_layer_stay_hidden(tmp_path):
     assert names(t) == b("lib", "lib/y", "usr", "usr/lib", "usr/lib/x")
 
 
-def test_odd_but_legal_names(tmp_path):
+def test_odd_but_legal_names(tmp_path, squash):
     c255, c300 = "c" * 255, "d" * 300
     layer = [
         E("new\nline", data=b"1"), E("ctl\x01\x1b[31m", data=b"2"),
@@ -253,7 +275,7 @@ def test_odd_but_legal_names(tmp_path):
     assert find(t, "sym").target == b"t" * 3000
 
 
-def test_duplicates_in_one_layer(tmp_path, caplog):
+def test_duplicates_in_one_layer(tmp_path, squash, caplog):
     layer = [
         E("d", kind="dir", mode=0o700), E("d/x", data=b"x"), E("d", kind="dir", mode=0o755, uid=9),
         E("s", kind="symlink", linkname="a"), E("s", kind="symlink", linkname="b"),
@@ -270,7 +292,7 @@ def test_duplicates_in_one_layer(tmp_path, caplog):
     assert any("'ff'" in w and "duplicate" in w for w in stats.warnings)
 
 
-def test_implicit_and_explicit_directories(tmp_path):
+def test_implicit_and_explicit_directories(tmp_path, squash):
     bottom = [E("a", kind="dir", mode=0o711, uid=4, mtime=5000)]
     top = [E("a/b/c", data=b"c"), E("x/y", data=b"y")]
     _, t = squash(tmp_path, top, bottom)
@@ -370,7 +392,7 @@ def test_many_entries_keep_memory_modest(tmp_path):
     assert grown_mb < 60, f"RSS grew by {grown_mb} MB for 200 MB of contents"
 
 
-def test_root_entry_sets_root_attributes_from_the_top_most_layer(tmp_path):
+def test_root_entry_sets_root_attributes_from_the_top_most_layer(tmp_path, squash):
     # umoci applies a "./" entry to the rootfs itself; so does the image.
     bottom = [E("./", kind="dir", mode=0o700, uid=7, mtime=7), E("a", data=b"a")]
     top = [E(".", kind="dir", mode=0o755, uid=0, mtime=9), E("/", kind="dir", mode=0o777)]

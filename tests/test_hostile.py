@@ -242,8 +242,19 @@ def test_decompression_bomb_end_to_end(registry, tmp_path):
 
 # ---- hostile registries (through a proxy: Distribution 2.8 will not store these) -----------
 
+# A real image config, served by the proxy, so a hostile manifest gets past its config
+# to the part that is hostile (a missing config would fail every case the same way).
+_CONFIG = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                      "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "3" * 64]}}).encode()
+
+
 def _serve_manifest(body: bytes, content_type: str, digest_header=True):
     def hook(h, method, path):
+        if path.endswith("/blobs/" + sha256(_CONFIG)):
+            h.send_raw(200, [("Content-Type", "application/octet-stream"),
+                             ("Content-Length", str(len(_CONFIG))),
+                             ("Docker-Content-Digest", sha256(_CONFIG))], _CONFIG)
+            return True
         if "/manifests/" not in path:
             return False
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
@@ -257,29 +268,45 @@ def _serve_manifest(body: bytes, content_type: str, digest_header=True):
 def _manifest_with(layer_digest: str, media_type=OCI_LAYER_GZIP, manifest_type=OCI_MANIFEST,
                    pad=0) -> bytes:
     m = {"schemaVersion": 2, "mediaType": manifest_type,
-         "config": {"mediaType": OCI_CONFIG, "digest": "sha256:" + "1" * 64, "size": 2},
+         "config": {"mediaType": OCI_CONFIG, "digest": sha256(_CONFIG), "size": len(_CONFIG)},
          "layers": [{"mediaType": media_type, "digest": layer_digest, "size": 10}]}
     if pad:
         m["annotations"] = {"pad": "x" * pad}
     return json.dumps(m).encode()
 
 
-@pytest.mark.parametrize("case", ["digest-traversal", "digest-garbage", "over-4mb",
-                                  "content-type-disagrees", "unknown-layer-type",
-                                  "unknown-manifest-type"])
+# Each hostile manifest, and the refusal it must get (the same from convert and pull).
+HOSTILE_MANIFESTS = {
+    "digest-traversal": (_manifest_with("sha256:../../x"), OCI_MANIFEST,
+                         "invalid digest in layer of manifest sha256:"),
+    "digest-garbage": (_manifest_with("sha256:" + "Z" * 64 + "/../../etc"), OCI_MANIFEST,
+                       "invalid digest in layer of manifest sha256:"),
+    "over-4mb": (_manifest_with("sha256:" + "2" * 64, pad=5 << 20), OCI_MANIFEST,
+                 "bytes, over the 4194304 byte limit"),
+    "content-type-disagrees": (_manifest_with("sha256:" + "2" * 64),
+                               "application/vnd.oci.image.index.v1+json",
+                               "is served as application/vnd.oci.image.index.v1+json but "
+                               "declares mediaType application/vnd.oci.image.manifest.v1+json"),
+    "unknown-layer-type": (_manifest_with("sha256:" + "2" * 64, media_type="application/x-evil"),
+                           OCI_MANIFEST, "unsupported layer media type 'application/x-evil'"),
+    "unknown-manifest-type": (_manifest_with("sha256:" + "2" * 64,
+                                             manifest_type="application/x-evil"),
+                              "application/x-evil",
+                              "has unsupported manifest type 'application/x-evil'"),
+}
+
+
+def _left_in_cache(cache: Path) -> list:
+    """Every file in the cache but its layout marker and lock files (which may exist before
+    any image does): a refused pull leaves none."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")
+                  if p.is_file() and p.name != "layout.json"
+                  and not (p.parent.name == "locks" and p.suffix == ".lock"))
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_MANIFESTS))
 def test_hostile_manifests(case, registry, tmp_path):
-    body, ctype = {
-        "digest-traversal": (_manifest_with("sha256:../../x"), OCI_MANIFEST),
-        "digest-garbage": (_manifest_with("sha256:" + "Z" * 64 + "/../../etc"), OCI_MANIFEST),
-        "over-4mb": (_manifest_with("sha256:" + "2" * 64, pad=5 << 20), OCI_MANIFEST),
-        "content-type-disagrees": (_manifest_with("sha256:" + "2" * 64),
-                                   "application/vnd.oci.image.index.v1+json"),
-        "unknown-layer-type": (_manifest_with("sha256:" + "2" * 64,
-                                              media_type="application/x-evil"), OCI_MANIFEST),
-        "unknown-manifest-type": (_manifest_with("sha256:" + "2" * 64,
-                                                 manifest_type="application/x-evil"),
-                                  "application/x-evil"),
-    }[case]
+    body, ctype, refusal = HOSTILE_MANIFESTS[case]
     proxy = FaultProxy(registry.url, _serve_manifest(body, ctype))
     try:
         out = tmp_path / "out.sqfs"
@@ -290,14 +317,15 @@ def test_hostile_manifests(case, registry, tmp_path):
     finally:
         proxy.close()
     for res in (r, r2):
-        assert res.returncode != 0
         line = one_line(res.stderr)
+        assert res.returncode == 1 and refusal in line, (res.returncode, line)
         assert len(line) < 600
     assert not out.exists()
-    # nothing named after the hostile digest anywhere
-    for p in cache.rglob("*"):
-        assert ".." not in p.name and "ZZZZ" not in p.name
-    assert not Path("/x").exists() or True
+    assert (cache / "layout.json").is_file()   # the pull did open the cache...
+    assert _left_in_cache(cache) == []          # ...and left nothing in it
+    # nothing named after the hostile digest anywhere, in the cache or next to it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    assert not [p for p in cache.rglob("*") if ".." in p.name or "ZZZZ" in p.name]
     FIGURES.setdefault("manifest_errors", {})[case] = line
 
 
@@ -305,12 +333,26 @@ def test_hostile_manifests(case, registry, tmp_path):
 def test_daemon_rejects_invalid_digests_and_references(tmp_path):
     d = DaemonProcess(tmp_path / "d", tmp_path / "cache", metrics=False).start()
     try:
-        for args in (["inspect", "sha256:../../etc/passwd"], ["rm", "sha256:../../x"],
-                     ["pull", "reg.example/x@sha256:../../x"], ["pull", "a" * 5000],
-                     ["pull", "reg.example/x:t\nag"], ["pull", "reg.example/\x1b[2Jx:1"]):
+        # a full-length hostile digest goes to the daemon as it is; a shorter one is taken
+        # for a prefix and refused by the CLI, which finds no cached image it matches
+        traversal = "sha256:" + "../" * 21 + "x"
+        assert len(traversal) == 71
+        for args, exit_code, refusal in (
+                (["inspect", traversal], 2, f"invalid digest {traversal!r}"),
+                (["rm", traversal], 2, f"invalid digest {traversal!r}"),
+                (["inspect", "sha256:../../etc/passwd"], 2,
+                 "'sha256:../../etc/passwd' matches 0 cached images"),
+                (["rm", "sha256:../../x"], 2, "'sha256:../../x' matches 0 cached images"),
+                (["pull", "reg.example/x@sha256:../../x"], 2,
+                 "invalid image reference 'reg.example/x@sha256:../../x': invalid digest"),
+                (["pull", "a" * 5000], 2, "': it is too long"),
+                (["pull", "reg.example/x:t\nag"], 2, "': it contains whitespace"),
+                (["pull", "reg.example/\x1b[2Jx:1"], 2,
+                 "invalid image reference 'reg.example/\\x1b[2Jx:1': it contains non-ASCII or "
+                 "control characters")):
             r = d.cli(*args)
-            assert r.returncode != 0
             assert "Traceback" not in r.stderr and r.stderr.count("oci-image: error:") == 1, r.stderr
+            assert r.returncode == exit_code and refusal in r.stderr, (args, r.returncode, r.stderr)
         assert d.cli("ls").returncode == 0
         assert not list((tmp_path / "cache").rglob("*..*"))
     finally:

@@ -46,12 +46,20 @@ def test_sbatch_wait_as_test_user(local_cluster):
 
 
 def test_start_is_idempotent_and_status(local_cluster):
+    import time
     assert local_cluster.is_running()
+    before = local_cluster._running()
     same = LocalCluster(local_cluster.state_dir, nodes=local_cluster.nodes)
     same.start()  # already running: no-op
+    assert same._running() == before            # the same processes: nothing was restarted
     st = same.status()
-    assert all(st["daemons"].values())
-    assert st["nodes"] == {"n1": "idle", "n2": "idle", "n3": "idle"} or len(st["nodes"]) == 3
+    assert st["daemons"] == {n: before[n] for n in ["munged", "slurmctld", "n1", "n2", "n3"]}
+    # every node is up and, once an earlier test's job has left it, idle
+    deadline = time.monotonic() + 60
+    while set(st["nodes"].values()) != {"idle"} and time.monotonic() < deadline:
+        time.sleep(0.5)
+        st = same.status()
+    assert st["nodes"] == {"n1": "idle", "n2": "idle", "n3": "idle"}
 
 
 def test_crash_recovery_and_stop(tmp_path):

@@ -359,7 +359,7 @@ def test_prefetch_pulls_with_the_callers_credentials_only(reg, site):
     assert _wait_log(site, f'"prefetch failed (the nodes will pull at step start)" '
                            f'reference="{pinned}" uid={other_uid}')
     # the user gets nothing through the importer's op either
-    r = as_user(OTHER_USER, "import sys, ociimage.usersock as u\n"
+    r = as_user(OTHER_USER, "import sys, ociimage.sockclient as u\n"
                 "print(u.request(sys.argv[1], {'op': 'open', 'image': sys.argv[2]}))",
                 str(site.psock), pinned, python=site.bin / "python")
     assert r.returncode == 0 and "'missing'" in r.stdout and ", None)" in r.stdout, r
@@ -466,7 +466,7 @@ def test_user_socket_is_bounded_against_idle_huge_and_slow_clients(reg, site):
 
 OPEN_OP = r"""
 import json, os, sys
-import ociimage.usersock as u
+import ociimage.sockclient as u
 from ociimage.errors import OciImageError
 try:
     reply, fd = u.request(sys.argv[1], {"op": "open", "image": sys.argv[2]})

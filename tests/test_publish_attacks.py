@@ -265,7 +265,7 @@ def test_an_entry_evicted_before_the_push_fails_in_one_typed_line(monkeypatch, t
 
     class Store:
         def client(self, uid):
-            return types.SimpleNamespace(max_chunk_size=None)
+            return types.SimpleNamespace(pusher=types.SimpleNamespace(max_chunk_size=None))
 
         def options(self, platform):
             return None

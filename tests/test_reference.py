@@ -86,6 +86,22 @@ def test_parse_invalid(text, needle):
     assert "\n" not in msg and len(msg) < 400
 
 
+@pytest.mark.parametrize("text,shown", [
+    ("reg.example/\x1b[2Jx:1", "reg.example/\\x1b[2Jx:1"),
+    ("reg.example/x:t\nag", "reg.example/x:t\\nag"),
+    ("reg.example/x:t\u2028ag", "reg.example/x:t\\u2028ag"),
+    ("reg.example/x@sha256:\x9b31m", "reg.example/x@sha256:\\x9b31m"),
+])
+def test_invalid_reference_is_shown_escaped(text, shown):
+    """A refused reference is echoed with its control characters escaped: an escape
+    sequence in it must not reach the user's terminal, nor a newline start a line."""
+    with pytest.raises(InvalidReference) as ei:
+        parse_reference(text)
+    msg = str(ei.value)
+    assert f"'{shown}'" in msg, msg
+    assert msg.isprintable(), msg
+
+
 def test_str_and_familiar():
     r = parse_reference("ubuntu:24.04")
     assert str(r) == "docker.io/library/ubuntu:24.04"

@@ -433,6 +433,28 @@ def test_503_then_success_and_giving_up(registry, images, proxy_to):
     assert state["n"] == 3
 
 
+def test_manifest_cut_mid_body_is_retried_by_the_chain(registry, images, proxy_to):
+    """The transport chain reads a manifest's body inside its retries (chain.Retry)."""
+    state = {"cuts": 0, "limit": 2}
+
+    def hook(h, method, path):
+        if method == "GET" and "/manifests/" in path and state["cuts"] < state["limit"]:
+            state["cuts"] += 1
+            h.forward(cut_after=20)
+            return True
+        return False
+
+    proxy = proxy_to(hook)
+    r0 = parse_reference(f"{proxy.host}/t/single:v1")
+    assert client(retries=2).get_manifest(r0).digest == images["single"].manifest_digest
+    gets = [p for m, p, _ in proxy.seen if m == "GET" and "/manifests/" in p]
+    assert state["cuts"] == 2 and len(gets) == 3
+    state.update(cuts=0, limit=100)
+    with pytest.raises(RegistryUnavailable, match="reading the manifest of .* kept failing"):
+        client(retries=2).get_manifest(r0)
+    assert state["cuts"] == 3
+
+
 def test_connection_refused():
     with pytest.raises(RegistryUnavailable, match="cannot reach registry 127.0.0.1:1"):
         client(retries=1).get_manifest(parse_reference("127.0.0.1:1/x:y"))

@@ -12,6 +12,7 @@ plugin wrote the image's name too (oci-image=NAME@sha256:...): still read, by it
 import json
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -174,9 +175,9 @@ def test_cli_backend_runs_squeue_json_with_the_configured_slurm_conf():
 
 
 def test_pyslurm_is_used_only_when_it_matches_the_installed_slurm(monkeypatch):
-    # not installed here (PyPI has 25.11 only; Debian ships 22.05/24.11): the CLI is used
-    monkeypatch.delitem(sys.modules, "pyslurm", raising=False)
-    assert PyslurmBackend.load(_runner()) is None or "pyslurm" in sys.modules
+    # not importable (PyPI has 25.11 only; Debian ships 22.05/24.11): the CLI is used
+    monkeypatch.setitem(sys.modules, "pyslurm", None)      # makes `import pyslurm` fail
+    assert PyslurmBackend.load(_runner()) is None
     b = make_backend("pyslurm", runner=_runner())
     assert isinstance(b, CliBackend)
     assert make_backend("off") is None
@@ -295,6 +296,14 @@ def test_prune_ignores_a_marker_whose_owner_may_not_use_the_image(tmp_path):
     assert sorted(e.digest for e in removed) == [D1, D2] and kept == []
 
 
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    """Wait for the prefetcher's pull threads; fail (not pass) if they never get there."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the prefetch pulls did not get there in time"
+        time.sleep(0.01)
+
+
 def test_prefetch_requires_a_pinned_digest_and_deduplicates(tmp_path, monkeypatch):
     cache, store = _store(tmp_path, None)
     p = Prefetcher(store, rate=2, rate_per_user=2)
@@ -303,13 +312,16 @@ def test_prefetch_requires_a_pinned_digest_and_deduplicates(tmp_path, monkeypatc
     assert p.request(f"reg.example.org/a@{D1}", 0) == ("cached", D1, "")
     started = []
     release = __import__("threading").Event()
-    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append((ref, uid)), release.wait(5)))
+    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append((ref, uid)),
+                                                              release.wait(30)))
     D3, D4, D5 = ("sha256:" + c * 64 for c in "345")
     assert p.request(f"reg.example.org/a@{D3}", 1000) == ("started", D3, "")
     assert p.request(f"reg.example.org/b@{D3}", 1000) == ("running", D3, "")  # one pull per digest
     assert p.request(f"reg.example.org/a@{D4}", 1000) == ("started", D4, "")
     assert p.request(f"reg.example.org/a@{D5}", 1000)[:2] == ("skipped", D5)  # rate: 2 a minute
+    _wait_until(lambda: len(started) == 2)          # both pulls run at once ...
     release.set()
+    _wait_until(lambda: not p._running)             # ... and both end
     # every pull ran with the caller's uid, never the daemon's own credentials (None)
     assert sorted(started) == [(f"reg.example.org/a@{D3}", 1000), (f"reg.example.org/a@{D4}", 1000)]
 
@@ -319,14 +331,16 @@ def test_prefetch_limits_per_uid_leave_other_users_alone(tmp_path, monkeypatch):
     p = Prefetcher(store, rate=30, max_running=4, rate_per_user=10, running_per_user=2)
     release = __import__("threading").Event()
     started = []
-    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append(uid), release.wait(5)))
+    monkeypatch.setattr(store, "pull", lambda ref, uid=None: (started.append(uid), release.wait(30)))
     ds = ["sha256:" + f"{i:02x}" * 32 for i in range(6)]
     assert [p.request(f"r.example/a@{d}", 1001)[0] for d in ds[:3]] == ["started", "started",
                                                                            "skipped"]
     assert "this user's" in p.request(f"r.example/a@{ds[3]}", 1001)[2]
     assert p.request(f"r.example/a@{ds[4]}", 1002)[0] == "started"      # another uid proceeds
     assert p.request(f"r.example/a@{ds[0]}", 1002)[0] == "started"      # same digest, own pull
+    _wait_until(lambda: len(started) == 4)
     release.set()
+    _wait_until(lambda: not p._running)
     assert sorted(started) == [1001, 1001, 1002, 1002]
 
 

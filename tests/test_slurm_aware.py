@@ -119,7 +119,7 @@ def test_prefetch_socket_is_world_writable_and_serves_only_prefetch(sa):
     assert (sa.login.socket.stat().st_mode & 0o777) == 0o600
     from ociimage.client import DaemonClient
     from ociimage.errors import InvalidArgument, OciImageError
-    from ociimage.usersock import request
+    from ociimage.sockclient import request
     with pytest.raises(InvalidArgument, match="digest-pinned"):
         request(str(sock), {"op": "prefetch", "image": sa.ref("sa/whatever")})  # a tag: refused
     with pytest.raises(InvalidArgument, match="unknown op"):
@@ -133,7 +133,8 @@ def test_prefetch_socket_is_world_writable_and_serves_only_prefetch(sa):
     pinned = f"{sa.ref('sa/direct')}@{pushed.manifest_digest}"
     r = sa.cluster.run_as_user([str(sa.installed.step_client), "prefetch", "--socket",
                                 str(sock), "--image", pinned])
-    assert r.returncode == 0 and r.stdout.split()[0] in ("started", "running", "cached"), r.stderr
+    # a new image nobody asked for yet: this request starts its pull
+    assert r.returncode == 0 and r.stdout.split()[0] == "started", (r.stdout, r.stderr)
     deadline = time.monotonic() + 30
     while not sa.entry(pushed.manifest_digest).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -505,3 +506,51 @@ def test_the_job_list_is_asked_once_for_the_whole_cluster(sa, tmp_path):
         subprocess.run(["scancel", marked, plain], env=sa.cluster.env(), check=False)
     sa.wait_gone(marked)
     sa.wait_gone(plain)
+
+
+def test_srun_resolves_a_tag_at_submit_through_the_login_daemon(sa):
+    """#19: srun's tag lookup is asked of this host's warm daemon (no registry client to
+    import in every srun), as the user, and it is the registry's answer of now each time."""
+    first = sa.push("sa/resolve", os_id="resolve-one")
+    r = sa.cluster.run_as_user(["srun", "-N1", f"--oci-image={sa.ref('sa/resolve')}", "cat",
+                                "/etc/os-release"], cwd="/tmp", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ID=resolve-one" in r.stdout
+    resolved = re.compile(rf'"tag resolved for a user" uid={sa.cluster.uid} pid=\d+ '
+                          rf'reference="{re.escape(sa.ref("sa/resolve"))}" digest="([^"]+)"')
+    assert resolved.findall(sa.login.log()) == [first.manifest_digest]
+    # the tag moves: the next srun runs the new image (no answer is kept for a tag)
+    second = sa.push("sa/resolve", os_id="resolve-two")
+    assert second.manifest_digest != first.manifest_digest
+    r = sa.cluster.run_as_user(["srun", "-N1", f"--oci-image={sa.ref('sa/resolve')}", "cat",
+                                "/etc/os-release"], cwd="/tmp", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ID=resolve-two" in r.stdout
+    assert resolved.findall(sa.login.log()) == [first.manifest_digest, second.manifest_digest]
+
+
+def test_resolve_at_submit_reads_only_the_callers_own_credentials(sa, private_image):
+    """The attacker names the owner's credential file (REGISTRY_AUTH_FILE, honoured at submit):
+    the login daemon reads it as the attacker, who cannot, so the private tag stays unknown
+    to them; the owner, asking the same way, gets its digest."""
+    reg, img = private_image
+    owner = _owner_with_login(reg.host)
+    sock = str(sa.login.socket.parent / "oci-imaged-prefetch.sock")
+    step = str(sa.installed.step_client)
+    tag = f"{reg.host}/sa-priv/app:v1"
+    r = subprocess.run(["runuser", "-u", OWNER, "--", "env", f"HOME={owner.pw_dir}", step,
+                        "submit", "--socket", sock, "--image", tag],
+                       capture_output=True, text=True, timeout=60, cwd="/tmp")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"{tag}@{img.manifest_digest}"
+    assert re.search(rf'"tag resolved for a user" uid={owner.pw_uid} pid=\d+ '
+                     rf'reference="{re.escape(tag)}"', sa.login.log())
+    stolen = f"{owner.pw_dir}/.docker/config.json"
+    r = sa.cluster.run_as_user(["env", f"REGISTRY_AUTH_FILE={stolen}", step, "submit",
+                                "--socket", sock, "--image", tag], cwd="/tmp", timeout=60)
+    assert r.returncode == 1
+    assert img.manifest_digest not in r.stdout + r.stderr
+    [err] = r.stderr.strip().splitlines()
+    assert err.startswith(f"oci-image: error: --oci-image={tag}: ") and "authentication" in err, err
+    assert not re.search(rf'"tag resolved for a user" uid={sa.cluster.uid} pid=\d+ '
+                         rf'reference="{re.escape(tag)}"', sa.login.log())

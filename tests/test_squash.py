@@ -2,9 +2,7 @@
 
 import filecmp
 import gzip
-import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess
@@ -13,8 +11,8 @@ import pytest
 import zstandard
 
 from fstree import hardlink_groups, tree_of, walk
-from ocibuild import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_ZSTD, OCI_MANIFEST, Entry as E
-from ocibuild import compress, layer_tar
+from ocibuild import OCI_LAYER_GZIP, OCI_LAYER_ZSTD, Entry as E
+from ocibuild import compress, layer_tar, write_layout
 from ociimage.errors import (CorruptLayer, InvalidArgument, LimitExceeded, NoSpace, SquashError,
                              UnsupportedMediaType)
 from ociimage.flatten import FlattenLimits
@@ -239,33 +237,8 @@ UMOCI_LAYERS = [
 
 
 def write_oci_layout(path, layers_bottom_first, tag="t"):
-    """An OCI image layout umoci can unpack (gzip layers)."""
-    blobdir = path / "blobs" / "sha256"
-    blobdir.mkdir(parents=True)
-
-    def put(data):
-        h = hashlib.sha256(data).hexdigest()
-        (blobdir / h).write_bytes(data)
-        return "sha256:" + h
-
-    tars = [layer_tar(l) for l in layers_bottom_first]
-    gz = [gzip.compress(t, mtime=0) for t in tars]
-    config = json.dumps({
-        "architecture": "amd64", "os": "linux", "config": {},
-        "rootfs": {"type": "layers",
-                   "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
-    }).encode()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "digest": put(config), "size": len(config)},
-        "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": put(g), "size": len(g)} for g in gz],
-    }).encode()
-    index = {"schemaVersion": 2, "manifests": [{
-        "mediaType": OCI_MANIFEST, "digest": put(manifest), "size": len(manifest),
-        "annotations": {"org.opencontainers.image.ref.name": tag}}]}
-    (path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    (path / "index.json").write_text(json.dumps(index))
-    return gz
+    """An OCI image layout umoci can unpack (gzip layers); its layer blobs, bottom-first."""
+    return write_layout(path, layers_bottom_first, tag=tag).layers
 
 
 @root_only

@@ -123,6 +123,26 @@ class AccessChecker:
         if not ans.allowed:
             raise AccessDenied(ans.reason)
 
+    def remembered(self, entry: CacheEntry, uid: Optional[int]) -> Optional[bool]:
+        """check() from this daemon's memory alone: True (may use it), False (may not:
+        check() raises the reason), None (not known here: only check() can tell).
+        Never reads a file or asks the registry, so the hot path can call it anywhere."""
+        if uid is None or uid == 0:
+            return True
+        ref = self._source(entry)
+        if ref is None:
+            return True
+        now = self._clock()
+        pkey = (ref.domain, ref.path, entry.digest)
+        with self._lock:
+            public = self._public.get(pkey)
+            mine = self._users.get((uid,) + pkey)
+        if public is not None and public.allowed and public.expires > now:
+            return True
+        if mine is not None and mine.expires > now:
+            return mine.allowed
+        return None
+
     def now(self) -> float:
         """This checker's clock, for record_pulled's `since`."""
         return self._clock()
@@ -284,17 +304,19 @@ class AccessChecker:
         self.requests += 1
         # one registry operation like any other: bounded by request_timeout and aborted at
         # once when the request (a step, a publish) is cancelled, retries and all
-        with client._operation(f"the access check of {ref.domain}/{ref.path}@{digest}"):
-            resp = client._request("HEAD", ref.domain, f"/v2/{ref.path}/manifests/{digest}",
-                                   client.pull_scopes(ref), {"Accept": mt.ACCEPT})
+        what = f"the access check of {ref.domain}/{ref.path}@{digest}"
+        with client.transport.deadlines.operation(what):
+            resp = client.transport.request("HEAD", ref.domain,
+                                            f"/v2/{ref.path}/manifests/{digest}",
+                                            client.pull_scopes(ref), {"Accept": mt.ACCEPT})
         status = resp.status_code
         if status == 200:
             resp.close()
             return 200
         try:
-            client._raise_for(resp, ref.domain, client.pull_scopes(ref),
-                              f"image not found: {ref.domain}/{ref.path}@{digest}",
-                              f"the manifest request for {ref.domain}/{ref.path}@{digest}")
+            client.transport.raise_for(resp, ref.domain, client.pull_scopes(ref),
+                                       f"image not found: {ref.domain}/{ref.path}@{digest}",
+                                       f"the manifest request for {ref.domain}/{ref.path}@{digest}")
         except (AuthenticationRequired, AccessDenied, NotFound):
             return status if status in _ANSWERS else 403
         return status if status in _ANSWERS else 403

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import secrets
 import socket
 import stat
@@ -51,12 +50,12 @@ from typing import Callable, Dict, List, Optional
 
 from . import eviction
 from .cachefiles import (DIR_MODE, FILE_MODE, UMASK, create_private_file, entry_name,  # noqa: F401
-                         fsync_dir, fsync_file, narrow_tree, read_small, write_aside,
-                         write_json_durably)
+                         fsync_dir, fsync_file, narrow_tree, write_json_durably)
 from .cachelock import DEFAULT_CLAIM_STALE, MODES, ClaimLock, FlockLock, LockLost
 from .cachemode import (agree_mode, check_flock, check_lookupcache, detect_locking,
                         make_layout)
 from .errors import CacheError, ConfigError, NoSpace
+from .cacherecords import RecordMethods
 from .leases import DEFAULT_LEASE_TTL, Lease, LeaseBook, LeaseMethods  # noqa: F401 - API
 
 log = logging.getLogger("ociimage.cache")
@@ -66,8 +65,6 @@ LAYOUT_VERSION = 1
 DEFAULT_LOCK_TIMEOUT = 60.0
 #: waiting for another node's conversion of the same image
 DEFAULT_CONVERT_TIMEOUT = 3600.0
-#: kinds and names of shared records (path-safe by construction)
-_RECORD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 #: a builder's progress record is written at most this often, and read by waiters
 PROGRESS_WRITE_EVERY = 3.0
 PROGRESS_READ_EVERY = 5.0
@@ -87,10 +84,11 @@ class CacheEntry:
         return self.meta.get("reference", "")
 
 
-class Cache(LeaseMethods):
+class Cache(LeaseMethods, RecordMethods):
     """A cache directory shared by every node's daemon (and standalone CLI runs).
 
-    Its lease methods (add_lease, heartbeat, drop_lease, ...) are in leases.py.
+    Its lease methods (add_lease, heartbeat, drop_lease, ...) are in leases.py, its
+    shared records (write_record, read_record, ...) in cacherecords.py.
     """
 
     @classmethod
@@ -158,49 +156,6 @@ class Cache(LeaseMethods):
     def _lock_path(self, digest: str) -> Path:
         return self.locks / (entry_name(digest) + ".lock")
 
-    # ---- shared records ---------------------------------------------------
-
-    def _record_path(self, kind: str, name: str) -> Path:
-        for part in (kind, name):
-            if not _RECORD_NAME.fullmatch(part or ""):
-                raise CacheError(f"invalid record name {kind!r}/{name!r}")
-        return self.records / kind / f"{name}.json"
-
-    def write_record(self, kind: str, name: str, data: dict) -> None:
-        """Publish a small answer for every node: written aside, then renamed into place.
-
-        Not fsynced: a record only saves asking again (the registry, Slurm), so a
-        crash may lose one but never leaves half of one for a reader.
-        """
-        path = self._record_path(kind, name)
-        path.parent.mkdir(mode=DIR_MODE, exist_ok=True)
-        write_aside(path, self.tmp / f"record.{kind}.{name}.{self.node}.{os.getpid()}."
-                                     f"{secrets.token_hex(4)}",
-                    json.dumps(data, sort_keys=True).encode())
-
-    def read_record(self, kind: str, name: str) -> Optional[dict]:
-        """The record, or None when there is none (or it cannot be read: ask again)."""
-        try:
-            data = json.loads(read_small(self._record_path(kind, name), 1 << 20))
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def remove_record(self, kind: str, name: str) -> None:
-        try:
-            self._record_path(kind, name).unlink()
-        except FileNotFoundError:
-            pass
-
-    def record_names(self, kind: str) -> List[str]:
-        """The names of one kind's records (one directory listing)."""
-        self._record_path(kind, "x")  # validates kind
-        try:
-            return [n[:-5] for n in os.listdir(self.records / kind)
-                    if n.endswith(".json") and _RECORD_NAME.fullmatch(n[:-5])]
-        except FileNotFoundError:
-            return []
-
     # ---- locks -----------------------------------------------------------
 
     def _claim_path(self, digest: str) -> Path:
@@ -245,24 +200,33 @@ class Cache(LeaseMethods):
 
     # ---- entries ---------------------------------------------------------
 
-    def get(self, digest: str) -> Optional[CacheEntry]:
-        """The valid entry for digest, or None. Never returns a partial entry."""
+    def get(self, digest: str, *, known_only: bool = False) -> Optional[CacheEntry]:
+        """The valid entry for digest, or None. Never returns a partial entry.
+
+        known_only (the hot path): one stat of the metadata, the entry's commit point
+        (published after its image, hidden before it is removed); an unchanged one
+        answers with the entry this daemon last validated, else None without more I/O.
+        """
         meta_path = self.meta_path(digest)
         try:
             mst = meta_path.stat()
             key = (mst.st_ino, mst.st_mtime_ns, mst.st_size)
             memo = self._meta_memo.get(digest)
             if memo and memo[0] == key:
+                if known_only:
+                    return memo[2]
                 meta = memo[1]
+            elif known_only:
+                return None
             else:
                 meta = json.loads(meta_path.read_text(encoding="utf-8"))
-                self._meta_memo[digest] = (key, meta)
         except FileNotFoundError:
             self._meta_memo.pop(digest, None)
             return None
         except (OSError, ValueError) as e:
             log.warning("unreadable cache metadata", extra={"digest": digest, "error": str(e)})
             return None
+        self._meta_memo[digest] = (key, meta, None)
         sqfs = self.sqfs_path(digest)
         try:
             st = sqfs.stat()
@@ -276,22 +240,38 @@ class Cache(LeaseMethods):
             last_used = self._used_path(digest).stat().st_mtime
         except FileNotFoundError:
             last_used = st.st_mtime
-        return CacheEntry(digest, sqfs, meta, st.st_size, last_used)
+        entry = CacheEntry(digest, sqfs, meta, st.st_size, last_used)
+        self._meta_memo[digest] = (key, meta, entry)
+        return entry
 
     def touch(self, digest: str, resolution: float = 30.0) -> None:
         """Record a use, for least-recently-used eviction (at most every `resolution` seconds)."""
+        if self.use_due(digest, resolution):
+            self.record_use(digest)
+
+    def use_due(self, digest: str, resolution: float = 30.0) -> bool:
+        """Whether a use of digest is to be recorded now (memory only); marks it done."""
         now = time.monotonic()
         if now - self._touched.get(digest, -resolution) < resolution:
-            return
+            return False
         self._touched[digest] = now
+        return True
+
+    def record_use(self, digest: str) -> None:
+        """Mark the entry used now. Best effort: on a read-only or stale cache the use goes
+        unrecorded (logged), and whatever the caller was answering stands."""
         p = self._used_path(digest)
         try:
-            os.utime(p)
-        except FileNotFoundError:
             try:
-                create_private_file(p)
-            except FileExistsError:
-                pass
+                os.utime(p)
+            except FileNotFoundError:
+                try:
+                    create_private_file(p)
+                except FileExistsError:
+                    pass
+        except OSError as e:
+            log.warning("cannot record an image's use", extra={"digest": digest,
+                                                               "error": str(e)})
 
     def list(self) -> List[CacheEntry]:
         out = []

@@ -5,6 +5,11 @@ machine without a daemon. Without --cache-dir, pull/ls/inspect/rm/prune go throu
 the local oci-imaged over its root-only socket, and publish over its user socket
 (any user: the daemon publishes with the caller's own credentials, publisher.py).
 This is an entry point: it turns typed errors into one-line messages and exit codes.
+
+With --json (before or after the command) every command prints exactly one JSON
+document on stdout: its result, or on failure {"error": MESSAGE, "code": STATUS,
+"exit_code": N} (STATUS a gRPC status name, as on the daemon's user socket), while the
+one-line message still goes to stderr (docs/json-output.md).
 """
 
 from __future__ import annotations
@@ -44,17 +49,48 @@ def _age(ts: Optional[float]) -> str:
     return f"{int(s)}s ago"
 
 
+class UsageError(Exception):
+    """A command line argparse refuses: exit code 2, as argparse's own."""
+
+    status = "INVALID_ARGUMENT"
+    exit_code = 2
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.line = f"{prog}: error: {message}"   # what argparse itself would print
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a refused command line is raised (main reports it, in JSON if asked)."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        raise UsageError(self.prog, message)
+
+
+_JSON_HELP = ("print one JSON document on stdout: the result, or on failure "
+              '{"error": MESSAGE, "code": STATUS, "exit_code": N} (the message also on stderr)')
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="oci-image",
         description="Pull OCI images and flatten them once into a SquashFS in the shared cache.")
     p.add_argument("--version", action="version", version=f"oci-image {__version__}")
     p.add_argument("--config", help="config file (default /etc/oci-image/oci-image.conf)")
     p.add_argument("--socket", help="daemon socket (default from the config file)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help=_JSON_HELP)
+    # every command takes --json after its name too; SUPPRESS keeps the global one's value
+    # when it is not given there
+    json_after = _Parser(add_help=False)
+    json_after.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                            help="the same as --json before the command")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[json_after], **kw)
 
     def registry_opts(sp):
         sp.add_argument("--platform", help="os/arch[/variant] to select from a multi-arch image "
@@ -71,30 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--level", type=int, help="compression level (default 3 for zstd)")
         sp.add_argument("--jobs", type=int, help="compressor threads (default: all cores)")
 
-    c = sub.add_parser("convert", help="pull REF and write its flattened SquashFS to FILE (no daemon)")
+    c = command("convert", help="pull REF and write its flattened SquashFS to FILE (no daemon)")
     c.add_argument("reference", metavar="REF")
     c.add_argument("-o", "--output", required=True, metavar="FILE")
     registry_opts(c)
     squash_opts(c)
 
-    pl = sub.add_parser("pull", help="pull REF into the shared cache; print its digest and path")
+    pl = command("pull", help="pull REF into the shared cache; print its digest and path")
     pl.add_argument("reference", metavar="REF")
     pl.add_argument("--cache-dir", help="use this cache directly instead of the daemon")
     registry_opts(pl)
     squash_opts(pl)
 
-    ls = sub.add_parser("ls", help="list cached images")
+    ls = command("ls", help="list cached images")
     ls.add_argument("--cache-dir", help="read this cache directly instead of asking the daemon")
 
-    ins = sub.add_parser("inspect", help="show a cached image's metadata")
+    ins = command("inspect", help="show a cached image's metadata")
     ins.add_argument("digest", metavar="DIGEST")
     ins.add_argument("--cache-dir")
 
-    rm = sub.add_parser("rm", help="remove cached images (refused while in use)")
+    rm = command("rm", help="remove cached images (refused while in use)")
     rm.add_argument("digests", nargs="+", metavar="DIGEST")
     rm.add_argument("--cache-dir")
 
-    pub = sub.add_parser(
+    pub = command(
         "publish", help="push REF's SquashFS (converted first if needed) to TARGET as a "
                         "monolithic OCI image that points at REF (through oci-imaged, with "
                         "your registry credentials; standalone with --cache-dir)")
@@ -115,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry_opts(pub)
     squash_opts(pub)
 
-    pr = sub.add_parser("prune", help="evict unused images, least recently used first")
+    pr = command("prune", help="evict unused images, least recently used first")
     pr.add_argument("--quota", help="evict only until the cache is under this size (e.g. 200G)")
     pr.add_argument("--cache-dir")
     return p
@@ -266,7 +302,7 @@ def _publish_standalone(args, cfg, target, chunk, prog):
 
 
 def _publish_through_daemon(args, cfg, chunk, prog):
-    from . import usersock
+    from . import sockclient
     for opt, given in (("--trusted-squashfs", args.trusted_squashfs),
                        ("--insecure-registry", args.insecure_registry),
                        ("--compression", args.compression), ("--level", args.level),
@@ -280,7 +316,7 @@ def _publish_through_daemon(args, cfg, chunk, prog):
     if chunk is not None:
         request["chunk_size"] = chunk
     # the daemon ends every publish within publish_timeout and says so; a little more here
-    reply = usersock.stream(_user_socket(args, cfg), request, prog, cfg.publish_timeout + 60)
+    reply = sockclient.stream(_user_socket(args, cfg), request, prog, cfg.publish_timeout + 60)
     reply.pop("state", None)
     return reply
 
@@ -355,14 +391,18 @@ def cmd_inspect(args, cfg) -> int:
 
 
 def cmd_rm(args, cfg) -> int:
-    for d in args.digests:
+    removed = []
+    for d in args.digests:   # in order; the first that cannot be removed ends the command
         digest = _full_digest(args, cfg, d)
         if args.cache_dir:
             _local_cache(args, cfg).remove(digest)
         else:
             _daemon_client(args, cfg).remove(digest)
+        removed.append({"digest": digest})
         if not args.json:
             print(f"removed {digest}")
+    if args.json:
+        print(json.dumps(removed, indent=1, sort_keys=True))
     return 0
 
 
@@ -388,25 +428,42 @@ COMMANDS = {"convert": cmd_convert, "pull": cmd_pull, "ls": cmd_ls, "inspect": c
             "rm": cmd_rm, "prune": cmd_prune, "publish": cmd_publish}
 
 
+def _wants_json(argv: List[str]) -> bool:
+    """--json anywhere before a `--` (known before parsing, so a refused command line is
+    reported in JSON too)."""
+    return "--json" in (argv[:argv.index("--")] if "--" in argv else argv)
+
+
+def _fail(as_json: bool, line: str, message: str, code: str, exit_code: int) -> int:
+    """Report a failure: its line on stderr, and with --json its document on stdout."""
+    print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "code": code, "exit_code": exit_code},
+                         sort_keys=True))
+    return exit_code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = _wants_json(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return _fail(as_json, e.line, str(e), e.status, e.exit_code)
     logs.setup({0: "warning", 1: "info"}.get(args.verbose, "debug"))
     try:
         cfg = load_config(args.config)
         return COMMANDS[args.command](args, cfg)
     except OciImageError as e:
-        print(f"oci-image: error: {e}", file=sys.stderr)
-        return e.exit_code
+        return _fail(as_json, f"oci-image: error: {e}", str(e), e.status, e.exit_code)
     except KeyboardInterrupt:
-        print("oci-image: interrupted", file=sys.stderr)
-        return 130
+        return _fail(as_json, "oci-image: interrupted", "interrupted", "CANCELLED", 130)
     except BrokenPipeError:
         return 141
     except Exception as e:  # an entry point never shows a traceback unless asked to
         log.debug("internal error", exc_info=True)
-        print(f"oci-image: internal error: {type(e).__name__}: {e} (run with -vv for details)",
-              file=sys.stderr)
-        return 70
+        message = f"internal error: {type(e).__name__}: {e} (run with -vv for details)"
+        return _fail(as_json, f"oci-image: {message}", message, "INTERNAL", 70)
 
 
 if __name__ == "__main__":

@@ -110,15 +110,20 @@ CONFIG_KEYS: Tuple[Key, ...] = (
         'when this is longer), so they take a dead claim over instead of timing out. At'
         ' least 2.'),
     Key('daemon', 'socket', '`/run/oci-image/oci-imaged.sock`',
-        'The gRPC socket, mode 0600 (root only).'),
+        'The gRPC socket, mode 0600 (root only). Next to it the daemon also listens on '
+        'the step socket, `oci-imaged-step.sock` (the name with `.sock` replaced by '
+        '`-step.sock`), mode 0600 and root callers only, where the step client prepares '
+        'and releases steps without gRPC.'),
     Key('daemon', 'prefetch_socket', '`oci-imaged-prefetch.sock` next to `socket`',
         'The user socket, mode 0666. Not gRPC (gRPC cannot tell the daemon who calls): '
         "one JSON request line per connection, and the kernel gives the caller's uid "
-        '(`SO_PEERCRED`). Serves `prefetch` (srun/sbatch/salloc: pull a pinned digest '
-        "with **the caller's** registry credentials), `open` (the pyxis importer: a "
-        'read-only descriptor of a cached image, after the registry confirms the caller'
-        ' may pull it) and `publish` (`oci-image publish` by any user: converted in the'
-        " shared cache and pushed with **the caller's** credentials, "
+        "(`SO_PEERCRED`). Serves `resolve` (srun/sbatch/salloc at submit: a tag's digest "
+        "at the registry now, with **the caller's** credential files, read as the "
+        'caller), `prefetch` (srun/sbatch/salloc: pull a pinned digest with **the '
+        "caller's** registry credentials), `open` (the pyxis importer: a read-only "
+        'descriptor of a cached image, after the registry confirms the caller may pull '
+        'it) and `publish` (`oci-image publish` by any user: converted in the shared '
+        "cache and pushed with **the caller's** credentials, "
         '[monolithic.md](monolithic.md#publishing-through-oci-imaged)). `off` disables '
         'it.'),
     Key('daemon', 'prefetch_rate', '`30`',
@@ -176,9 +181,10 @@ CONFIG_KEYS: Tuple[Key, ...] = (
         'capped.'),
     Key('daemon', 'max_requests_per_uid', '`64`',
         'Pull and PrepareStep requests one user may have waiting on pulls on this node '
-        '(many steps starting with the same new image are one pull and many requests). '
-        'At least `max_pulls_per_uid`. The daemon serves 256 requests at once, so one '
-        'user cannot hold them all.'),
+        '(many steps starting with the same new image are one pull and many requests). At'
+        " least `max_pulls_per_uid`. The daemon's gRPC socket serves 256 requests at once"
+        ' and its step socket 4096, so one user cannot hold them all; a cache hit takes '
+        'no slot.'),
     Key('daemon', 'stop_timeout', '`5`',
         'Seconds SIGTERM gives in-flight requests before `oci-imaged` exits anyway. '
         'Pulls are abandoned at once (their downloads cut, their temporary files '

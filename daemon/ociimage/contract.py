@@ -239,6 +239,9 @@ STEP_COMMANDS = {
         Arg("--default-mounts", default="", help="plugstack default_mounts, checked as the "
                                                  "nodes check it"),
         Arg("--pinned", default="", help="OCI_IMAGE_PINNED of the submitting environment"),
+        Arg("--socket", default="", help="the daemon's user socket on this host (plugstack "
+                                         "prefetch_socket), asked first; without one the step "
+                                         "client asks the registry itself"),
     ),
     "prefetch": (
         Arg("--socket", default=DEFAULT_PREFETCH_SOCKET), Arg("--image", required=True),

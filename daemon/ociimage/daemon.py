@@ -11,11 +11,9 @@ import stat
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 from typing import List, Optional
 
-import grpc
 
 from . import __version__, logs
 from .cache import Cache
@@ -25,37 +23,14 @@ from .eviction import sweep_claims_if_due
 from .images import ImageStore, Prefetcher
 from .metrics import Metrics
 from .service import ContainersServicer, ImagesServicer
+from . import stepsock
+from .stepsock import step_socket_path
 from .usersock import UserRequests, UserSocketServer
 from .verdicts import SharedAnswers
-from .v1 import health_pb2, health_pb2_grpc
+from .grpcserver import GrpcServer, HealthServicer
 from .v1 import ociimage_pb2_grpc as pbg
 
 log = logging.getLogger("ociimage.daemon")
-
-
-class HealthServicer(health_pb2_grpc.HealthServicer):
-    """grpc.health.v1.Health: SERVING until shutdown begins."""
-
-    SERVICES = ("", "ociimage.v1.Images", "ociimage.v1.Containers")
-
-    def __init__(self) -> None:
-        self.serving = True
-
-    def _status(self, service: str):
-        R = health_pb2.HealthCheckResponse
-        if service not in self.SERVICES:
-            return R.SERVICE_UNKNOWN
-        return R.SERVING if self.serving else R.NOT_SERVING
-
-    def Check(self, request, context):
-        status = self._status(request.service)
-        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            context.set_code(grpc.StatusCode.NOT_FOUND)
-            context.set_details(f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)
-
-    def Watch(self, request, context):
-        yield health_pb2.HealthCheckResponse(status=self._status(request.service))
 
 
 def _socket_in_use(path: Path) -> bool:
@@ -92,11 +67,12 @@ class Daemon:
         self.publisher = Publisher(self.store, running=config.publish_running,
                                    running_per_user=config.publish_running_per_user)
         self.prefetch_server: Optional[UserSocketServer] = None
+        self.step_server: Optional[UserSocketServer] = None
         from .runtime.steps import StepManager
         self.steps = StepManager(config, self.cache, self.store)
         self.metrics.bind(self.steps.mount_count, self.steps.lease_count, self.steps.step_count)
         self.health = HealthServicer()
-        self.server: Optional[grpc.Server] = None
+        self.server: Optional[GrpcServer] = None
         self._stop = threading.Event()
         self._housekeeper: Optional[threading.Thread] = None
 
@@ -111,6 +87,8 @@ class Daemon:
     def start(self) -> None:
         sock = self.config.socket
         self._claim(sock)
+        ssock = Path(step_socket_path(sock))
+        self._claim(ssock)
         psock = prefetch_path(self.config)
         if psock is not None:
             self._claim(psock)
@@ -118,26 +96,20 @@ class Daemon:
         from .asuser import start_helper
         start_helper()
         self.steps.recover()
-        self.server = grpc.server(
-            # Blocked requests hold a thread each; [daemon] max_requests_per_uid keeps one
-            # user to a fraction of these.
-            futures.ThreadPoolExecutor(max_workers=256, thread_name_prefix="rpc"),
-            options=[("grpc.max_receive_message_length", 4 << 20),
-                     ("grpc.max_send_message_length", 16 << 20)])
-        pbg.add_ImagesServicer_to_server(ImagesServicer(self.store), self.server)
-        pbg.add_ContainersServicer_to_server(ContainersServicer(self.steps), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        # the prefetch socket first: once the main socket answers, both are ready
+        images, containers = ImagesServicer(self.store), ContainersServicer(self.steps)
+
+        def register(server) -> None:
+            pbg.add_ImagesServicer_to_server(images, server)
+            pbg.add_ContainersServicer_to_server(containers, server)
+
+        self.server = GrpcServer(f"unix:{sock}", register, self.health,
+                                 options=[("grpc.max_receive_message_length", 4 << 20),
+                                          ("grpc.max_send_message_length", 16 << 20)])
+        # the other sockets first: once the main socket answers, all are ready
+        self.step_server = stepsock.serve(ssock, self.steps, self.config)
         if psock is not None:
             self._start_prefetch_server(psock)
-        # The socket must never exist with wider permissions, even for an instant.
-        old_umask = os.umask(0o177)
-        try:
-            if not self.server.add_insecure_port(f"unix:{sock}"):
-                raise ConfigError(f"cannot listen on {sock}")
-            self.server.start()
-        finally:
-            os.umask(old_umask)
+        self.server.start(umask=0o177)
         os.chmod(sock, stat.S_IRUSR | stat.S_IWUSR)
         self.metrics.serve(self.config.metrics)
         self._housekeeper = threading.Thread(target=self._housekeeping, daemon=True,
@@ -184,21 +156,24 @@ class Daemon:
         budget = self.config.stop_timeout if grace is None else grace
         deadline = time.monotonic() + budget
         self._stop.set()
-        self.health.serving = False
+        self.health.set_serving(False)
         self.store.stop()
         if self.prefetch_server:
             self.prefetch_server.stop()
         if self.server:
             # other requests (release, prune) get most of the budget to finish; then their
             # RPCs are cancelled, which cancels what they wait for
-            self.server.stop(budget * 0.6).wait(budget)
+            self.server.stop(budget * 0.6, budget)
+        if self.step_server:  # a prepare under way is cancelled, a release may finish
+            self.step_server.stop(wait=max(0.1, deadline - time.monotonic()))
         if not self.store.wait_idle(max(0.1, deadline - time.monotonic())):
             log.warning("an abandoned pull is still winding down at exit")
         self.remove_sockets()
         log.warning("oci-imaged stopped")
 
     def remove_sockets(self) -> None:
-        for sock in (self.config.socket, prefetch_path(self.config)):
+        for sock in (self.config.socket, Path(step_socket_path(self.config.socket)),
+                     prefetch_path(self.config)):
             try:
                 if sock is not None:
                     sock.unlink()

@@ -17,8 +17,8 @@ Spool files are created 0600 with O_EXCL; their names start with the name of
 the image's temporary file, so a crashed conversion's are swept with it.
 
 Digests: a blob's download verifies its digest and size at its end
-(digests.VerifyingReader) and resumes after interruptions (registry
-client); a reader of the spool sees the download's error (a digest
+(digests.VerifyingReader; image.Layer.open) and, from a registry, resumes
+after interruptions (registry/blobstream.py); a reader of the spool sees the download's error (a digest
 mismatch, a registry that kept failing, a cancelled pull) instead of the
 end of the file, so nothing unverified passes as a complete layer.
 """
@@ -33,8 +33,8 @@ from typing import Callable, List, Optional, Sequence
 
 from . import cancel
 from .errors import Cancelled, CacheError, NoSpace
-from .registry.client import Descriptor, RegistryClient
-from .reference import Reference
+from .image import Layer
+from .registry.manifest import Descriptor
 
 CHUNK = 256 << 10
 #: downloads at once (docker's and containerd's default is 3)
@@ -94,20 +94,21 @@ class Spool:
 
 
 class Prefetcher:
-    """Fetch `descs` (in the order they will be read) into spool files named base + suffix.
+    """Fetch `layers` (in the order they will be read) into spool files named base + suffix.
 
     on_bytes(n) hears of downloaded bytes, on_retry(message) of interruptions
     (both from the download threads). Use as a context manager; close()
     stops what is still downloading and removes every spool file.
     """
 
-    def __init__(self, client: RegistryClient, ref: Reference, descs: Sequence[Descriptor],
-                 base: Path, *, parallel: int = DEFAULT_PARALLEL, ahead: int = DEFAULT_AHEAD,
+    def __init__(self, layers: Sequence[Layer], base: Path, *,
+                 parallel: int = DEFAULT_PARALLEL, ahead: int = DEFAULT_AHEAD,
                  on_bytes: Optional[Callable[[int], None]] = None,
                  on_retry: Optional[Callable[[str], None]] = None):
-        self.client, self.ref = client, ref
+        self.layers = list(layers)
         self.spools: List[Spool] = [
-            Spool(i, d, base.with_name(f"{base.name}.layer{i}")) for i, d in enumerate(descs)]
+            Spool(i, layer.descriptor, base.with_name(f"{base.name}.layer{i}"))
+            for i, layer in enumerate(self.layers)]
         self.parallel = max(1, parallel)
         self.ahead = ahead
         self.on_bytes, self.on_retry = on_bytes, on_retry
@@ -194,8 +195,8 @@ class Prefetcher:
         buf = bytearray(CHUNK)
         view = memoryview(buf)
         try:
-            with self.client.open_blob(self.ref, s.desc, on_bytes=self.on_bytes,
-                                       on_retry=self.on_retry) as src:
+            with self.layers[s.index].open(on_bytes=self.on_bytes,
+                                           on_retry=self.on_retry) as src:
                 while True:
                     if self.token.cancelled:
                         raise Cancelled(self.token.reason)

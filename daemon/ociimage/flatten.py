@@ -25,65 +25,44 @@ was replaced by an upper layer, or is not a regular file) is dropped.
 
 Ownership is numeric (user and group names are dropped so the result does
 not depend on the host's passwd); modes keep setuid/setgid/sticky; mtimes are
-kept (whole seconds, as SquashFS stores them); xattrs from PAX
-`SCHILY.xattr.*` (and `LIBARCHIVE.xattr.*`) headers are kept in the `user.`
-namespace only. `security.*` (file capabilities, SELinux/SMACK labels, IMA/EVM)
-and `trusted.*` (root-only metadata such as overlayfs' `trusted.overlay.*`)
-are policy that the image author does not get to set on a host that mounts
-the image as root; they are dropped, counted, and logged at debug level.
-`system.*` (POSIX ACLs) is dropped too: SquashFS cannot store it, and the
-mode bits still carry the owner/group/other permissions. Symlinks are kept as
+kept (whole seconds, as SquashFS stores them). Which names and xattrs an entry
+may carry, and what a hostile one becomes, is layerentry.py's job; an entry
+below a path that is not a directory (a symlink or file seen before in the
+same layer: the CVE-2021-29136 pattern) is dropped here. Symlinks are kept as
 they are: they resolve inside the container at run time. Device nodes and
 fifos are kept too: the image is always mounted `nodev`, so a device node in
 an image grants nothing.
-
-Hostile names are handled without ever touching the host filesystem: leading
-`/` and `./` are stripped, `..` is resolved lexically and an entry that would
-leave the root is dropped, as is an entry below a path that is not a
-directory (a symlink or file seen before in the same layer: the
-CVE-2021-29136 pattern), an empty name, a name with a NUL byte, and a name
-component longer than 255 bytes (NAME_MAX; SquashFS cannot hold more).
-Newlines, control characters and bytes that are not UTF-8 pass through
-unchanged (tar names are decoded with surrogateescape both ways).
 
 The output is deterministic: the same layers give the same bytes.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
 import math
 import tarfile
 from dataclasses import dataclass, field
-from typing import BinaryIO, Dict, Iterable, List, Optional, Tuple
-from urllib.parse import unquote_to_bytes
+from typing import BinaryIO, Dict, Iterable, List, Optional
 
 from .errors import CorruptLayer, LimitExceeded
-from .tarstream import FastTarInfo, TarStream, ustar_header
+from .layerentry import ENC, ERR, XATTR_DROP, End, clean_name, kept_xattrs, tarinfo_class
+from .pathrecords import Meta, Records
+from .tarstream import TarStream, ustar_header
 
 log = logging.getLogger("ociimage.flatten")
 
-_ENC, _ERR = "utf-8", "surrogateescape"
 _CHUNK = 1 << 20
-_NAME_MAX = 255
 _LINK_MAX = 4095
 _MAX_WARNINGS = 200
 _MAX_LINK_CHAIN = 64
 _WH = ".wh."
 _OPQ = ".wh..wh..opq"
-#: xattr namespaces kept in the image (see the module docstring for why only user.)
-_XATTR_KEEP = ("user.",)
-#: namespaces dropped by policy or because SquashFS cannot hold them: counted, not warned
-_XATTR_DROP = ("security.", "trusted.", "system.")
 
 REG, LNK, SYM, CHR, BLK, DIR, FIFO = (tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.SYMTYPE,
                                       tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.DIRTYPE,
                                       tarfile.FIFOTYPE)
 _REGULAR = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE}
 _SPECIAL = {LNK, SYM, CHR, BLK, DIR, FIFO}
-_META_TYPES = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
-               tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK}
 
 
 @dataclass
@@ -126,41 +105,6 @@ class FlattenStats:
     dropped_xattrs: Dict[str, int] = field(default_factory=dict)
 
 
-# A record per claimed path: (layer index from the top, type, meta). meta is
-# None for a regular file already written, else the fields to write later.
-_Meta = Tuple[int, int, int, int, str, int, int, Optional[Dict[str, str]]]
-_Rec = Tuple[int, bytes, Optional[_Meta]]
-
-
-class _End(Exception):
-    """The layer's tar stream ended at a header boundary."""
-
-
-def _tarinfo_class(limits: FlattenLimits):
-    class _TarInfo(FastTarInfo):
-        @classmethod
-        def fromtarfile(cls, tf):
-            try:
-                return super().fromtarfile(tf)
-            except tarfile.EmptyHeaderError:
-                # Go's archive/tar also accepts a stream that simply stops
-                # between members; compressed layers still have their framing
-                # checked by the decompressor.
-                raise _End() from None
-            except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
-                raise CorruptLayer(f"corrupt tar header ({e})",
-                                   hint="the layer is damaged; pull it again") from None
-
-        def _proc_member(self, tf):
-            if self.type in _META_TYPES and self.size > limits.max_header_bytes:
-                raise LimitExceeded(
-                    f"tar extended header of {self.size} bytes exceeds "
-                    f"{limits.max_header_bytes}", hint="the layer looks hostile")
-            return super()._proc_member(tf)
-
-    return _TarInfo
-
-
 class _Out:
     """Buffers small writes (headers) so tiny entries cost few pipe writes."""
 
@@ -183,119 +127,12 @@ class _Out:
             self.buf = bytearray()
 
 
-def _clean(name: str) -> Tuple[Optional[List[str]], str]:
-    """Path components of a tar name, or (None, reason) for a name to drop."""
-    if not name:
-        return None, "empty name"
-    if "\0" in name:
-        return None, "NUL byte in name"
-    if (name.isascii() and "//" not in name and "/." not in name and name[0] not in "./"
-            and len(name) <= _NAME_MAX):
-        # The common name: nothing to resolve, no component too long (an ASCII
-        # component is as long in bytes).
-        parts = name.split("/")
-        if not parts[-1]:
-            parts.pop()
-        return parts, ""
-    parts: List[str] = []
-    for comp in name.split("/"):
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if not parts:
-                return None, "name escapes the root"
-            parts.pop()
-            continue
-        if len(comp.encode(_ENC, _ERR)) > _NAME_MAX:
-            return None, f"name component longer than {_NAME_MAX} bytes"
-        parts.append(comp)
-    return parts, ""
-
-
-def _xattrs(pax: Dict[str, str]) -> Tuple[Optional[Dict[str, str]], List[str]]:
-    """The xattrs to keep, and the names of those dropped."""
-    out: Dict[str, str] = {}
-    dropped: List[str] = []
-    for key, value in pax.items():
-        if key.startswith("SCHILY.xattr."):
-            name = key[len("SCHILY.xattr."):]
-        elif key.startswith("LIBARCHIVE.xattr."):
-            try:
-                name = unquote_to_bytes(key[len("LIBARCHIVE.xattr."):]).decode(_ENC, _ERR)
-                raw = base64.b64decode(value.encode(_ENC, _ERR) + b"==")
-            except ValueError:
-                dropped.append(key)
-                continue
-            if name in out:
-                continue
-            value = raw.decode(_ENC, _ERR)
-        else:
-            continue
-        if name.startswith(_XATTR_KEEP) and "\0" not in name:
-            out[name] = value
-        else:
-            dropped.append(name)
-    return (out or None), dropped
-
-
-class _Records:
-    """path -> record, the flattener's memory of what it emitted: most of its memory.
-
-    Written regular files (most entries) are kept by directory, {parent: {name:
-    layer}}, the parent's path stored once, and share one record per layer;
-    every other record (directories, links, ... written at the end) by path.
-    The same mapping either way, in about half the memory of one dict by
-    path at 200,000 files.
-    """
-
-    def __init__(self) -> None:
-        self.files: Dict[str, Dict[str, int]] = {}
-        self.other: Dict[str, _Rec] = {}
-        self.file_recs: Dict[int, _Rec] = {}
-        self.n_files = 0
-
-    def get(self, path: str) -> Optional[_Rec]:
-        rec = self.other.get(path)
-        if rec is None:
-            cut = path.rfind("/")
-            names = self.files.get(path[:cut] if cut > 0 else "")
-            if names is not None:
-                layer = names.get(path[cut + 1:])
-                if layer is not None:
-                    rec = self.file_recs[layer]
-        return rec
-
-    def __contains__(self, path: str) -> bool:
-        return self.get(path) is not None
-
-    def __setitem__(self, path: str, rec: _Rec) -> None:
-        layer, typ, meta = rec
-        if typ != REG or meta is not None:
-            self.other[path] = rec
-            return
-        self.other.pop(path, None)  # a link or the like that this layer's file replaces
-        if layer not in self.file_recs:
-            self.file_recs[layer] = rec
-        cut = path.rfind("/")
-        names = self.files.setdefault(path[:cut] if cut > 0 else "", {})
-        if path[cut + 1:] not in names:
-            self.n_files += 1
-        names[path[cut + 1:]] = layer
-
-    def __len__(self) -> int:
-        return len(self.other) + self.n_files
-
-    def items(self):
-        """The records still to be written (everything but regular files)."""
-        return self.other.items()
-
-
 class _Flattener:
     def __init__(self, out: BinaryIO, limits: FlattenLimits):
         self.out = _Out(out)
         self.limits = limits
         self.stats = FlattenStats()
-        self.seen = _Records()
+        self.seen = Records()
         self.hide_tree: set = set()    # whiteouts: the path and all below it
         self.hide_below: set = set()   # opaque dirs and replaced non-dirs: all below
         self.rules = 0
@@ -309,7 +146,7 @@ class _Flattener:
         self.implied: Dict[str, int] = {}
         #: the last parent directory whose ancestors passed parents_ok() in this layer
         self.ok_parent: Optional[str] = None
-        self.tarinfo_cls = _tarinfo_class(limits)
+        self.tarinfo_cls = tarinfo_class(limits.max_header_bytes)
 
     # -- accounting ---------------------------------------------------------
 
@@ -345,13 +182,13 @@ class _Flattener:
         self.layer += 1
         self.ok_parent = None
         self.stats.layers += 1
-        tar = TarStream(stream, self.tarinfo_cls, encoding=_ENC, errors=_ERR,
+        tar = TarStream(stream, self.tarinfo_cls, encoding=ENC, errors=ERR,
                         count=self.add_input, name=f"layer {self.layer} from the top")
         try:
             while True:
                 try:
                     member = tar.next()
-                except _End:
+                except End:
                     break
                 if member is None:
                     break
@@ -380,7 +217,7 @@ class _Flattener:
         elif typ not in _SPECIAL:
             self.skip("unsupported_type", name, f"unsupported tar entry type {typ!r}")
             return
-        parts, why = _clean(name)
+        parts, why = clean_name(name)
         if parts is None:
             self.skip("hostile_name", name, why)
             return
@@ -519,11 +356,11 @@ class _Flattener:
         link = ""
         if typ == SYM:
             link = m.linkname
-            if not link or "\0" in link or len(link.encode(_ENC, _ERR)) > _LINK_MAX:
+            if not link or "\0" in link or len(link.encode(ENC, ERR)) > _LINK_MAX:
                 self.skip("bad_symlink", name, "empty, NUL-bearing or overlong symlink target")
                 return False
         elif typ == LNK:
-            parts, why = _clean(m.linkname)
+            parts, why = clean_name(m.linkname)
             if not parts:
                 self.skip("bad_hardlink", name, f"hardlink target {m.linkname!r}: "
                           f"{why or 'points at the root'}")
@@ -531,9 +368,9 @@ class _Flattener:
             link = "/".join(parts)
         xattrs = None
         if m.pax_headers:
-            xattrs, dropped = _xattrs(m.pax_headers)
+            xattrs, dropped = kept_xattrs(m.pax_headers)
             for x in dropped:
-                if x.startswith(_XATTR_DROP) and "\0" not in x:
+                if x.startswith(XATTR_DROP) and "\0" not in x:
                     ns = x.split(".", 1)[0]
                     counts = self.stats.dropped_xattrs
                     counts[ns] = counts.get(ns, 0) + 1
@@ -550,7 +387,7 @@ class _Flattener:
 
     # -- output -------------------------------------------------------------
 
-    def header(self, path: str, typ: bytes, meta: _Meta, size: int = 0) -> None:
+    def header(self, path: str, typ: bytes, meta: Meta, size: int = 0) -> None:
         mode, uid, gid, mtime, link, devmajor, devminor, xattrs = meta
         if not xattrs:
             buf = ustar_header(path or ".", typ, mode, uid, gid, size, mtime, link,
@@ -567,10 +404,10 @@ class _Flattener:
         ti.uname = ti.gname = ""
         if xattrs:
             ti.pax_headers = {"SCHILY.xattr." + k: v for k, v in xattrs.items()}
-        self.out.write(ti.tobuf(tarfile.PAX_FORMAT, _ENC, _ERR))
+        self.out.write(ti.tobuf(tarfile.PAX_FORMAT, ENC, ERR))
         self.stats.entries += 1
 
-    def write_file(self, tar: TarStream, m: tarfile.TarInfo, path: str, meta: _Meta) -> None:
+    def write_file(self, tar: TarStream, m: tarfile.TarInfo, path: str, meta: Meta) -> None:
         size = m.size
         if self.stats.bytes + size > self.limits.max_bytes:
             raise LimitExceeded(f"image contents exceed {self.limits.max_bytes} bytes",

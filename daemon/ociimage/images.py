@@ -123,10 +123,31 @@ class ImageStore:
         return CredentialStore(home=home, environ={"XDG_RUNTIME_DIR": f"/run/user/{uid}"},
                                as_user=Identity.of_user(uid))
 
-    def client(self, uid: Optional[int] = None) -> RegistryClient:
-        return RegistryClient(credentials=self.credentials_for(uid),
+    def client(self, uid: Optional[int] = None,
+               credentials: Optional[CredentialStore] = None) -> RegistryClient:
+        return RegistryClient(credentials=credentials if credentials is not None
+                              else self.credentials_for(uid),
                               insecure_registries=self.config.insecure_registries,
                               limits=self.config.net_limits())
+
+    def resolve_tag(self, ref: Reference, uid: int, environ=None) -> str:
+        """The digest a tag names at the registry now, asked as the user at submit would.
+
+        For srun/sbatch on this host (usersock "resolve"): environ holds the user's HOME,
+        REGISTRY_AUTH_FILE, DOCKER_CONFIG, XDG_RUNTIME_DIR, only paths of credential
+        files that are read as the user; the site's network policy applies.
+        """
+        creds = None
+        if environ:
+            env = dict(environ)
+            home = env.pop("HOME", None)
+            if home is None:
+                try:
+                    home = pwd.getpwuid(uid).pw_dir
+                except KeyError:
+                    home = "/nonexistent"
+            creds = CredentialStore(home=home, environ=env, as_user=Identity.of_user(uid))
+        return self.client(uid, credentials=creds).resolve_digest(ref)
 
     def site_client(self) -> RegistryClient:
         """The daemon's own registry identity (root's credentials), for publish_to."""
@@ -165,11 +186,26 @@ class ImageStore:
             self.access.check(entry, uid)
         return entry
 
+    def lookup_known(self, reference: str, uid: Optional[int] = None) -> Optional[CacheEntry]:
+        """lookup() for the hot path: the entry of a digest this daemon has seen, which uid
+        may use as far as this daemon remembers, with one stat (Cache.get's memo) and no
+        other I/O; None whenever lookup() or pull() must tell (they may block)."""
+        ref = parse_reference(reference)
+        if not ref.digest:
+            return None
+        entry = self.cache.get(ref.digest, known_only=True)
+        if entry is None or not self.access.remembered(entry, uid):
+            return None
+        return entry
+
     def pull(self, reference: str, platform: str = "", uid: Optional[int] = None,
              report: Reporter = silent) -> CacheEntry:
         ref: Reference = parse_reference(reference)
-        entry = self.lookup(reference, uid, platform)
-        if entry:
+        # a step's pinned digest this daemon has seen: one stat, nothing that can block
+        entry = self.lookup_known(reference, uid) or self.lookup(reference, uid, platform)
+        if entry is not None:
+            # A hit never takes one of uid's pull slots ([daemon] max_pulls_per_uid): a user
+            # converting four images must still start steps in the ones already cached.
             self.metrics.cache_hits.inc()
             self.cache.touch(entry.digest)
             return entry

@@ -35,7 +35,8 @@ from .errors import AccessDenied, CorruptLayer, InvalidArgument, NotFound, OciIm
 from .progress import FETCH, RETRY, ProgressEvent, Reporter, silent
 from .reference import DEFAULT_DOMAIN, Reference, parse_reference  # noqa: F401 (re-export)
 from .registry import mediatypes as mt
-from .registry.client import Descriptor, Manifest, RegistryClient, ResolvedImage
+from .image import Image, Layer, registry_layer
+from .registry.client import Descriptor, Manifest, RegistryClient
 
 log = logging.getLogger("ociimage.monolithic")
 
@@ -149,8 +150,7 @@ def file_digest(path: Path) -> str:
 FETCH_EVERY = 0.25
 
 
-def download_squashfs(client: RegistryClient, ref: Reference, layer: Descriptor, out: Path,
-                      report: Reporter = silent,
+def download_squashfs(layer: Layer, out: Path, report: Reporter = silent,
                       clock: Callable[[], float] = time.monotonic) -> None:
     """Stream the SquashFS blob into out; digest and size verified, then the magic.
 
@@ -159,7 +159,7 @@ def download_squashfs(client: RegistryClient, ref: Reference, layer: Descriptor,
     resumes after trouble.
     """
     if layer.media_type != mt.SQUASHFS_LAYER:
-        raise CorruptLayer(f"{ref.familiar()}: layer {layer.digest} is {layer.media_type}, "
+        raise CorruptLayer(f"{layer.source}: layer {layer.digest} is {layer.media_type}, "
                            f"not a SquashFS")
     done = [0]
     last = [clock()]
@@ -176,14 +176,13 @@ def download_squashfs(client: RegistryClient, ref: Reference, layer: Descriptor,
 
     report(ProgressEvent(FETCH, current=0, total=layer.size,
                          message="downloading the ready-to-mount image"))
-    with client.open_blob(ref, layer, on_bytes=on_bytes, on_retry=on_retry) as src, \
-            open(out, "wb") as f:
+    with layer.open(on_bytes=on_bytes, on_retry=on_retry) as src, open(out, "wb") as f:
         while True:
             chunk = src.read(1 << 20)
             if not chunk:
                 break  # EOF: the VerifyingReader has checked size and digest
             f.write(chunk)
-    check_squashfs(out, f"layer {layer.digest} of {ref.familiar()}")
+    check_squashfs(out, f"layer {layer.digest} of {layer.source}")
 
 
 def annotations_of(manifest: Manifest) -> dict:
@@ -240,6 +239,9 @@ class Found:
     def annotations(self) -> dict:
         return annotations_of(self.manifest)
 
+    def squashfs_layer(self) -> Layer:
+        return registry_layer(self.client, self.reference, self.layer)
+
 
 def find_monolithic(client: RegistryClient, repo: Reference, subject_digest: str) -> Optional[Found]:
     """The newest monolithic image in repo whose subject is subject_digest, verified."""
@@ -295,7 +297,7 @@ def _dumps(data: dict) -> bytes:
     return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
 
 
-def build_image(source: ResolvedImage, squashfs_digest: str, squashfs_size: int,
+def build_image(source: Image, squashfs_digest: str, squashfs_size: int,
                 converter: dict) -> tuple:
     """(config bytes, manifest bytes) of the monolithic form of source; deterministic."""
     cfg = copy.deepcopy(source.config) if isinstance(source.config, dict) else {}
@@ -364,7 +366,7 @@ def update_fallback_index(client: RegistryClient, repo: Reference, subject_diges
                         f"{tag_ref.familiar()}: it keeps changing")
 
 
-def publish(client: RegistryClient, sqfs: Path, source: ResolvedImage, target: Reference,
+def publish(client: RegistryClient, sqfs: Path, source: Image, target: Reference,
             converter: dict, *, squashfs_digest: Optional[str] = None,
             mount_candidates: Sequence[Reference] = (), chunk_size: Optional[int] = None,
             on_bytes: Optional[Callable[[int], None]] = None) -> Published:

@@ -10,8 +10,6 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Deque, Optional, TextIO, Tuple
 
 # Phases, in the order an image goes through them.
 RESOLVE = "resolve"
@@ -23,17 +21,33 @@ RETRY = "retry"        # a download was interrupted (stall, reset, short body) a
 DONE = "done"
 
 
-@dataclass
 class ProgressEvent:
-    phase: str
-    message: str = ""
-    current: int = 0
-    total: int = 0
-    layer: int = 0
-    layers: int = 0
+    """One step of progress. A plain class, not a dataclass: the step client imports this
+    module on every step's first node, and dataclasses (with inspect) and typing cost
+    more than that step's whole request."""
+
+    __slots__ = ("phase", "message", "current", "total", "layer", "layers")
+
+    def __init__(self, phase: str, message: str = "", current: int = 0, total: int = 0,
+                 layer: int = 0, layers: int = 0):
+        self.phase, self.message, self.current, self.total = phase, message, current, total
+        self.layer, self.layers = layer, layers
+
+    def _key(self) -> tuple:
+        return (self.phase, self.message, self.current, self.total, self.layer, self.layers)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ProgressEvent) and self._key() == other._key()
+
+    __hash__ = None  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return ("ProgressEvent(phase={!r}, message={!r}, current={!r}, total={!r}, layer={!r}, "
+                "layers={!r})".format(*self._key()))
 
 
-Reporter = Callable[[ProgressEvent], None]
+#: a progress callback (an annotation only, so that typing need not be imported)
+Reporter = "Callable[[ProgressEvent], None]"
 
 
 def silent(_event: ProgressEvent) -> None:
@@ -113,10 +127,11 @@ class Rate:
         return (c1 - c0) / span
 
 
-@dataclass
 class _State:
-    event: ProgressEvent
-    since: float  # when this phase began
+    __slots__ = ("event", "since")
+
+    def __init__(self, event: ProgressEvent, since: float):
+        self.event, self.since = event, since  # since: when this phase began
 
 
 class TextProgress:

@@ -147,7 +147,7 @@ class Publisher:
     def _publish(self, uid: int, req: PublishRequest, report: Reporter) -> dict:
         target = parse_target(req.target)
         client = self.store.client(uid)          # the caller's own credentials, read as them
-        client.max_chunk_size = MAX_CHUNK
+        client.pusher.max_chunk_size = MAX_CHUNK  # the push side (registry/push.py)
         options = self.store.options(req.platform)
         resolved = resolve(client, parse_reference(req.image), options, report)
         if is_monolithic(resolved.manifest):

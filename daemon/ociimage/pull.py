@@ -1,8 +1,12 @@
-"""Pull an image from a registry and flatten it into one SquashFS: into a file or into the cache.
+"""Pull an image from a registry into one SquashFS: into a file or into the cache.
 
-This is the glue between the registry client (what to fetch, verified),
-flatten (one streaming pass over the layers, top-most first) and the SquashFS
-writer. Nothing is extracted to disk; the only file written is the SquashFS.
+This decides where the SquashFS comes from: the image itself when it is
+monolithic (from a trusted repository), a monolithic referrer found in a
+trusted repository, else a conversion (convert.py: flatten in one streaming
+pass, then the SquashFS writer). Nothing is extracted to disk; the only file
+written is the SquashFS. The cache entry is built under the cache's lock and
+single flight; publish_to pushes a fresh conversion back to the site's
+repository.
 """
 
 from __future__ import annotations
@@ -11,226 +15,22 @@ import dataclasses
 import logging
 import os
 import secrets
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
-from . import __version__, cancel, monolithic
+from . import monolithic
 from .cache import UMASK as cache_umask
 from .cache import Cache, CacheEntry
-from .errors import CorruptLayer, DigestMismatch, InvalidArgument, OciImageError
-from .flatten import FlattenLimits
-from .fetch import DEFAULT_PARALLEL, Prefetcher
-from .inflate import inflater_name, open_spooled_layer
-from .layers import compression_of
-from .progress import (DONE, DOWNLOAD, FETCH, RESOLVE, RETRY, SQUASH, WAIT, ProgressEvent,
-                       Reporter, silent)
+from .convert import PullOptions, convert_image, image_metadata
+from .errors import InvalidArgument, OciImageError
+from .image import RegistryImage, registry_layer
+from .progress import DONE, DOWNLOAD, FETCH, RESOLVE, WAIT, ProgressEvent, Reporter, silent
 from .reference import Reference, parse_reference
-from .monolithic import Trust
 from .registry.client import RegistryClient, ResolvedImage
 from .registry.platform import Platform, host_platform
-from .squash import SquashOptions, squash_layers, writer_version
 from .verdicts import SharedAnswers
 
 log = logging.getLogger("ociimage.pull")
-
-# The parts of an image config the runtime needs; the rest stays in the registry.
-CONFIG_KEYS = ("Env", "Entrypoint", "Cmd", "WorkingDir", "User", "Labels", "StopSignal")
-
-
-@dataclass
-class PullOptions:
-    squash: SquashOptions = field(default_factory=SquashOptions)
-    platform: Optional[Platform] = None
-    limits: FlattenLimits = field(default_factory=FlattenLimits)
-    #: [registries] trusted_squashfs: where ready-to-mount SquashFS images may come from
-    trusted_squashfs: Sequence[str] = ()
-    #: [registries] publish_to: REGISTRY/REPO where conversions are published (and looked for)
-    publish_to: Optional[str] = None
-    #: look for a monolithic referrer in trusted repositories before converting
-    discover: bool = True
-    #: layer downloads at once while converting (fetch.Prefetcher)
-    parallel_downloads: int = DEFAULT_PARALLEL
-    #: child decompressors tried per compression, best first (None: inflate.TOOLS; {}: none,
-    #: always decompress in-process)
-    inflaters: Optional[Dict[str, Sequence[Tuple[str, ...]]]] = None
-
-    def trust(self) -> Trust:
-        # publish_to is the site's own repository for conversions: trusted by configuration
-        return Trust(self.trusted_squashfs, [self.publish_to] if self.publish_to else [])
-
-
-def image_metadata(resolved: ResolvedImage, options: PullOptions) -> dict:
-    cfg = resolved.config or {}
-    runtime = cfg.get("config") or {}
-    return {
-        "reference": str(resolved.reference),
-        "manifest_digest": resolved.manifest.digest,
-        "index_digest": resolved.index_digest,
-        "platform": {k: cfg.get(k) for k in ("os", "architecture", "variant") if cfg.get(k)},
-        "config": {k: runtime[k] for k in CONFIG_KEYS if runtime.get(k) is not None},
-        "layers": [{"digest": d.digest, "size": d.size, "mediaType": d.media_type}
-                   for d in resolved.layers],
-        "compressed_size": sum(d.size for d in resolved.layers),
-        "converter": {
-            "name": "slurm-oci-image",
-            "version": __version__,
-            "writer": writer_version(),
-            "compression": options.squash.compression,
-            "level": options.squash.level,
-            "block_size": options.squash.block_size,
-        },
-        "origin": {"kind": "converted"},
-    }
-
-
-class _Progress:
-    """DOWNLOAD events while a conversion runs: compressed bytes converted of the total.
-
-    The layers download ahead of the conversion (fetch.Prefetcher), so what is
-    shown is how far the conversion has read them: the figure that reaches the
-    total when the last layer is read (then the writer finishes the image). A
-    thread reports every TICK seconds, whatever the conversion is waiting for;
-    an exception from the reporter (the pull was cancelled) is raised in the
-    conversion at its next read (check()).
-    """
-
-    TICK = 0.5
-
-    def __init__(self, report: Reporter, total: int, layers: int):
-        self.report, self.total, self.layers = report, total, layers
-        self.done = 0
-        self.layer = 0
-        self.error: Optional[BaseException] = None
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def _emit(self, ev: ProgressEvent) -> None:
-        with self._lock:
-            if self.error is not None:
-                return
-            try:
-                self.report(ev)
-            except BaseException as e:  # noqa: BLE001 - raised in the conversion by check()
-                self.error = e
-
-    def event(self) -> ProgressEvent:
-        return ProgressEvent(DOWNLOAD, current=self.done, total=self.total, layer=self.layer,
-                             layers=self.layers)
-
-
-    def tick(self) -> None:
-        self._emit(self.event())
-
-    def on_retry(self, message: str) -> None:
-        self._emit(ProgressEvent(RETRY, message=message, current=self.done, total=self.total,
-                                 layer=self.layer, layers=self.layers))
-
-    def on_bytes(self, n: int) -> None:
-        self.done += n
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def __enter__(self) -> "_Progress":
-        self.tick()
-        token = cancel.current()
-
-        def tick() -> None:
-            with cancel.scope(token):
-                while not self._stop.wait(self.TICK):
-                    self.tick()
-        self._thread = threading.Thread(target=tick, name="convert-progress", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-def _layer_streams(client: RegistryClient, resolved: ResolvedImage, spool_base: Path,
-                   progress: _Progress, options: PullOptions, reading: dict
-                   ) -> Iterator[BinaryIO]:
-    """Decompressed layer streams, top-most first, each verified against its digest.
-
-    All layers download at once (bounded, fetch.Prefetcher) into spool files
-    named after spool_base; each is decompressed by a child process where a
-    fast inflater is installed (inflate.py), else in a thread.
-    reading["spool"] is the layer being read, reading["check"] what raises
-    when the conversion must stop.
-    """
-    n = len(resolved.layers)
-    descs = list(reversed(resolved.layers))
-    limits = options.limits
-    with Prefetcher(client, resolved.reference, descs, spool_base,
-                    parallel=options.parallel_downloads,
-                    on_retry=progress.on_retry) as fetcher:
-        def check() -> None:
-            progress.check()
-            fetcher.check()
-
-        reading["check"] = check
-        for i, desc in enumerate(descs):
-            progress.layer = n - i
-            spool = reading["spool"] = fetcher.reading(i)
-            stream = open_spooled_layer(
-                spool, compression_of(desc.media_type), check=check, on_bytes=progress.on_bytes,
-                name=f"layer {n - i} of {n} ({desc.digest})",
-                max_bytes=limits.layer_bound(desc.size) if limits else None,
-                tools=options.inflaters)
-            try:
-                yield stream
-                # Whatever follows the tar's end must still pass through the
-                # digest check, so the layer is only trusted once fully read.
-                stream.drain()
-            finally:
-                stream.close()
-        # every layer read (current == total): the writer finishes the image now
-        progress.tick()
-
-
-_VERDICT_WAIT = 2.0  # seconds a broken layer's download may take to give its digest verdict
-
-
-def convert_resolved(client: RegistryClient, resolved: ResolvedImage, out: Path,
-                     options: PullOptions, report: Reporter = silent) -> dict:
-    """Write the flattened SquashFS of a resolved image to out; return its metadata."""
-    total = sum(d.size for d in resolved.layers)
-    started = time.monotonic()
-    with _Progress(report, total, len(resolved.layers)) as progress:
-        reading: dict = {}
-        layers = _layer_streams(client, resolved, out, progress, options, reading)
-        try:
-            stats = squash_layers(layers, out, options.squash, options.limits)
-        except CorruptLayer:
-            # A damaged tar or compressed stream may be a blob that is not what the
-            # manifest says: the download's verdict on the layer is the better error.
-            # Not worth the rest of a blob the manifest may say is a terabyte: a verdict
-            # that is not in after a moment is not waited for (the downloads are stopped).
-            spool = reading.get("spool")
-            if spool is not None:
-                verdict = spool.verdict(reading["check"], wait=_VERDICT_WAIT)
-                if isinstance(verdict, DigestMismatch):
-                    raise verdict from None
-            raise
-        finally:
-            # at once, not when the traceback lets go of it: stops the downloads and
-            # removes their spool files
-            layers.close()
-    meta = image_metadata(resolved, options)
-    meta["converter"]["inflaters"] = sorted({inflater_name(compression_of(d.media_type),
-                                                           options.inflaters)
-                                             for d in resolved.layers})
-    meta["conversion_seconds"] = round(time.monotonic() - started, 3)
-    meta["entries"] = getattr(stats, "entries", None)
-    report(ProgressEvent(SQUASH, message="image written"))
-    return meta
 
 
 def resolve(client: RegistryClient, reference, options: PullOptions,
@@ -250,12 +50,12 @@ def convert_to_file(client: RegistryClient, reference, out, options: PullOptions
         if monolithic.is_monolithic(resolved.manifest):
             # Already a SquashFS: the file is the layer itself (verified); writing a
             # file mounts nothing, so no trust is needed here.
-            monolithic.download_squashfs(client, resolved.reference, resolved.layers[0], tmp,
+            monolithic.download_squashfs(RegistryImage(client, resolved).layers()[0], tmp,
                                          report)
             meta = _fetched_metadata(resolved, options, resolved.reference, resolved.layers[0],
                                      monolithic.annotations_of(resolved.manifest), "reference")
         else:
-            meta = convert_resolved(client, resolved, tmp, options, report)
+            meta = convert_image(RegistryImage(client, resolved), tmp, options, report)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -348,7 +148,7 @@ def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
             log.info("fetching ready-to-mount image", extra={"reference": str(ref),
                                                              "digest": digest})
             layer = resolved.layers[0]
-            monolithic.download_squashfs(client, ref, layer, tmp, report)
+            monolithic.download_squashfs(registry_layer(client, ref, layer), tmp, report)
             outcome["produced"] = "fetched"
             return _fetched_metadata(resolved, options, ref, layer,
                                      monolithic.annotations_of(resolved.manifest), "reference")
@@ -361,8 +161,7 @@ def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
                 log.info("fetching the ready-to-mount form instead of converting",
                          extra={"reference": str(ref), "digest": digest,
                                 "from": str(found.reference), "via": found.via})
-                monolithic.download_squashfs(found.client, found.reference, found.layer, tmp,
-                                             report)
+                monolithic.download_squashfs(found.squashfs_layer(), tmp, report)
                 outcome["produced"] = "fetched"
                 return _fetched_metadata(resolved, options, found.reference, found.layer,
                                          found.annotations, found.via)
@@ -371,7 +170,7 @@ def _producer(client: RegistryClient, resolved: ResolvedImage, options: PullOpti
                             extra={"from": str(found.reference), "error": str(e)})
         log.info("converting", extra={"reference": str(ref), "digest": digest})
         outcome["converting"] = True  # a failure from here on is a failed conversion
-        meta = convert_resolved(client, resolved, tmp, options, report)
+        meta = convert_image(RegistryImage(client, resolved), tmp, options, report)
         outcome["produced"] = "converted"
         return meta
     return produce
@@ -591,7 +390,7 @@ def publish_entry(client: RegistryClient, entry: CacheEntry, resolved: ResolvedI
             candidates.insert(0, parse_reference(origin["from"]))
         except OciImageError:
             pass
-    return monolithic.publish(client, entry.path, resolved, target_ref,
+    return monolithic.publish(client, entry.path, RegistryImage(client, resolved), target_ref,
                               meta.get("converter") or {},
                               squashfs_digest=meta.get("squashfs_digest"),
                               mount_candidates=candidates, chunk_size=chunk_size,

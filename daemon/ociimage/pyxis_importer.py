@@ -182,7 +182,7 @@ def _private_copy(src: int, reply: dict, args) -> Path:
 def get_as_user(reference: str, cfg, args) -> Path:
     from .config import prefetch_path
     from .errors import OciImageError
-    from .usersock import request
+    from .sockclient import request
     insecure = list(cfg.insecure_registries) + list(args.insecure_registry or [])
     pinned = _resolve_as_user(reference, insecure)
     sock = args.prefetch_socket or (str(prefetch_path(cfg)) if prefetch_path(cfg) else None)

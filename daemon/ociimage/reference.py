@@ -42,7 +42,11 @@ _HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
 
 
 def _show(text: str) -> str:
-    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """text as it may appear in a message: every control or non-printable character
+    escaped (\\n, \\x1b, ...), so a hostile reference can neither start a line of its own
+    nor send an escape sequence to the user's terminal."""
+    text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
     return text if len(text) <= 80 else text[:77] + "..."
 
 

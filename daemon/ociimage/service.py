@@ -3,12 +3,13 @@ step runtime, and typed errors to status codes. No logic of its own beyond that.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import functools
 import json
 import logging
-import queue
 import threading
-from typing import Iterator
+from typing import Deque
 
 import grpc
 
@@ -65,83 +66,79 @@ def image_pb(e: CacheEntry, users=(), jobs=()) -> pb.Image:
 
 CLIENT_GONE = "the client went away"
 
-
-def rpc_token(context: grpc.ServicerContext) -> cancel.CancelToken:
-    """A token cancelled when the RPC ends: the client cancelled, disconnected or timed out,
-    or the server is stopping. (It fires after a normal end too, when nothing listens.)"""
-    token = cancel.CancelToken()
-    if not context.add_callback(lambda: token.cancel(CLIENT_GONE)):
-        token.cancel(CLIENT_GONE)  # already over
-    return token
+#: progress events queued for a slow reader before the oldest are dropped
+PROGRESS_QUEUE = 256
 
 
-def stream_with_progress(work, context, wrap_progress, wrap_result,
-                         token: "cancel.CancelToken" = None) -> Iterator:
-    """Run work(report) in a thread, yielding progress messages as they come, then the result.
+async def stream_with_progress(work, context, wrap_progress, wrap_result, executor=None):
+    """Run work(report) in the pool, yielding progress messages as they come, then the result.
 
-    The work runs under the RPC's cancellation token: when the client goes
-    away, this handler returns at once and the work gives up at its next
-    waiting point, unless it is a pull another request still waits for
-    (SingleFlight keeps that one going).
+    The work runs under a cancellation token that is cancelled when the RPC ends
+    early (the client cancelled, disconnected or timed out, or the server is
+    stopping): grpc.aio cancels this coroutine, and the work gives up at its next
+    waiting point, unless it is a pull another request still waits for (SingleFlight
+    keeps that one going). The loop is woken at most once per batch of events.
     """
-    q: "queue.Queue" = queue.Queue(maxsize=256)
-    done = object()
-    gone = object()
-    outcome = {}
-    token = token or rpc_token(context)
-
-    def report(ev: ProgressEvent) -> None:
-        try:
-            q.put_nowait(ev)
-        except queue.Full:  # a slow reader only misses intermediate progress
-            pass
-
-    def run():
-        try:
-            with cancel.scope(token):
-                outcome["result"] = work(report)
-        except BaseException as e:  # noqa: BLE001
-            outcome["error"] = e
-        finally:
-            # once the handler has gone nobody drains the queue: never block on it then
-            while True:
-                try:
-                    q.put(done, timeout=0.5)
-                    break
-                except queue.Full:
-                    if token.cancelled:
-                        break
+    loop = asyncio.get_running_loop()
+    token = cancel.CancelToken()
+    pending: Deque[ProgressEvent] = collections.deque(maxlen=PROGRESS_QUEUE)
+    lock = threading.Lock()
+    woken = asyncio.Event()
+    scheduled = [False]
 
     def wake() -> None:
-        try:
-            q.put_nowait(gone)
-        except queue.Full:  # the handler is not blocked on an empty queue then
-            pass
+        scheduled[0] = False
+        woken.set()
 
-    threading.Thread(target=run, daemon=True, name="pull-worker").start()
-    unregister = token.on_cancel(wake)
+    def report(ev: ProgressEvent) -> None:  # on the worker's thread
+        with lock:
+            pending.append(ev)  # a slow reader only misses intermediate progress
+            if scheduled[0]:
+                return
+            scheduled[0] = True
+        loop.call_soon_threadsafe(wake)
+
+    def run():
+        with cancel.scope(token):
+            return work(report)
+
+    fut = loop.run_in_executor(executor, run)
+    waiter = None
     try:
         while True:
-            item = q.get()
-            if item is done:
+            waiter = asyncio.ensure_future(woken.wait())
+            await asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            woken.clear()
+            with lock:
+                batch = list(pending)
+                pending.clear()
+            for ev in batch:
+                yield wrap_progress(progress_pb(ev))
+            if fut.done():
                 break
-            if item is gone or token.cancelled:
-                if "error" in outcome or "result" in outcome:
-                    continue  # finished meanwhile: drain to `done`
-                return  # nobody to answer: free this thread, the work winds down by itself
-            if context.is_active():
-                yield wrap_progress(progress_pb(item))
     finally:
-        unregister()
-    if "error" in outcome:
-        _fail(context, outcome["error"])
+        if waiter is not None:
+            waiter.cancel()
+        if not fut.done():  # cancelled by grpc.aio, or closed: nobody waits any more
+            token.cancel(CLIENT_GONE)
+            # its end (Cancelled, most likely) is nobody's news: not a logged traceback
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        result = fut.result()
+    except Exception as e:  # noqa: BLE001 - every failure becomes a status code
+        _fail(context, e)
         return
-    yield wrap_result(outcome["result"])
+    yield wrap_result(result)
 
 
 class ImagesServicer(pbg.ImagesServicer):
+    """Pull is a coroutine (grpcserver.py says why); the others are plain methods, which
+    grpc.aio runs in its pool."""
+
     def __init__(self, store: ImageStore):
         self.store = store
+        self._answers: dict = {}
 
     def _users(self):
         users = {}
@@ -154,25 +151,42 @@ class ImagesServicer(pbg.ImagesServicer):
         needed = self.store.jobs_by_digest() or {}
         return {d: describe(jobs) for d, jobs in needed.items()}
 
-    def Pull(self, request, context):
+    async def Pull(self, request, context):
         uid = request.uid if request.HasField("uid") else None
-        token = rpc_token(context)
-        # A hit by digest (every step of a pinned job) needs no worker thread.
+        # A hit by digest (every step of a pinned job) is answered here, on the loop:
+        # one stat and what this daemon already knows, no thread.
         try:
-            with cancel.scope(token):  # the access check may ask the registry
-                entry = self.store.lookup(request.reference, uid)
+            entry = self.store.lookup_known(request.reference, uid)
         except Exception as e:  # noqa: BLE001
             _fail(context, e)
             return
         if entry is not None:
             self.store.metrics.cache_hits.inc()
-            self.store.cache.touch(entry.digest)
-            yield pb.PullEvent(image=image_pb(entry))
+            if self.store.cache.use_due(entry.digest):  # a write, every 30 s: off the loop
+                asyncio.get_running_loop().run_in_executor(None, self.store.cache.record_use,
+                                                           entry.digest)
+            yield pb.PullEvent(image=self._image_pb(entry))
             return
-        yield from stream_with_progress(
-            lambda report: self.store.pull(request.reference, request.platform, uid, report),
-            context, lambda p: pb.PullEvent(progress=p), lambda e: pb.PullEvent(image=image_pb(e)),
-            token)
+        async for event in stream_with_progress(
+                lambda report: self.store.pull(request.reference, request.platform, uid, report),
+                context, lambda p: pb.PullEvent(progress=p),
+                lambda e: pb.PullEvent(image=self._image_pb(e))):
+            yield event
+
+    def _image_pb(self, entry: CacheEntry) -> pb.Image:
+        """image_pb for a Pull's answer, made once per version of the entry's metadata."""
+        key = (entry.digest, id(entry.meta), str(entry.path), entry.size)
+        cached = self._answers.get(entry.digest)
+        if cached is None or cached[0] != key:
+            # the metadata dict is kept with its answer, so that its id is not reused
+            cached = (key, image_pb(entry), entry.meta)
+            if len(self._answers) >= 1024:
+                self._answers.clear()
+            self._answers[entry.digest] = cached
+        out = pb.Image()
+        out.CopyFrom(cached[1])
+        out.last_used = entry.last_used
+        return out
 
     @unary
     def Resolve(self, request, context):
@@ -213,11 +227,12 @@ class ContainersServicer(pbg.ContainersServicer):
     def __init__(self, steps):
         self.steps = steps
 
-    def PrepareStep(self, request, context):
-        yield from stream_with_progress(
-            lambda report: self.steps.prepare(request, report), context,
-            lambda p: pb.PrepareStepEvent(progress=p),
-            lambda c: pb.PrepareStepEvent(container=c))
+    async def PrepareStep(self, request, context):
+        async for event in stream_with_progress(
+                lambda report: self.steps.prepare(request, report), context,
+                lambda p: pb.PrepareStepEvent(progress=p),
+                lambda c: pb.PrepareStepEvent(container=c)):
+            yield event
 
     @unary
     def ReleaseStep(self, request, context):

@@ -21,11 +21,20 @@ from __future__ import annotations
 import os
 import pwd
 import sys
-from typing import List, Optional
 
 from .stepargs import build_parser as _build_parser, parse_mounts, resolve_options
 
 PREFIX = "oci-image"
+
+
+def _full_site() -> None:
+    """The installed wrapper starts Python with -IS (-I -S): no site-packages, no .pth files
+    (they cost more than this program's whole per-step work). The per-step commands need
+    only the standard library; the others (a tag resolved without a daemon, the job
+    record) call this first to get the installation's packages (requests, ...) after all."""
+    if sys.flags.no_site:
+        import site
+        site.main()
 
 
 def _die(message: str, code: int = 1) -> int:
@@ -42,21 +51,68 @@ def cmd_submit(args) -> int:
     image = args.image
     if not image or image.startswith("/") or args.inherited_pin:
         return 0  # nothing to pin: no image, a SquashFS file the nodes check, or pinned by the job
+    insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
     try:
-        from .reference import parse_reference
-        from .registry.client import RegistryClient
-        from .registry.credentials import CredentialStore
-        ref = parse_reference(image)
-        if ref.digest:
-            print(image)
-            return 0
-        insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
-        digest = RegistryClient(credentials=CredentialStore(),
-                                insecure_registries=insecure).resolve_digest(ref)
+        pinned = None
+        if args.socket and _registry_of(image) not in insecure:
+            pinned = _resolve_by_daemon(args.socket, image)
+        if pinned is None:  # no daemon here, or it could not say: ask the registry ourselves
+            pinned = _resolve_here(image, insecure)
     except OciImageError as e:
         return _die(f"--oci-image={image}: {e}")
-    print(f"{image}@{digest}")
+    print(pinned)
     return 0
+
+
+#: where the user's registry credentials are (credentials.py), as the daemon needs to know
+_CREDENTIAL_ENV = ("HOME", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
+
+
+def _registry_of(image: str) -> str:
+    """The registry part of a reference as Docker splits it (no parser on this path)."""
+    first, sep, _rest = image.partition("/")
+    return first if sep and ("." in first or ":" in first or first == "localhost") else ""
+
+
+def _resolve_by_daemon(sock: str, image: str) -> "str | None":
+    """REF@digest from this host's daemon (usersock "resolve": the caller's credentials,
+    the registry's answer of now), or None where the daemon cannot say.
+
+    A warm daemon answers in milliseconds, and this process never imports the registry
+    client (requests, urllib3: most of a cold lookup's time). Whatever goes wrong there
+    (no daemon, busy, an older one, a registry it may not reach, credentials it cannot
+    read, such as a helper program's) is asked again here, whose answer is the last word.
+    """
+    from .errors import OciImageError
+    from .sockclient import MAX_REQUEST, line, request
+    message = {"op": "resolve", "image": image,
+               "env": {k: os.environ[k] for k in _CREDENTIAL_ENV
+                       if os.environ.get(k, "").startswith("/")}}
+    if len(line(message)) > MAX_REQUEST:
+        return None
+    try:
+        reply, fd = request(sock, message, timeout=30.0)
+    except OciImageError:
+        return None
+    if fd is not None:
+        os.close(fd)
+    digest = reply.get("digest")
+    if not isinstance(digest, str) or not digest.startswith("sha256:"):
+        return None
+    if reply.get("pinned"):  # the reference named its digest: only that one will do
+        return image if image.endswith("@" + digest) else None
+    return f"{image}@{digest}"
+
+
+def _resolve_here(image: str, insecure: "list[str]") -> str:
+    _full_site()
+    from .reference import parse_reference
+    from .registry.client import RegistryClient
+    from .registry.credentials import CredentialStore
+    ref = parse_reference(image)
+    if ref.digest:
+        return image
+    return f"{image}@{RegistryClient(credentials=CredentialStore(), insecure_registries=insecure).resolve_digest(ref)}"
 
 
 def read_job_env(fd: int, limit: int = 4 << 20) -> dict:
@@ -105,24 +161,31 @@ def encode_entrypoint(argv) -> bytes:
     return bytes(out)
 
 
-def _records(container) -> bytes:
-    out = [b"ns", container.ns_path.encode(), b"cwd", container.cwd.encode(),
-           b"holder", b"%d %d %d" % (container.holder_pid, container.holder_start,
-                                     container.ns_inode)]
-    for kv in container.set_env:
-        out += [b"env", kv.encode()]
-    for name in container.unset_env:
-        out += [b"unsetenv", name.encode()]
-    if container.argv_prefix:  # only with --oci-entrypoint and an image that has one
-        out += [b"entrypoint", encode_entrypoint(container.argv_prefix)]
+def _records(container: dict) -> bytes:
+    """The StepContainer (protobuf's JSON mapping: defaults left out, 64-bit integers as
+    strings) as the plugin's NUL-separated records."""
+    out = [b"ns", container["ns_path"].encode(), b"cwd", container.get("cwd", "").encode(),
+           b"holder", b"%d %d %d" % (int(container.get("holder_pid", 0)),
+                                     int(container.get("holder_start", 0)),
+                                     int(container.get("ns_inode", 0)))]
+    for kv in container.get("set_env", ()):
+        out += [b"env", kv.encode("utf-8", "surrogateescape")]
+    for name in container.get("unset_env", ()):
+        out += [b"unsetenv", name.encode("utf-8", "surrogateescape")]
+    if container.get("argv_prefix"):  # only with --oci-entrypoint and an image that has one
+        out += [b"entrypoint", encode_entrypoint(container["argv_prefix"])]
     return b"\0".join(out) + b"\0"
 
 
+def _step_socket(args) -> str:
+    from .stepsock import step_socket_path
+    return step_socket_path(socket_path(args))
+
+
 def cmd_prepare(args) -> int:
-    from .client import DaemonClient
+    # The per-step path: no gRPC, no protobuf here (stepsock.py says why).
+    from . import stepsock
     from .errors import OciImageError
-    from .progress import LiveProgress, ProgressEvent, TextProgress
-    from .v1 import ociimage_pb2 as pb
     try:
         mounts = (parse_mounts(args.default_mounts, "plugstack default_mounts")
                   + parse_mounts(args.mounts, "--oci-mounts"))
@@ -132,30 +195,31 @@ def cmd_prepare(args) -> int:
         except KeyError:
             user_name, home = os.environ.get("USER", f"user{args.uid}"), os.environ.get("HOME", "/")
         env_names = [n for n in (args.env_names or "").split(",") if n]
-        req = pb.PrepareStepRequest(
-            job_id=args.job, step_id=args.step, uid=args.uid, gid=args.gid, image=args.image,
-            mounts=[pb.Mount(source=s, target=d, read_only=ro) for s, d, ro in mounts],
-            workdir=args.workdir or "", cwd=args.cwd or "", writable=args.writable,
-            mount_home=args.mount_home, entrypoint=args.entrypoint,
-            environment=read_job_env(args.job_env_fd), env_names=env_names,
-            allow_sqfs=args.allow_sqfs, node=args.node or "", home=home, user_name=user_name)
+        # a PrepareStepRequest (proto/ociimage/v1/ociimage.proto), field for field
+        req = {"job_id": args.job, "step_id": args.step, "uid": args.uid, "gid": args.gid,
+               "image": args.image,
+               "mounts": [{"source": s, "target": d, "read_only": ro} for s, d, ro in mounts],
+               "workdir": args.workdir or "", "cwd": args.cwd or "", "writable": args.writable,
+               "mount_home": args.mount_home, "entrypoint": args.entrypoint,
+               "environment": read_job_env(args.job_env_fd), "env_names": env_names,
+               "allow_sqfs": args.allow_sqfs, "node": args.node or "", "home": home,
+               "user_name": user_name}
         show = None
         if args.progress != "none":  # one node of the step shows it (the plugin chooses)
+            from .progress import LiveProgress, TextProgress
             node = f"{args.node}: " if args.node else ""
             show = LiveProgress(TextProgress(sys.stderr, prefix=f"{PREFIX}: {node}",
                                              tty=args.progress == "tty", interval=4.0,
                                              columns=args.columns))
-
-        def on_progress(p):
-            if show is not None:
-                show(ProgressEvent(p.phase, p.message, p.current, p.total, p.layer, p.layers))
-
-        client = DaemonClient(socket_path(args))
         try:
-            container = client.prepare_step(req, on_progress)
+            reply = stepsock.call(_step_socket(args), {"op": "prepare", "step": req},
+                                  show, timeout=args.timeout)
         finally:
             if show is not None:
                 show.stop()
+        container = reply.get("container")
+        if not isinstance(container, dict) or not container.get("ns_path"):
+            return _die("oci-imaged answered the step's prepare without a container")
     except OciImageError as e:
         return _die(str(e))
     sys.stdout.buffer.write(_records(container))
@@ -164,10 +228,11 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .client import DaemonClient
+    from . import stepsock
     from .errors import OciImageError
     try:
-        DaemonClient(socket_path(args)).release_step(args.job, args.step)
+        stepsock.call(_step_socket(args), {"op": "release", "job": args.job, "step": args.step},
+                      timeout=args.timeout)
     except OciImageError as e:
         return _die(f"releasing step {args.job}.{args.step}: {e}")
     return 0
@@ -181,7 +246,7 @@ def cmd_prefetch(args) -> int:
     looks at the outcome. No gRPC here: the user socket is a one-line protocol.
     """
     from .errors import OciImageError
-    from .usersock import request
+    from .sockclient import request
     if "@sha256:" not in args.image:
         return _die(f"prefetch: {args.image}: not a digest-pinned reference")
     try:
@@ -197,14 +262,15 @@ def cmd_prefetch(args) -> int:
 
 def cmd_cleanup_job(args) -> int:
     """The job ended on this node: release whatever its steps left (a killed slurmstepd)."""
-    from .client import DaemonClient
+    from . import stepsock
     from .errors import OciImageError
     try:
-        r = DaemonClient(socket_path(args), timeout=args.timeout).release_job(args.job)
+        r = stepsock.call(_step_socket(args), {"op": "release-job", "job": args.job},
+                          timeout=args.timeout)
     except OciImageError as e:
         return _die(f"cleaning up after job {args.job}: {e}")
-    if r["steps"] or r["leases"]:
-        print(f"job {args.job}: released {r['steps']} step(s), {r['leases']} lease(s)")
+    if r.get("steps") or r.get("leases"):
+        print(f"job {args.job}: released {r.get('steps', 0)} step(s), {r.get('leases', 0)} lease(s)")
     return 0
 
 
@@ -215,6 +281,7 @@ def cmd_record_job(args) -> int:
     digest: squeue shows comments to everyone, and a name may be private. Best effort:
     the job runs the same without it, so this says one line and exits 0 on failure.
     """
+    _full_site()
     from .slurm import SlurmUnavailable, record_image, submitted_job
     if "@sha256:" not in args.image:
         return 0  # a .sqfs path: nothing in the cache to spare
@@ -244,7 +311,7 @@ def build_parser():
     return _build_parser(__doc__.splitlines()[0])
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: "list[str] | None" = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("submit", "prepare"):

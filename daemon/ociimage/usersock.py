@@ -12,6 +12,10 @@ most MAX_REQUEST bytes, complete within the request timeout, default 5 s, counte
 from accept: a client that sends nothing or trickles is cut off by then), the
 daemon answers one JSON line and closes the connection:
 
+    {"op": "resolve", "image": "NAME[:TAG]",
+     ["env": {"HOME"|"REGISTRY_AUTH_FILE"|"DOCKER_CONFIG"|"XDG_RUNTIME_DIR": "/path"}]}
+        -> {"state": "resolved", "digest": "sha256:...", ["pinned": true]}: the tag's
+           digest at the registry now, with the CALLER's registry credentials (srun/sbatch at submit)
     {"op": "prefetch", "image": "NAME@sha256:..."}
         -> {"state": "cached"|"started"|"running"|"skipped", "digest": ..., ["reason": ...]}
            a pull in the background with the CALLER's registry credentials
@@ -47,29 +51,17 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from . import errors
-from .userstream import Streamed, Streams, request_stream
+from .sockclient import MAX_REQUEST, line as _line
+from .userstream import Streamed, Streams
 
 log = logging.getLogger("ociimage.usersock")
 
-MAX_REQUEST = 4096
-MAX_REPLY = 65536
 #: connections served at once, in all and per uid (more get "busy" and are closed)
 MAX_CONNECTIONS = 64
 MAX_CONNECTIONS_PER_UID = 8
 DEFAULT_REQUEST_TIMEOUT = 5.0
 
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
-
-_BY_CODE = {
-    "INVALID_ARGUMENT": errors.InvalidArgument,
-    "NOT_FOUND": errors.NotFound,
-    "UNAUTHENTICATED": errors.AuthenticationRequired,
-    "PERMISSION_DENIED": errors.AccessDenied,
-    "UNAVAILABLE": errors.RegistryUnavailable,
-    "RESOURCE_EXHAUSTED": errors.LimitExceeded,
-    "DEADLINE_EXCEEDED": errors.LockTimeout,
-}
-
 
 class Caller:
     """Who is on the other end, as the kernel says."""
@@ -90,17 +82,27 @@ Handler = Callable[[Caller, dict], Tuple[dict, Optional[int]]]
 
 
 class UserSocketServer:
-    """Accepts on the user socket; each connection is served by a short-lived thread."""
+    """Accepts on a local socket; each connection is served by a short-lived thread.
+
+    The user socket (mode 0666, anyone) and the step socket (stepsock.py: mode 0600,
+    root only) are both this server with different limits; only_uid refuses every
+    other caller before a byte is read, whatever the socket's mode says.
+    """
 
     def __init__(self, path: Path, handler: Handler, *,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
                  max_connections: int = MAX_CONNECTIONS,
-                 max_per_uid: int = MAX_CONNECTIONS_PER_UID):
+                 max_per_uid: int = MAX_CONNECTIONS_PER_UID,
+                 max_request: int = MAX_REQUEST, mode: int = 0o666,
+                 only_uid: Optional[int] = None):
         self.path = Path(path)
         self.handler = handler
         self.request_timeout = request_timeout
         self.max_connections = max_connections
         self.max_per_uid = max_per_uid
+        self.max_request = max_request
+        self.mode = mode
+        self.only_uid = only_uid
         self._lock = threading.Lock()
         self._active: Dict[int, int] = {}
         self._total = 0
@@ -112,28 +114,40 @@ class UserSocketServer:
 
     def start(self) -> None:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # never wider than its mode, not even between bind and chmod
+        old_umask = os.umask(0o777 & ~self.mode)
         try:
             s.bind(str(self.path))
-            # Every request is attributed to its caller's uid, so anyone may connect.
-            # (bind made it 0777 less the umask, narrower unless the umask is 0; a
-            # socket's x bits mean nothing.)
-            os.chmod(self.path, 0o666)
-            s.listen(128)
+            # The user socket: every request is attributed to its caller's uid, so anyone
+            # may connect. (A socket's x bits mean nothing.)
+            os.chmod(self.path, self.mode)
+            # as deep as the kernel allows: a node's steps may all start at once
+            s.listen(socket.SOMAXCONN)
         except OSError as e:
             s.close()
             raise errors.ConfigError(f"cannot listen on {self.path}: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
         self._sock = s
         self._thread = threading.Thread(target=self._accept_loop, daemon=True,
                                         name="user-socket")
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 0.0) -> None:
+        """Stop accepting, cancel the long requests, then give the short ones under way
+        (a step's release) up to `wait` seconds to finish."""
         self._stop.set()
-        self.streams.cancel_all()
         if self._thread:
             self._thread.join(timeout=5)
         if self._sock:
             self._sock.close()
+        self.streams.cancel_all()
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._total == 0:
+                    return
+            time.sleep(0.02)
 
     def _accept_loop(self) -> None:
         while not self._stop.is_set():
@@ -153,6 +167,11 @@ class UserSocketServer:
             except OSError:
                 conn.close()
                 continue
+            if self.only_uid is not None and caller.uid != self.only_uid:
+                log.warning("refused a caller on a root-only socket",
+                            extra={"uid": caller.uid, "pid": caller.pid, "socket": str(self.path)})
+                conn.close()
+                continue
             with self._lock:
                 busy = (self._total >= self.max_connections
                         or self._active.get(caller.uid, 0) >= self.max_per_uid)
@@ -160,20 +179,16 @@ class UserSocketServer:
                     self._total += 1
                     self._active[caller.uid] = self._active.get(caller.uid, 0) + 1
             if busy:
-                # Never read from or wait on a refused connection: one line, if the
-                # socket buffer takes it, and close.
-                log.info("user socket busy, connection refused", extra={"uid": caller.uid})
-                try:
-                    conn.setblocking(False)
-                    conn.send(_line({"error": "oci-imaged is busy with other requests from "
-                                              "this user; try again later",
-                                     "code": "RESOURCE_EXHAUSTED"}))
-                except OSError:
-                    pass
-                conn.close()
+                self._refuse(conn, caller)
                 continue
-            threading.Thread(target=self._serve, args=(conn, caller), daemon=True,
-                             name=f"user-request-{caller.uid}").start()
+            try:
+                threading.Thread(target=self._serve, args=(conn, caller), daemon=True,
+                                 name=f"user-request-{caller.uid}").start()
+            except RuntimeError:  # no thread to be had: refuse this one, keep accepting
+                self._refuse(conn, caller)
+                with self._lock:
+                    self._total -= 1
+                    self._release_uid(caller.uid)
 
     def _serve(self, conn: socket.socket, caller: Caller) -> None:
         deadline = time.monotonic() + self.request_timeout
@@ -208,11 +223,27 @@ class UserSocketServer:
             conn.close()
             with self._lock:
                 self._total -= 1
-                n = self._active.get(caller.uid, 1) - 1
-                if n:
-                    self._active[caller.uid] = n
-                else:
-                    self._active.pop(caller.uid, None)
+                self._release_uid(caller.uid)
+
+    def _release_uid(self, uid: int) -> None:
+        n = self._active.get(uid, 1) - 1
+        if n:
+            self._active[uid] = n
+        else:
+            self._active.pop(uid, None)
+
+    @staticmethod
+    def _refuse(conn: socket.socket, caller: Caller) -> None:
+        """Never read from or wait on a refused connection: one line, if the socket
+        buffer takes it, and close."""
+        log.info("local socket busy, connection refused", extra={"uid": caller.uid})
+        try:
+            conn.setblocking(False)
+            conn.send(_line({"error": "oci-imaged is busy with other requests from this user; "
+                                      "try again later", "code": "RESOURCE_EXHAUSTED"}))
+        except OSError:
+            pass
+        conn.close()
 
     def _read_request(self, conn: socket.socket, deadline: float) -> dict:
         buf = b""
@@ -223,27 +254,22 @@ class UserSocketServer:
                                              f"{self.request_timeout:g} s")
             conn.settimeout(left)
             try:
-                chunk = conn.recv(MAX_REQUEST + 1 - len(buf))
+                chunk = conn.recv(min(1 << 20, self.max_request + 1 - len(buf)))
             except socket.timeout:
                 continue  # the deadline check above answers
             if not chunk:
                 break
             buf += chunk
-            if len(buf) > MAX_REQUEST:
-                raise errors.InvalidArgument(f"request larger than {MAX_REQUEST} bytes")
+            if len(buf) > self.max_request:
+                raise errors.InvalidArgument(f"request larger than {self.max_request} bytes")
         line = buf.split(b"\n", 1)[0]
         try:
             request = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             raise errors.InvalidArgument("request is not one line of JSON") from None
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str) \
-                or not isinstance(request.get("image"), str):
-            raise errors.InvalidArgument('request must be {"op": ..., "image": ...}')
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            raise errors.InvalidArgument('request must be {"op": ..., ...}')
         return request
-
-
-def _line(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
 # ---- the daemon's side: what each op does ----------------------------------------------
@@ -258,9 +284,13 @@ class UserRequests:
         self.publish_timeout = publish_timeout
 
     def __call__(self, caller: Caller, request: dict) -> Tuple[dict, Optional[int]]:
-        op, image = request["op"], request["image"]
+        op, image = request["op"], request.get("image")
+        if not isinstance(image, str):
+            raise errors.InvalidArgument('request must be {"op": ..., "image": ...}')
         if len(image) > 1024:
             raise errors.InvalidArgument("image reference too long")
+        if op == "resolve":
+            return self._resolve(caller, request), None
         if op == "prefetch":
             state, digest, reason = self.prefetcher.request(image, caller.uid)
             reply = {"state": state, "digest": digest}
@@ -274,7 +304,38 @@ class UserRequests:
             return Streamed(lambda report: publisher.publish(caller.uid, request, report),
                             self.publish_timeout, "[daemon] publish_timeout",
                             "the publish"), None
-        raise errors.InvalidArgument(f"unknown op {op[:40]!r} (prefetch, open, publish)")
+        raise errors.InvalidArgument(f"unknown op {op[:40]!r} (resolve, prefetch, open, publish)")
+
+    #: the user's variables that say where their registry credentials are (credentials.py)
+    RESOLVE_ENV = ("HOME", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG", "XDG_RUNTIME_DIR")
+
+    def _resolve(self, caller: Caller, request: dict) -> dict:
+        """srun/sbatch's tag lookup at submit, asked of this host's warm daemon (no
+        registry client to import in every srun).
+
+        Always the registry's answer of now, with the caller's own credential files
+        (read as the caller, where the caller's environment says they are): never a
+        cached answer, never anyone else's credentials. Only the site's network policy
+        applies: a registry the user reaches over plain HTTP is theirs to ask themselves
+        (the step client does, in-process).
+        """
+        from .reference import parse_reference
+        unknown = set(request) - {"op", "image", "env"}
+        if unknown:
+            raise errors.InvalidArgument(f"resolve: unknown fields {', '.join(sorted(unknown))}")
+        environ = request.get("env") or {}
+        if not isinstance(environ, dict) or not all(
+                k in self.RESOLVE_ENV and isinstance(v, str) and v.startswith("/")
+                and len(v) < 4096 and "\0" not in v for k, v in environ.items()):
+            raise errors.InvalidArgument(f"env may only hold {', '.join(self.RESOLVE_ENV)} "
+                                         f"as absolute paths")
+        ref = parse_reference(request["image"])
+        if ref.digest:
+            return {"state": "resolved", "digest": ref.digest, "pinned": True}
+        digest = self.store.resolve_tag(ref, caller.uid, environ)
+        log.info("tag resolved for a user", extra={"uid": caller.uid, "pid": caller.pid,
+                                                   "reference": str(ref), "digest": digest})
+        return {"state": "resolved", "digest": digest}
 
     def _open(self, caller: Caller, image: str) -> Tuple[dict, Optional[int]]:
         from .reference import parse_reference
@@ -296,78 +357,3 @@ class UserRequests:
         log.info("image handed to a user", extra={"uid": caller.uid, "pid": caller.pid,
                                                   "digest": entry.digest})
         return {"state": "ready", "digest": entry.digest, "size": entry.size}, fd
-
-
-# ---- the client side (step client, pyxis importer) -------------------------------------
-
-def _connect(path: str, timeout: float) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    s.settimeout(timeout)
-    try:
-        s.connect(path)
-    except (FileNotFoundError, ConnectionRefusedError):
-        s.close()
-        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: is the daemon "
-                                       f"running? (systemctl status oci-imaged)") from None
-    except PermissionError:
-        s.close()
-        raise errors.AccessDenied(f"permission denied on {path}") from None
-    except OSError as e:
-        s.close()
-        raise errors.DaemonUnavailable(f"cannot reach oci-imaged at {path}: "
-                                       f"{e.strerror or e}") from None
-    return s
-
-
-def stream(path: str, message: dict, on_progress, timeout: float) -> dict:
-    """A long request (publish): on_progress(ProgressEvent) for each progress line, then the
-    final reply; failures as typed errors. timeout bounds the whole request."""
-    if len(_line(message)) > MAX_REQUEST:
-        raise errors.InvalidArgument(f"request larger than {MAX_REQUEST} bytes")
-    return request_stream(lambda: _connect(path, 10.0), message, on_progress, timeout, path,
-                          _BY_CODE)
-
-
-def request(path: str, message: dict, timeout: float = 10.0) -> Tuple[dict, Optional[int]]:
-    """Send one request, return (reply, descriptor or None); failures as typed errors."""
-    s = _connect(path, timeout)
-    fds = []
-    try:
-        data = _line(message)
-        if len(data) > MAX_REQUEST:
-            raise errors.InvalidArgument(f"request larger than {MAX_REQUEST} bytes")
-        buf = b""
-        try:
-            s.sendall(data)
-            while b"\n" not in buf and len(buf) < MAX_REPLY:
-                chunk, ancdata, _flags, _addr = s.recvmsg(MAX_REPLY, socket.CMSG_SPACE(4 * 4))
-                for level, kind, payload in ancdata:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        a = array.array("i")
-                        a.frombytes(payload[:len(payload) - len(payload) % a.itemsize])
-                        fds.extend(a)
-                if not chunk:
-                    break
-                buf += chunk
-        except socket.timeout:
-            raise errors.DaemonUnavailable(f"oci-imaged at {path} did not answer within "
-                                           f"{timeout:g} s") from None
-        except OSError as e:
-            raise errors.DaemonUnavailable(f"oci-imaged at {path} went away during the request "
-                                           f"({e.strerror or e})") from None
-        try:
-            reply = json.loads(buf.split(b"\n", 1)[0].decode("utf-8"))
-            if not isinstance(reply, dict):
-                raise ValueError
-        except (UnicodeDecodeError, ValueError):
-            raise errors.OciImageError(f"oci-imaged at {path} answered something that is not "
-                                       f"JSON") from None
-        if "error" in reply:
-            cls = _BY_CODE.get(reply.get("code"), errors.OciImageError)
-            raise cls(str(reply["error"]))
-        fd = fds.pop(0) if fds else None
-        return reply, fd
-    finally:
-        for extra in fds:
-            os.close(extra)
-        s.close()

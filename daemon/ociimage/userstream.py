@@ -35,6 +35,7 @@ import time
 from typing import Callable, Optional, Set
 
 from . import cancel, errors
+from .sockclient import line
 from .progress import DONE, RETRY, ProgressEvent, Reporter
 
 log = logging.getLogger("ociimage.usersock")
@@ -63,14 +64,11 @@ class Streamed:
         self.what = what
 
 
-def line(obj: dict) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-
-
 def _progress_line(ev: ProgressEvent) -> bytes:
     return line({"progress": {"phase": str(ev.phase), "message": str(ev.message)[:500],
                               "current": max(0, int(ev.current)),
-                              "total": max(0, int(ev.total))}})
+                              "total": max(0, int(ev.total)),
+                              "layer": max(0, int(ev.layer)), "layers": max(0, int(ev.layers))}})
 
 
 def _hung_up(conn: socket.socket) -> bool:
@@ -119,6 +117,7 @@ class Streams:
         events: "queue.Queue" = queue.Queue(maxsize=64)
         finished = threading.Event()
         outcome: dict = {}
+        woken = object()  # the work's end: answer now, not at the next poll
 
         def report(ev: ProgressEvent) -> None:
             try:
@@ -140,6 +139,10 @@ class Streams:
                                     "code": "INTERNAL"}
             finally:
                 finished.set()
+                try:
+                    events.put_nowait(woken)
+                except queue.Full:  # the loop is draining a full queue: it sees `finished`
+                    pass
 
         threading.Thread(target=work, daemon=True, name=f"user-stream-{who}").start()
         deadline = time.monotonic() + job.timeout
@@ -167,7 +170,7 @@ class Streams:
                 ev = events.get(timeout=poll)
             except queue.Empty:
                 continue
-            if not talking:
+            if ev is woken or not talking:
                 continue
             urgent = ev.phase != last_phase or ev.phase in (DONE, RETRY)
             if not urgent and now - sent_at.get(ev.phase, 0.0) < PROGRESS_EVERY:
@@ -191,62 +194,3 @@ class Streams:
             _send(conn, line(reply), write_timeout)
         except OSError:
             pass  # the caller went away at the last moment: nothing to tell it
-
-
-# ---- the client side (the oci-image CLI) ---------------------------------------------------
-
-def request_stream(connect: Callable[[], socket.socket], message: dict,
-                   on_progress: Callable[[ProgressEvent], None], timeout: float,
-                   where: str, by_code: dict, max_line: int = 65536) -> dict:
-    """Send one request, relay its progress lines, return its final reply (errors typed)."""
-    s = connect()
-    try:
-        deadline = time.monotonic() + timeout
-        buf = b""
-        try:
-            s.sendall(line(message))
-            while True:
-                while b"\n" in buf:
-                    raw, buf = buf.split(b"\n", 1)
-                    obj = _parse(raw, where)
-                    p = obj.get("progress")
-                    if isinstance(p, dict):
-                        on_progress(ProgressEvent(
-                            str(p.get("phase", "")), str(p.get("message", "")),
-                            int(p.get("current") or 0), int(p.get("total") or 0)))
-                        continue
-                    if "error" in obj:
-                        cls = by_code.get(obj.get("code"), errors.OciImageError)
-                        raise cls(str(obj["error"]))
-                    return obj
-                if len(buf) > max_line:
-                    raise errors.OciImageError(f"oci-imaged at {where} answered a line longer "
-                                               f"than {max_line} bytes")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                s.settimeout(left)
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise errors.DaemonUnavailable(f"oci-imaged at {where} ended the request "
-                                                   f"without an answer (restarted?)")
-                buf += chunk
-        except socket.timeout:
-            raise errors.DaemonUnavailable(f"oci-imaged at {where} did not answer within "
-                                           f"{timeout:g} s") from None
-        except OSError as e:
-            raise errors.DaemonUnavailable(f"oci-imaged at {where} went away during the "
-                                           f"request ({e.strerror or e})") from None
-    finally:
-        s.close()
-
-
-def _parse(raw: bytes, where: str) -> dict:
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-        if not isinstance(obj, dict):
-            raise ValueError
-        return obj
-    except (UnicodeDecodeError, ValueError):
-        raise errors.OciImageError(f"oci-imaged at {where} answered something that is not "
-                                   f"JSON") from None

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from urllib.parse import urlsplit
 from ..errors import (AccessDenied, AuthenticationRequired, RegistryProtocolError,
                       RegistryUnavailable)
 from .credentials import Credentials
+from .manifest import json_object
 
 log = logging.getLogger("ociimage.registry")
 
@@ -129,6 +129,19 @@ def read_limited(resp, limit: int) -> Optional[bytes]:
 
 def repository_scope(repository: str, actions: Sequence[str] = ("pull",)) -> str:
     return f"repository:{repository}:{','.join(actions)}"
+
+
+def pull_scopes(ref) -> List[str]:
+    """The token scopes reading ref's repository needs."""
+    return [repository_scope(ref.path, ("pull",))]
+
+
+def push_scopes(ref, mount_from: Optional[str] = None) -> List[str]:
+    """`pull,push` on the target; `pull` on the repository a blob is mounted from."""
+    scopes = [repository_scope(ref.path, ("pull", "push"))]
+    if mount_from and mount_from != ref.path:
+        scopes.append(repository_scope(mount_from, ("pull",)))
+    return scopes
 
 
 def basic_header(creds: Credentials) -> str:
@@ -297,12 +310,8 @@ class Authenticator:
         body = read_limited(resp, MAX_TOKEN_RESPONSE)
         if body is None:
             raise RegistryProtocolError(f"the token server of {domain} sent an oversized answer")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise RegistryProtocolError(f"the token server of {domain} sent invalid JSON") from None
-        if not isinstance(data, dict):
-            raise RegistryProtocolError(f"the token server of {domain} sent invalid JSON")
+        invalid = f"the token server of {domain} sent invalid JSON"
+        data = json_object(body, invalid, invalid)
         value = data.get("token") or data.get("access_token")
         if not isinstance(value, str) or not value or any(c in value for c in "\r\n\0 "):
             raise RegistryProtocolError(f"the token server of {domain} sent no usable token")
