@@ -41,6 +41,7 @@ from images import busybox_layers  # noqa: E402
 from localcluster import LocalCluster  # noqa: E402
 from ocibuild import Entry, Pusher  # noqa: E402
 from registry_server import RegistryServer  # noqa: E402
+from stepclient import options, plugstack, run_step  # noqa: E402
 
 
 def timed(fn, runs):
@@ -92,20 +93,40 @@ def step_breakdown(v: Variant, tag: str, cluster, runs: int) -> dict:
     py = v.prefix / "venv" / "bin" / "python"
     step = v.prefix / "venv" / "bin" / "oci-image-step"
     d = v.daemons[0]
-    pinned = subprocess.run([str(step), "submit", "--image", tag], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    ids = ["--socket", str(d.socket), "--node", "n1", "--job", "424242"]
-    who = ["--uid", str(cluster.uid), "--gid", str(cluster.gid), "--image", pinned,
-           "--cwd", "/tmp", "--progress", "none"]
+    plug = plugstack(f"step_client={step}", f"socket={d.socket}")
+    sub = run_step([str(step), "submit", *plugstack(f"step_client={step}", "prefetch_socket=none"),
+                    *options(oci_image=tag)])
+    if sub.returncode != 0 or not sub.pinned:
+        raise RuntimeError(f"submit of {tag} failed: {sub.stderr}")
+    pinned = sub.pinned
+    # n1 as the step's second node: only a step's first node shows progress
+    job_env = {"SLURM_STEP_NODELIST": "n0,n1", "OCI_SUBMIT_CWD": "/tmp"}
+    env_blob = b"".join(f"{k}={v}".encode() + b"\0" for k, v in job_env.items())
+    ids = ["--job", "424242", "--uid", str(cluster.uid), "--gid", str(cluster.gid),
+           "--node-id", "1"]
+
+    def release(i: int) -> None:  # as slurmstepd: the job's environment on a memfd
+        fd = os.memfd_create("job-env", 0)
+        try:
+            os.write(fd, env_blob)
+            subprocess.run([str(step), "release", *ids, "--step", str(i), "--job-env-fd",
+                            str(fd), *plug], check=True, pass_fds=[fd])
+        finally:
+            os.close(fd)
+
     bare = timed(lambda: subprocess.run([str(py), "-IS", "-c", "pass"], check=True), runs)
     prep, rel, warm_prep, warm_rel = [], [], [], []
     for i in range(runs):
         t = time.perf_counter()
-        subprocess.run([str(step), "prepare", *ids, "--step", str(i), *who], check=True,
-                       stdout=subprocess.DEVNULL)
+        r = run_step([str(step), "prepare", *ids, "--step", str(i), *plug,
+                      *options(oci_image=pinned)], job_env=job_env)
         prep.append(time.perf_counter() - t)
+        if r.fd is not None:
+            os.close(r.fd)
+        if r.returncode != 0 or r.fd is None:
+            raise RuntimeError(f"prepare of step {i} failed: {r.stderr}")
         t = time.perf_counter()
-        subprocess.run([str(step), "release", *ids, "--step", str(i)], check=True)
+        release(i)
         rel.append(time.perf_counter() - t)
     path = step_socket_path(d.socket)
     req = {"job_id": "424243", "uid": cluster.uid, "gid": cluster.gid, "image": pinned,

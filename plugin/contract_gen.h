@@ -2,104 +2,59 @@
 #ifndef OCI_CONTRACT_GEN_H
 #define OCI_CONTRACT_GEN_H
 
+/* the options (ours, then pyxis' names); an option's val is its index */
+#define OCI_N_OWN 9
+#define OCI_N_OPTIONS 19
+#define OCI_OPT_BATCH_IN_IMAGE 8
 #define OCI_DEFAULT_SOCKET "/run/oci-image/oci-imaged.sock"
-#define OCI_DEFAULT_PREFETCH_SOCKET "/run/oci-image/oci-imaged-prefetch.sock"
 
-/* option codes (the val of struct spank_option; aliases share them) */
-enum { O_IMAGE = 1, O_MOUNTS, O_WORKDIR, O_WRITABLE, O_MOUNT_HOME, O_NO_MOUNT_HOME, O_ENTRYPOINT, O_ENV, O_BATCH, O_C_IMAGE, O_READONLY, O_NO_ENTRYPOINT, O_COUNT };
+/* the options' variables: one set means the step client has work to do */
+static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", NULL };
 
-/* the variable that sets an option not given, and the value that means it */
-struct oci_opt_env { int code; const char *env; const char *value; };
-static const struct oci_opt_env oci_opt_env[] = {
-	{ O_IMAGE, "OCI_IMAGE", "" },
-	{ O_MOUNTS, "OCI_MOUNTS", "" },
-	{ O_WORKDIR, "OCI_WORKDIR", "" },
-	{ O_WRITABLE, "OCI_WRITABLE", "1" },
-	{ O_MOUNT_HOME, "OCI_MOUNT_HOME", "1" },
-	{ O_NO_MOUNT_HOME, "OCI_MOUNT_HOME", "0" },
-	{ O_ENTRYPOINT, "OCI_ENTRYPOINT", "1" },
-	{ O_ENV, "OCI_ENV", "" },
-	{ 0, NULL, NULL }
-};
+#define OCI_CHECKED_VAR "OCI_IMAGE_CHECKED"
 
-/* the step client's subcommands and arguments: SC_<COMMAND>, SC_<COMMAND>_<ARG> */
+/* the step client's subcommands (SC_<COMMAND>) and arguments (SC_ARG_<ARG>) */
 #define SC_SUBMIT "submit"
-#define SC_SUBMIT_IMAGE "--image"
-#define SC_SUBMIT_CONTAINER_IMAGE "--container-image"
-#define SC_SUBMIT_MOUNTS "--mounts"
-#define SC_SUBMIT_WORKDIR "--workdir"
-#define SC_SUBMIT_ENV_NAMES "--env-names"
-#define SC_SUBMIT_WRITABLE "--writable"
-#define SC_SUBMIT_MOUNT_HOME "--mount-home"
-#define SC_SUBMIT_ENTRYPOINT "--entrypoint"
-#define SC_SUBMIT_DEFAULT_MOUNTS "--default-mounts"
-#define SC_SUBMIT_PINNED "--pinned"
-#define SC_SUBMIT_SOCKET "--socket"
-#define SC_PREFETCH "prefetch"
-#define SC_PREFETCH_SOCKET "--socket"
-#define SC_PREFETCH_IMAGE "--image"
-#define SC_PREFETCH_NODE "--node"
-#define SC_PREFETCH_TIMEOUT "--timeout"
-#define SC_CLEANUP_JOB "cleanup-job"
-#define SC_CLEANUP_JOB_SOCKET "--socket"
-#define SC_CLEANUP_JOB_JOB "--job"
-#define SC_CLEANUP_JOB_NODE "--node"
-#define SC_CLEANUP_JOB_TIMEOUT "--timeout"
-#define SC_RECORD_JOB "record-job"
-#define SC_RECORD_JOB_IMAGE "--image"
-#define SC_RECORD_JOB_SINCE "--since"
-#define SC_RECORD_JOB_SID "--sid"
-#define SC_RECORD_JOB_JOB "--job"
-#define SC_RECORD_JOB_VERBOSE "--verbose"
 #define SC_PREPARE "prepare"
-#define SC_PREPARE_SOCKET "--socket"
-#define SC_PREPARE_JOB "--job"
-#define SC_PREPARE_STEP "--step"
-#define SC_PREPARE_NODE "--node"
-#define SC_PREPARE_UID "--uid"
-#define SC_PREPARE_GID "--gid"
-#define SC_PREPARE_IMAGE "--image"
-#define SC_PREPARE_CONTAINER_IMAGE "--container-image"
-#define SC_PREPARE_PINNED "--pinned"
-#define SC_PREPARE_MOUNTS "--mounts"
-#define SC_PREPARE_DEFAULT_MOUNTS "--default-mounts"
-#define SC_PREPARE_WORKDIR "--workdir"
-#define SC_PREPARE_CWD "--cwd"
-#define SC_PREPARE_WRITABLE "--writable"
-#define SC_PREPARE_MOUNT_HOME "--mount-home"
-#define SC_PREPARE_ENTRYPOINT "--entrypoint"
-#define SC_PREPARE_ENV_NAMES "--env-names"
-#define SC_PREPARE_ALLOW_SQFS "--allow-sqfs"
-#define SC_PREPARE_JOB_ENV_FD "--job-env-fd"
-#define SC_PREPARE_PROGRESS "--progress"
-#define SC_PREPARE_COLUMNS "--columns"
 #define SC_RELEASE "release"
-#define SC_RELEASE_SOCKET "--socket"
-#define SC_RELEASE_JOB "--job"
-#define SC_RELEASE_STEP "--step"
-#define SC_RELEASE_NODE "--node"
+#define SC_CLEANUP_JOB "cleanup-job"
+#define SC_PREFETCH "prefetch"
+#define SC_RECORD_JOB "record-job"
+#define SC_ARG_PLUGSTACK "--plugstack"
+#define SC_ARG_OPTION "--option"
+#define SC_ARG_RECORDS_FD "--records-fd"
+#define SC_ARG_CALLER "--caller"
+#define SC_ARG_JOB "--job"
+#define SC_ARG_STEP "--step"
+#define SC_ARG_UID "--uid"
+#define SC_ARG_GID "--gid"
+#define SC_ARG_NODE_ID "--node-id"
+#define SC_ARG_JOB_ENV_FD "--job-env-fd"
+#define SC_ARG_NODE "--node"
+#define SC_ARG_TIMEOUT "--timeout"
+#define SC_ARG_SOCKET "--socket"
+#define SC_ARG_IMAGE "--image"
+#define SC_ARG_SINCE "--since"
+#define SC_ARG_SID "--sid"
+#define SC_ARG_VERBOSE "--verbose"
 
-/* the keys of prepare's records */
-#define REC_NS "ns"
-#define REC_HOLDER "holder"
-#define REC_CWD "cwd"
+/* the keys of the records (contract.RECORDS) */
+#define REC_SETENV "setenv"
+#define REC_ATEXIT "atexit"
 #define REC_ENV "env"
 #define REC_UNSETENV "unsetenv"
+#define REC_CWD "cwd"
 #define REC_ENTRYPOINT "entrypoint"
+#define REC_LAUNCHER "launcher"
 
-/* the one spelling of booleans (contract.TRUE_WORDS, FALSE_WORDS) */
+/* the one spelling of true (contract.TRUE_WORDS) */
 static const char *const oci_true_words[] = { "1", "yes", "true", NULL };
-static const char *const oci_false_words[] = { "0", "no", "false", NULL };
 
-/* plugstack.conf keys */
+/* the plugstack.conf keys, and those the plugin reads itself */
+static const char *const oci_plugstack_keys[] = { "step_client", "socket", "launcher", "allow_sqfs", "default_mounts", "batch_in_image", "prefetch_socket", "record_job", "pyxis_aliases", NULL };
 #define PS_STEP_CLIENT "step_client"
 #define PS_SOCKET "socket"
-#define PS_LAUNCHER "launcher"
-#define PS_ALLOW_SQFS "allow_sqfs"
-#define PS_DEFAULT_MOUNTS "default_mounts"
 #define PS_BATCH_IN_IMAGE "batch_in_image"
-#define PS_PREFETCH_SOCKET "prefetch_socket"
-#define PS_RECORD_JOB "record_job"
 #define PS_PYXIS_ALIASES "pyxis_aliases"
 
 #endif

@@ -41,64 +41,65 @@ def c_ident(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", text).strip("_").upper()
 
 
-def _c_entry(name, arginfo, usage, code) -> List[str]:
+def _c_entry(name, arginfo, usage, val) -> List[str]:
     return [f"\t{{ {c_str(name)}, {c_str(arginfo) if arginfo else 'NULL'},",
             f"\t  {c_str(usage)},",
-            f"\t  {1 if arginfo else 0}, {code}, opt_cb }},"]
+            f"\t  {1 if arginfo else 0}, {val}, opt_cb }},"]
 
 
 def contract_header() -> str:
-    """plugin/contract_gen.h: names and small tables every part of the plugin may use."""
-    codes: List[str] = []
-    for o in list(contract.OPTIONS) + list(contract.ALIASES):
-        if o.code not in codes:
-            codes.append(o.code)
+    """plugin/contract_gen.h: the names the plugin passes and reads (every part may use it)."""
     out = [f"/* {GENERATED} */", "#ifndef OCI_CONTRACT_GEN_H", "#define OCI_CONTRACT_GEN_H", ""]
-    out += [f'#define OCI_DEFAULT_SOCKET {c_str(contract.DEFAULT_SOCKET)}',
-            f'#define OCI_DEFAULT_PREFETCH_SOCKET {c_str(contract.DEFAULT_PREFETCH_SOCKET)}', ""]
-    out += ["/* option codes (the val of struct spank_option; aliases share them) */",
-            "enum { " + ", ".join(f"{c} = {i + 1}" if i == 0 else c for i, c in enumerate(codes))
-            + ", O_COUNT };", ""]
-    out += ["/* the variable that sets an option not given, and the value that means it */",
-            "struct oci_opt_env { int code; const char *env; const char *value; };",
-            "static const struct oci_opt_env oci_opt_env[] = {"]
+    n_own, n_all = len(contract.OPTIONS), len(contract.OPTIONS) + len(contract.ALIASES)
+    out += ["/* the options (ours, then pyxis' names); an option's val is its index */",
+            f"#define OCI_N_OWN {n_own}", f"#define OCI_N_OPTIONS {n_all}",
+            "#define OCI_OPT_BATCH_IN_IMAGE "
+            f"{[o.name for o in contract.OPTIONS].index('oci-batch-in-image')}",
+            f"#define OCI_DEFAULT_SOCKET {c_str(contract.DEFAULT_SOCKET)}", ""]
+    envs: List[str] = []
     for o in contract.OPTIONS:
-        if o.env:
-            out.append(f"\t{{ {o.code}, {c_str(o.env)}, {c_str(o.env_value)} }},")
-    out += ["\t{ 0, NULL, NULL }", "};", ""]
-    out += ["/* the step client's subcommands and arguments: SC_<COMMAND>, SC_<COMMAND>_<ARG> */"]
+        if o.env and o.env not in envs:
+            envs.append(o.env)
+    out += ["/* the options' variables: one set means the step client has work to do */",
+            "static const char *const oci_envs[] = { "
+            + ", ".join(c_str(e) for e in envs) + ", NULL };", "",
+            f"#define OCI_CHECKED_VAR {c_str(contract.CHECKED_VAR)}", ""]
+    out += ["/* the step client's subcommands (SC_<COMMAND>) and arguments (SC_ARG_<ARG>) */"]
+    flags: List[str] = []
     for cmd, args in contract.STEP_COMMANDS.items():
         out.append(f"#define SC_{c_ident(cmd)} {c_str(cmd)}")
-        for a in args:
-            out.append(f"#define SC_{c_ident(cmd)}_{c_ident(a.flag)} {c_str(a.flag)}")
-    out += ["", "/* the keys of prepare's records */"]
-    for r in contract.PREPARE_RECORDS:
-        out.append(f"#define REC_{c_ident(r.key)} {c_str(r.key)}")
-    out += ["", "/* the one spelling of booleans (contract.TRUE_WORDS, FALSE_WORDS) */"]
-    for name, words in (("oci_true_words", contract.TRUE_WORDS),
-                        ("oci_false_words", contract.FALSE_WORDS)):
-        out.append(f"static const char *const {name}[] = {{ "
-                   + ", ".join(c_str(w) for w in words) + ", NULL };")
-    out += ["", "/* plugstack.conf keys */"]
+        flags += [a.flag for a in args if a.flag not in flags]
+    out += [f"#define SC_ARG_{c_ident(f)} {c_str(f)}" for f in flags]
+    out += ["", "/* the keys of the records (contract.RECORDS) */"]
+    keys: List[str] = []
+    for r in contract.RECORDS:
+        if r.key not in keys:
+            keys.append(r.key)
+            out.append(f"#define REC_{c_ident(r.key)} {c_str(r.key)}")
+    out += ["", "/* the one spelling of true (contract.TRUE_WORDS) */",
+            "static const char *const oci_true_words[] = { "
+            + ", ".join(c_str(w) for w in contract.TRUE_WORDS) + ", NULL };", "",
+            "/* the plugstack.conf keys, and those the plugin reads itself */",
+            "static const char *const oci_plugstack_keys[] = { "
+            + ", ".join(c_str(k.name) for k in contract.PLUGSTACK) + ", NULL };"]
     for k in contract.PLUGSTACK:
-        out.append(f"#define PS_{c_ident(k.name)} {c_str(k.name)}")
+        if k.name in ("step_client", "pyxis_aliases", "batch_in_image", "socket"):
+            out.append(f"#define PS_{c_ident(k.name)} {c_str(k.name)}")
     out += ["", "#endif", ""]
     return "\n".join(out)
 
 
 def options_header() -> str:
-    """plugin/options_gen.h: the SPANK option tables (args.c alone includes it)."""
+    """plugin/options_gen.h: the SPANK option table (args.c alone includes it)."""
     out = [f"/* {GENERATED} */", "#ifndef OCI_OPTIONS_GEN_H", "#define OCI_OPTIONS_GEN_H", "",
            '#include "contract_gen.h"', "",
            "static int opt_cb(int val, const char *optarg, int remote);", "",
-           "static struct spank_option options[] = {"]
-    for o in contract.OPTIONS:
-        out += _c_entry(o.name, o.arginfo, contract.option_usage(o), o.code)
-    out += ["\tSPANK_OPTIONS_TABLE_END", "};", "",
-            "/* pyxis' names for the same things (pyxis_aliases=yes, pyxis not loaded) */",
-            "static struct spank_option pyxis_aliases[] = {"]
-    for a in contract.ALIASES:
-        out += _c_entry(a.name, a.arginfo, a.help, a.code)
+           "/* ours (OCI_N_OWN), then pyxis' names (pyxis_aliases=yes, pyxis not loaded) */",
+           "static struct spank_option oci_options[OCI_N_OPTIONS + 1] = {"]
+    for i, o in enumerate(contract.OPTIONS):
+        out += _c_entry(o.name, o.arginfo, contract.option_usage(o), i)
+    for i, a in enumerate(contract.ALIASES):
+        out += _c_entry(a.name, a.arginfo, a.help, len(contract.OPTIONS) + i)
     out += ["\tSPANK_OPTIONS_TABLE_END", "};", "", "#endif", ""]
     return "\n".join(out)
 

@@ -302,14 +302,19 @@ def submit_resolve(reference: str, uid: int, gid: int, home: str, timeout: float
     step_client: an installed one the user can run (tests: install_fixture); this
     checkout's by default, which a user can only run where the checkout is readable."""
     from cluster_fixture import as_user
+    from stepclient import options, plugstack, run_step
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home}
     client = str(step_client or BIN / "oci-image-step")
-    r = subprocess.run(as_user([client, "submit", "--image", reference],
-                               uid, gid), capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd="/")
+    # no daemon's user socket here: the step client asks the registry itself
+    r = run_step(as_user([client, "submit", *plugstack(f"step_client={client}",
+                                                       "prefetch_socket=none"),
+                          *options(oci_image=reference)], uid, gid),
+                 env=env, timeout=timeout, cwd="/")
     if r.returncode != 0:
         raise RuntimeError(f"submit resolve of {reference} failed: {r.stderr.strip()}")
-    return r.stdout.strip()
+    if not r.pinned:
+        raise RuntimeError(f"submit resolve of {reference} pinned nothing: {r.records}")
+    return r.pinned
 
 
 def sim_user():

@@ -27,6 +27,7 @@ from install_fixture import installed  # noqa: F401 - a fixture
 from localsite import unmount_under
 from ocibuild import Pusher
 from registry_server import RegistryServer
+from stepclient import options, plugstack, run_step
 from test_security import ensure_user
 from token_issuer import TokenIssuer
 
@@ -311,14 +312,15 @@ def test_submit_through_the_daemon_reads_the_callers_home_like_before(daemon_in_
         sock = str(d.socket.parent / "oci-imaged-prefetch.sock")
         tag = f"{reg.host}/hot/app:v1"
 
-        def submit(*extra):
-            return subprocess.run(["runuser", "-u", USER, "--", "env", f"HOME={home}",
-                                   str(installed.step_client), "submit", "--image", tag,
-                                   *extra],
-                                  capture_output=True, text=True, timeout=60, cwd="/tmp")
-        for r in (submit(), submit("--socket", sock)):
+        def submit(prefetch_socket):
+            client = str(installed.step_client)
+            return run_step(["runuser", "-u", USER, "--", "env", f"HOME={home}", client,
+                             "submit", *plugstack(f"step_client={client}",
+                                                  f"prefetch_socket={prefetch_socket}"),
+                             *options(oci_image=tag)], timeout=60, cwd="/tmp")
+        for r in (submit("none"), submit(sock)):
             assert r.returncode == 0, r.stderr
-            assert r.stdout.strip() == f"{tag}@{img.manifest_digest}"
+            assert r.pinned == f"{tag}@{img.manifest_digest}"
         assert f'"tag resolved for a user" uid={user.pw_uid}' in d.log()   # the daemon's
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -20,6 +20,7 @@ import random
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -86,12 +87,11 @@ def nodes(tmp_path):
             new.append(DaemonProcess(base, tmp_path / "cache", node=f"n{i}", metrics=False,
                                      extra=["--config", str(conf)]))
         made.extend(new)
-        # started together: 8 Python daemons on a small machine take a while each
-        threads = [threading.Thread(target=d.start, kwargs={"timeout": 120}) for d in new]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        # started together: 8 Python daemons on a small machine take a while each; a
+        # daemon that did not start fails the test with its own log (DaemonProcess.start)
+        with ThreadPoolExecutor(len(new)) as ex:
+            for f in [ex.submit(d.start, 120) for d in new]:
+                f.result()
         assert all(d.proc and d.proc.poll() is None for d in new)
         return new
 

@@ -27,12 +27,13 @@ import pytest
 import requests
 
 from cluster_fixture import cluster_available
-from daemon_proc import DaemonProcess
+from daemon_proc import BIN, DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from install_fixture import installed  # noqa: F401 - a fixture
 from localsite import start_site, stop_site, unmount_under
 from ocibuild import Entry, Pusher
 from registry_server import RegistryServer
+from stepclient import options, plugstack, run_step
 from token_issuer import TokenIssuer
 
 from ociimage.access import AccessChecker
@@ -257,19 +258,25 @@ def test_credentials_never_leak(token_registry, token_daemon, tmp_path):
 
     t = threading.Thread(target=snoop)
     t.start()
-    step = subprocess.Popen(
-        [sys.executable, "-m", "ociimage.step", "prepare", "--socket", str(token_daemon.socket),
-         "--job", "911", "--step", "0", "--uid", str(a.pw_uid), "--gid", str(a.pw_gid),
-         "--image", f"{reg.host}/priv/big:v1@{big.manifest_digest}", "--mount-home=no", "--node", "n1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT / "daemon"))
-    out, err = step.communicate(timeout=120)
+    client = str(BIN / "oci-image-step")
+    step = run_step(
+        [sys.executable, "-m", "ociimage.step", "prepare", "--job", "911", "--step", "0",
+         "--uid", str(a.pw_uid), "--gid", str(a.pw_gid), "--node-id", "0",
+         *plugstack(f"step_client={client}", f"socket={token_daemon.socket}"),
+         *options(oci_image=f"{reg.host}/priv/big:v1@{big.manifest_digest}",
+                  no_oci_mount_home="")],
+        job_env={"SLURM_STEP_NODELIST": "n1"}, timeout=120, cwd=str(ROOT / "daemon"))
     stop.set()
     t.join()
-    assert step.returncode == 0, err.decode()
+    assert step.returncode == 0, step.stderr
+    assert step.fd is not None  # the step's namespace: the prepare went through
+    os.close(step.fd)
+    records = "\n".join(f"{k}={v}" for k, v in step.records).encode()
     _release(token_daemon, "911")
     with pytest.raises(OciImageError) as e:      # wrong password: the error names no secret
         _prepare(token_daemon, f"{reg.host}/priv/big:v1", "912", b.pw_uid, b.pw_gid)
-    texts = {"error": str(e.value).encode(), "step stderr": err, "step stdout": out,
+    texts = {"error": str(e.value).encode(), "step stderr": step.stderr.encode(),
+             "step stdout": step.stdout.encode(), "step records": records,
              "daemon log": token_daemon.log().encode(),
              "metrics": requests.get(f"http://127.0.0.1:{token_daemon.metrics_port}/metrics").content,
              "processes": b"\n".join(seen)}

@@ -28,6 +28,7 @@ from ocibuild import Pusher
 from ociimage.client import DaemonClient
 from ociimage.slurm import CliBackend, SlurmJobs, job_comment, parse_squeue_json
 from registry_server import RegistryServer
+from stepclient import options, plugstack, run_step
 from token_issuer import TokenIssuer
 
 pytestmark = pytest.mark.skipif(cluster_available() is not None, reason=str(cluster_available()))
@@ -538,17 +539,19 @@ def test_resolve_at_submit_reads_only_the_callers_own_credentials(sa, private_im
     sock = str(sa.login.socket.parent / "oci-imaged-prefetch.sock")
     step = str(sa.installed.step_client)
     tag = f"{reg.host}/sa-priv/app:v1"
-    r = subprocess.run(["runuser", "-u", OWNER, "--", "env", f"HOME={owner.pw_dir}", step,
-                        "submit", "--socket", sock, "--image", tag],
-                       capture_output=True, text=True, timeout=60, cwd="/tmp")
+    submit = [step, "submit", *plugstack(f"step_client={step}", f"prefetch_socket={sock}"),
+              *options(oci_image=tag)]
+    r = run_step(["runuser", "-u", OWNER, "--", "env", f"HOME={owner.pw_dir}", *submit],
+                 timeout=60, cwd="/tmp")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"{tag}@{img.manifest_digest}"
+    assert r.pinned == f"{tag}@{img.manifest_digest}"
     assert re.search(rf'"tag resolved for a user" uid={owner.pw_uid} pid=\d+ '
                      rf'reference="{re.escape(tag)}"', sa.login.log())
     stolen = f"{owner.pw_dir}/.docker/config.json"
-    r = sa.cluster.run_as_user(["env", f"REGISTRY_AUTH_FILE={stolen}", step, "submit",
-                                "--socket", sock, "--image", tag], cwd="/tmp", timeout=60)
+    r = run_step(sa.cluster.user_cmd(["env", f"REGISTRY_AUTH_FILE={stolen}", *submit]),
+                 env=sa.cluster.env(), cwd="/tmp", timeout=60)
     assert r.returncode == 1
+    assert r.records == []
     assert img.manifest_digest not in r.stdout + r.stderr
     [err] = r.stderr.strip().splitlines()
     assert err.startswith(f"oci-image: error: --oci-image={tag}: ") and "authentication" in err, err

@@ -23,6 +23,7 @@ from daemon_proc import BIN, DaemonProcess
 from images import IMAGE_CONFIG, busybox_layers
 from localsite import unmount_under
 from ocibuild import Pusher
+from stepclient import options, plugstack, run_step
 from test_security import ensure_user
 
 from ociimage import errors
@@ -152,16 +153,22 @@ def test_the_step_client_imports_no_grpc_protobuf_or_registry_code(site):
     user = ensure_user(USER)
     step = str(BIN / "oci-image-step")
     base = [sys.executable, "-X", "importtime", step]
-    r = subprocess.run(base + ["prepare", "--socket", str(d.socket), "--job", "74", "--step", "0",
-                               "--uid", str(user.pw_uid), "--gid", str(user.pw_gid),
-                               "--image", ref, "--node", "n1", "--cwd", "/tmp",
-                               "--progress", "none"], capture_output=True, timeout=60)
+    ids = ["--job", "74", "--step", "0", "--uid", str(user.pw_uid), "--gid", str(user.pw_gid),
+           "--node-id", "1", *plugstack(f"step_client={step}", f"socket={d.socket}")]
+    # the step's second node (n1): only the first shows progress
+    job_env = {"SLURM_STEP_NODELIST": "n[0-1]", "OCI_SUBMIT_CWD": "/tmp"}
+    r = run_step(base + ["prepare", *ids, *options(oci_image=ref)], job_env=job_env, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.startswith(b"ns\0/proc/")
-    rel = subprocess.run(base + ["release", "--socket", str(d.socket), "--job", "74",
-                                 "--step", "0"], capture_output=True, timeout=60)
+    assert r.fd is not None  # the step's namespace
+    try:
+        assert os.readlink(f"/proc/self/fd/{r.fd}").startswith("mnt:[")
+    finally:
+        os.close(r.fd)
+    # the tasks' directory: /tmp is not in the image, so the image's WorkingDir
+    assert r.values("cwd") == [IMAGE_CONFIG["WorkingDir"]]
+    rel = run_step(base + ["release", *ids], job_env=job_env, timeout=60)
     assert rel.returncode == 0, rel.stderr[-2000:]
-    for out in (r.stderr.decode(), rel.stderr.decode()):
+    for out in (r.stderr, rel.stderr):
         imported = {line.split("|")[-1].strip() for line in out.splitlines()
                     if line.startswith("import time:")}
         assert "ociimage.stepsock" in imported          # the log is the one we think

@@ -11,12 +11,12 @@ tests/test_contract.py fails when a generated file is stale.
 
 Plain Python data, not TOML: Python 3.9 (RHEL 9) has no tomllib, and the step
 client imports this module on every submit and step, so it stays free of
-imports beyond typing.
+imports: not even typing (its import alone costs a step 11 ms).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from collections import namedtuple
 
 DEFAULT_SOCKET = "/run/oci-image/oci-imaged.sock"
 DEFAULT_PREFETCH_SOCKET = "/run/oci-image/oci-imaged-prefetch.sock"
@@ -26,19 +26,18 @@ TRUE_WORDS = ("1", "yes", "true")
 FALSE_WORDS = ("0", "no", "false")
 
 
-class Option(NamedTuple):
-    """A SPANK option of srun, sbatch and salloc."""
-    name: str               # --NAME
-    code: str               # its C enum value (O_...), shared by its aliases
-    arginfo: Optional[str]  # the argument's name in --help; None: a flag
-    help: str               # what srun --help and the man page say (without "Env: ...")
-    env: Optional[str]      # the OCI_* variable that sets it when the option is not given
-    env_value: str          # for a flag: the value of env that means this option ("" for values)
-    step_arg: str           # how the plugin hands the raw value to the step client
-    doc: str                # the README's text (markdown)
+#: A SPANK option of srun, sbatch and salloc.
+#:   name: str  # --NAME
+#:   code: str  # its C enum value (O_...), shared by its aliases
+#:   arginfo: Optional[str]  # the argument's name in --help; None: a flag
+#:   help: str  # what srun --help and the man page say (without "Env: ...")
+#:   env: Optional[str]  # the OCI_* variable that sets it when the option is not given
+#:   env_value: str  # for a flag: the value of env that means this option ("" for values)
+#:   step_arg: str  # how the plugin hands the raw value to the step client
+#:   doc: str  # the README's text (markdown)
+Option = namedtuple("Option", "name code arginfo help env env_value step_arg doc")
 
-
-OPTIONS: Tuple[Option, ...] = (
+OPTIONS = (
     Option("oci-image", "O_IMAGE", "REF",
            "Run the step in OCI image REF (e.g. docker.io/library/debian:12, or "
            "REF@sha256:... ). The tag is resolved to a digest once at submit.",
@@ -81,15 +80,14 @@ OPTIONS: Tuple[Option, ...] = (
 )
 
 
-class Alias(NamedTuple):
-    """pyxis' name for one of ours (plugstack pyxis_aliases=yes)."""
-    name: str
-    code: str
-    arginfo: Optional[str]
-    help: str
+#: pyxis' name for one of ours (plugstack pyxis_aliases=yes).
+#:   name: str
+#:   code: str
+#:   arginfo: Optional[str]
+#:   help: str
+Alias = namedtuple("Alias", "name code arginfo help")
 
-
-ALIASES: Tuple[Alias, ...] = (
+ALIASES = (
     Alias("container-image", "O_C_IMAGE", "REF",
           "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://."),
     Alias("container-mounts", "O_MOUNTS", "SRC:DST[:ro],...", "Alias of --oci-mounts (oci-image)."),
@@ -114,16 +112,15 @@ def option_usage(o: Option) -> str:
     return f"{o.help} Env: {o.env}{'=' + o.env_value if o.env_value else ''}."
 
 
-class PlugstackKey(NamedTuple):
-    """A key=value argument after the plugin's path in plugstack.conf."""
-    name: str
-    syntax: str       # the value's form
-    default: str      # the README's default column (markdown)
-    doc: str          # the README's text (markdown)
-    man: str          # the man page's text ({socket}: the default socket)
+#: A key=value argument after the plugin's path in plugstack.conf.
+#:   name: str
+#:   syntax: str  # the value's form
+#:   default: str  # the README's default column (markdown)
+#:   doc: str  # the README's text (markdown)
+#:   man: str  # the man page's text ({socket}: the default socket)
+PlugstackKey = namedtuple("PlugstackKey", "name syntax default doc man")
 
-
-PLUGSTACK: Tuple[PlugstackKey, ...] = (
+PLUGSTACK = (
     PlugstackKey("step_client", "PATH", "(required)",
                  "the step client: `/usr/libexec/oci-image/oci-image-step`",
                  """Required. Absolute path of the step client the plugin runs:
@@ -181,13 +178,13 @@ PLUGSTACK: Tuple[PlugstackKey, ...] = (
 )
 
 
-class ExitCode(NamedTuple):
-    code: int
-    meaning: str
-
+#: An exit status and what it means.
+#:   code: int
+#:   meaning: str
+ExitCode = namedtuple("ExitCode", "code meaning")
 
 #: the exit status of oci-image, oci-imaged and the step client (ociimage.errors: exit_code)
-EXIT_CODES: Tuple[ExitCode, ...] = (
+EXIT_CODES = (
     ExitCode(0, "success"),
     ExitCode(1, "the operation failed (not found, authentication, registry unavailable, ...)"),
     ExitCode(2, "invalid arguments, reference or configuration"),
@@ -198,83 +195,85 @@ EXIT_CODES: Tuple[ExitCode, ...] = (
 )
 
 
-class Record(NamedTuple):
-    """A key of the NUL-separated KEY\\0VALUE\\0 records that prepare prints."""
-    key: str
-    count: str    # "1", "0..1", "any"
-    meaning: str
+#: what each option code sets in the step client's arguments, and a flag's value there
+#: (None: the option's own value); an option's variable sets the same when it is not given
+CODES = {
+    "O_IMAGE": ("image", None), "O_C_IMAGE": ("container_image", None),
+    "O_MOUNTS": ("mounts", None), "O_WORKDIR": ("workdir", None), "O_ENV": ("env_names", None),
+    "O_WRITABLE": ("writable", "1"), "O_READONLY": ("writable", "0"),
+    "O_MOUNT_HOME": ("mount_home", "1"), "O_NO_MOUNT_HOME": ("mount_home", "0"),
+    "O_ENTRYPOINT": ("entrypoint", "1"), "O_NO_ENTRYPOINT": ("entrypoint", "0"),
+    "O_BATCH": ("batch_in_image", "1"),
+}
+
+#: set by the plugin after a submit that passed: a checksum of what it checked (the options,
+#: their variables, the plugstack arguments), so that an srun inside the job with the same
+#: ones does not run submit again
+CHECKED_VAR = "OCI_IMAGE_CHECKED"
+
+#: slurmstepd's step id of a job's batch script (Slurm's SLURM_BATCH_SCRIPT)
+BATCH_STEP = 0xFFFFFFFB
 
 
-PREPARE_RECORDS: Tuple[Record, ...] = (
-    Record("ns", "1", "the step's pinned mount namespace (a path)"),
-    Record("holder", "1", "PID START INODE of the process holding the namespace"),
-    Record("cwd", "0..1", "the tasks' working directory in the image"),
-    Record("env", "any", "NAME=VALUE to set in the tasks' environment"),
-    Record("unsetenv", "any", "NAME to remove from the tasks' environment"),
-    Record("entrypoint", "0..1", "the image's Entrypoint, encoded for oci-image-launch "
-                                 "(only with --oci-entrypoint)"),
+#: A key of the KEY\\0VALUE\\0 records a step client command sends the plugin on fd 4.
+#:   command: str  # the subcommand that sends it
+#:   key: str
+#:   count: str  # "1", "0..1", "any"
+#:   meaning: str
+Record = namedtuple("Record", "command key count meaning")
+
+RECORDS = (
+    Record("submit", "setenv", "any", "NAME=VALUE for srun's, sbatch's or salloc's environment "
+                                      "(OCI_IMAGE_PINNED), which they pass on to the job"),
+    Record("submit", "atexit", "any", "one argument each of a step client call sbatch makes at "
+                                      "its exit (record-job)"),
+    Record("prepare", "env", "any", "NAME=VALUE to set in the tasks' environment"),
+    Record("prepare", "unsetenv", "any", "NAME to remove from the tasks' environment"),
+    Record("prepare", "cwd", "0..1", "the tasks' working directory in the image"),
+    Record("prepare", "entrypoint", "0..1", "the image's Entrypoint, encoded for "
+                                            "oci-image-launch (only with --oci-entrypoint)"),
+    Record("prepare", "launcher", "0..1", "the launcher's path (with entrypoint)"),
 )
-
-class Arg(NamedTuple):
-    """One argument of a step client subcommand (what the plugin passes)."""
-    flag: str
-    kind: str = "str"          # str | int | float | flag (bare, or =1/0/yes/no/...)
-    default: object = None
-    required: bool = False
-    help: Optional[str] = None
-    choices: Optional[Tuple[str, ...]] = None
+#: prepare also passes the step's mount namespace as a descriptor (SCM_RIGHTS) with its
+#: records; a prepare that exits 0 without one leaves the step on the host (a batch script)
 
 
-_RAW = "the raw value of the option or its variable; checked here, not in the plugin"
+#: One argument of a step client subcommand (what the plugin passes).
+#:   flag: str
+#:   kind: str = "str"  # str | int | float | flag | store_true | append | pair
+#:   default: object = None
+#:   required: bool = False
+#:   help: Optional[str] = None
+#:   choices: Optional[Tuple[str, ...]] = None
+Arg = namedtuple("Arg", "flag kind default required help choices",
+                 defaults=("str", None, False, None, None))
+
+_PLUGSTACK = Arg("--plugstack", "append", help="one plugstack.conf argument, KEY=VALUE, raw")
+_OPTION = Arg("--option", "pair", help="NAME VALUE: an option as given (a flag's VALUE: empty)")
+_RECORDS = Arg("--records-fd", "int", 4, help="the socket the records go to (the plugin's: 4)")
+_STEP = (Arg("--job", required=True), Arg("--step", required=True),
+         Arg("--uid", "int", required=True), Arg("--gid", "int", required=True),
+         Arg("--node-id", "int", 0, help="the node's index in the step (S_JOB_NODEID)"),
+         Arg("--job-env-fd", "int", -1, help="the job's environment, NAME=VALUE\\0 records"))
 
 #: the step client's subcommands and arguments; the plugin builds exactly these argv
 STEP_COMMANDS = {
-    # srun/sbatch/salloc, as the user: check every option, pin the digest. stdout: one
-    # line, REF@sha256:<hex>, the new OCI_IMAGE_PINNED; nothing when there is none to pin
-    "submit": (
-        Arg("--image", default="", help=_RAW), Arg("--container-image", default="", help=_RAW),
-        Arg("--mounts", default="", help=_RAW), Arg("--workdir", default="", help=_RAW),
-        Arg("--env-names", default="", help=_RAW), Arg("--writable", "flag", False, help=_RAW),
-        Arg("--mount-home", "flag", True, help=_RAW), Arg("--entrypoint", "flag", False, help=_RAW),
-        Arg("--default-mounts", default="", help="plugstack default_mounts, checked as the "
-                                                 "nodes check it"),
-        Arg("--pinned", default="", help="OCI_IMAGE_PINNED of the submitting environment"),
-        Arg("--socket", default="", help="the daemon's user socket on this host (plugstack "
-                                         "prefetch_socket), asked first; without one the step "
-                                         "client asks the registry itself"),
-    ),
-    "prefetch": (
-        Arg("--socket", default=DEFAULT_PREFETCH_SOCKET), Arg("--image", required=True),
-        Arg("--node", default=""), Arg("--timeout", "float", 10.0),
-    ),
-    "cleanup-job": (
-        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
-        Arg("--node", default=""), Arg("--timeout", "float", 60.0),
-    ),
-    "record-job": (
-        Arg("--image", required=True), Arg("--since", "float", 0.0), Arg("--sid", "int", None),
-        Arg("--job", default="", help="the job (default: find the one just submitted)"),
-        Arg("--verbose", "store_true", False),
-    ),
-    "prepare": (
-        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
-        Arg("--step", required=True), Arg("--node", default=""),
-        Arg("--uid", "int", required=True), Arg("--gid", "int", required=True),
-        Arg("--image", default=""), Arg("--container-image", default=""),
-        Arg("--pinned", default="", help="OCI_IMAGE_PINNED of the job"),
-        Arg("--mounts", default=""),
-        Arg("--default-mounts", default=""), Arg("--workdir", default=""),
-        Arg("--cwd", default=""), Arg("--writable", "flag", False),
-        Arg("--mount-home", "flag", True), Arg("--entrypoint", "flag", False),
-        Arg("--env-names", default=""), Arg("--allow-sqfs", "flag", False),
-        Arg("--job-env-fd", "int", -1),
-        Arg("--progress", default="plain", choices=("plain", "tty", "none"),
-            help="how to show the wait for the image on stderr (none: errors only; the "
-                 "plugin asks one node of a step to show it)"),
-        Arg("--columns", "int", 0, help="the terminal's width (tty): a redrawn line is cut to fit"),
-    ),
-    "release": (
-        Arg("--socket", default=DEFAULT_SOCKET), Arg("--job", required=True),
-        Arg("--step", required=True), Arg("--node", default=""),
-    ),
+    # srun/sbatch/salloc, as the user: check every option, pin the digest, prefetch
+    "submit": (_PLUGSTACK, _OPTION, _RECORDS,
+               Arg("--caller", default="srun", help="srun, sbatch or salloc")),
+    # slurmstepd (user_init), root: the step's namespace, its records
+    "prepare": _STEP + (_PLUGSTACK, _OPTION, _RECORDS),
+    # slurmstepd (exit), root, detached
+    "release": _STEP + (_PLUGSTACK,),
+    # slurmd's job epilog, root, detached: what the job left on this node
+    "cleanup-job": (Arg("--job", required=True), Arg("--node", default=""), _PLUGSTACK,
+                    Arg("--timeout", "float", 60.0)),
+    # submit, detached (sbatch, salloc): the login node's daemon pulls while the job waits
+    "prefetch": (Arg("--socket", required=True), Arg("--image", required=True),
+                 Arg("--node", default=""), Arg("--timeout", "float", 10.0)),
+    # sbatch's exit (submit's atexit records), as the user: the digest in the job's comment
+    "record-job": (Arg("--image", required=True), Arg("--since", "float", 0.0),
+                   Arg("--sid", "int", None),
+                   Arg("--job", default="", help="the job (default: find the one just submitted)"),
+                   Arg("--verbose", "store_true", False)),
 }

@@ -75,7 +75,7 @@ _CONTROL = {c: "?" for c in list(range(0x20)) + list(range(0x7f, 0xa0)) if c != 
 def printable(text: str) -> str:
     """text with control characters shown as '?': a message may hold a path or name a
     user chose, and a newline or an escape sequence in it must not make a line of its own
-    or reach a terminal (the plugin filters what reaches srun too)."""
+    or reach a terminal (the plugin passes the step client's lines on as they are)."""
     return text.translate(_CONTROL)
 
 

@@ -1,19 +1,19 @@
 """The step client the SPANK plugin execs (`oci-image-step`). Kept small: it is on the per-step path.
 
-    submit  [--image REF] [--mounts M]... (srun/sbatch/salloc, as the user: every option's raw
-                                        value, checked as the nodes check it) -> prints the
-                                        pinned REF@digest, or nothing
-    prepare --socket S --job J --step S (slurmstepd, root)  -> NUL-separated records on stdout
-    release --socket S --job J --step S (slurmstepd, root)
-    prefetch --socket P --image REF@DIGEST (srun/sbatch/salloc, as the user, detached: never waited for)
-    cleanup-job --socket S --job J --node N (slurmd's job epilog, root: what the job left on the node)
-    record-job --image REF@DIGEST --since T --sid SID (sbatch's exit, as the user: the digest
-                                        goes into the submitted job's comment)
+    submit      (srun/sbatch/salloc, as the user: every option checked as the nodes check it,
+                the tag pinned, a prefetch started) -> setenv/atexit records
+    prepare     (slurmstepd's user_init, root) -> the step's namespace and its records
+    release     (slurmstepd's exit, root, detached)
+    cleanup-job (slurmd's job epilog, root, detached: what the job left on the node)
+    prefetch    (started by submit, detached, as the user)
+    record-job  (sbatch's exit, as the user: the digest goes into the submitted job's comment)
 
-The arguments are ociimage.contract.STEP_COMMANDS; prepare's stdout, parsed by the
-plugin, is contract.PREPARE_RECORDS as KEY\\0VALUE\\0 (the entrypoint encoded by
-encode_entrypoint). Progress and errors go to stderr, one line each, which the plugin
-shows in the user's srun output. Exit status 0 only on success.
+The arguments are ociimage.contract.STEP_COMMANDS: the plugin passes the users' options and
+its plugstack.conf arguments raw (--option NAME VALUE, --plugstack KEY=VALUE), and they are
+parsed and checked here (stepargs.py, plugstack.py), once. Records go to the plugin as
+KEY\\0VALUE\\0 on fd 4 (contract.RECORDS; prepare adds the namespace's descriptor).
+Progress and errors go to stderr, printable lines only: the plugin passes them on as they
+are, to the user's terminal or srun's output. Exit status 0 only on success.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import os
 import pwd
 import sys
 
-from .stepargs import build_parser as _build_parser, parse_mounts, resolve_options
+from . import contract
+from .stepargs import build_parser as _build_parser, join_pairs, parse_mounts, resolve_options
 
 PREFIX = "oci-image"
 
@@ -44,23 +45,65 @@ def _die(message: str, code: int = 1) -> int:
     return code
 
 
-def cmd_submit(args) -> int:
+def send_records(args, records, fd=None) -> None:
+    """[(key, value), ...] to the plugin (--records-fd, its 4), with a descriptor (prepare's
+    namespace). stderr is closed first: the plugin reads it to its end before these."""
+    import socket
+    if any("\0" in k or "\0" in v for k, v in records):  # it would split into other records
+        raise ValueError("a record holds a NUL")
+    data = b"".join(k.encode() + b"\0" + v.encode("utf-8", "surrogateescape") + b"\0"
+                    for k, v in records)
+    if fd is not None and not data:
+        raise ValueError("a descriptor needs a record to travel with")
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    os.close(null)
+    sock = socket.socket(fileno=args.records_fd)
+    try:
+        sent = socket.send_fds(sock, [data], [fd]) if fd is not None else 0
+        sock.sendall(data[sent:])
+    finally:
+        sock.close()
+
+
+def _spawn_detached(argv) -> None:
+    """Start argv and do not wait (a prefetch): its own session, nice 10, no terminal."""
+    import subprocess
+    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                     preexec_fn=lambda: os.nice(10))
+
+
+def cmd_submit(args, plug) -> int:
     """Check every option (as every node would) and pin the reference once, at submit,
     with the user's own credentials. main() has checked the options (resolve_options)."""
+    import time
     from .errors import OciImageError
     image = args.image
     if not image or image.startswith("/") or args.inherited_pin:
-        return 0  # nothing to pin: no image, a SquashFS file the nodes check, or pinned by the job
+        send_records(args, [])  # nothing to pin: no image, a SquashFS file the nodes check, or pinned
+        return 0
+    since = int(time.time())
     insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
     try:
         pinned = None
-        if args.socket and _registry_of(image) not in insecure:
-            pinned = _resolve_by_daemon(args.socket, image)
+        if plug.prefetch_socket and _registry_of(image) not in insecure:
+            pinned = _resolve_by_daemon(plug.prefetch_socket, image)
         if pinned is None:  # no daemon here, or it could not say: ask the registry ourselves
             pinned = _resolve_here(image, insecure)
     except OciImageError as e:
         return _die(f"--oci-image={image}: {e}")
-    print(pinned)
+    records = [("setenv", f"OCI_IMAGE_PINNED={pinned}")]
+    # sbatch/salloc jobs may wait in the queue: worth converting meanwhile. An srun's own
+    # step starts right away and its nodes pull anyway; a prefetch would only compete.
+    if args.caller in ("sbatch", "salloc") and plug.prefetch_socket:
+        _spawn_detached([plug.step_client, "prefetch", "--socket", plug.prefetch_socket, "--image", pinned,
+                          "--node", os.uname().nodename.split(".")[0]])
+    if args.caller == "sbatch" and plug.record_job:
+        records += [("atexit", a) for a in ("record-job", "--image", pinned, "--since",
+                                            str(since), "--sid", str(os.getsid(0)))]
+    send_records(args, records)
     return 0
 
 
@@ -115,30 +158,6 @@ def _resolve_here(image: str, insecure: "list[str]") -> str:
     return f"{image}@{RegistryClient(credentials=CredentialStore(), insecure_registries=insecure).resolve_digest(ref)}"
 
 
-def read_job_env(fd: int, limit: int = 4 << 20) -> dict:
-    """The job's environment, NUL-separated NAME=VALUE records the plugin writes to fd.
-
-    It does not come as this process's environment: we run as root, and a
-    user's LD_PRELOAD or PYTHONPATH must not run their code as root.
-    """
-    if fd < 0:
-        return {}
-    chunks, size = [], 0
-    with os.fdopen(fd, "rb", closefd=True) as f:
-        while size <= limit:
-            chunk = f.read(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    env = {}
-    for rec in b"".join(chunks)[:limit].split(b"\0"):
-        name, sep, value = rec.partition(b"=")
-        if sep and name:
-            env[name.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-    return env
-
-
 _PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+:=@")
 
 
@@ -161,78 +180,98 @@ def encode_entrypoint(argv) -> bytes:
     return bytes(out)
 
 
-def _records(container: dict) -> bytes:
-    """The StepContainer (protobuf's JSON mapping: defaults left out, 64-bit integers as
-    strings) as the plugin's NUL-separated records."""
-    out = [b"ns", container["ns_path"].encode(), b"cwd", container.get("cwd", "").encode(),
-           b"holder", b"%d %d %d" % (int(container.get("holder_pid", 0)),
-                                     int(container.get("holder_start", 0)),
-                                     int(container.get("ns_inode", 0)))]
-    for kv in container.get("set_env", ()):
-        out += [b"env", kv.encode("utf-8", "surrogateescape")]
-    for name in container.get("unset_env", ()):
-        out += [b"unsetenv", name.encode("utf-8", "surrogateescape")]
+def _records(container: dict, launcher: str):
+    """The StepContainer (protobuf's JSON mapping: defaults left out) as prepare's records."""
+    out = [("cwd", container.get("cwd") or "/")]
+    out += [("env", kv) for kv in container.get("set_env", ())]
+    out += [("unsetenv", name) for name in container.get("unset_env", ())]
     if container.get("argv_prefix"):  # only with --oci-entrypoint and an image that has one
-        out += [b"entrypoint", encode_entrypoint(container["argv_prefix"])]
-    return b"\0".join(out) + b"\0"
+        out += [("entrypoint", encode_entrypoint(container["argv_prefix"]).decode("ascii")),
+                ("launcher", launcher)]
+    return out
 
 
-def _step_socket(args) -> str:
-    from .stepsock import step_socket_path
-    return step_socket_path(socket_path(args))
+class _Step:
+    """What prepare and release know of the step: Slurm's ids (arguments), the job's
+    environment (fd 3), this node's name and the daemon's sockets."""
+
+    def __init__(self, args, plug):
+        from . import plugstack, stepenv
+        self.env = stepenv.read_job_env(args.job_env_fd)
+        self.step = int(args.step)
+        self.node = stepenv.node_name(self.env, self.step, args.node_id, contract.BATCH_STEP)
+        self.socket = plugstack.socket_for(plug.socket, self.node)
+        self.marker = plugstack.job_marker(plug.socket, self.node, args.job)
+
+    def step_socket(self) -> str:
+        from .stepsock import step_socket_path
+        return step_socket_path(self.socket)
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args, plug, where) -> int:
     # The per-step path: no gRPC, no protobuf here (stepsock.py says why).
-    from . import stepsock
+    from . import stepenv, stepsock
     from .errors import OciImageError
+    if not args.image or (where.step == contract.BATCH_STEP
+                          and not (plug.batch_in_image or args.batch_in_image)):
+        send_records(args, [])  # no image asked for, or a batch script: it runs on the host
+        return 0
     try:
-        mounts = (parse_mounts(args.default_mounts, "plugstack default_mounts")
+        mounts = (parse_mounts(plug.default_mounts, "plugstack default_mounts")
                   + parse_mounts(args.mounts, "--oci-mounts"))
         try:
             pw = pwd.getpwuid(args.uid)
             user_name, home = pw.pw_name, pw.pw_dir
         except KeyError:
-            user_name, home = os.environ.get("USER", f"user{args.uid}"), os.environ.get("HOME", "/")
+            user_name, home = f"user{args.uid}", "/"
         env_names = [n for n in (args.env_names or "").split(",") if n]
         # a PrepareStepRequest (proto/ociimage/v1/ociimage.proto), field for field
         req = {"job_id": args.job, "step_id": args.step, "uid": args.uid, "gid": args.gid,
                "image": args.image,
                "mounts": [{"source": s, "target": d, "read_only": ro} for s, d, ro in mounts],
-               "workdir": args.workdir or "", "cwd": args.cwd or "", "writable": args.writable,
-               "mount_home": args.mount_home, "entrypoint": args.entrypoint,
-               "environment": read_job_env(args.job_env_fd), "env_names": env_names,
-               "allow_sqfs": args.allow_sqfs, "node": args.node or "", "home": home,
+               "workdir": args.workdir or "", "cwd": stepenv.submit_cwd(where.env),
+               "writable": args.writable, "mount_home": args.mount_home,
+               "entrypoint": args.entrypoint, "environment": where.env, "env_names": env_names,
+               "allow_sqfs": plug.allow_sqfs, "node": where.node, "home": home,
                "user_name": user_name}
+        _mark(where.marker)
+        mode, columns = stepenv.progress_mode(where.env, where.step, args.node_id,
+                                              contract.BATCH_STEP)
         show = None
-        if args.progress != "none":  # one node of the step shows it (the plugin chooses)
+        if mode != "none":  # one node of the step shows it
             from .progress import LiveProgress, TextProgress
-            node = f"{args.node}: " if args.node else ""
-            show = LiveProgress(TextProgress(sys.stderr, prefix=f"{PREFIX}: {node}",
-                                             tty=args.progress == "tty", interval=4.0,
-                                             columns=args.columns))
+            show = LiveProgress(TextProgress(sys.stderr, prefix=f"{PREFIX}: {where.node}: ",
+                                             tty=mode == "tty", interval=4.0, columns=columns))
         try:
-            reply = stepsock.call(_step_socket(args), {"op": "prepare", "step": req},
-                                  show, timeout=args.timeout)
+            reply = stepsock.call(where.step_socket(), {"op": "prepare", "step": req}, show,
+                                  timeout=1e9)  # a first pull converts; the daemon bounds it
         finally:
             if show is not None:
                 show.stop()
         container = reply.get("container")
         if not isinstance(container, dict) or not container.get("ns_path"):
             return _die("oci-imaged answered the step's prepare without a container")
+        ns = stepenv.open_namespace(container)
     except OciImageError as e:
         return _die(str(e))
-    sys.stdout.buffer.write(_records(container))
-    sys.stdout.flush()
+    except (OSError, ValueError) as e:
+        return _die(f"the step's namespace: {e}")
+    send_records(args, _records(container, plug.launcher), ns)
     return 0
 
 
-def cmd_release(args) -> int:
+def _mark(marker: str) -> None:
+    """The job used an image on this node: its end has something to release (cleanup-job)."""
+    os.makedirs(os.path.dirname(marker), mode=0o700, exist_ok=True)
+    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+
+
+def cmd_release(args, plug, where) -> int:
     from . import stepsock
     from .errors import OciImageError
     try:
-        stepsock.call(_step_socket(args), {"op": "release", "job": args.job, "step": args.step},
-                      timeout=args.timeout)
+        stepsock.call(where.step_socket(), {"op": "release", "job": args.job, "step": args.step},
+                      timeout=60.0)
     except OciImageError as e:
         return _die(f"releasing step {args.job}.{args.step}: {e}")
     return 0
@@ -260,15 +299,21 @@ def cmd_prefetch(args) -> int:
     return 0
 
 
-def cmd_cleanup_job(args) -> int:
-    """The job ended on this node: release whatever its steps left (a killed slurmstepd)."""
-    from . import stepsock
+def cmd_cleanup_job(args, plug) -> int:
+    """The job ended on this node: release whatever its steps left (a killed slurmstepd).
+    Every job's end runs this; one without a marker (no step used an image here) ends at once."""
+    from . import plugstack, stepsock
     from .errors import OciImageError
+    marker = plugstack.job_marker(plug.socket, args.node, args.job)
+    if not os.path.exists(marker):
+        return 0
+    from .stepsock import step_socket_path
     try:
-        r = stepsock.call(_step_socket(args), {"op": "release-job", "job": args.job},
-                          timeout=args.timeout)
+        r = stepsock.call(step_socket_path(plugstack.socket_for(plug.socket, args.node)),
+                          {"op": "release-job", "job": args.job}, timeout=args.timeout)
     except OciImageError as e:
         return _die(f"cleaning up after job {args.job}: {e}")
+    os.unlink(marker)
     if r.get("steps") or r.get("leases"):
         print(f"job {args.job}: released {r.get('steps', 0)} step(s), {r.get('leases', 0)} lease(s)")
     return 0
@@ -295,7 +340,9 @@ def cmd_record_job(args) -> int:
             return 0
         record_image(job, digest)
     except (SlurmUnavailable, ValueError) as e:
-        sys.stderr.write(f"{PREFIX}: note: the image was not recorded in the job's comment: {e}\n")
+        from .progress import printable
+        sys.stderr.write(f"{PREFIX}: note: the image was not recorded in the job's comment: "
+                         f"{printable(str(e))}\n")
         return 0
     if args.verbose:
         print(f"job {job}: oci-image={digest}")
@@ -303,8 +350,8 @@ def cmd_record_job(args) -> int:
 
 
 def socket_path(args) -> str:
-    """The plugstack socket= value; %n stands for the node name (several daemons on one host)."""
-    return args.socket.replace("%n", args.node)
+    """prefetch's --socket (the plugstack prefetch_socket)."""
+    return args.socket
 
 
 def build_parser():
@@ -312,27 +359,33 @@ def build_parser():
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_pairs(sys.argv[1:] if argv is None else list(argv)))
     try:
-        if args.command in ("submit", "prepare"):
-            from .errors import OciImageError
-            try:
-                resolve_options(args)
-            except OciImageError as e:
-                return _die(str(e), e.exit_code)
-            if args.command == "prepare" and not args.image:
-                return _die("prepare: no image (--image or --container-image)", 2)
+        from .errors import OciImageError
+        plug = where = None
+        try:
+            if args.command in ("submit", "prepare", "release", "cleanup-job"):
+                from . import plugstack
+                plug = plugstack.parse(args.plugstack)
+            if args.command in ("prepare", "release"):
+                where = _Step(args, plug)
+            if args.command in ("submit", "prepare"):
+                resolve_options(args, os.environ if args.command == "submit" else where.env)
+        except OciImageError as e:
+            return _die(str(e), e.exit_code)
+        except (OSError, ValueError) as e:
+            return _die(f"the step: {e}", 2)
         if args.command == "submit":
-            return cmd_submit(args)
+            return cmd_submit(args, plug)
         if args.command == "prepare":
-            return cmd_prepare(args)
+            return cmd_prepare(args, plug, where)
+        if args.command == "release":
+            return cmd_release(args, plug, where)
+        if args.command == "cleanup-job":
+            return cmd_cleanup_job(args, plug)
         if args.command == "prefetch":
             return cmd_prefetch(args)
-        if args.command == "cleanup-job":
-            return cmd_cleanup_job(args)
-        if args.command == "record-job":
-            return cmd_record_job(args)
-        return cmd_release(args)
+        return cmd_record_job(args)
     except KeyboardInterrupt:
         return _die("interrupted", 130)
     except Exception as e:  # the user sees one line, never a traceback

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional, Tuple
 
 from . import contract
 from .errors import InvalidArgument, InvalidReference
@@ -46,7 +45,7 @@ def _path_ok(p: str) -> bool:
         and "/./" not in p + "/"
 
 
-def parse_mounts(text: str, what: str) -> List[Tuple[str, str, bool]]:
+def parse_mounts(text: str, what: str) -> list[tuple[str, str, bool]]:
     """'SRC[:DST[:ro|rw]],...' -> [(src, dst, read_only)]; both paths absolute, no '.' or '..'.
 
     An empty item (a trailing comma) is skipped; an empty field (`/a:`, `/a:/b:`) is an error.
@@ -129,7 +128,7 @@ def check_image(image: str, what: str = "--oci-image") -> str:
     return image
 
 
-def pinned_for(image: str, pinned: str) -> Optional[str]:
+def pinned_for(image: str, pinned: str) -> str | None:
     """OCI_IMAGE_PINNED when it pins this very image (a step of the job that pinned it)."""
     if not pinned or not image or image.startswith("/"):
         return None
@@ -139,27 +138,55 @@ def pinned_for(image: str, pinned: str) -> Optional[str]:
     return pinned if at and base == image else None
 
 
-def _flag_names(flag: str) -> str:
-    """How a user set a step client flag: '--oci-writable or OCI_WRITABLE'."""
+_BY_NAME = {o.name: o.code for o in contract.OPTIONS}
+_BY_NAME.update({a.name: a.code for a in contract.ALIASES})
+_FIELDS = {field for field, _value in contract.CODES.values()}
+
+
+def option_values(pairs, env) -> dict:
+    """The plugin's --option NAME VALUE pairs (as given), then each option's variable in env
+    where its option was not given: {field: (raw value, how it was set)}."""
+    out = {}
+    for pair in pairs or ():
+        name, _eq, value = pair.partition("=")
+        code = _BY_NAME.get(name)
+        if code is None:
+            raise InvalidArgument(f"--{name}: not an option of this plugin")
+        field, flag_value = contract.CODES[code]
+        if flag_value is None and not value:
+            raise InvalidArgument(f"--{name} needs a value")
+        if flag_value is not None and value:
+            raise InvalidArgument(f"--{name} takes no value")
+        raw = flag_value if flag_value is not None else value
+        if field in out and out[field][0] != raw:
+            raise InvalidArgument(f"both {out[field][1]} and --{name} given")
+        out[field] = (raw, f"--{name}")
     for o in contract.OPTIONS:
-        if o.step_arg == flag and o.env_value in ("", "1"):
-            return f"--{o.name} or {o.env}" if o.env else f"--{o.name}"
-    return flag
+        field = contract.CODES[o.code][0]
+        if not o.env or field in out or not env.get(o.env):
+            continue
+        if field == "image" and "container_image" in out:
+            continue  # --container-image given: OCI_IMAGE does not override it
+        out[field] = (env[o.env], o.env)
+    return out
 
 
-def resolve_options(args) -> None:
-    """Check the users' option values (submit and prepare) and settle args.image.
+def resolve_options(args, env) -> None:
+    """Check the users' option values (submit and prepare) and set them on args.
 
-    Flags come as raw values (the plugin passes OCI_WRITABLE=... as it is) and leave as bools.
-
-    --container-image is translated from pyxis' form; --pinned (OCI_IMAGE_PINNED of the
-    job) replaces a matching image by its pinned digest.
+    Flags come as raw values (OCI_WRITABLE=... as it is) and leave as bools.
+    --container-image is translated from pyxis' form; OCI_IMAGE_PINNED of the job replaces
+    a matching image by its pinned digest (args.inherited_pin).
     """
-    for a in contract.STEP_COMMANDS[args.command]:
-        dest = a.flag[2:].replace("-", "_")
-        if a.kind == "flag" and not isinstance(getattr(args, dest), bool):
-            setattr(args, dest, parse_bool(getattr(args, dest), _flag_names(a.flag)))
-    if getattr(args, "container_image", "") and not args.image:
+    values = option_values(args.option, env)
+    for field in _FIELDS:
+        raw, what = values.get(field, ("", field))
+        if field in ("writable", "mount_home", "entrypoint", "batch_in_image"):
+            default = field == "mount_home"
+            setattr(args, field, parse_bool(raw, what) if raw != "" else default)
+        else:
+            setattr(args, field, raw)
+    if args.container_image and not args.image:
         args.image = enroot_uri_to_reference(_plain(args.container_image, "--container-image"))
     if args.image:
         check_image(args.image.strip())
@@ -169,14 +196,27 @@ def resolve_options(args) -> None:
         parse_mounts(args.mounts, "--oci-mounts")
     if args.workdir:
         check_workdir(args.workdir)
-    if args.default_mounts:
-        parse_mounts(args.default_mounts, "plugstack default_mounts")
     if args.env_names:
         _plain(args.env_names, "--oci-env")
-    pinned = pinned_for(args.image, getattr(args, "pinned", "") or "")
+    pinned = pinned_for(args.image, env.get("OCI_IMAGE_PINNED", ""))
     args.inherited_pin = pinned is not None  # the job pinned it already: nothing new to pin
     if pinned:
-        args.image = pinned
+        args.image = check_image(pinned, "OCI_IMAGE_PINNED")
+
+
+def join_pairs(argv: list[str]) -> list[str]:
+    """The plugin's `--option NAME VALUE` as `--option=NAME=VALUE`: a VALUE a user chose may
+    start with '-', which argparse would take for an option."""
+    pairs = {a.flag for args in contract.STEP_COMMANDS.values() for a in args if a.kind == "pair"}
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in pairs and i + 2 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}={argv[i + 2]}")
+            i += 3
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
@@ -198,6 +238,10 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
                 kw.update(nargs="?", const=True)  # the value: resolve_options
             elif a.kind == "store_true":
                 kw["action"] = "store_true"
+            elif a.kind == "append":
+                kw.update(action="append", default=[])
+            elif a.kind == "pair":  # NAME VALUE, joined by join_pairs() into NAME=VALUE
+                kw.update(action="append", default=[], metavar="NAME=VALUE")
             elif a.kind in ("int", "float"):
                 kw["type"] = int if a.kind == "int" else float
             sp.add_argument(a.flag, **kw)
