@@ -410,3 +410,98 @@ def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch):
         flip.wait(timeout=30)
     assert not any(SECRET in o for o in outcomes), [o for o in outcomes if SECRET in o][:1]
     assert sum("ID=MINE" in o for o in outcomes) >= 1, outcomes[:3]
+
+
+@pytest.fixture
+def member_group(pb_site):
+    """A system group ocigrp-<random> with the test user as a *supplementary* member only
+    (their primary group stays theirs); removed afterwards. The cluster's NSS is Debian's
+    files-only default (no nscd/sssd cache), so the daemon's getgrouplist() sees the new
+    /etc/group line at once; with a caching NSS the group could stay invisible for the
+    cache's lifetime and this test would fail for that reason, not the daemon's."""
+    import secrets
+    name = f"ocigrp-{secrets.token_hex(4)}"
+    subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
+    try:
+        subprocess.run(["gpasswd", "-a", pb_site.cluster.user, name], check=True, capture_output=True)
+        yield __import__("grp").getgrnam(name)
+    finally:
+        subprocess.run(["groupdel", name], check=False, capture_output=True)
+
+
+@needs_cluster
+def test_supplementary_group_is_honoured_for_mounts_and_cwd(pb_site, public_ref, scratch, member_group):
+    """Issue #17: the runtime once computed a user's groups twice (asuser.Identity.of_user
+    and namespaces.py), and the two could disagree. One walk remains (Identity.of_user,
+    used by mountplan for every path a user names): a directory the user may enter only
+    through a supplementary group is bindable and usable as the working directory; one
+    whose group they are not in is refused with one line naming the mount.
+
+    Why this fails if the daemon ignored supplementary groups: d1 is 0750 root:<group>,
+    the user is neither its owner nor has <group> as primary group, so only the
+    supplementary membership lets them search it (the setpriv --clear-groups control shows
+    exactly that on the host). Bind sources and the cwd are opened O_PATH as the user,
+    and O_PATH checks search permission on the directories *above* the last component
+    only, so the paths that depend on the daemon's group walk are d1/inner (bind) and
+    d1/inner as the cwd: without the group their open gets EACCES, the step fails with
+    "mount source .../d1/inner: permission denied", and the cwd falls back to the image's
+    ("/"). (Binding d1 itself would succeed even then: the final component is not
+    checked; what the tasks may read in it is decided by the tasks' own groups, which
+    Slurm sets; so the d1:/g case checks the whole chain, not the daemon alone.)"""
+    user = pwd.getpwnam(pb_site.cluster.user)
+    assert member_group.gr_gid != user.pw_gid and user.pw_name in member_group.gr_mem
+    d1, d2 = scratch / "d1", scratch / "d2"
+    for d, gid, content in ((d1, member_group.gr_gid, "GROUP-MEMBER-CONTENT"), (d2, 0, SECRET)):
+        (d / "inner").mkdir(parents=True)
+        for f in (d / "file", d / "inner" / "file"):
+            f.write_text(content + "\n")
+            os.chown(f, 0, gid)
+            os.chmod(f, 0o640)
+        os.chown(d, 0, gid)
+        os.chown(d / "inner", 0, gid)
+        os.chmod(d, 0o750)
+        os.chmod(d / "inner", 0o755)
+    # controls on the host: the group (and only the group) lets the user in, d2 keeps them out
+    r = pb_site.as_user(["cat", str(d1 / "inner" / "file")])
+    assert r.returncode == 0 and r.stdout == "GROUP-MEMBER-CONTENT\n", r.stderr
+    r = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}",
+                        "--clear-groups", "cat", str(d1 / "inner" / "file")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "GROUP-MEMBER-CONTENT" not in r.stdout
+    r = pb_site.as_user(["cat", str(d2 / "inner" / "file")])
+    assert r.returncode != 0 and SECRET not in r.stdout
+
+    # a supplementary group is honoured: by the daemon, opening a bind source below d1 ...
+    r = pb_site.srun("-N1", f"--oci-image={public_ref}", f"--oci-mounts={d1}/inner:/g",
+                     "cat", "/g/file")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "GROUP-MEMBER-CONTENT\n", (r.stdout, r.stderr)
+    # ... and end to end, d1 itself bound (the tasks read it with their own groups)
+    r = pb_site.srun("-N1", f"--oci-image={public_ref}", f"--oci-mounts={d1}:/g", "cat", "/g/file")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "GROUP-MEMBER-CONTENT\n", (r.stdout, r.stderr)
+
+    # ... and for the working directory: the submit dir d1/inner (inside a bind of scratch,
+    # which anyone may open) is where the tasks start, and they read the file relative to it
+    r = pb_site.cluster.run_as_user(["srun", "-N1", f"--oci-image={public_ref}",
+                                     f"--oci-mounts={scratch}:/w", "sh", "-c", "pwd; cat file"],
+                                    cwd=str(d1 / "inner"), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "/w/d1/inner\nGROUP-MEMBER-CONTENT\n", (r.stdout, r.stderr)
+
+    # a group the user is not in is not: refused before the step, in one line naming the
+    # mount, nothing read
+    r = pb_site.srun("-N1", f"--oci-image={public_ref}", f"--oci-mounts={d2}/inner:/g",
+                     "cat", "/g/file")
+    assert r.returncode != 0
+    assert SECRET not in r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    naming = [l for l in r.stderr.splitlines() if str(d2) in l]
+    assert len(naming) == 1, r.stderr
+    assert f"mount source {d2}/inner" in naming[0] and "permission denied" in naming[0], r.stderr
+    # d2 itself is bound (O_PATH does not check its last component) but its tasks,
+    # without the group, cannot read in it
+    r = pb_site.srun("-N1", f"--oci-image={public_ref}", f"--oci-mounts={d2}:/g", "cat", "/g/file")
+    assert r.returncode != 0
+    assert SECRET not in r.stdout + r.stderr
+    assert "can't open '/g/file': Permission denied" in r.stderr, r.stderr
