@@ -26,22 +26,22 @@ static void child_fds(int envfd, int sock)
 			close(fd);
 }
 
-/* Run argv and read its records and at most one descriptor until EOF: 0 if it exited 0.
- * Its stderr is ours: the user's terminal, or in user_init the step's, on its way to srun.
- * as_root (slurmstepd's user_init, which runs as the user with root's real and saved ids):
- * root again, in /, with a fixed environment (a user's LD_PRELOAD must not run as root). */
-int run_step_client(char **argv, int as_root, int envfd, struct records *r)
+/* Start argv; stderr: errfd (a pipe slurmstepd relays in user_init), or ours if -1.
+ * as_root (slurmstepd): root's ids, no groups, /, a fixed environment (whatever state
+ * slurmstepd is in; a user's LD_PRELOAD must not run as root). */
+int step_client_start(char **argv, int as_root, int envfd, int errfd, struct child *c)
 {
-	char cbuf[CMSG_SPACE(sizeof(int))];
-	int sv[2], status = -1;
-	ssize_t n = 1;
-	pid_t pid;
+	int sv[2];
 
-	*r = (struct records){ malloc(MAX_RECORDS), 0, -1 };
-	if (r->buf == NULL || socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return -1;
-	if ((pid = fork()) == 0) {
+	if ((c->pid = fork()) == 0) {
+		if (errfd >= 0 && dup2(errfd, 2) < 0)
+			_exit(127);
 		child_fds(envfd, sv[1]);
+		/* the pipe is its stderr alone: EOF there must come when it closes that */
+		if (errfd >= 0 && dup2(0, 1) < 0)
+			_exit(127);
 		if (as_root && (setresuid(0, 0, 0) < 0 || setgroups(0, NULL) < 0 ||
 				setresgid(0, 0, 0) < 0 || chdir("/") < 0))
 			_exit(127);
@@ -51,17 +51,30 @@ int run_step_client(char **argv, int as_root, int envfd, struct records *r)
 		_exit(127); /* (no stdio after a fork of a threaded slurmstepd) */
 	}
 	close(sv[1]);
-	while (pid > 0 && n > 0 && r->len < MAX_RECORDS) {
+	c->sock = sv[0];
+	return c->pid > 0 ? 0 : (close(sv[0]), -1);
+}
+
+/* Read a started step client's records and at most one descriptor until EOF, then reap
+ * it: 0 if it exited 0. */
+int step_client_wait(struct child *ch, struct records *r)
+{
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	int status = -1;
+	ssize_t n = 1;
+
+	*r = (struct records){ malloc(MAX_RECORDS), 0, -1 };
+	while (r->buf != NULL && n > 0 && r->len < MAX_RECORDS) {
 		struct iovec iov = { r->buf + r->len, MAX_RECORDS - r->len };
 		struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
 				    .msg_controllen = sizeof(cbuf) };
 		struct cmsghdr *c;
 
-		if ((n = recvmsg(sv[0], &m, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR)
-			n = 1;
-		else if (n > 0 && (m.msg_flags & MSG_CTRUNC))
-			n = -1; /* a descriptor the kernel dropped (our limit): not a step on the host */
-		else if (n > 0)
+		if ((n = recvmsg(ch->sock, &m, MSG_CMSG_CLOEXEC)) < 0 && errno == EINTR) {
+			n = 1; /* (cbuf was not written) */
+			continue;
+		}
+		if (n > 0)
 			r->len += (size_t)n;
 		c = n > 0 ? CMSG_FIRSTHDR(&m) : NULL;
 		for (size_t i = 0; c != NULL && c->cmsg_level == SOL_SOCKET &&
@@ -70,17 +83,28 @@ int run_step_client(char **argv, int as_root, int envfd, struct records *r)
 				close(r->fd); /* the last one only: none leaks */
 			memcpy(&r->fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
 		}
+		if (n > 0 && (m.msg_flags & MSG_CTRUNC))
+			n = -1; /* a descriptor the kernel dropped (our limit): not a step on the host */
 	}
-	close(sv[0]);
-	while (pid > 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)
+	close(ch->sock);
+	while (waitpid(ch->pid, &status, 0) < 0 && errno == EINTR)
 		;
-	if (n != 0 || (r->len > 0 && r->buf[r->len - 1] != '\0') || !WIFEXITED(status) ||
-	    WEXITSTATUS(status) != 0) { /* a read error, too much, a cut record, or it failed */
+	if (r->buf == NULL || n != 0 || (r->len > 0 && r->buf[r->len - 1] != '\0') ||
+	    !WIFEXITED(status) || WEXITSTATUS(status) != 0) { /* read error, too much, cut, failed */
 		if (r->fd >= 0)
 			close(r->fd);
 		return r->fd = -1;
 	}
 	return 0;
+}
+
+/* Run argv to its end (stderr ours): its records in r; 0 if it exited 0. */
+int run_step_client(char **argv, int as_root, int envfd, struct records *r)
+{
+	struct child c;
+
+	*r = (struct records){ NULL, 0, -1 };
+	return step_client_start(argv, as_root, envfd, -1, &c) < 0 ? -1 : step_client_wait(&c, r);
 }
 
 /* apply(key, value) to each record; -1 at the first it refuses */

@@ -32,6 +32,9 @@ int slurm_spank_init(spank_t sp, int ac, char **av)
 int slurm_spank_init_post_opt(spank_t sp, int ac, char **av)
 {
 	spank_context_t ctx = spank_context();
+
+	if (ctx == S_CTX_REMOTE)
+		return remote_post_opt(sp);
 	return ctx == S_CTX_LOCAL || ctx == S_CTX_ALLOCATOR ? local_post_opt() : 0;
 }
 

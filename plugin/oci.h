@@ -45,6 +45,9 @@ int register_options(spank_t sp, int aliases);
 
 /* child.c: the step client, with fd 3 = envfd, sends KEY\0VALUE\0 records on fd 4 */
 struct records { char *buf; size_t len; int fd; };
+struct child { pid_t pid; int sock; };
+int step_client_start(char **argv, int as_root, int envfd, int errfd, struct child *c);
+int step_client_wait(struct child *c, struct records *r);
 int run_step_client(char **argv, int as_root, int envfd, struct records *r);
 int each_record(struct records *r, int (*apply)(const char *key, const char *val));
 int spawn_detached(char **argv, int envfd);
@@ -60,6 +63,7 @@ extern struct step st;
 
 int local_post_opt(void);
 void local_exit(void);
+int remote_post_opt(spank_t sp);
 void remote_user_init(spank_t sp);
 void remote_exit(void);
 void job_epilog(spank_t sp);

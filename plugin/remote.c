@@ -7,7 +7,8 @@
 
 struct step st = { .nsfd = -1 };
 static char s_job[16], s_step[16], s_uid[16], s_gid[16], s_node[16];
-static int envfd = -1;
+static int envfd = -1, errfd = -1;
+static struct child prep = { -1, -1 };
 static spank_t sp_now;
 
 /* the step client's argv for CMD: the step; the job's environment on fd 3 */
@@ -56,50 +57,82 @@ static int apply(const char *key, const char *val)
 	return free(name), rc;
 }
 
-void remote_user_init(spank_t sp)
+/* init_post_opt: prepare starts converting or mounting while slurmstepd sets the step
+ * up; what it prints waits in a pipe until user_init */
+int remote_post_opt(spank_t sp)
 {
 	char **env = NULL, *argv[MAX_ARGS];
 	uint32_t job, step, nodeid;
 	uid_t uid;
 	gid_t gid;
+	int p[2];
 
 	if (spank_get_item(sp, S_JOB_ENV, &env) != ESPANK_SUCCESS || !asked(env))
-		return;
+		return 0;
 	if (spank_get_item(sp, S_JOB_ID, &job) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_STEPID, &step) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_UID, &uid) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_GID, &gid) != ESPANK_SUCCESS ||
 	    spank_get_item(sp, S_JOB_NODEID, &nodeid) != ESPANK_SUCCESS)
-		goto fail;
+		return st.failed = 1, 0; /* shown in user_init: only from there does it reach srun */
 	/* the batch script runs on the host (its sruns use the image), exactly as without us */
 	if (step == STEP_EXTERN || (step == STEP_BATCH && !given[OCI_OPT_BATCH_IN_IMAGE] &&
 				    !plug_true(PS_BATCH_IN_IMAGE)))
-		return;
+		return 0;
 	snprintf(s_job, sizeof(s_job), "%u", job);
 	snprintf(s_step, sizeof(s_step), "%u", step);
 	snprintf(s_uid, sizeof(s_uid), "%u", (unsigned)uid);
 	snprintf(s_gid, sizeof(s_gid), "%u", (unsigned)gid);
 	snprintf(s_node, sizeof(s_node), "%u", nodeid);
-	sp_now = sp;
-	if ((envfd = env_memfd(env)) < 0 || step_argv(argv, SC_PREPARE, 1) < 0)
-		goto fail;
 	st.started = 1;
-	/* a prepare that exits 0 with nothing (no image asked for) leaves the step on the host;
-	 * records without a namespace are a failure, never a step on the host */
-	if (run_step_client(argv, 1, envfd, &st.rec) == 0 && each_record(&st.rec, apply) == 0 &&
-	    (st.entrypoint == NULL || st.launcher != NULL) && (st.rec.fd >= 0 || st.rec.len == 0))
-		return (void)(st.nsfd = st.rec.fd);
-	if (st.rec.fd >= 0)
-		close(st.rec.fd);
-fail:
-	st.failed = 1;
-	slurm_error(PFX "could not start the step in the image");
+	if ((envfd = env_memfd(env)) < 0 || step_argv(argv, SC_PREPARE, 1) < 0 ||
+	    pipe2(p, O_CLOEXEC) < 0)
+		return st.failed = 1, 0;
+	if (step_client_start(argv, 1, envfd, p[1], &prep) < 0)
+		st.failed = 1, prep.pid = -1;
+	close(p[1]);
+	errfd = p[0];
+	return 0;
+}
+
+void remote_user_init(spank_t sp)
+{
+	char buf[4096];
+	ssize_t n, w = 0;
+
+	if (prep.pid > 0) {
+		/* prepare's progress and errors, to srun as they come (printable lines only);
+		 * it closes its stderr before it sends its records */
+		while ((n = read(errfd, buf, sizeof(buf))) != 0 && (n > 0 || errno == EINTR))
+			for (ssize_t o = 0; o < n && w >= 0; o += w)
+				if ((w = write(2, buf + o, (size_t)(n - o))) < 0 && errno == EINTR)
+					w = 0;
+		sp_now = sp;
+		/* a prepare that exits 0 with nothing (no image asked for) leaves the step on
+		 * the host; records without a namespace are a failure, never a step on the host */
+		if (step_client_wait(&prep, &st.rec) == 0 && each_record(&st.rec, apply) == 0 &&
+		    (st.entrypoint == NULL || st.launcher != NULL) && (st.rec.fd >= 0 || !st.rec.len))
+			st.nsfd = st.rec.fd;
+		else if ((st.failed = 1) && st.rec.fd >= 0)
+			close(st.rec.fd);
+		prep.pid = -1;
+	}
+	if (errfd >= 0)
+		close(errfd);
+	if (st.failed)
+		slurm_error(PFX "could not start the step in the image");
 }
 
 void remote_exit(void)
 {
 	char *argv[MAX_ARGS];
 
+	if (prep.pid > 0) { /* the step ended before user_init */
+		kill(prep.pid, SIGKILL);
+		while (waitpid(prep.pid, NULL, 0) < 0 && errno == EINTR)
+			;
+		st.failed = 1;
+	}
 	if (!st.started || (!st.failed && st.nsfd < 0))
 		return; /* prepare made nothing to release */
 	if (st.nsfd >= 0)

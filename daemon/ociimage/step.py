@@ -2,7 +2,7 @@
 
     submit      (srun/sbatch/salloc, as the user: every option checked as the nodes check it,
                 the tag pinned, a prefetch started) -> setenv/atexit records
-    prepare     (slurmstepd's user_init, root) -> the step's namespace and its records
+    prepare     (slurmstepd, root, from init_post_opt) -> the step's namespace and its records
     release     (slurmstepd's exit, root, detached)
     cleanup-job (slurmd's job epilog, root, detached: what the job left on the node)
     prefetch    (started by submit, detached, as the user)
@@ -55,8 +55,10 @@ def send_records(args, records, fd=None) -> None:
                     for k, v in records)
     if fd is not None and not data:
         raise ValueError("a descriptor needs a record to travel with")
+    sys.stdout.flush()
     sys.stderr.flush()
     null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)  # (the plugin gives prepare /dev/null there; by hand it may be the pipe)
     os.dup2(null, 2)
     os.close(null)
     sock = socket.socket(fileno=args.records_fd)
@@ -370,7 +372,10 @@ def main(argv: "list[str] | None" = None) -> int:
             if args.command in ("prepare", "release"):
                 where = _Step(args, plug)
             if args.command in ("submit", "prepare"):
-                resolve_options(args, os.environ if args.command == "submit" else where.env)
+                if args.command == "submit":
+                    resolve_options(args, os.environ)
+                else:
+                    resolve_options(args, where.env, parse_reference=False)
         except OciImageError as e:
             return _die(str(e), e.exit_code)
         except (OSError, ValueError) as e:

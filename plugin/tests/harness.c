@@ -310,6 +310,44 @@ static void test_step_client(void)
 	struct records r;
 	int fd, before;
 
+	/* started and collected apart (slurmstepd: init_post_opt, user_init), its stderr
+	 * in a pipe of ours: what it wrote there, then its records */
+	{
+		char *argv[] = { "/bin/sh", "-c", "echo progress >&2; exec 2>&-; "
+				 "printf 'cwd\\0/x\\0' >&4", NULL };
+		struct child ch;
+		char buf[64] = "";
+		int p[2];
+		ssize_t n;
+
+		CHECK(pipe(p) == 0 && step_client_start(argv, 0, -1, p[1], &ch) == 0);
+		close(p[1]);
+		n = read(p[0], buf, sizeof(buf) - 1);
+		CHECK(n == 9 && strcmp(buf, "progress\n") == 0 && read(p[0], buf, 1) == 0);
+		close(p[0]);
+		CHECK(step_client_wait(&ch, &r) == 0 && RECS(r, "cwd\0/x\0") && r.fd == -1);
+		free(r.buf);
+	}
+
+	/* records larger than the socket's buffer, from a child that keeps its stdout open
+	 * after closing its stderr: the pipe still ends (its stdout is not the pipe) */
+	{
+		char *argv[] = { "/bin/sh", "-c", "exec 2>&-; printf 'env\\0A=' >&4; "
+				 "head -c 600000 /dev/zero | tr '\\0' a >&4; printf '\\0' >&4", NULL };
+		struct child ch;
+		char buf[64];
+		int p[2];
+
+		alarm(20); /* a deadlock fails the harness instead of hanging it */
+		CHECK(pipe(p) == 0 && step_client_start(argv, 0, -1, p[1], &ch) == 0);
+		close(p[1]);
+		CHECK(read(p[0], buf, sizeof(buf)) == 0);
+		close(p[0]);
+		CHECK(step_client_wait(&ch, &r) == 0 && r.len == 4 + 2 + 600000 + 1);
+		alarm(0);
+		free(r.buf);
+	}
+
 	/* the records, as written on fd 4 */
 	CHECK(sh("printf 'setenv\\0A=1\\0' >&4; printf 'atexit\\0x\\0' >&4", 0, -1, &r) == 0 &&
 	      RECS(r, "setenv\0A=1\0atexit\0x\0") && r.fd == -1);
