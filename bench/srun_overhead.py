@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Per-step cost of --oci-image, and time to first task for a new image, on the local 3-node cluster.
 
-    .venv/bin/python bench/srun_overhead.py [--runs 15] [--rounds 3] [--before 55e19f1]
+    .venv/bin/python bench/srun_overhead.py [--runs 15] [--rounds 3] [--before a5db242]
 
 Starts (as root) a registry, one oci-imaged per node sharing a cache, and a
 3-node Slurm cluster whose plugstack loads the plugin, all on this machine;
@@ -154,8 +154,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3,
                     help="the runs are split in rounds that alternate the revisions, so that "
                          "the machine's other load falls on both alike")
-    ap.add_argument("--before", default="55e19f1",
-                    help="the revision to compare with (default: the one before #19)")
+    ap.add_argument("--before", default="a5db242",
+                    help="the revision to compare with (default: the last one before the plugin became a shim)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root", file=sys.stderr)

@@ -95,7 +95,7 @@ def cmd_submit(args, plug) -> int:
         if pinned is None:  # no daemon here, or it could not say: ask the registry ourselves
             pinned = _resolve_here(image, insecure)
     except OciImageError as e:
-        return _die(f"--oci-image={image}: {e}")
+        return _die(f"--oci-image={image}: {e}", e.exit_code)
     records = [("setenv", f"OCI_IMAGE_PINNED={pinned}")]
     # sbatch/salloc jobs may wait in the queue: worth converting meanwhile. An srun's own
     # step starts right away and its nodes pull anyway; a prefetch would only compete.
@@ -372,10 +372,10 @@ def main(argv: "list[str] | None" = None) -> int:
             if args.command in ("prepare", "release"):
                 where = _Step(args, plug)
             if args.command in ("submit", "prepare"):
-                if args.command == "submit":
-                    resolve_options(args, os.environ)
-                else:
-                    resolve_options(args, where.env, parse_reference=False)
+                # the reference's form: parsed where it is resolved (here, or this host's
+                # daemon at submit; the node's daemon at prepare), with the same parser
+                resolve_options(args, os.environ if args.command == "submit" else where.env,
+                                parse_reference=False)
         except OciImageError as e:
             return _die(str(e), e.exit_code)
         except (OSError, ValueError) as e:

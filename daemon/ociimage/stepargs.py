@@ -180,9 +180,10 @@ def resolve_options(args, env, parse_reference: bool = True) -> None:
     --container-image is translated from pyxis' form; OCI_IMAGE_PINNED of the job replaces
     a matching image by its pinned digest (args.inherited_pin).
 
-    parse_reference=False (prepare): the reference's form is left to the daemon, which
-    parses it with the same parser before anything else; importing that parser would cost
-    every step 16 ms.
+    parse_reference=False (the step client): the reference's form is left to where it is
+    resolved (submit: this host's daemon or the registry client; prepare: the node's
+    daemon), which parse it with the same parser first; importing that parser here would
+    cost every srun and step 16 ms.
     """
     values = option_values(args.option, env)
     for field in _FIELDS:
