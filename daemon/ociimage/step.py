@@ -193,6 +193,16 @@ def _records(container: dict, launcher: str):
     return out
 
 
+def _mount_message(m) -> dict:
+    """A parsed --oci-mounts item as a Mount message (a bind's kind stays the default, "")."""
+    out = {"source": m.source, "target": m.target, "read_only": m.read_only}
+    if m.kind != "bind":
+        out["kind"] = m.kind
+    if m.options:
+        out["options"] = "+".join(m.options)
+    return out
+
+
 class _Step:
     """What prepare and release know of the step: Slurm's ids (arguments), the job's
     environment (fd 3), this node's name and the daemon's sockets."""
@@ -230,7 +240,7 @@ def cmd_prepare(args, plug, where) -> int:
         # a PrepareStepRequest (proto/ociimage/v1/ociimage.proto), field for field
         req = {"job_id": args.job, "step_id": args.step, "uid": args.uid, "gid": args.gid,
                "image": args.image,
-               "mounts": [{"source": s, "target": d, "read_only": ro} for s, d, ro in mounts],
+               "mounts": [_mount_message(m) for m in mounts],
                "workdir": args.workdir or "", "cwd": stepenv.submit_cwd(where.env),
                "writable": args.writable, "mount_home": args.mount_home,
                "entrypoint": args.entrypoint, "environment": where.env, "env_names": env_names,

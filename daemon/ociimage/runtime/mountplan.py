@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .. import asuser
+from .. import asuser, mountflags
 from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from . import syscalls as sc
 from .containerpaths import (EMPTY_LAYER, OPAQUE_LAYER, fd_layer, join_path, lstat_entry,
@@ -44,7 +44,8 @@ class StepSpec:
     user_name: str
     home: str
     rootfs: Path
-    mounts: List[Tuple[str, str, bool]] = field(default_factory=list)  # (host src, dst, read_only)
+    # (host src, dst, read_only[, options]): options, from mountflags.py: ("noexec",) or ()
+    mounts: List[Tuple] = field(default_factory=list)
     writable: bool = False
     mount_home: bool = True
     workdir: Optional[str] = None
@@ -52,6 +53,7 @@ class StepSpec:
     image_workdir: Optional[str] = None
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
     groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
+    tmpfs: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (dst, options)
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -123,6 +125,7 @@ class _Planner:
         self.system_targets: List[str] = []
         self.placeholder: Optional[str] = None
         self.submit_visible = False
+        self.tmpfs_targets: List[str] = []
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -188,34 +191,64 @@ class _Planner:
 
     def plan_binds(self) -> None:
         spec = self.spec
-        binds: List[Tuple[asuser.Opened, str, bool, str]] = []
+        binds: List[Tuple[asuser.Opened, str, bool, str, bool]] = []
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
             if isinstance(o, asuser.Opened) and o.is_dir:
-                binds.append((o, home, False, "home"))
+                binds.append((o, home, False, "home", False))
             else:
                 log.warning("home directory not usable by its user, not mounted",
                             extra={"home": home, "job": spec.job_id, "error": str(o)})
-        for i, (src, dst, ro) in enumerate(spec.mounts):
+        for i, m in enumerate(spec.mounts):
+            src, dst, ro = m[:3]
             src = _check_abs("mount source", src)
             dst = _check_abs("mount target", dst)
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
-            binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}"))
+            binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
+                          "noexec" in (m[3] if len(m) > 3 else ())))
         # parents before children, so a nested target resolves through its parent mount
         binds.sort(key=lambda b: len(split_path(b[1])))
-        for o, dst, ro, what in binds:
+        for o, dst, ro, what, noexec in binds:
             t = self.target(dst, o.is_dir, what)
-            for protected in self.protected:
+            for protected in self.protected + self.tmpfs_targets:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
+            if noexec:  # the one flag a user may add to a bind (mountflags.py)
+                self.user.append(("setattr", self.host(t), sc.MOUNT_ATTR_NOEXEC, sc.MS_NOEXEC,
+                                  what, not USE_MOUNT_API))
             self.user_targets.append(t)
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
             if o.is_dir:
                 self.visible.append((o.path, t))
+
+    def plan_tmpfs(self) -> None:
+        """The user's tmpfs mounts (tmpfs:DST): after the system mounts, before the binds,
+        so a bind may go inside one (its mount point made in the tmpfs) but none may
+        cover one. Owned by the user, nosuid,nodev; the data is rebuilt from numbers."""
+        for dst, options in sorted(self.spec.tmpfs, key=lambda x: len(split_path(x[0]))):
+            dst = _check_abs("tmpfs target", dst)
+            what = f"mount tmpfs:{dst}"
+            if dst == "/":
+                raise InvalidArgument("cannot mount over the container's root")
+            data = mountflags.tmpfs_data(options, self.spec.uid, self.spec.gid)
+            planned = len(self.tmp_create)
+            t = self.target(dst, True, what)
+            # its mount point inside a tmpfs (/tmp, another of these): made right before it
+            self.system += [("mkdir", self.host(c), 0o755) for _k, c in self.tmp_create[planned:]]
+            del self.tmp_create[planned:]
+            for protected in self.protected:
+                if protected == t or protected.startswith(t.rstrip("/") + "/") \
+                        or t.startswith(protected.rstrip("/") + "/"):
+                    raise InvalidArgument(f"{what}: cannot mount over or inside {protected}")
+            flags = sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_NOEXEC if "noexec" in options else 0)
+            self.system.append(("mount", "tmpfs", self.host(t), "tmpfs", flags, data))
+            self.layers[t] = EMPTY_LAYER
+            self.user_targets.append(t)
+            self.tmpfs_targets.append(t)
 
     def plan_submit_dir(self) -> None:
         """An empty placeholder at the submit directory when the container lacks it.
@@ -247,6 +280,7 @@ class _Planner:
         passwd_t = self.target("/etc/passwd", False, "/etc/passwd")
         group_t = self.target("/etc/group", False, "/etc/group")
         self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"] + self.system_targets
+        self.plan_tmpfs()
         self.plan_binds()
         self.plan_submit_dir()
         ro_flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
@@ -318,9 +352,9 @@ def open_sources(spec: StepSpec) -> Dict[str, Union[asuser.Opened, OciImageError
     if spec.host_cwd and spec.host_cwd.startswith("/"):
         keys.append("cwd")
         paths.append(spec.host_cwd)
-    for i, (src, _dst, _ro) in enumerate(spec.mounts):
+    for i, m in enumerate(spec.mounts):
         keys.append(f"mount:{i}")
-        paths.append(_check_abs("mount source", src))
+        paths.append(_check_abs("mount source", m[0]))
     return dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
 
 
