@@ -40,6 +40,20 @@ static void checksum(char **argv, char *out, size_t n)
 	snprintf(out, n, "%016llx", (unsigned long long)h);
 }
 
+/* srun with an entrypoint: submit also checks srun's own command line (--multi-prog, which
+ * the checksum does not cover), so the shortcut below is not taken */
+static int srun_entrypoint(char **argv)
+{
+	const char *e = getenv("OCI_ENTRYPOINT");
+
+	if (strcmp(program_invocation_short_name, "srun") != 0)
+		return 0;
+	for (char **a = argv; *a != NULL; a++)
+		if (strcmp(*a, "oci-entrypoint") == 0 || strcmp(*a, "container-entrypoint") == 0)
+			return 1;
+	return e != NULL && *e != '\0';
+}
+
 int local_post_opt(void)
 {
 	char *argv[MAX_ARGS], sum[20], wd[PATH_MAX], cols[16];
@@ -66,7 +80,7 @@ int local_post_opt(void)
 		return -1;
 	}
 	checksum(argv, sum, sizeof(sum));
-	if (local && prev != NULL && strcmp(prev, sum) == 0)
+	if (local && prev != NULL && strcmp(prev, sum) == 0 && !srun_entrypoint(argv))
 		return 0; /* (an sbatch or salloc in a job: its own job needs its record, prefetch) */
 	argv[ac++] = SC_ARG_CALLER;
 	argv[ac++] = program_invocation_short_name;

@@ -83,6 +83,12 @@ def cmd_submit(args, plug) -> int:
     import time
     from .errors import OciImageError
     image = args.image
+    if image and args.entrypoint and args.caller == "srun":
+        from .srunargs import asks_multi_prog, parent_argv
+        if asks_multi_prog(parent_argv()):  # SPANK shows no plugin srun's own options
+            return _die("--oci-entrypoint (or OCI_ENTRYPOINT=1) cannot be used with "
+                        "srun --multi-prog: each task's program comes from the "
+                        "--multi-prog file; drop one of them", 2)
     if not image or image.startswith("/") or args.inherited_pin:
         send_records(args, [])  # nothing to pin: no image, a SquashFS file the nodes check, or pinned
         return 0
