@@ -2,7 +2,7 @@
 
 import pytest
 
-from ociimage.srunargs import asks_multi_prog
+from ociimage.srunargs import asks_multi_prog, chdir_of
 
 
 @pytest.mark.parametrize("argv", [
@@ -29,3 +29,16 @@ def test_srun_option(argv):
 ])
 def test_not_srun_option(argv):
     assert asks_multi_prog(argv) is False
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["srun", "--chdir=/a", "pwd"], "/a"),
+    (["srun", "-D", "/a", "-l", "pwd"], "/a"),
+    (["srun", "-lD/a", "pwd"], "/a"),
+    (["srun", "--chdir", "rel", "-D", "/b", "pwd"], "/b"),
+    (["srun", "--ch=/c", "pwd"], "/c"),
+    (["srun", "pwd", "--chdir=/a"], None),
+    (["srun", "-J", "-D", "pwd"], None),
+])
+def test_chdir(argv, want):
+    assert chdir_of(argv) == want

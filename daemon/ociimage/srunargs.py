@@ -1,6 +1,6 @@
-"""What srun itself was asked, which SPANK does not show a plugin: whether `--multi-prog` is
-among srun's own options (its command line, read at submit from the step client's parent,
-the srun that runs it as the user).
+"""What srun itself was asked, which SPANK does not show a plugin: `--multi-prog` and
+`--chdir` among srun's own options (its command line, read at submit from the step
+client's parent, the srun that runs it as the user).
 
 srun stops at its first argument that is not an option (getopt's "+"): what follows is the
 command, whose own `--multi-prog` is not srun's. Telling an option's separate value from
@@ -33,29 +33,50 @@ def _is_multi_prog(name: str) -> bool:
     return len(name) >= 3 and "multi-prog".startswith(name)
 
 
-def asks_multi_prog(argv) -> bool:
-    """Whether srun's argv (argv[0]: srun) has --multi-prog among srun's own options."""
-    i = 1
+def srun_options(argv):
+    """srun's own options in argv (argv[0]: srun), up to its command: [(name, value)], a long
+    option by its name as given (an abbreviation stays one), a short one by its letter;
+    value None for a flag."""
+    out, i = [], 1
     while i < len(argv):
         a = argv[i]
         if a == "--" or not a.startswith("-") or a == "-":
-            return False  # the command starts here
+            break  # the command starts here
         if a.startswith("--"):
-            name, eq, _value = a[2:].partition("=")
-            if _is_multi_prog(name):
-                return True
-            if not eq and name not in _FLAGS_LONG:
+            name, eq, value = a[2:].partition("=")
+            if not eq and name not in _FLAGS_LONG and not _is_multi_prog(name):
                 i += 1  # its value
+                value = argv[i] if i < len(argv) else ""
+            out.append((name, value if eq or name not in _FLAGS_LONG else None))
         else:
             for j, c in enumerate(a[1:], 1):
                 if c in _OPTIONAL_SHORT:
+                    out.append((c, a[j + 1:] or None))
                     break
                 if c not in _FLAGS_SHORT:
-                    if j == len(a) - 1:
-                        i += 1  # -N 2: the value is the next argument
-                    break       # -N2: the rest of this one
+                    if j == len(a) - 1:  # -N 2: the value is the next argument
+                        i += 1
+                        out.append((c, argv[i] if i < len(argv) else ""))
+                    else:                # -N2: the rest of this one
+                        out.append((c, a[j + 1:]))
+                    break
+                out.append((c, None))
         i += 1
-    return False
+    return out
+
+
+def asks_multi_prog(argv) -> bool:
+    """Whether srun's argv has --multi-prog among srun's own options."""
+    return any(len(n) > 1 and _is_multi_prog(n) for n, _v in srun_options(argv))
+
+
+def chdir_of(argv):
+    """srun's -D/--chdir DIR (the last one given), or None."""
+    found = None
+    for name, value in srun_options(argv):
+        if name == "D" or (len(name) >= 2 and "chdir".startswith(name)):
+            found = value
+    return found
 
 
 def parent_argv() -> list:

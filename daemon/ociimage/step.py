@@ -83,14 +83,20 @@ def cmd_submit(args, plug) -> int:
     import time
     from .errors import OciImageError
     image = args.image
-    if image and args.entrypoint and args.caller == "srun":
-        from .srunargs import asks_multi_prog, parent_argv
-        if asks_multi_prog(parent_argv()):  # SPANK shows no plugin srun's own options
+    records = []
+    if image and args.caller == "srun":
+        from .srunargs import asks_multi_prog, chdir_of, parent_argv
+        srun_argv = parent_argv()  # SPANK shows a plugin none of srun's own options
+        if args.entrypoint and asks_multi_prog(srun_argv):
             return _die("--oci-entrypoint (or OCI_ENTRYPOINT=1) cannot be used with "
                         "srun --multi-prog: each task's program comes from the "
                         "--multi-prog file; drop one of them", 2)
+        chdir = chdir_of(srun_argv)
+        if chdir:  # where the tasks start in the container (prepare: stepenv.submit_cwd)
+            records.append(("setenv", "OCI_SUBMIT_CHDIR=" + os.path.normpath(
+                os.path.join(os.getcwd(), chdir))))
     if not image or image.startswith("/") or args.inherited_pin:
-        send_records(args, [])  # nothing to pin: no image, a SquashFS file the nodes check, or pinned
+        send_records(args, records)  # nothing to pin: no image, a SquashFS file, or pinned
         return 0
     since = int(time.time())
     insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
@@ -102,7 +108,7 @@ def cmd_submit(args, plug) -> int:
             pinned = _resolve_here(image, insecure)
     except OciImageError as e:
         return _die(f"--oci-image={image}: {e}", e.exit_code)
-    records = [("setenv", f"OCI_IMAGE_PINNED={pinned}")]
+    records.append(("setenv", f"OCI_IMAGE_PINNED={pinned}"))
     # sbatch/salloc jobs may wait in the queue: worth converting meanwhile. An srun's own
     # step starts right away and its nodes pull anyway; a prefetch would only compete.
     if args.caller in ("sbatch", "salloc") and plug.prefetch_socket:

@@ -54,6 +54,7 @@ class StepSpec:
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
     groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
     tmpfs: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (dst, options)
+    chdir_given: bool = False  # host_cwd is srun --chdir's: the tasks start there or not at all
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -263,6 +264,8 @@ class _Planner:
         cwd = self.spec.host_cwd
         if not cwd or not cwd.startswith("/") or os.path.normpath(cwd) == "/":
             return
+        if self.spec.chdir_given and not self.spec.workdir:
+            return  # the tasks start there, or the step fails (working_dir)
         if len(os.fsencode(cwd)) >= 4000 or any(len(os.fsencode(c)) > 255 for c in split_path(cwd)):
             return  # the kernel would refuse it (ENAMETOOLONG): never fail a step for this
         planned = len(self.image_create) + len(self.tmp_create)
@@ -333,9 +336,21 @@ class _Planner:
                 self.submit_visible = True  # the tasks start in it (where a bind put it)
                 rest = cwd[len(best[0]):].lstrip("/")
                 return join_path(best[1], *split_path(rest))
+        if spec.chdir_given:
+            return self.chdir_in_container(os.path.normpath(spec.host_cwd))
         if spec.image_workdir and spec.image_workdir.startswith("/"):
             return os.path.normpath(spec.image_workdir)
         return "/"
+
+    def chdir_in_container(self, cwd: str) -> str:
+        """srun --chdir=DIR not under a bind: DIR as the container has it, or a clear error
+        (slurmstepd would go to /tmp, and the tasks would write where nobody looks)."""
+        r = resolve_in_root(self.rootfs, cwd, self.layers)
+        if r.exists and (r.host is None or stat.S_ISDIR(lstat_entry(r.host)[0].st_mode)):
+            return r.path
+        raise NotFound(f"srun --chdir={cwd}: no such directory in the container",
+                       hint=f"--oci-mounts={cwd} brings the host's in; --oci-workdir=DIR "
+                            f"picks one of the image's")
 
 
 def plan_step(spec: StepSpec, step_dir: Path, sources: Sources) -> Plan:

@@ -192,6 +192,8 @@ class StepManager:
                            for m in request.mounts if m.kind],
                     writable=request.writable, mount_home=request.mount_home,
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
+                    chdir_given=bool(request.cwd) and
+                    request.environment.get("OCI_SUBMIT_CHDIR") == request.cwd,
                     image_workdir=config.get("WorkingDir") or None)
                 ns = create_step_namespace(spec, self.state_dir)
                 if ns.placeholder and not spec.workdir and not ns.submit_visible:
