@@ -12,8 +12,9 @@ from ociimage import mountflags, stepargs
 from ociimage.errors import InvalidArgument
 from ociimage.runtime import mountplan
 
-from test_runtime_namespaces import (GID, UID, enter, host, make, needs_root,  # noqa: F401
-                                     node, spec_for)
+from ociimage.errors import NotFound
+from test_runtime_namespaces import (GID, NAME, UID, enter, host, make,  # noqa: F401
+                                     needs_root, node, spec_for)
 
 M = mountflags.MountItem
 
@@ -128,15 +129,34 @@ def test_noexec_bind(make, host):
 @needs_root
 def test_tmpfs_refusals(make, host):
     for tmpfs, words in (([("/proc/x", ())], "cannot mount inside /proc"),
-                         ([("/proc", ())], "cannot mount over or inside /proc"),
-                         ([("/etc", ())], "cannot mount over or inside /etc/passwd"),
-                         ([("/dev", ())], "cannot mount over or inside /dev")):
+                         ([("/proc", ())], "mount tmpfs:/proc: cannot mount over /proc"),
+                         ([("/etc", ())], "mount tmpfs:/etc: cannot mount over /etc/passwd"),
+                         ([("/dev", ())], "mount tmpfs:/dev: cannot mount over /dev"),
+                         ([("/data", ()), ("/data", ())],
+                          "mount tmpfs:/data: cannot mount over /data")):
         with pytest.raises(InvalidArgument, match=words):
             make(tmpfs=tmpfs)
-    # a bind may not hide a tmpfs
-    with pytest.raises(InvalidArgument, match="cannot mount over /data/t"):
+    # parents first: a tmpfs inside a bind needs its mount point in the host directory
+    with pytest.raises(NotFound, match="/data/t does not exist in the directory mounted at /data"):
         make(tmpfs=[("/data/t", ())], mounts=[(str(host / "src-rw"), "/data", False, ())])
+    # a bind at the same place as a tmpfs
+    with pytest.raises(InvalidArgument, match="cannot mount over /data, mounted already"):
+        make(tmpfs=[("/data", ())], mounts=[(str(host / "src-rw"), "/data", False, ())])
+    # inside a bind, the mount point must exist in the host directory (never made there)
+    with pytest.raises(NotFound, match="does not exist in the directory mounted at"):
+        make(tmpfs=[(str(host / "home" / NAME / "nope"), ())])
     assert not (host / "state" / "100.0").exists()
+
+
+@needs_root
+def test_tmpfs_inside_the_home_bind(make, host):
+    scratch = host / "home" / NAME / "scratch"
+    scratch.mkdir()
+    (scratch / "on-host").write_text("x")
+    step = make(tmpfs=[(str(scratch), ("size=1m",))])
+    r = enter(step, f"ls -A {scratch}; echo y > {scratch}/f && cat {scratch}/f")
+    assert r.returncode == 0 and r.stdout == "y\n", (r.stdout, r.stderr)
+    assert sorted(os.listdir(scratch)) == ["on-host"]  # the host directory is untouched
 
 
 def test_plan_orders_a_tmpfs_mount_point_inside_tmp_before_its_mount(node, tmp_path):

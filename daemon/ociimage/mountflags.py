@@ -48,6 +48,7 @@ _REFUSED = {
 _SIZE = re.compile(r"^[0-9]{1,15}[kmg]?$|^(100|[1-9][0-9]?)%$")
 _COUNT = re.compile(r"^[0-9]{1,15}[kmg]?$")
 _MODE = re.compile(r"^0?[0-1]?[0-7]{3}$")
+_NUMBERS = {"size": _SIZE, "nr_inodes": _COUNT, "mode": _MODE}  # a tmpfs' options
 
 
 def _path(p: str, what: str, item: str) -> str:
@@ -79,7 +80,7 @@ def _flags(text: str, kind: str, item: str):
             continue
         name, eq, value = low.partition("=")
         if kind == "tmpfs" and eq and name in ("size", "nr_inodes", "mode"):
-            ok = (_SIZE if name == "size" else _COUNT if name == "nr_inodes" else _MODE).match(value)
+            ok = _NUMBERS[name].match(value)
             if not ok or (name == "mode" and int(value, 8) > 0o1777):
                 want = {"size": "a number of bytes with k, m or g, or a percentage of memory",
                         "nr_inodes": "a number with k, m or g",
@@ -135,7 +136,7 @@ def tmpfs_data(options, uid: int, gid: int) -> str:
         name, eq, value = o.partition("=")
         if not eq:
             continue
-        rx = {"size": _SIZE, "nr_inodes": _COUNT, "mode": _MODE}.get(name)
+        rx = _NUMBERS.get(name)
         if rx is None or not rx.match(value):
             raise InvalidArgument(f"tmpfs option {o!r} is not one this daemon passes on")
         out[name] = value

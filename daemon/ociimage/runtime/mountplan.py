@@ -191,13 +191,18 @@ class _Planner:
         raise o if isinstance(o, OciImageError) else InvalidArgument(f"mount source {src}: not opened")
 
     def plan_binds(self) -> None:
+        """The user's mounts: home, binds and tmpfs (tmpfs:DST), parents before children so
+        that a nested target resolves through its parent mount. A missing mount point in a
+        tmpfs (/tmp, a user's) is made right before its mount; none may cover a tmpfs of
+        the user's. A tmpfs is the user's, nosuid,nodev; its data is rebuilt from numbers."""
         spec = self.spec
-        binds: List[Tuple[asuser.Opened, str, bool, str, bool]] = []
+        # (the opened source or None for a tmpfs, dst, read_only, what, options)
+        items: List[Tuple[Optional[asuser.Opened], str, bool, str, Tuple[str, ...]]] = []
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
             if isinstance(o, asuser.Opened) and o.is_dir:
-                binds.append((o, home, False, "home", False))
+                items.append((o, home, False, "home", ()))
             else:
                 log.warning("home directory not usable by its user, not mounted",
                             extra={"home": home, "job": spec.job_id, "error": str(o)})
@@ -207,49 +212,42 @@ class _Planner:
             dst = _check_abs("mount target", dst)
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
-            binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
-                          "noexec" in (m[3] if len(m) > 3 else ())))
-        # parents before children, so a nested target resolves through its parent mount
-        binds.sort(key=lambda b: len(split_path(b[1])))
-        for o, dst, ro, what, noexec in binds:
-            t = self.target(dst, o.is_dir, what)
+            items.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
+                          tuple(m[3]) if len(m) > 3 else ()))
+        for dst, options in spec.tmpfs:
+            dst = _check_abs("tmpfs target", dst)
+            if dst == "/":
+                raise InvalidArgument("cannot mount over the container's root")
+            items.append((None, dst, False, f"mount tmpfs:{dst}", tuple(options)))
+        items.sort(key=lambda b: len(split_path(b[1])))
+        for o, dst, ro, what, options in items:
+            data = None if o else mountflags.tmpfs_data(options, spec.uid, spec.gid)
+            planned = len(self.tmp_create)
+            t = self.target(dst, o is None or o.is_dir, what)
             for protected in self.protected + self.tmpfs_targets:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
+            if o is None and t in self.user_targets:
+                raise InvalidArgument(f"{what}: cannot mount over {t}, mounted already")
+            self.user += [("mkdir", self.host(c), 0o755) if k == "dir" else ("mkfile", self.host(c))
+                          for k, c in self.tmp_create[planned:]]
+            del self.tmp_create[planned:]
+            if o is None:
+                flags = sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_NOEXEC if "noexec" in options else 0)
+                self.user.append(("mount", "tmpfs", self.host(t), "tmpfs", flags, data))
+                self.tmpfs_targets.append(t)
+                self.user_targets.append(t)
+                self.layers[t] = EMPTY_LAYER
+                continue
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
-            if noexec:  # the one flag a user may add to a bind (mountflags.py)
+            if "noexec" in options:  # the one flag a user may add to a bind (mountflags.py)
                 self.user.append(("setattr", self.host(t), sc.MOUNT_ATTR_NOEXEC, sc.MS_NOEXEC,
                                   what, not USE_MOUNT_API))
             self.user_targets.append(t)
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
             if o.is_dir:
                 self.visible.append((o.path, t))
-
-    def plan_tmpfs(self) -> None:
-        """The user's tmpfs mounts (tmpfs:DST): after the system mounts, before the binds,
-        so a bind may go inside one (its mount point made in the tmpfs) but none may
-        cover one. Owned by the user, nosuid,nodev; the data is rebuilt from numbers."""
-        for dst, options in sorted(self.spec.tmpfs, key=lambda x: len(split_path(x[0]))):
-            dst = _check_abs("tmpfs target", dst)
-            what = f"mount tmpfs:{dst}"
-            if dst == "/":
-                raise InvalidArgument("cannot mount over the container's root")
-            data = mountflags.tmpfs_data(options, self.spec.uid, self.spec.gid)
-            planned = len(self.tmp_create)
-            t = self.target(dst, True, what)
-            # its mount point inside a tmpfs (/tmp, another of these): made right before it
-            self.system += [("mkdir", self.host(c), 0o755) for _k, c in self.tmp_create[planned:]]
-            del self.tmp_create[planned:]
-            for protected in self.protected:
-                if protected == t or protected.startswith(t.rstrip("/") + "/") \
-                        or t.startswith(protected.rstrip("/") + "/"):
-                    raise InvalidArgument(f"{what}: cannot mount over or inside {protected}")
-            flags = sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_NOEXEC if "noexec" in options else 0)
-            self.system.append(("mount", "tmpfs", self.host(t), "tmpfs", flags, data))
-            self.layers[t] = EMPTY_LAYER
-            self.user_targets.append(t)
-            self.tmpfs_targets.append(t)
 
     def plan_submit_dir(self) -> None:
         """An empty placeholder at the submit directory when the container lacks it.
@@ -283,7 +281,6 @@ class _Planner:
         passwd_t = self.target("/etc/passwd", False, "/etc/passwd")
         group_t = self.target("/etc/group", False, "/etc/group")
         self.protected = [passwd_t, group_t, "/proc", "/sys", "/dev"] + self.system_targets
-        self.plan_tmpfs()
         self.plan_binds()
         self.plan_submit_dir()
         ro_flags = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_RDONLY | sc.MS_NOSUID | sc.MS_NODEV
@@ -310,10 +307,10 @@ class _Planner:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system
-        for kind, cpath in self.tmp_create:
+        ops += self.user  # (their mount points in a tmpfs made in place, plan_binds)
+        for kind, cpath in self.tmp_create:  # the submit directory's placeholder
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        ops += self.user
         ops += etc
         ops.append(("pivot", self.root))
         cwd = self.working_dir()
