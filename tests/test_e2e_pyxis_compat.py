@@ -125,6 +125,25 @@ def test_refused_at_submit_in_one_line(site, mounts, words):
     assert "--container-mounts" in r.stderr or "--oci-mounts" in r.stderr
 
 
+def test_tmpfs_through_a_symlink_of_the_users_is_resolved_in_the_container(site):
+    """The user's own symlink in their home, to /etc: the target is resolved in the
+    container (its /etc, guarded), never followed on the host."""
+    home = Path(site.cluster.home)
+    link = home / "pyx-link"
+    run(site, "ln", "-sfn", "/etc", str(link))
+    try:
+        r = run(site, "srun", "-N1", f"--oci-image={site.ref}", f"--oci-mounts=tmpfs:{link}",
+                "true")
+        one_line_error(r, f"mount tmpfs:{link}: cannot mount over /etc/passwd")
+        run(site, "ln", "-sfn", "/opt/app", str(link))  # into the image: a tmpfs there, in here only
+        r = run(site, "srun", "-N1", f"--oci-image={site.ref}", f"--oci-mounts=tmpfs:{link}",
+                "sh", "-c", "ls -A /opt/app; stat -c %U /opt/app")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == [site.cluster.user], r.stdout
+    finally:
+        run(site, "rm", "-f", str(link))
+
+
 # ---- salloc ---------------------------------------------------------------------------
 
 def test_salloc_steps_run_in_the_image(site):
@@ -150,6 +169,17 @@ BATCH = ('grep ^ID= /etc/os-release | sed "s/^/script /"\n'
 def test_batch_script_on_the_host_by_default(site):
     out = sbatch(site, BATCH, f"--oci-image={site.ref}")
     assert out.splitlines() == [f"script {HOST_ID}", "ID=pyximg"], out
+
+
+def test_sbatch_flags_reach_the_jobs_sruns(site):
+    """sbatch's flag options reach every srun of the job again (Slurm passes them with a
+    value there): --oci-writable here (the root writable: root's directory refuses the
+    user, where the read-only image says so)."""
+    body = "srun -N1 touch /new-file 2>&1 | grep -o 'Permission denied\\|Read-only file system'\n"
+    out = sbatch(site, body, f"--oci-image={site.ref}", "--oci-writable")
+    assert out.splitlines() == ["Permission denied"], out
+    out = sbatch(site, body, f"--oci-image={site.ref}")
+    assert out.splitlines() == ["Read-only file system"], out
 
 
 def test_oci_batch_in_image_runs_the_script_in_the_image(site):
