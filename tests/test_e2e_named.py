@@ -282,3 +282,25 @@ def test_create_needs_an_image(named):
     r = named.srun("--oci-name=x:create", "true")
     assert r.returncode != 0
     assert "--oci-name=x:create needs --oci-image" in one_error_line(r.stderr)
+
+
+def test_a_symlink_planted_in_the_container_is_never_followed(named):
+    """A task makes a mount target of a later step a symlink to the container's /etc: the
+    daemon plans from the image, the namespace builder refuses any symlink on the way, so
+    the user's directory never lands on /etc (where it would replace the generated passwd)."""
+    img = named.refs["img"]
+    src = Path(tempfile.mkdtemp(prefix="oci-named-src-", dir="/tmp"))
+    os.chmod(src, 0o755)
+    (src / "passwd").write_text("root::0:0:evil:/:/bin/sh\n")
+    os.chmod(src / "passwd", 0o644)
+    job, text = named.run_job(f"""
+srun --oci-image={img} --oci-name=env busybox ln -s ../../../etc {DATA}/mnt
+echo "bind:"
+srun --oci-name=env --oci-mounts={src}:{DATA}/mnt cat /etc/passwd
+echo "after:"
+srun --oci-name=env sh -c 'busybox readlink {DATA}/mnt; grep -c evil /etc/passwd'
+""")
+    one_error_line(section(text, "bind:", "after:"))
+    assert "evil:" not in text, text
+    assert section(text, "after:").split()[-2:] == ["../../../etc", "0"], text
+    named.wait_removed("n1", job)
