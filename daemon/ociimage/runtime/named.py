@@ -79,8 +79,12 @@ class NamedContainers:
 
     def _open_base(self) -> int:
         """The base directory, made if missing; refused unless root's and only root's to write."""
-        self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.base, _DIR_FLAGS)
+        try:
+            self.base.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(self.base, _DIR_FLAGS)
+        except OSError as e:
+            raise RuntimeSetupError(f"{self.base} ([daemon] containers_dir): {e.strerror}",
+                                    hint="the site's admins must fix it") from None
         st = os.fstat(fd)
         if st.st_uid != 0 or st.st_mode & 0o022:
             os.close(fd)
@@ -144,7 +148,11 @@ class NamedContainers:
     def _check_space(self, node: str, name: str) -> None:
         if self.min_free <= 0:
             return
-        vfs = os.statvfs(self.base)
+        fd = self._open_base()
+        try:
+            vfs = os.fstatvfs(fd)
+        finally:
+            os.close(fd)
         free = vfs.f_bavail * vfs.f_frsize
         if free < self.min_free:
             raise NoSpace(f"--oci-name={name}: node {node} has only {_mib(free)} free for named "
@@ -191,14 +199,15 @@ class NamedContainers:
 
     def _create(self, job_id: str, name: str, uid: int, gid: int, digest: str, image: str,
                 config: dict, rootfs: Path) -> Named:
-        base = self._open_base()
-        fds: List[int] = [base]
+        fds: List[int] = [self._open_base()]
         try:
-            fds.append(self._subdir(base, job_id, True))
+            fds.append(self._subdir(fds[-1], job_id, True))
             fds.append(self._subdir(fds[-1], name, True))
-            cfd = fds[-1]
             for sub, mode in (("upper", 0o755), ("work", 0o700), ("root", 0o755)):
-                os.close(self._subdir(cfd, sub, True, mode))
+                os.close(self._subdir(fds[-1], sub, True, mode))
+        except OSError as e:  # a symlink or a file on the way: nothing is made through it
+            raise RuntimeSetupError(f"cannot make named container {name} in {self.base}: "
+                                    f"{e.strerror}") from None
         finally:
             for fd in fds:
                 os.close(fd)
