@@ -161,9 +161,10 @@ CONFIG_KEYS: Tuple[Key, ...] = (
         '`<dir>/<job>/<name>/{upper,work}`, kept across the steps of the job that name '
         'them and removed when the job ends on the node. Must be node-local and root\'s '
         "alone (the daemon creates it 0700; it refuses one that is not root's or is "
-        'writable by others). Under the default `/run` the layers live in node memory: '
-        'point it at a local disk (e.g. `/var/lib/oci-image/containers`, never the shared '
-        'cache) where jobs install much. Absolute path.'),
+        'writable by others). Under the default `/run` the layers live in node memory and '
+        'share `/run` with everything else there: best a filesystem of its own (a local '
+        'partition, or a size-limited tmpfs), since a task that fills it fills whatever '
+        'else lives on it; never the shared cache. Absolute path.'),
     Key('daemon', 'containers_min_free', '`1G`',
         'Space `containers_dir` must have free before a step uses a named container '
         '(`500M`, `2G`; K/M/G/T are powers of 1024; `0`: no check); below it the step '
