@@ -304,3 +304,25 @@ srun --oci-name=env sh -c 'busybox readlink {DATA}/mnt; grep -c evil /etc/passwd
     assert "evil:" not in text, text
     assert section(text, "after:").split()[-2:] == ["../../../etc", "0"], text
     named.wait_removed("n1", job)
+
+
+def test_a_fifo_planted_at_a_mount_point_fails_the_step_at_once(named):
+    """A file mount point a task replaced by a FIFO: the builder's open does not wait for a
+    reader (it would hold the step for the builder's whole timeout)."""
+    img = named.refs["img"]
+    src = Path(tempfile.mkdtemp(prefix="oci-named-src-", dir="/tmp"))
+    os.chmod(src, 0o755)
+    (src / "f").write_text("host file\n")
+    os.chmod(src / "f", 0o644)
+    job, out, _go = named.submit(f"""
+srun --oci-image={img} --oci-name=env busybox mkfifo {DATA}/f
+echo "bind:"
+srun --oci-name=env --oci-mounts={src}/f:{DATA}/f cat {DATA}/f
+""")
+    t0 = time.monotonic()
+    named.wait_gone(job)
+    assert time.monotonic() - t0 < 30
+    text = out.read_text()
+    one_error_line(section(text, "bind:"))
+    assert "host file" not in text, text
+    named.wait_removed("n1", job)
