@@ -313,7 +313,6 @@ class StepManager:
             if lease.holder.startswith(prefix):
                 self.cache.drop_lease(lease_id)
                 dropped += 1
-        named = self.named.remove_job(job_id)
         # step directories of the job that no record describes (a crash mid-prepare)
         for d in self.state_dir.glob(f"{job_id}.*"):
             if (d.name.split(".", 1)[0] == job_id and not (d / "record.json").exists()):
@@ -325,6 +324,7 @@ class StepManager:
                     d.rmdir()
                 except OSError:
                     pass
+        named = self.named.remove_job(job_id)  # last: no namespace of the job binds them now
         if keys or dropped:
             log.warning("released what an ended job left on this node",
                         extra={"job": job_id, "steps": len(keys), "leases": dropped,
