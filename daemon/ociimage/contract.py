@@ -77,6 +77,14 @@ OPTIONS = (
            "sbatch: run the batch script itself in the image too (default: the "
            "script runs on the host and its srun steps run in the image).", None, "", "",
            "sbatch: also run the batch script itself in the image"),
+    Option("oci-name", "O_NAME", "NAME[:FLAG]",
+           "A writable container of the job on each node, kept across the job's steps that "
+           "name it (FLAG: auto, create, no_create). A step may then omit --oci-image.",
+           "OCI_NAME", "", "--name",
+           "a named container: writable, on node-local storage, kept from step to step of the "
+           "job on each node and removed when the job ends; later steps may give the name "
+           "alone (`NAME:create`: must not exist yet; `NAME:no_create`: must exist); see "
+           "[docs/migrating-from-pyxis.md](docs/migrating-from-pyxis.md#named-containers)"),
 )
 
 
@@ -102,6 +110,7 @@ ALIASES = (
     Alias("container-entrypoint", "O_ENTRYPOINT", None, "Alias of --oci-entrypoint (oci-image)."),
     Alias("no-container-entrypoint", "O_NO_ENTRYPOINT", None,
           "Do not run the image's ENTRYPOINT, the default (oci-image)."),
+    Alias("container-name", "O_NAME", "NAME[:FLAG]", "Alias of --oci-name (oci-image)."),
 )
 
 
@@ -172,7 +181,7 @@ PLUGSTACK = (
                  """Also register pyxis' option names (--container-image,
                  --container-mounts, --container-workdir, --container-writable,
                  --container-readonly, --[no-]container-mount-home, --container-env,
-                 --[no-]container-entrypoint) with this plugin's meanings, for sites moving
+                 --[no-]container-entrypoint, --container-name) with this plugin's meanings, for sites moving
                  from pyxis (default no). Ignored, with a message in slurmd's log, when a
                  pyxis plugin is loaded too."""),
 )
@@ -203,7 +212,7 @@ CODES = {
     "O_WRITABLE": ("writable", "1"), "O_READONLY": ("writable", "0"),
     "O_MOUNT_HOME": ("mount_home", "1"), "O_NO_MOUNT_HOME": ("mount_home", "0"),
     "O_ENTRYPOINT": ("entrypoint", "1"), "O_NO_ENTRYPOINT": ("entrypoint", "0"),
-    "O_BATCH": ("batch_in_image", "1"),
+    "O_BATCH": ("batch_in_image", "1"), "O_NAME": ("container_name", None),
 }
 
 #: set by the plugin after a submit that passed: a checksum of what it checked (the options,

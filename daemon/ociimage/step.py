@@ -214,8 +214,8 @@ def cmd_prepare(args, plug, where) -> int:
     # The per-step path: no gRPC, no protobuf here (stepsock.py says why).
     from . import stepenv, stepsock
     from .errors import OciImageError
-    if not args.image or (where.step == contract.BATCH_STEP
-                          and not (plug.batch_in_image or args.batch_in_image)):
+    if not (args.image or args.container_name) or (
+            where.step == contract.BATCH_STEP and not (plug.batch_in_image or args.batch_in_image)):
         send_records(args, [])  # no image asked for, or a batch script: it runs on the host
         return 0
     try:
@@ -235,7 +235,7 @@ def cmd_prepare(args, plug, where) -> int:
                "writable": args.writable, "mount_home": args.mount_home,
                "entrypoint": args.entrypoint, "environment": where.env, "env_names": env_names,
                "allow_sqfs": plug.allow_sqfs, "node": where.node, "home": home,
-               "user_name": user_name}
+               "user_name": user_name, "container_name": args.container_name or ""}
         _mark(where.marker)
         mode, columns = stepenv.progress_mode(where.env, where.step, args.node_id,
                                               contract.BATCH_STEP)

@@ -52,6 +52,10 @@ class StepSpec:
     image_workdir: Optional[str] = None
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
     groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
+    # the job's named container (named.py): its overlay, mounted once on the host and shared
+    # by the job's steps on the node, is the step's writable root; planning still reads the
+    # image (rootfs), which no task can change under it
+    shared_root: Optional[Path] = None
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -89,6 +93,20 @@ def _overlay_safe(path: str) -> str:
     if any(c in path for c in ",:\\\n"):
         raise InvalidArgument(f"path {path!r} cannot be used in overlay options")
     return path
+
+
+@dataclass(frozen=True)
+class OverlayLayers:
+    """An overlay's directories, in one place: the per-step tmpfs layer (here) and the named
+    containers' host mounts (named.py) both mount from one; lower may be swapped for another
+    view of the image (an idmapped one)."""
+    lower: str
+    upper: str
+    work: str
+
+    def options(self) -> str:
+        return (f"lowerdir={_overlay_safe(self.lower)},upperdir={_overlay_safe(self.upper)},"
+                f"workdir={_overlay_safe(self.work)}")
 
 
 @dataclass
@@ -255,21 +273,24 @@ class _Planner:
                ("mount", str(self.step_dir / "group"), self.host(group_t), None, sc.MS_BIND, None),
                ("mount", None, self.host(group_t), None, ro_flags, None)]
 
-        overlay = spec.writable or bool(self.image_create)
+        shared = spec.shared_root is not None
+        overlay = not shared and (spec.writable or bool(self.image_create))
         ops: List[Op] = []
-        if overlay:
+        if shared:  # missing mount points are made in it, for the job's later steps too
+            ops.append(("mount", str(spec.shared_root), self.root, None, sc.MS_BIND, None))
+        elif overlay:
             rw = str(self.step_dir / "rw")
+            layers = OverlayLayers(self.rootfs, rw + "/upper", rw + "/work")
             ops += [("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
-                    ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
+                    ("mkdir", layers.upper, 0o755), ("mkdir", layers.work, 0o700),
                     ("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                     f"lowerdir={_overlay_safe(self.rootfs)},upperdir={_overlay_safe(rw)}/upper,"
-                     f"workdir={rw}/work")]
+                     layers.options())]
         else:
             ops.append(("mount", self.rootfs, self.root, None, sc.MS_BIND, None))
         for kind, cpath in self.image_create:
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        if not spec.writable:
+        if not spec.writable and not shared:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system

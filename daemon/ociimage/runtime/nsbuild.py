@@ -228,8 +228,10 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                         except FileExistsError:
                             pass
                     else:
+                        # O_NONBLOCK: a FIFO a task left in a named container must not
+                        # hang the builder
                         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW |
-                                         os.O_CLOEXEC, 0o644, dir_fd=pfd))
+                                         os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=pfd))
                 finally:
                     os.close(pfd)
             elif kind == "pivot":

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 from .. import asuser
 from ..cache import Cache, DEFAULT_LEASE_TTL
-from ..config import Config
+from ..config import Config, containers_path
 from ..errors import AccessDenied, CacheError, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
 from ..progress import MOUNT, NOTE, ProgressEvent, Reporter
@@ -30,6 +30,7 @@ from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
 from .mounts import NodeMounts
+from .named import NamedContainers
 from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace,
                          destroy_step_namespace, holder_info, holder_of)
 
@@ -63,6 +64,8 @@ class StepManager:
         self.cache = cache
         self.store = store
         self.mounts = NodeMounts(config.runtime_dir, idle=config.mount_idle)
+        self.named = NamedContainers(containers_path(config), self.mounts,
+                                     config.containers_min_free)
         self.state_dir = config.runtime_dir / "steps"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
@@ -166,7 +169,14 @@ class StepManager:
             return self._container(existing, request)
         lease_id = None
         local = None
-        if request.image.startswith("/"):
+        named = None
+        if not request.image:  # the name alone: the job's container of that name, its image
+            if not request.container_name:
+                raise InvalidArgument("no image given (--oci-image)")
+            named = self.named.ready(self.named.lookup(request.job_id, request.container_name,
+                                                       request.uid, request.node), request.node)
+            digest, sqfs, config = named.digest, Path(""), named.config
+        elif request.image.startswith("/"):
             digest, local, config = self._local_image(request)
             sqfs = Path(local.path)
         else:
@@ -180,6 +190,10 @@ class StepManager:
                 if local:
                     local.close()
             try:
+                if request.container_name and named is None:
+                    named = self.named.use(request.job_id, request.container_name, request.uid,
+                                           request.gid, digest, request.image, config, rootfs,
+                                           request.node)
                 spec = StepSpec(
                     job_id=request.job_id, step_id=request.step_id, uid=request.uid,
                     gid=request.gid, user_name=request.user_name or f"user{request.uid}",
@@ -187,7 +201,8 @@ class StepManager:
                     mounts=[(m.source, m.target, m.read_only) for m in request.mounts],
                     writable=request.writable, mount_home=request.mount_home,
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
-                    image_workdir=config.get("WorkingDir") or None)
+                    image_workdir=config.get("WorkingDir") or None,
+                    shared_root=named.root if named else None)
                 ns = create_step_namespace(spec, self.state_dir)
                 if ns.placeholder and not spec.workdir and not ns.submit_visible:
                     # in place of slurmstepd's "couldn't chdir" on every node
@@ -309,9 +324,11 @@ class StepManager:
                     d.rmdir()
                 except OSError:
                     pass
+        named = self.named.remove_job(job_id)  # last: no namespace of the job binds them now
         if keys or dropped:
             log.warning("released what an ended job left on this node",
-                        extra={"job": job_id, "steps": len(keys), "leases": dropped})
+                        extra={"job": job_id, "steps": len(keys), "leases": dropped,
+                               "containers": named})
         else:
             log.info("job ended, nothing left on this node", extra={"job": job_id})
         return len(keys), dropped
@@ -332,8 +349,10 @@ class StepManager:
         # Steps a dying daemon built but never recorded: nobody will release them.
         for name in cleanup_stale(self.state_dir, keep=[f"{j}.{s}" for j, s in self._steps]):
             log.warning("removed an unrecorded step left by a crash", extra={"step": name})
-        self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
-                             for r in self._steps.values()})
+        refs = self.named.recover()  # the image references of the named containers
+        for r in self._steps.values():
+            refs[r.digest] = refs.get(r.digest, 0) + 1
+        self.mounts.recover(refs)
         live = {r.lease_id for r in self._steps.values() if r.lease_id}
         self.cache.heartbeat(self._ttl)  # the adopted steps' leases stay live
         for r in self._steps.values():
