@@ -52,6 +52,7 @@ class StepSpec:
     image_workdir: Optional[str] = None
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
     groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
+    remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -62,6 +63,7 @@ class StepSpec:
 # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path)
 # | ("bindfd", fd, target, read_only, canonical, legacy)
 # | ("setattr", target, attrs, legacy_flags, name, legacy) | ("pivot", root)
+# | ("userns", uid, gid) | ("idmap", source mount, target) | ("chown", path, uid, gid)
 # (legacy: without the new mount API; decided when planning, the builder only obeys)
 Op = tuple
 
@@ -255,21 +257,32 @@ class _Planner:
                ("mount", str(self.step_dir / "group"), self.host(group_t), None, sc.MS_BIND, None),
                ("mount", None, self.host(group_t), None, ro_flags, None)]
 
-        overlay = spec.writable or bool(self.image_create)
+        # --oci-remap-root is root over a writable layer: apt-get install is what it is for
+        writable = spec.writable or spec.remap_root
+        overlay = writable or bool(self.image_create)
         ops: List[Op] = []
+        if spec.remap_root:
+            ops.append(("userns", spec.uid, spec.gid))
         if overlay:
             rw = str(self.step_dir / "rw")
+            lower = self.rootfs
             ops += [("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
-                    ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
-                    ("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                     f"lowerdir={_overlay_safe(self.rootfs)},upperdir={_overlay_safe(rw)}/upper,"
-                     f"workdir={rw}/work")]
+                    ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700)]
+            if spec.remap_root:
+                # the image's files, owned by root, seen as the user's (root inside): the
+                # user namespace's root may then change them, in the upper layer only
+                lower = rw + "/lower"
+                ops += [("mkdir", lower, 0o755), ("idmap", self.rootfs, lower),
+                        ("chown", rw + "/upper", spec.uid, spec.gid)]
+            ops.append(("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                        f"lowerdir={_overlay_safe(lower)},upperdir={_overlay_safe(rw)}/upper,"
+                        f"workdir={rw}/work"))
         else:
             ops.append(("mount", self.rootfs, self.root, None, sc.MS_BIND, None))
         for kind, cpath in self.image_create:
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        if not spec.writable:
+        if not writable:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system
