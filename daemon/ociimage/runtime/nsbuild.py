@@ -8,7 +8,7 @@ forking"), which it cannot while the handler that forks is running, and every st
 it. posix_spawn() runs no fork handlers, so the builder is now a fresh Python started with
 posix_spawn (python -I -S: no site, no user environment), importing only this module and
 the syscall wrappers; the operations come on its stdin (marshal: the same interpreter),
-and it reports on the same two pipes as before (``report_w``: "OK" or "ERR idx errno msg"; ``go_r``: the daemon's
+and it reports on the same two pipes as before (``report_w``: "OK pid userns-fd" or "ERR idx errno msg"; ``go_r``: the daemon's
 go-ahead, or EOF if the daemon died before recording it).
 """
 
