@@ -215,7 +215,7 @@ def resolve_options(args, env, parse_reference: bool = True) -> None:
     values = option_values(args.option, env)
     for field in _FIELDS:
         raw, what = values.get(field, ("", field))
-        if field in ("writable", "mount_home", "entrypoint", "batch_in_image"):
+        if field in ("writable", "mount_home", "entrypoint", "batch_in_image", "remap_root"):
             default = field == "mount_home"
             setattr(args, field, parse_bool(raw, what) if raw != "" else default)
         else:

@@ -56,6 +56,7 @@ class StepSpec:
     # by the job's steps on the node, is the step's writable root; planning still reads the
     # image (rootfs), which no task can change under it
     shared_root: Optional[Path] = None
+    remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -66,6 +67,7 @@ class StepSpec:
 # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path)
 # | ("bindfd", fd, target, read_only, canonical, legacy)
 # | ("setattr", target, attrs, legacy_flags, name, legacy) | ("pivot", root)
+# | ("userns", uid, gid) | ("idmap", source mount, target) | ("chown", path, uid, gid)
 # (legacy: without the new mount API; decided when planning, the builder only obeys)
 Op = tuple
 
@@ -273,24 +275,34 @@ class _Planner:
                ("mount", str(self.step_dir / "group"), self.host(group_t), None, sc.MS_BIND, None),
                ("mount", None, self.host(group_t), None, ro_flags, None)]
 
+        # --oci-remap-root is root over a writable layer: apt-get install is what it is for
+        writable = spec.writable or spec.remap_root
         shared = spec.shared_root is not None
-        overlay = not shared and (spec.writable or bool(self.image_create))
+        overlay = not shared and (writable or bool(self.image_create))
         ops: List[Op] = []
+        if spec.remap_root:
+            ops.append(("userns", spec.uid, spec.gid))
         if shared:  # missing mount points are made in it, for the job's later steps too
             ops.append(("mount", str(spec.shared_root), self.root, None, sc.MS_BIND, None))
         elif overlay:
             rw = str(self.step_dir / "rw")
             layers = OverlayLayers(self.rootfs, rw + "/upper", rw + "/work")
             ops += [("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
-                    ("mkdir", layers.upper, 0o755), ("mkdir", layers.work, 0o700),
-                    ("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                     layers.options())]
+                    ("mkdir", layers.upper, 0o755), ("mkdir", layers.work, 0o700)]
+            if spec.remap_root:
+                # the image's files, owned by root, seen as the user's (root inside): the
+                # user namespace's root may then change them, in the upper layer only
+                layers = OverlayLayers(rw + "/lower", layers.upper, layers.work)
+                ops += [("mkdir", layers.lower, 0o755), ("idmap", self.rootfs, layers.lower),
+                        ("chown", layers.upper, spec.uid, spec.gid)]
+            ops.append(("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                        layers.options()))
         else:
             ops.append(("mount", self.rootfs, self.root, None, sc.MS_BIND, None))
         for kind, cpath in self.image_create:
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        if not spec.writable and not shared:
+        if not writable and not shared:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system

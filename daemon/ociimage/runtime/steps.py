@@ -47,6 +47,7 @@ class StepRecord:
     ns_path: str
     lease_id: Optional[str]
     cwd: str
+    userns_fd: int = -1  # --oci-remap-root: the holder's descriptor of the user namespace
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -200,6 +201,7 @@ class StepManager:
                     home=request.home or "/", rootfs=rootfs,
                     mounts=[(m.source, m.target, m.read_only) for m in request.mounts],
                     writable=request.writable, mount_home=request.mount_home,
+                    remap_root=request.remap_root,
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
                     image_workdir=config.get("WorkingDir") or None,
                     shared_root=named.root if named else None)
@@ -222,7 +224,7 @@ class StepManager:
                 self.cache.drop_lease(lease_id)
             raise
         record = StepRecord(request.job_id, request.step_id, digest, str(ns.ns_path), lease_id,
-                            str(ns.cwd))
+                            str(ns.cwd), ns.userns_fd)
         rp = self._record_path(*key)
         rp.parent.mkdir(parents=True, exist_ok=True)
         rp.write_text(json.dumps(vars(record)))
@@ -252,11 +254,15 @@ class StepManager:
         if holder is None:
             raise NotFound(f"the namespace of step {record.job_id}.{record.step_id} is gone",
                            hint="start the step again")
+        userns = {}
+        if record.userns_fd >= 0:  # --oci-remap-root
+            st = os.stat(f"/proc/{holder.pid}/fd/{record.userns_fd}")
+            userns = {"userns_fd": record.userns_fd, "userns_inode": st.st_ino}
         return pb.StepContainer(ns_path=f"/proc/{holder.pid}/ns/mnt", cwd=record.cwd,
                                 set_env=[f"{k}={v}" for k, v in sorted(to_set.items())],
                                 unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix,
                                 holder_pid=holder.pid, holder_start=holder.start,
-                                ns_inode=holder.ns_inode)
+                                ns_inode=holder.ns_inode, **userns)
 
     def release(self, job_id: str, step_id: str) -> None:
         _check_ids(job_id, step_id)
