@@ -326,3 +326,24 @@ srun --oci-name=env --oci-mounts={src}/f:{DATA}/f cat {DATA}/f
     one_error_line(section(text, "bind:"))
     assert "host file" not in text, text
     named.wait_removed("n1", job)
+
+
+def test_a_container_made_with_remap_root_keeps_roots_changes(named):
+    """pyxis' apt-get-then-run: step 1 is root in it and installs, step 2 (the name alone,
+    as the user) finds the files, the user's on the host; remap-root on a container made
+    without it is one line (its image's files stay the host root's)."""
+    img = named.refs["img"]
+    body = f"""
+srun -N1 -n1 -w n2 --oci-image={img} --oci-name=sys --container-remap-root sh -c 'id -u; echo pkg > /etc/installed && chown 0:0 /etc/installed && echo ok'
+srun -N1 -n1 -w n2 --oci-name=sys sh -c 'id -u; cat /etc/installed'
+echo "remap on a plain one:"
+srun -N1 -n1 -w n2 --oci-image={img} --oci-name=plain true
+srun -N1 -n1 -w n2 --oci-name=plain --oci-remap-root true
+"""
+    job, text = named.run_job(body, nodes="n2")
+    user = pwd.getpwnam(named.cluster.user)
+    assert text.startswith(f"0\nok\n{user.pw_uid}\npkg\n"), text
+    line = one_error_line(section(text, "remap on a plain one:"))
+    assert ("--oci-remap-root: container plain was made without it (its image's files stay "
+            "root's)") in line, line
+    named.wait_removed("n2", job)  # the idmapped image mount went with it

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 from ..errors import AccessDenied, InvalidArgument, NoSpace, NotFound, RuntimeSetupError
 from ..stepargs import parse_container_name
 from . import syscalls as sc
+from . import userns
 from .mountplan import OverlayLayers
 from .mounts import NodeMounts, mount_at
 
@@ -54,13 +55,35 @@ class Named:
     image: str      # the reference it was made from, for messages
     config: dict    # the image's config (Env, WorkingDir, Entrypoint): steps need no cache entry
     path: Path      # <containers_dir>/<job>/<name>
+    remap_root: bool = False  # made with --oci-remap-root: its image seen through an idmap
 
     @property
     def root(self) -> Path:
         return self.path / "root"
 
+    @property
+    def lower(self) -> Path:
+        """With remap_root: the image's idmapped mount (its root's files are the user's)."""
+        return self.path / "lower"
+
     def layers(self, lower: str) -> OverlayLayers:
         return OverlayLayers(lower, str(self.path / "upper"), str(self.path / "work"))
+
+
+def _mount_idmapped(rootfs: Path, target: Path, uid: int, gid: int) -> None:
+    """The image at target, its root's files the user's (root in their user namespace)."""
+    try:
+        ns = userns.create(uid, gid)
+        try:
+            tree = userns.idmapped_copy(str(rootfs), ns)
+        finally:
+            os.close(ns)  # the mount keeps the mapping
+    except userns.UserNamespaceRefused as e:
+        raise RuntimeSetupError(str(e)) from None
+    try:
+        sc.move_mount(tree, "", sc.AT_FDCWD, str(target), sc.MOVE_MOUNT_F_EMPTY_PATH)
+    finally:
+        os.close(tree)
 
 
 def _mib(n: int) -> str:
@@ -124,13 +147,15 @@ class NamedContainers:
             with open(path / RECORD, encoding="utf-8") as f:
                 r = json.load(f)
             return Named(job_id, name, int(r["uid"]), int(r["gid"]), str(r["digest"]),
-                         str(r.get("image", "")), dict(r.get("config") or {}), path)
+                         str(r.get("image", "")), dict(r.get("config") or {}), path,
+                         bool(r.get("remap_root", False)))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise RuntimeSetupError(f"the record of named container {name} is unreadable: {e}")
 
-    def lookup(self, job_id: str, text: str, uid: int, node: str) -> Named:
+    def lookup(self, job_id: str, text: str, uid: int, node: str,
+               remap_root: bool = False) -> Named:
         """A step that gives the name alone: the container must exist here, and be the user's."""
         name, _flag = parse_container_name(text)
         nc = self.find(job_id, name)
@@ -138,7 +163,17 @@ class NamedContainers:
             raise NotFound(f"--oci-name={name}: job {job_id} has no container {name} on node "
                            f"{node}; give --oci-image too, to make it there")
         self._check_owner(nc, uid)
+        self._check_remap(nc, remap_root)
         return nc
+
+    @staticmethod
+    def _check_remap(nc: Named, remap_root: bool) -> None:
+        # the image's owners are decided when the container is made: without an idmap its
+        # files stay the host root's, which root in the user namespace may not change
+        if remap_root and not nc.remap_root:
+            raise InvalidArgument(f"--oci-remap-root: container {nc.name} was made without it "
+                                  f"(its image's files stay root's); make it with "
+                                  f"--oci-remap-root (another name, or its first step)")
 
     @staticmethod
     def _check_owner(nc: Named, uid: int) -> None:
@@ -162,7 +197,7 @@ class NamedContainers:
     # ---- use ---------------------------------------------------------------
 
     def use(self, job_id: str, text: str, uid: int, gid: int, digest: str, image: str,
-            config: dict, rootfs: Path, node: str) -> Named:
+            config: dict, rootfs: Path, node: str, remap_root: bool = False) -> Named:
         """The container for a step that gave its image (digest, mounted at rootfs): made and
         mounted if new (unless NAME:no_create), else checked to be of that image."""
         name, flag = parse_container_name(text)
@@ -179,6 +214,7 @@ class NamedContainers:
                         f"--oci-name={name}: the container was made from {nc.image or nc.digest}"
                         f" ({nc.digest[:19]}), not from {image} ({digest[:19]}); give the same "
                         f"image, or the name alone, or another name")
+                self._check_remap(nc, remap_root)
                 self._check_space(node, name)
                 self._ensure_mounted(nc, rootfs)
                 return nc
@@ -186,7 +222,8 @@ class NamedContainers:
                 raise NotFound(f"--oci-name={name}:no_create: job {job_id} has no container "
                                f"{name} on node {node}")
             self._check_space(node, name)
-            return self._create(job_id, name, uid, gid, digest, image, config, rootfs)
+            return self._create(job_id, name, uid, gid, digest, image, config, rootfs,
+                                remap_root)
 
     def ready(self, nc: Named, node: str) -> Named:
         """A name-only step: the container's overlay, mounted (again, after a reboot)."""
@@ -198,12 +235,13 @@ class NamedContainers:
         return nc
 
     def _create(self, job_id: str, name: str, uid: int, gid: int, digest: str, image: str,
-                config: dict, rootfs: Path) -> Named:
+                config: dict, rootfs: Path, remap_root: bool = False) -> Named:
         fds: List[int] = [self._open_base()]
         try:
             fds.append(self._subdir(fds[-1], job_id, True))
             fds.append(self._subdir(fds[-1], name, True))
-            for sub, mode in (("upper", 0o755), ("work", 0o700), ("root", 0o755)):
+            for sub, mode in (("upper", 0o755), ("work", 0o700), ("root", 0o755),
+                              ("lower", 0o700)):
                 os.close(self._subdir(fds[-1], sub, True, mode))
         except OSError as e:  # a symlink or a file on the way: nothing is made through it
             raise RuntimeSetupError(f"cannot make named container {name} in {self.base}: "
@@ -212,16 +250,17 @@ class NamedContainers:
             for fd in fds:
                 os.close(fd)
         path = self._dir(job_id, name)
-        nc = Named(job_id, name, uid, gid, digest, image, dict(config or {}), path)
+        nc = Named(job_id, name, uid, gid, digest, image, dict(config or {}), path, remap_root)
         self.mounts.acquire(digest, "")  # mounted by the step: the container's own reference
         try:
             self._mount(nc, rootfs)
             tmp = path / (RECORD + ".tmp")
             tmp.write_text(json.dumps({"uid": uid, "gid": gid, "digest": digest, "image": image,
-                                       "config": nc.config}))
+                                       "config": nc.config, "remap_root": remap_root}))
             os.replace(tmp, path / RECORD)  # recorded: from now on the job's end removes it
         except BaseException:
             self._unmount(nc.root)
+            self._unmount(nc.lower)
             self.mounts.release(digest)
             shutil.rmtree(path, ignore_errors=True)
             raise
@@ -242,9 +281,15 @@ class NamedContainers:
 
     @staticmethod
     def _mount(nc: Named, rootfs: Path) -> None:
+        lower = rootfs
+        if nc.remap_root:
+            lower = nc.lower
+            if mount_at(lower) is None:
+                _mount_idmapped(rootfs, lower, nc.uid, nc.gid)
+            os.chown(nc.path / "upper", nc.uid, nc.gid)  # its root directory: root's inside
         try:
             sc.mount("overlay", str(nc.root), "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                     nc.layers(str(rootfs)).options())
+                     nc.layers(str(lower)).options())
         except OSError as e:
             raise RuntimeSetupError(f"cannot mount named container {nc.name}: {e.strerror}")
 
@@ -277,6 +322,7 @@ class NamedContainers:
                     pass
                 mounted = mount_at(d / "root") is not None
                 self._unmount(d / "root")
+                self._unmount(d / "lower")  # before the tree goes: never into the image
                 if nc is not None and mounted:
                     self.mounts.release(nc.digest)
                 shutil.rmtree(d, ignore_errors=True)  # fd-based: no symlink is followed
@@ -308,6 +354,7 @@ class NamedContainers:
                 mounted = mount_at(d / "root") is not None
                 if nc is None:
                     self._unmount(d / "root")
+                    self._unmount(d / "lower")
                     shutil.rmtree(d, ignore_errors=True)
                     log.warning("removed an unrecorded named container",
                                 extra={"job": job_dir.name, "container": d.name})

@@ -20,6 +20,7 @@ import signal
 import sys
 
 from . import syscalls as sc
+from . import userns
 
 # the directory holding ociimage/
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
@@ -179,95 +180,10 @@ def _setattr_legacy(target: str, flags: int) -> None:
             sc.mount(None, mp, None, sc.MS_REMOUNT | sc.MS_BIND | sc.mount_flags_of(mp) | flags, None)
 
 
-def _escape_chroot() -> None:
-    """Put this process at its mount namespace's root: the kernel refuses a new user
-    namespace to a chrooted process (a daemon in a chroot: a build or test system). As
-    root: a chroot below the cwd, then ".." past it (take_namespace_root's way)."""
-    os.chdir("/")
-    os.chroot("/proc")  # every system has it; the cwd stays outside the new root
-    for _ in range(256):
-        os.chdir("..")
-    os.chroot(".")
-
-
-class _Said(OSError):
-    """A failure whose text is the user's to read as it is (no "[Errno N]")."""
-
-
-#: what the kernel's refusals of a user's new user namespace mean
-_USERNS_REFUSED = {
-    28: "user.max_user_namespaces is 0 or reached",  # ENOSPC
-    1: "the kernel's policy refuses them to users: kernel.unprivileged_userns_clone, "
-       "AppArmor, SELinux, seccomp",  # EPERM
-    13: "an LSM refuses them to users, e.g. AppArmor's restrict_unprivileged_userns",  # EACCES
-}
-
-
-def _make_userns(uid: int, gid: int) -> int:
-    """--oci-remap-root: a user namespace that maps only the user (0 inside is uid/gid
-    outside), owned by the user so that their tasks may join it (setns as its owner),
-    with setgroups denied (dropping a supplementary group could bypass a group's
-    negative permissions). It is made by a child with the user's credentials: the
-    kernel's own limits on unprivileged user namespaces (user.max_user_namespaces,
-    kernel.unprivileged_userns_clone, LSMs) apply to it as to any process of the user's.
-    Returns a descriptor of it; the holder keeps it open."""
-    ready_r, ready_w = os.pipe()
-    done_r, done_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the user's child
-        try:
-            os.close(ready_r)
-            os.close(done_w)
-            _escape_chroot()
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            try:
-                sc.unshare(sc.CLONE_NEWUSER)
-            except OSError as e:
-                os.write(ready_w, b"E%d" % (e.errno or 0))
-                os._exit(1)
-            os.write(ready_w, b"K")
-            os.read(done_r, 1)
-        finally:
-            os._exit(0)
-    os.close(ready_w)
-    os.close(done_r)
+def _idmap(src: str, target: str, ns: int) -> None:
+    """The image's mount, its owners seen through the user namespace, attached at target."""
+    tree = userns.idmapped_copy(src, ns)
     try:
-        answer = os.read(ready_r, 16)
-        if answer[:1] != b"K":
-            err = int(answer[1:] or b"0") if answer[:1] == b"E" else 0
-            why = (_USERNS_REFUSED.get(err) or os.strerror(err)) if err else "the child died"
-            raise _Said(err, f"--oci-remap-root: this node does not allow user namespaces "
-                               f"({why}): ask the site's admins, or run without "
-                               f"--oci-remap-root")
-        # the child cannot exit (or its pid be reused) before it is reaped below
-        with open(f"/proc/{pid}/setgroups", "w") as f:
-            f.write("deny")
-        with open(f"/proc/{pid}/uid_map", "w") as f:
-            f.write(f"0 {uid} 1\n")
-        with open(f"/proc/{pid}/gid_map", "w") as f:
-            f.write(f"0 {gid} 1\n")
-        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    finally:
-        os.close(ready_r)
-        os.close(done_w)  # the child exits
-        os.waitpid(pid, 0)
-
-
-def _idmap(src: str, target: str, userns: int) -> None:
-    """A copy of the mount at src whose files' owners are seen through userns (the image's
-    root becomes the user, who is root in userns), attached at target."""
-    tree = sc.open_tree(sc.AT_FDCWD, src, sc.OPEN_TREE_CLONE | sc.OPEN_TREE_CLOEXEC)
-    try:
-        try:
-            sc.mount_setattr(tree, "", sc.AT_EMPTY_PATH, sc.MOUNT_ATTR_IDMAP | sc.MOUNT_ATTR_NOSUID
-                             | sc.MOUNT_ATTR_NODEV, userns_fd=userns)
-        except OSError as e:
-            raise _Said(e.errno, "--oci-remap-root: this node's kernel cannot map the image's "
-                                   "owners (idmapped mounts of its filesystem: Linux >= 5.12, "
-                                   f"squashfs and overlayfs support; {os.strerror(e.errno)}): "
-                                   "run without --oci-remap-root") from None
         tfd = _open_target(target)
         try:
             sc.move_mount(tree, "", tfd, "", sc.MOVE_MOUNT_F_EMPTY_PATH | sc.MOVE_MOUNT_T_EMPTY_PATH)
@@ -281,7 +197,7 @@ def child(ops: list, report_w: int, go_r: int) -> None:
     """In the spawned builder: build the namespace, then hold it; never returns."""
     code = 1
     i = -1
-    userns = -1
+    user_ns = -1
     try:
         trees = _detach_binds(ops)
         sc.unshare(sc.CLONE_NEWNS)
@@ -318,9 +234,9 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                     finally:
                         os.close(tfd)
             elif kind == "userns":  # ("userns", uid, gid)
-                userns = _make_userns(op[1], op[2])
+                user_ns = userns.create(op[1], op[2])
             elif kind == "idmap":  # ("idmap", source mount, target)
-                _idmap(op[1], op[2], userns)
+                _idmap(op[1], op[2], user_ns)
             elif kind == "chown":  # ("chown", path, uid, gid): a directory we made
                 pfd = _open_target(os.path.dirname(op[1]))
                 try:
@@ -368,7 +284,7 @@ def child(ops: list, report_w: int, go_r: int) -> None:
             signal.signal(sig, signal.SIG_IGN)
         # the user namespace stays open here (never joined: a root process in it could be
         # ptraced by its owner, the user) for the tasks to join: /proc/<pid>/fd/<userns>
-        os.write(report_w, b"OK %d %d\n" % (os.getpid(), userns))
+        os.write(report_w, b"OK %d %d\n" % (os.getpid(), user_ns))
         os.close(report_w)
         if os.read(go_r, 1) != b"x":
             os._exit(1)  # the daemon died before recording us: hold nothing for nobody
@@ -377,7 +293,7 @@ def child(ops: list, report_w: int, go_r: int) -> None:
             signal.pause()
     except BaseException as e:  # noqa: B902 - everything must reach the parent
         err = getattr(e, "errno", 0) or 0
-        msg = (e.strerror if isinstance(e, _Said) else str(e)).replace("\n", " ")[:800]
+        msg = str(e).replace("\n", " ")[:800]
         try:
             os.write(report_w, f"ERR {i} {err} {msg}\n".encode("utf-8", "replace"))
         except BaseException:

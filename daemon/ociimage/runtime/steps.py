@@ -175,7 +175,8 @@ class StepManager:
             if not request.container_name:
                 raise InvalidArgument("no image given (--oci-image)")
             named = self.named.ready(self.named.lookup(request.job_id, request.container_name,
-                                                       request.uid, request.node), request.node)
+                                                       request.uid, request.node,
+                                                       request.remap_root), request.node)
             digest, sqfs, config = named.digest, Path(""), named.config
         elif request.image.startswith("/"):
             digest, local, config = self._local_image(request)
@@ -194,7 +195,7 @@ class StepManager:
                 if request.container_name and named is None:
                     named = self.named.use(request.job_id, request.container_name, request.uid,
                                            request.gid, digest, request.image, config, rootfs,
-                                           request.node)
+                                           request.node, request.remap_root)
                 spec = StepSpec(
                     job_id=request.job_id, step_id=request.step_id, uid=request.uid,
                     gid=request.gid, user_name=request.user_name or f"user{request.uid}",
