@@ -55,15 +55,15 @@ int step_client_start(char **argv, int as_root, int envfd, int errfd, struct chi
 	return c->pid > 0 ? 0 : (close(sv[0]), -1);
 }
 
-/* Read a started step client's records and at most one descriptor until EOF, then reap
+/* Read a started step client's records and at most two descriptors until EOF, then reap
  * it: 0 if it exited 0. */
 int step_client_wait(struct child *ch, struct records *r)
 {
-	char cbuf[CMSG_SPACE(sizeof(int))];
+	char cbuf[CMSG_SPACE(2 * sizeof(int))];
 	int status = -1;
 	ssize_t n = 1;
 
-	*r = (struct records){ malloc(MAX_RECORDS), 0, -1 };
+	*r = (struct records){ malloc(MAX_RECORDS), 0, -1, -1 };
 	while (r->buf != NULL && n > 0 && r->len < MAX_RECORDS) {
 		struct iovec iov = { r->buf + r->len, MAX_RECORDS - r->len };
 		struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf,
@@ -79,9 +79,13 @@ int step_client_wait(struct child *ch, struct records *r)
 		c = n > 0 ? CMSG_FIRSTHDR(&m) : NULL;
 		for (size_t i = 0; c != NULL && c->cmsg_level == SOL_SOCKET &&
 		     c->cmsg_type == SCM_RIGHTS && i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++) {
-			if (r->fd >= 0)
-				close(r->fd); /* the last one only: none leaks */
-			memcpy(&r->fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			int fd, *to = r->fd < 0 ? &r->fd : r->ufd < 0 ? &r->ufd : NULL;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (to != NULL)
+				*to = fd;
+			else
+				close(fd); /* the first two only: none leaks */
 		}
 		if (n > 0 && (m.msg_flags & MSG_CTRUNC))
 			n = -1; /* a descriptor the kernel dropped (our limit): not a step on the host */
@@ -91,9 +95,11 @@ int step_client_wait(struct child *ch, struct records *r)
 		;
 	if (r->buf == NULL || n != 0 || (r->len > 0 && r->buf[r->len - 1] != '\0') ||
 	    !WIFEXITED(status) || WEXITSTATUS(status) != 0) { /* read error, too much, cut, failed */
+		if (r->ufd >= 0)
+			close(r->ufd);
 		if (r->fd >= 0)
 			close(r->fd);
-		return r->fd = -1;
+		return r->fd = r->ufd = -1;
 	}
 	return 0;
 }
@@ -103,7 +109,7 @@ int run_step_client(char **argv, int as_root, int envfd, struct records *r)
 {
 	struct child c;
 
-	*r = (struct records){ NULL, 0, -1 };
+	*r = (struct records){ NULL, 0, -1, -1 };
 	return step_client_start(argv, as_root, envfd, -1, &c) < 0 ? -1 : step_client_wait(&c, r);
 }
 

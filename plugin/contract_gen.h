@@ -3,13 +3,13 @@
 #define OCI_CONTRACT_GEN_H
 
 /* the options (ours, then pyxis' names); an option's val is its index */
-#define OCI_N_OWN 9
-#define OCI_N_OPTIONS 19
-#define OCI_OPT_BATCH_IN_IMAGE 8
+#define OCI_N_OWN 12
+#define OCI_N_OPTIONS 25
+#define OCI_OPT_BATCH_IN_IMAGE 10
 #define OCI_DEFAULT_SOCKET "/run/oci-image/oci-imaged.sock"
 
 /* the options' variables: one set means the step client has work to do */
-static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", NULL };
+static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", "OCI_REMAP_ROOT", "OCI_NAME", NULL };
 
 #define OCI_CHECKED_VAR "OCI_IMAGE_CHECKED"
 
@@ -51,7 +51,7 @@ static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR"
 static const char *const oci_true_words[] = { "1", "yes", "true", NULL };
 
 /* the plugstack.conf keys, and those the plugin reads itself */
-static const char *const oci_plugstack_keys[] = { "step_client", "socket", "launcher", "allow_sqfs", "default_mounts", "batch_in_image", "prefetch_socket", "record_job", "pyxis_aliases", NULL };
+static const char *const oci_plugstack_keys[] = { "step_client", "socket", "launcher", "allow_sqfs", "default_mounts", "batch_in_image", "prefetch_socket", "record_job", "pyxis_aliases", "allow_remap_root", NULL };
 #define PS_STEP_CLIENT "step_client"
 #define PS_SOCKET "socket"
 #define PS_BATCH_IN_IMAGE "batch_in_image"

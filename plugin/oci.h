@@ -44,7 +44,7 @@ int add_args(char **argv, int ac, int options);
 int register_options(spank_t sp, int aliases);
 
 /* child.c: the step client, with fd 3 = envfd, sends KEY\0VALUE\0 records on fd 4 */
-struct records { char *buf; size_t len; int fd; };
+struct records { char *buf; size_t len; int fd, ufd; }; /* fds: mount, user ns */
 struct child { pid_t pid; int sock; };
 int step_client_start(char **argv, int as_root, int envfd, int errfd, struct child *c);
 int step_client_wait(struct child *c, struct records *r);
@@ -57,6 +57,7 @@ struct step {
 	int started, failed; /* prepare was run; the tasks must fail */
 	int batch;           /* the batch script's step (its script is slurmd's, on the host) */
 	int nsfd;            /* the step's mount namespace; -1: the tasks run on the host */
+	int usernsfd;        /* --oci-remap-root: the user namespace the tasks join */
 	const char *cwd, *entrypoint, *launcher;
 	struct records rec;
 };

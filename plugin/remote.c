@@ -5,7 +5,7 @@
 #define STEP_BATCH 0xfffffffbU
 #define STEP_EXTERN 0xfffffffcU
 
-struct step st = { .nsfd = -1 };
+struct step st = { .nsfd = -1, .usernsfd = -1 };
 static char s_job[16], s_step[16], s_uid[16], s_gid[16], s_node[16];
 static int envfd = -1, errfd = -1;
 static struct child prep = { -1, -1 };
@@ -113,9 +113,9 @@ void remote_user_init(spank_t sp)
 		 * the host; records without a namespace are a failure, never a step on the host */
 		if (step_client_wait(&prep, &st.rec) == 0 && each_record(&st.rec, apply) == 0 &&
 		    (st.entrypoint == NULL || st.launcher != NULL) && (st.rec.fd >= 0 || !st.rec.len))
-			st.nsfd = st.rec.fd;
+			st.nsfd = st.rec.fd, st.usernsfd = st.rec.ufd;
 		else if ((st.failed = 1) && st.rec.fd >= 0)
-			close(st.rec.fd);
+			close(st.rec.fd), close(st.rec.ufd); /* (EBADF for -1: harmless) */
 		prep.pid = -1;
 	}
 	if (errfd >= 0)
@@ -138,6 +138,8 @@ void remote_exit(void)
 		return; /* prepare made nothing to release */
 	if (st.nsfd >= 0)
 		close(st.nsfd); /* slurmstepd's own: the namespace must not outlive its release */
+	if (st.usernsfd >= 0)
+		close(st.usernsfd);
 	if (step_argv(argv, SC_RELEASE, 0) < 0 || spawn_detached(argv, envfd) < 0)
 		slurm_info(PFX "job %s step %s: release not started (its lease will expire)",
 			   s_job, s_step);

@@ -62,7 +62,9 @@ int task_privileged(spank_t sp)
 }
 
 /* slurmstepd chdirs after task_init_privileged, as the user, inside the image, and goes to
- * /tmp where the job's directory is missing there: prepare's choice again */
+ * /tmp where the job's directory is missing there: prepare's choice again. Then, with
+ * --oci-remap-root, the user namespace the user owns (joined as the user: setuid by
+ * slurmstepd after it would fail in there, where only the user is mapped, as 0) */
 int task_chdir(void)
 {
 	if (st.nsfd >= 0 && st.cwd != NULL && chdir(st.cwd) < 0) {
@@ -70,5 +72,10 @@ int task_chdir(void)
 			    strerror(errno)); /* (not the name: a user's, with any bytes in it) */
 		return -1;
 	}
-	return 0;
+	if (st.nsfd >= 0 && st.usernsfd >= 0 && setns(st.usernsfd, CLONE_NEWUSER) < 0) {
+		slurm_error(PFX "--oci-remap-root: cannot enter the step's user namespace: %s",
+			    strerror(errno));
+		return -1;
+	}
+	return st.usernsfd >= 0 ? close(st.usernsfd), 0 : 0;
 }

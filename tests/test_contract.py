@@ -66,6 +66,7 @@ PLUGSTACK_EXAMPLES = {
     "step_client": STEP_CLIENT, "socket": "/s/d.sock", "launcher": "/l/launch",
     "allow_sqfs": "yes", "default_mounts": "/a:/b", "batch_in_image": "yes",
     "prefetch_socket": "/s/p.sock", "record_job": "no", "pyxis_aliases": "yes",
+    "allow_remap_root": "no",
 }
 
 
@@ -88,7 +89,7 @@ def test_the_plugin_handles_every_plugstack_key_and_no_other():
     assert got == plugstack.Plugstack(
         step_client=STEP_CLIENT, socket="/s/d.sock", launcher="/l/launch", allow_sqfs=True,
         default_mounts="/a:/b", batch_in_image=True, prefetch_socket="/s/p.sock",
-        record_job=False, pyxis_aliases=True)
+        record_job=False, pyxis_aliases=True, allow_remap_root=False)
     for bad in ("frobnicate=1", "Socket=/s", "step-client=/x", "pyxis=yes"):
         with pytest.raises(InvalidArgument, match="unknown argument"):
             plugstack.parse([f"step_client={STEP_CLIENT}", bad])
@@ -312,7 +313,8 @@ def test_plugstack_defaults():
         step_client=STEP_CLIENT, socket=contract.DEFAULT_SOCKET,
         launcher="/usr/libexec/oci-image/oci-image-launch", allow_sqfs=False,
         default_mounts="", batch_in_image=False,
-        prefetch_socket=contract.DEFAULT_PREFETCH_SOCKET, record_job=True, pyxis_aliases=False)
+        prefetch_socket=contract.DEFAULT_PREFETCH_SOCKET, record_job=True, pyxis_aliases=False,
+        allow_remap_root=True)
     assert plugstack.parse(["step_client=/opt/x/step",
                             "launcher=/l/launch"]).launcher == "/l/launch"
     assert plugstack.parse([f"step_client={STEP_CLIENT}",

@@ -90,6 +90,17 @@ def public_ref(pb_site):
     return f"{pb_site.registry.host}/pub/app:v1@{img.manifest_digest}"
 
 
+@pytest.fixture(params=[False, True], ids=["as-user", "remap-root"])
+def remap(request, monkeypatch, pb_site, public_ref):
+    """The attack again with --oci-remap-root (through its variable: every srun of the test),
+    which must not make root inside any stronger against the host."""
+    if request.param:
+        monkeypatch.setenv("OCI_REMAP_ROOT", "1")
+        r = pb_site.srun("-N1", f"--oci-image={public_ref}", "id", "-u")
+        assert r.returncode == 0 and r.stdout == "0\n", r.stderr  # it is on
+    return request.param
+
+
 @pytest.fixture
 def scratch():
     """A directory under /tmp that ordinary users can traverse; removed afterwards."""
@@ -215,7 +226,7 @@ def _victim_sqfs(scratch: Path, name: str, mode: int) -> Path:
 
 
 @needs_cluster
-def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch):
+def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch, remap):
     attacker = pwd.getpwnam(pb_site.cluster.user)
     # readable in itself: only the 0700 directory protects it
     img = _victim_sqfs(scratch, "victim.sqfs", 0o644)
@@ -260,7 +271,7 @@ def _attacker_docker_dir(pb_site) -> Path:
 
 
 @needs_cluster
-def test_another_users_credentials_through_a_symlink(pb_site, public_ref, victim_login):
+def test_another_users_credentials_through_a_symlink(pb_site, public_ref, victim_login, remap):
     cfg, private = victim_login
     d = _attacker_docker_dir(pb_site)
     try:
@@ -374,7 +385,7 @@ def test_tarpit_registry_steps_killed_while_another_users_steps_start(pb_site, p
 
 
 @needs_cluster
-def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch):
+def test_sqfs_swapped_for_a_symlink_never_mounts_the_target(pb_site, scratch, remap):
     """The user keeps exchanging their own .sqfs with a symlink to another user's private
     image (renameat2 RENAME_EXCHANGE) while steps start: mount(8) reopening the file by
     path as root would mount the victim's image; the loop device must come from the

@@ -197,7 +197,7 @@ _helper = _Helper()
 def spawn_builder(ops: list, report_w: int, go_r: int) -> None:
     """Have the helper fork a namespace builder for ops (see asuser_helper._build).
 
-    The builder writes "OK <pid>" (or "ERR ...") on report_w; bind sources go with the
+    The builder writes "OK <pid> <user namespace fd or -1>" (or "ERR ...") on report_w; bind sources go with the
     request as descriptors (the builder's numbers are not ours)."""
     import marshal
     fds = [report_w, go_r]

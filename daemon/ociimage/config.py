@@ -47,6 +47,8 @@ class Config:
     claim_stale: float = 60.0           # claim mode: no heartbeat this long = claimer died
     socket: Path = Path("/run/oci-image/oci-imaged.sock")
     runtime_dir: Path = Path("/run/oci-image")
+    containers_dir: Optional[Path] = None     # None: <runtime_dir>/containers (--oci-name)
+    containers_min_free: int = 1 << 30        # free space a named container's step needs
     node: str = field(default_factory=socketlib.gethostname)
     metrics: Optional[Tuple[str, int]] = None
     log_level: str = "warning"
@@ -155,6 +157,15 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             cfg.socket = Path(g("daemon", "socket"))
         if parser.has_option("daemon", "runtime_dir"):
             cfg.runtime_dir = Path(g("daemon", "runtime_dir"))
+        if parser.has_option("daemon", "containers_dir"):
+            cfg.containers_dir = Path(g("daemon", "containers_dir").strip())
+            if not cfg.containers_dir.is_absolute():
+                raise ConfigError(f"[daemon] containers_dir: {cfg.containers_dir} must be an "
+                                  f"absolute path")
+        if parser.has_option("daemon", "containers_min_free"):
+            v = g("daemon", "containers_min_free").strip()
+            cfg.containers_min_free = 0 if v in ("0", "off", "none") else \
+                parse_size(v, "[daemon] containers_min_free")
         if parser.has_option("daemon", "node"):
             cfg.node = g("daemon", "node").strip()
         if parser.has_option("daemon", "metrics"):
@@ -247,6 +258,11 @@ def validate(cfg: Config) -> None:
                           f"least max_pulls_per_uid ({cfg.max_pulls_per_uid})")
     if not cfg.node or "/" in cfg.node:
         raise ConfigError(f"[daemon] node: {cfg.node!r} is not a usable node name")
+
+
+def containers_path(cfg: Config) -> Path:
+    """Where named containers live: [daemon] containers_dir, default in runtime_dir."""
+    return cfg.containers_dir or cfg.runtime_dir / "containers"
 
 
 def prefetch_path(cfg: Config) -> Optional[Path]:

@@ -156,6 +156,20 @@ CONFIG_KEYS: Tuple[Key, ...] = (
     Key('daemon', 'runtime_dir', '`/run/oci-image`',
         'Per-node state: image mountpoints (`images/`), step namespaces (`steps/`). '
         'Must be node-local.'),
+    Key('daemon', 'containers_dir', '`containers/` in `runtime_dir`',
+        "Named containers (`--oci-name`): each job's writable layers on this node, "
+        '`<dir>/<job>/<name>/{upper,work}`, kept across the steps of the job that name '
+        'them and removed when the job ends on the node. Must be node-local and root\'s '
+        "alone (the daemon creates it 0700; it refuses one that is not root's or is "
+        'writable by others). Under the default `/run` the layers live in node memory and '
+        'share `/run` with everything else there: best a filesystem of its own (a local '
+        'partition, or a size-limited tmpfs), since a task that fills it fills whatever '
+        'else lives on it; never the shared cache. Absolute path.'),
+    Key('daemon', 'containers_min_free', '`1G`',
+        'Space `containers_dir` must have free before a step uses a named container '
+        '(`500M`, `2G`; K/M/G/T are powers of 1024; `0`: no check); below it the step '
+        'fails with one line naming the node. A task that fills the disk itself gets '
+        '`ENOSPC` (`No space left on device`) from its writes.'),
     Key('daemon', 'node', 'host name',
         "The name this node's leases carry."),
     Key('daemon', 'metrics', 'off',

@@ -77,10 +77,28 @@ OPTIONS = (
            "Comma-separated names of host variables that override the image's ENV "
            "(default: the image's ENV wins for names it sets).", "OCI_ENV", "", "--env-names",
            "host variables that win over the image's `Env`"),
+    Option("oci-remap-root", "O_REMAP_ROOT", None,
+           "Be root (uid 0) inside the image, over a writable layer, through a user "
+           "namespace that maps only you: root inside is you outside.",
+           "OCI_REMAP_ROOT", "1", "--remap-root",
+           "be uid 0 in the container (to `apt-get install` into the step's writable layer); "
+           "a user namespace maps only you, so root inside is you on the host: files it "
+           "creates on a bind are yours (where the site allows it: `allow_remap_root`)"),
+    Option("no-oci-remap-root", "O_NO_REMAP_ROOT", None,
+           "Run as yourself inside the image (the default).", "OCI_REMAP_ROOT", "0",
+           "--remap-root", ""),
     Option("oci-batch-in-image", "O_BATCH", None,
            "sbatch: run the batch script itself in the image too (default: the "
            "script runs on the host and its srun steps run in the image).", None, "", "",
            "sbatch: also run the batch script itself in the image"),
+    Option("oci-name", "O_NAME", "NAME[:FLAG]",
+           "A writable container of the job on each node, kept across the job's steps that "
+           "name it (FLAG: auto, create, no_create). A step may then omit --oci-image.",
+           "OCI_NAME", "", "--name",
+           "a named container: writable, on node-local storage, kept from step to step of the "
+           "job on each node and removed when the job ends; later steps may give the name "
+           "alone (`NAME:create`: must not exist yet; `NAME:no_create`: must exist); see "
+           "[docs/migrating-from-pyxis.md](docs/migrating-from-pyxis.md#named-containers)"),
 )
 
 
@@ -107,6 +125,11 @@ ALIASES = (
     Alias("container-entrypoint", "O_ENTRYPOINT", None, "Alias of --oci-entrypoint (oci-image)."),
     Alias("no-container-entrypoint", "O_NO_ENTRYPOINT", None,
           "Do not run the image's ENTRYPOINT, the default (oci-image)."),
+    Alias("container-name", "O_NAME", "NAME[:FLAG]", "Alias of --oci-name (oci-image)."),
+    Alias("container-remap-root", "O_REMAP_ROOT", None,
+          "Alias of --oci-remap-root (oci-image)."),
+    Alias("no-container-remap-root", "O_NO_REMAP_ROOT", None,
+          "Alias of --no-oci-remap-root (oci-image)."),
 )
 
 
@@ -177,9 +200,18 @@ PLUGSTACK = (
                  """Also register pyxis' option names (--container-image,
                  --container-mounts, --container-workdir, --container-writable,
                  --container-readonly, --[no-]container-mount-home, --container-env,
-                 --[no-]container-entrypoint) with this plugin's meanings, for sites moving
+                 --[no-]container-entrypoint, --container-name) with this plugin's meanings, for sites moving
                  from pyxis (default no). Ignored, with a message in slurmd's log, when a
                  pyxis plugin is loaded too."""),
+    PlugstackKey("allow_remap_root", "yes|no", "`yes`",
+                 "users may ask for `--oci-remap-root` (uid 0 inside through a user namespace "
+                 "that maps only them: no privilege on the host; the kernel's own switches, "
+                 "e.g. `user.max_user_namespaces=0`, refuse it too)",
+                 """Whether users may ask for --oci-remap-root (default yes): uid 0 in the
+                 container through a user namespace that maps only the user, which gives
+                 no privilege on the host. Where the kernel disables user namespaces
+                 (user.max_user_namespaces=0, kernel.unprivileged_userns_clone=0) it is
+                 refused all the same, with a message saying so."""),
 )
 
 
@@ -208,7 +240,8 @@ CODES = {
     "O_WRITABLE": ("writable", "1"), "O_READONLY": ("writable", "0"),
     "O_MOUNT_HOME": ("mount_home", "1"), "O_NO_MOUNT_HOME": ("mount_home", "0"),
     "O_ENTRYPOINT": ("entrypoint", "1"), "O_NO_ENTRYPOINT": ("entrypoint", "0"),
-    "O_BATCH": ("batch_in_image", "1"),
+    "O_BATCH": ("batch_in_image", "1"), "O_NAME": ("container_name", None),
+    "O_REMAP_ROOT": ("remap_root", "1"), "O_NO_REMAP_ROOT": ("remap_root", "0"),
 }
 
 #: set by the plugin after a submit that passed: a checksum of what it checked (the options,

@@ -17,11 +17,12 @@ from .errors import InvalidArgument
 
 #: the parsed arguments (prefetch_socket "": prefetch disabled); no typing: on every step
 Plugstack = namedtuple("Plugstack", "step_client socket launcher allow_sqfs default_mounts "
-                                    "batch_in_image prefetch_socket record_job pyxis_aliases")
+                                    "batch_in_image prefetch_socket record_job pyxis_aliases "
+                                    "allow_remap_root")
 
 
 _PATHS = ("step_client", "socket", "launcher")
-_BOOLS = ("allow_sqfs", "batch_in_image", "record_job", "pyxis_aliases")
+_BOOLS = ("allow_sqfs", "batch_in_image", "record_job", "pyxis_aliases", "allow_remap_root")
 _KNOWN = frozenset(k.name for k in contract.PLUGSTACK)
 
 
@@ -29,7 +30,7 @@ def parse(args) -> Plugstack:
     """[KEY=VALUE, ...] -> Plugstack; InvalidArgument names the argument and what is wrong."""
     values = {"socket": contract.DEFAULT_SOCKET, "prefetch_socket": contract.DEFAULT_PREFETCH_SOCKET,
               "record_job": True, "allow_sqfs": False, "batch_in_image": False,
-              "pyxis_aliases": False, "default_mounts": "", "launcher": "", "step_client": ""}
+              "pyxis_aliases": False, "allow_remap_root": True, "default_mounts": "", "launcher": "", "step_client": ""}
     for arg in args or ():
         key, eq, value = arg.partition("=")
         if not eq or not value:

@@ -45,15 +45,16 @@ def _die(message: str, code: int = 1) -> int:
     return code
 
 
-def send_records(args, records, fd=None) -> None:
-    """[(key, value), ...] to the plugin (--records-fd, its 4), with a descriptor (prepare's
-    namespace). stderr is closed first: the plugin reads it to its end before these."""
+def send_records(args, records, fds=()) -> None:
+    """[(key, value), ...] to the plugin (--records-fd, its 4), with descriptors (prepare's:
+    the mount namespace, then with --oci-remap-root the user namespace). stderr is closed
+    first: the plugin reads it to its end before these."""
     import socket
     if any("\0" in k or "\0" in v for k, v in records):  # it would split into other records
         raise ValueError("a record holds a NUL")
     data = b"".join(k.encode() + b"\0" + v.encode("utf-8", "surrogateescape") + b"\0"
                     for k, v in records)
-    if fd is not None and not data:
+    if fds and not data:
         raise ValueError("a descriptor needs a record to travel with")
     sys.stdout.flush()
     sys.stderr.flush()
@@ -63,7 +64,7 @@ def send_records(args, records, fd=None) -> None:
     os.close(null)
     sock = socket.socket(fileno=args.records_fd)
     try:
-        sent = socket.send_fds(sock, [data], [fd]) if fd is not None else 0
+        sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
         sock.sendall(data[sent:])
     finally:
         sock.close()
@@ -236,8 +237,8 @@ def cmd_prepare(args, plug, where) -> int:
     # The per-step path: no gRPC, no protobuf here (stepsock.py says why).
     from . import stepenv, stepsock
     from .errors import OciImageError
-    if not args.image or (where.step == contract.BATCH_STEP
-                          and not (plug.batch_in_image or args.batch_in_image)):
+    if not (args.image or args.container_name) or (
+            where.step == contract.BATCH_STEP and not (plug.batch_in_image or args.batch_in_image)):
         send_records(args, [])  # no image asked for, or a batch script: it runs on the host
         return 0
     try:
@@ -255,9 +256,10 @@ def cmd_prepare(args, plug, where) -> int:
                "mounts": [_mount_message(m) for m in mounts],
                "workdir": args.workdir or "", "cwd": stepenv.submit_cwd(where.env),
                "writable": args.writable, "mount_home": args.mount_home,
+               "remap_root": args.remap_root,
                "entrypoint": args.entrypoint, "environment": where.env, "env_names": env_names,
                "allow_sqfs": plug.allow_sqfs, "node": where.node, "home": home,
-               "user_name": user_name}
+               "user_name": user_name, "container_name": args.container_name or ""}
         _mark(where.marker)
         mode, columns = stepenv.progress_mode(where.env, where.step, args.node_id,
                                               contract.BATCH_STEP)
@@ -275,12 +277,14 @@ def cmd_prepare(args, plug, where) -> int:
         container = reply.get("container")
         if not isinstance(container, dict) or not container.get("ns_path"):
             return _die("oci-imaged answered the step's prepare without a container")
-        ns = stepenv.open_namespace(container)
+        fds = [stepenv.open_namespace(container)]
+        if args.remap_root:  # the tasks join it as the user, after the mount namespace
+            fds.append(stepenv.open_user_namespace(container))
     except OciImageError as e:
         return _die(str(e))
     except (OSError, ValueError) as e:
         return _die(f"the step's namespace: {e}")
-    send_records(args, _records(container, plug.launcher), ns)
+    send_records(args, _records(container, plug.launcher), fds)
     return 0
 
 
@@ -393,6 +397,9 @@ def main(argv: "list[str] | None" = None) -> int:
                 # daemon at submit; the node's daemon at prepare), with the same parser
                 resolve_options(args, os.environ if args.command == "submit" else where.env,
                                 parse_reference=False)
+                if args.remap_root and not plug.allow_remap_root:
+                    return _die("--oci-remap-root: this site does not allow it (plugstack.conf "
+                                "allow_remap_root=no); run without it", 2)
         except OciImageError as e:
             return _die(str(e), e.exit_code)
         except (OSError, ValueError) as e:

@@ -61,6 +61,33 @@ def check_workdir(text: str, what: str = "--oci-workdir") -> str:
     return text
 
 
+#: --oci-name's flags we support (pyxis' names); "exec" (join a running container's
+#: namespaces) is not: steps naming a container share its files, not its processes
+NAME_FLAGS = ("auto", "create", "no_create")
+_NAME_MAX = 64
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def parse_container_name(text: str, what: str = "--oci-name") -> tuple[str, str]:
+    """'NAME[:FLAG]' -> (NAME, FLAG): NAME is 1-64 of [A-Za-z0-9._-], starting with a letter
+    or digit (so never '.', '..' or a hidden name); it becomes one directory's name."""
+    _plain(text, what)
+    name, sep, flag = text.partition(":")
+    shown = text[:80]
+    if sep and flag not in NAME_FLAGS:
+        if flag == "exec":
+            raise InvalidArgument(f"{what}={shown}: the exec flag (joining a running "
+                                  f"container) is not supported; give NAME alone: steps "
+                                  f"naming it share its files")
+        raise InvalidArgument(f"{what}={shown}: unknown flag {flag[:20]!r} "
+                              f"(expected {', '.join(NAME_FLAGS)})")
+    if not name or len(name) > _NAME_MAX or not set(name) <= _NAME_CHARS \
+            or not name[0].isalnum():
+        raise InvalidArgument(f"{what}={shown}: a container name is 1 to {_NAME_MAX} letters, "
+                              f"digits, '.', '_' or '-', starting with a letter or digit")
+    return name, flag or "auto"
+
+
 def enroot_uri_to_reference(uri: str) -> str:
     """pyxis' --container-image: docker://[USER@][REGISTRY#]IMAGE[:TAG|@DIGEST] -> a reference.
 
@@ -171,7 +198,7 @@ def resolve_options(args, env, parse_reference: bool = True) -> None:
     values = option_values(args.option, env)
     for field in _FIELDS:
         raw, what = values.get(field, ("", field))
-        if field in ("writable", "mount_home", "entrypoint", "batch_in_image"):
+        if field in ("writable", "mount_home", "entrypoint", "batch_in_image", "remap_root"):
             default = field == "mount_home"
             setattr(args, field, parse_bool(raw, what) if raw != "" else default)
         else:
@@ -187,6 +214,12 @@ def resolve_options(args, env, parse_reference: bool = True) -> None:
         check_workdir(args.workdir)
     if args.env_names:
         _plain(args.env_names, "--oci-env")
+    if args.container_name:
+        name, flag = parse_container_name(args.container_name)
+        if flag == "create" and not args.image:
+            raise InvalidArgument(f"--oci-name={name}:create needs --oci-image: the image "
+                                  f"the new container starts from")
+        args.container_name = name if flag == "auto" else f"{name}:{flag}"
     pinned = pinned_for(args.image, env.get("OCI_IMAGE_PINNED", ""))
     args.inherited_pin = pinned is not None  # the job pinned it already: nothing new to pin
     if pinned:

@@ -113,6 +113,28 @@ def process_start(pid: int) -> int:
     return int(line[line.rindex(b")") + 2:].split()[19])
 
 
+def _open_checked(path: str, pid: int, start: int, inode: int) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_ino != inode or process_start(pid) != start:
+            raise ValueError(f"the namespace holder {pid} is not the one the daemon made")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_user_namespace(container: dict) -> int:
+    """--oci-remap-root: the step's user namespace, which its holder keeps open on a
+    descriptor (it never joins it: a root process in it could be ptraced by the user),
+    checked like the mount namespace."""
+    pid, fd = int(container.get("holder_pid", 0)), int(container.get("userns_fd", -1))
+    start, inode = int(container.get("holder_start", 0)), int(container.get("userns_inode", 0))
+    if pid <= 0 or fd < 0 or inode <= 0:
+        raise ValueError("the daemon named no user namespace for --oci-remap-root")
+    return _open_checked(f"/proc/{pid}/fd/{fd}", pid, start, inode)
+
+
 def open_namespace(container: dict) -> int:
     """The step's mount namespace, opened through its holder and checked after the open: a
     holder that died and whose pid was reused (by any process, in a namespace of its own
@@ -121,11 +143,4 @@ def open_namespace(container: dict) -> int:
     start, inode = int(container.get("holder_start", 0)), int(container.get("ns_inode", 0))
     if pid <= 0 or inode <= 0:
         raise ValueError("the daemon named no namespace holder")
-    fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if os.fstat(fd).st_ino != inode or process_start(pid) != start:
-            raise ValueError(f"the namespace holder {pid} is not the one the daemon made")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return _open_checked(f"/proc/{pid}/ns/mnt", pid, start, inode)

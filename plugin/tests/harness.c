@@ -127,7 +127,7 @@ static int record_apply(const char *key, const char *val)
 static int each(const char *buf, size_t len)
 {
 	static char copy[256];
-	struct records r = { copy, len, -1 };
+	struct records r = { copy, len, -1, -1 };
 	memcpy(copy, buf, len);
 	applied[0] = '\0';
 	return each_record(&r, record_apply);
@@ -425,6 +425,11 @@ static void test_step_client(void)
 			"import os, socket\n"
 			"s = socket.socket(fileno=4)\n"
 			"socket.send_fds(s, [b'cwd\\0/x\\0'], [os.open('/dev/null', os.O_RDONLY), os.open('/dev/zero', os.O_RDONLY)])\n", NULL };
+		char *three[] = { "/usr/bin/python3", "-c",
+			"import os, socket\n"
+			"s = socket.socket(fileno=4)\n"
+			"socket.send_fds(s, [b'cwd\\0/x\\0'], [os.open('/dev/null', os.O_RDONLY), os.open('/dev/zero', os.O_RDONLY)])\n"
+			"socket.send_fds(s, [b'env\\0A=B\\0'], [os.open('/dev/full', os.O_RDONLY)])\n", NULL };
 		char *fails[] = { "/usr/bin/python3", "-c",
 			"import os, socket, sys\n"
 			"s = socket.socket(fileno=4)\n"
@@ -440,22 +445,30 @@ static void test_step_client(void)
 		free(r.buf);
 		CHECK(count_fds() == before);
 
+		/* the mount namespace, then (--oci-remap-root) the user namespace: the first two,
+		 * in order, in one message or two */
 		CHECK(run_step_client(two, 0, -1, &r) == 0 && RECS(r, "cwd\0/x\0env\0A=B\0") && r.fd >= 0 &&
-		      same_dev(r.fd, "/dev/zero"));
-		CHECK(count_fds() == before + 1); /* the first was closed */
-		if (r.fd >= 0)
-			close(r.fd);
+		      same_dev(r.fd, "/dev/null") && r.ufd >= 0 && same_dev(r.ufd, "/dev/zero") &&
+		      (fcntl(r.ufd, F_GETFD) & FD_CLOEXEC));
+		CHECK(count_fds() == before + 2);
+		close(r.fd), close(r.ufd);
 		free(r.buf);
 
-		/* two in one message: the last kept, the other closed (none may stay open here) */
-		CHECK(run_step_client(pair, 0, -1, &r) == 0 && r.fd >= 0 && same_dev(r.fd, "/dev/zero"));
-		CHECK(count_fds() == before + 1);
-		if (r.fd >= 0)
-			close(r.fd);
+		CHECK(run_step_client(pair, 0, -1, &r) == 0 && r.fd >= 0 && same_dev(r.fd, "/dev/null") &&
+		      r.ufd >= 0 && same_dev(r.ufd, "/dev/zero"));
+		close(r.fd), close(r.ufd);
 		free(r.buf);
 		CHECK(count_fds() == before);
 
-		CHECK(run_step_client(fails, 0, -1, &r) == -1 && r.fd == -1 && count_fds() == before);
+		/* a third is closed: none may stay open here */
+		CHECK(run_step_client(three, 0, -1, &r) == 0 && same_dev(r.fd, "/dev/null") &&
+		      same_dev(r.ufd, "/dev/zero") && count_fds() == before + 2);
+		close(r.fd), close(r.ufd);
+		free(r.buf);
+		CHECK(count_fds() == before);
+
+		CHECK(run_step_client(fails, 0, -1, &r) == -1 && r.fd == -1 && r.ufd == -1 &&
+		      count_fds() == before);
 		free(r.buf);
 	}
 }

@@ -53,6 +53,11 @@ class StepSpec:
     image_workdir: Optional[str] = None
     group_name: Optional[str] = None  # default: the host's name for gid, else "group<gid>"
     groups: Tuple[int, ...] = ()      # supplementary groups (default: the host's for the user)
+    # the job's named container (named.py): its overlay, mounted once on the host and shared
+    # by the job's steps on the node, is the step's writable root; planning still reads the
+    # image (rootfs), which no task can change under it
+    shared_root: Optional[Path] = None
+    remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
     tmpfs: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (dst, options)
     chdir_given: bool = False  # host_cwd is srun --chdir's: the tasks start there or not at all
 
@@ -65,6 +70,7 @@ class StepSpec:
 # ("mount", src, target, fstype, flags, data) | ("mkdir", path, mode) | ("mkfile", path)
 # | ("bindfd", fd, target, read_only, canonical, legacy)
 # | ("setattr", target, attrs, legacy_flags, name, legacy) | ("pivot", root)
+# | ("userns", uid, gid) | ("idmap", source mount, target) | ("chown", path, uid, gid)
 # (legacy: without the new mount API; decided when planning, the builder only obeys)
 Op = tuple
 
@@ -92,6 +98,20 @@ def _overlay_safe(path: str) -> str:
     if any(c in path for c in ",:\\\n"):
         raise InvalidArgument(f"path {path!r} cannot be used in overlay options")
     return path
+
+
+@dataclass(frozen=True)
+class OverlayLayers:
+    """An overlay's directories, in one place: the per-step tmpfs layer (here) and the named
+    containers' host mounts (named.py) both mount from one; lower may be swapped for another
+    view of the image (an idmapped one)."""
+    lower: str
+    upper: str
+    work: str
+
+    def options(self) -> str:
+        return (f"lowerdir={_overlay_safe(self.lower)},upperdir={_overlay_safe(self.upper)},"
+                f"workdir={_overlay_safe(self.work)}")
 
 
 @dataclass
@@ -289,21 +309,34 @@ class _Planner:
                ("mount", str(self.step_dir / "group"), self.host(group_t), None, sc.MS_BIND, None),
                ("mount", None, self.host(group_t), None, ro_flags, None)]
 
-        overlay = spec.writable or bool(self.image_create)
+        # --oci-remap-root is root over a writable layer: apt-get install is what it is for
+        writable = spec.writable or spec.remap_root
+        shared = spec.shared_root is not None
+        overlay = not shared and (writable or bool(self.image_create))
         ops: List[Op] = []
-        if overlay:
+        if spec.remap_root:
+            ops.append(("userns", spec.uid, spec.gid))
+        if shared:  # missing mount points are made in it, for the job's later steps too
+            ops.append(("mount", str(spec.shared_root), self.root, None, sc.MS_BIND, None))
+        elif overlay:
             rw = str(self.step_dir / "rw")
+            layers = OverlayLayers(self.rootfs, rw + "/upper", rw + "/work")
             ops += [("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NODEV, "mode=0755"),
-                    ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
-                    ("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
-                     f"lowerdir={_overlay_safe(self.rootfs)},upperdir={_overlay_safe(rw)}/upper,"
-                     f"workdir={rw}/work")]
+                    ("mkdir", layers.upper, 0o755), ("mkdir", layers.work, 0o700)]
+            if spec.remap_root:
+                # the image's files, owned by root, seen as the user's (root inside): the
+                # user namespace's root may then change them, in the upper layer only
+                layers = OverlayLayers(rw + "/lower", layers.upper, layers.work)
+                ops += [("mkdir", layers.lower, 0o755), ("idmap", self.rootfs, layers.lower),
+                        ("chown", layers.upper, spec.uid, spec.gid)]
+            ops.append(("mount", "overlay", self.root, "overlay", sc.MS_NOSUID | sc.MS_NODEV,
+                        layers.options()))
         else:
             ops.append(("mount", self.rootfs, self.root, None, sc.MS_BIND, None))
         for kind, cpath in self.image_create:
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        if not spec.writable:
+        if not writable and not shared:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system

@@ -61,6 +61,7 @@ class StepNamespace:
     user_mounts: Tuple[str, ...] = ()  # container paths the user controls (home, --oci-mounts)
     placeholder: Optional[str] = None  # the submit directory, made empty (plan_submit_dir)
     submit_visible: bool = False       # the tasks start in the submit directory (or its bind)
+    userns_fd: int = -1                # --oci-remap-root: the holder's descriptor of it
 
 
 # ---- the state dir ----------------------------------------------------------
@@ -110,9 +111,15 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
             group_name = grp.getgrgid(spec.gid).gr_name
         except (KeyError, OverflowError):
             group_name = f"group{spec.gid}"
-    passwd = users.make_passwd(read_image_file(spec.rootfs, "/etc/passwd"), spec.user_name,
-                               spec.uid, spec.gid, spec.home or "/")
-    group = users.make_group(read_image_file(spec.rootfs, "/etc/group"), group_name, spec.gid)
+    if spec.remap_root:  # the user is uid 0 in there: root, as the image names it
+        passwd = users.make_passwd(read_image_file(spec.rootfs, "/etc/passwd"), "root", 0, 0,
+                                   "/root")
+        group = users.make_group(read_image_file(spec.rootfs, "/etc/group"), "root", 0)
+    else:
+        passwd = users.make_passwd(read_image_file(spec.rootfs, "/etc/passwd"), spec.user_name,
+                                   spec.uid, spec.gid, spec.home or "/")
+        group = users.make_group(read_image_file(spec.rootfs, "/etc/group"), group_name,
+                                 spec.gid)
     sources = open_sources(spec)
     try:
         plan = plan_step(spec, step_dir, sources)
@@ -124,7 +131,7 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
                 p = step_dir / name
                 p.write_bytes(text.encode("utf-8", "surrogateescape"))
                 os.chmod(p, 0o644)
-            _build(plan.ops, ns_path)
+            userns_fd = _build(plan.ops, ns_path)
         except BaseException:
             _remove_step_dir(step_dir)
             raise
@@ -135,10 +142,15 @@ def create_step_namespace(spec: StepSpec, state_dir: Path) -> StepNamespace:
                     "cwd": plan.cwd, "overlay": plan.overlay,
                     "seconds": round(time.monotonic() - t0, 3)})
     return StepNamespace(ns_path, plan.cwd, plan.user_mounts, plan.placeholder,
-                         plan.submit_visible)
+                         plan.submit_visible, userns_fd)
 
 
-def _build(ops: List[Op], ns_path: Path) -> None:
+#: the operations whose failures are the user's to read as they are (--oci-remap-root's)
+_SAID_AS_IS = ("userns", "idmap")
+
+
+def _build(ops: List[Op], ns_path: Path) -> int:
+    """Run the builder; returns the holder's descriptor of the user namespace, or -1."""
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
     try:
@@ -157,8 +169,9 @@ def _build(ops: List[Op], ns_path: Path) -> None:
             line = _read_line(report_r, _CHILD_TIMEOUT)
         finally:
             os.close(report_r)
-        word, _, pid_s = line.partition(" ")
-        if word == "OK" and pid_s.isdigit():
+        word, _, rest = line.partition(" ")
+        pid_s, _, userns_s = rest.partition(" ")
+        if word == "OK" and pid_s.isdigit() and userns_s.lstrip("-").isdigit():
             pid = int(pid_s)
         else:
             _, _, rest = line.partition(" ")
@@ -168,12 +181,15 @@ def _build(ops: List[Op], ns_path: Path) -> None:
             hint = f"while doing: {describe_op(where)}" if where else ""
             if not line:
                 msg = "the namespace builder died"
+            if where and where[0] in _SAID_AS_IS:
+                raise MountError(msg)
             raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
         record_holder(ns_path.parent, pid)
         os.symlink(f"/proc/{pid}/ns/mnt", ns_path)
         # Only now, recorded, may it hold the namespace: had we died before this
         # byte, it would see EOF and exit rather than hold it for nobody.
         os.write(go_w, b"x")
+        return int(userns_s)
     except BaseException:
         if pid:
             kill_holder(pid)

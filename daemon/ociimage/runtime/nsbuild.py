@@ -8,7 +8,7 @@ forking"), which it cannot while the handler that forks is running, and every st
 it. posix_spawn() runs no fork handlers, so the builder is now a fresh Python started with
 posix_spawn (python -I -S: no site, no user environment), importing only this module and
 the syscall wrappers; the operations come on its stdin (marshal: the same interpreter),
-and it reports on the same two pipes as before (``report_w``: "OK" or "ERR idx errno msg"; ``go_r``: the daemon's
+and it reports on the same two pipes as before (``report_w``: "OK pid userns-fd" or "ERR idx errno msg"; ``go_r``: the daemon's
 go-ahead, or EOF if the daemon died before recording it).
 """
 
@@ -20,6 +20,7 @@ import signal
 import sys
 
 from . import syscalls as sc
+from . import userns
 
 # the directory holding ociimage/
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
@@ -179,10 +180,24 @@ def _setattr_legacy(target: str, flags: int) -> None:
             sc.mount(None, mp, None, sc.MS_REMOUNT | sc.MS_BIND | sc.mount_flags_of(mp) | flags, None)
 
 
+def _idmap(src: str, target: str, ns: int) -> None:
+    """The image's mount, its owners seen through the user namespace, attached at target."""
+    tree = userns.idmapped_copy(src, ns)
+    try:
+        tfd = _open_target(target)
+        try:
+            sc.move_mount(tree, "", tfd, "", sc.MOVE_MOUNT_F_EMPTY_PATH | sc.MOVE_MOUNT_T_EMPTY_PATH)
+        finally:
+            os.close(tfd)
+    finally:
+        os.close(tree)
+
+
 def child(ops: list, report_w: int, go_r: int) -> None:
     """In the spawned builder: build the namespace, then hold it; never returns."""
     code = 1
     i = -1
+    user_ns = -1
     try:
         trees = _detach_binds(ops)
         sc.unshare(sc.CLONE_NEWNS)
@@ -218,6 +233,17 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                         sc.mount_setattr(tfd, "", sc.AT_EMPTY_PATH | sc.AT_RECURSIVE, op[2])
                     finally:
                         os.close(tfd)
+            elif kind == "userns":  # ("userns", uid, gid)
+                user_ns = userns.create(op[1], op[2])
+            elif kind == "idmap":  # ("idmap", source mount, target)
+                _idmap(op[1], op[2], user_ns)
+            elif kind == "chown":  # ("chown", path, uid, gid): a directory we made
+                pfd = _open_target(os.path.dirname(op[1]))
+                try:
+                    os.chown(os.path.basename(op[1]), op[2], op[3], dir_fd=pfd,
+                             follow_symlinks=False)
+                finally:
+                    os.close(pfd)
             elif kind in ("mkdir", "mkfile"):
                 pfd = _open_target(os.path.dirname(op[1]))
                 try:
@@ -228,8 +254,10 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                         except FileExistsError:
                             pass
                     else:
+                        # O_NONBLOCK: a FIFO a task left in a named container must not
+                        # hang the builder
                         os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW |
-                                         os.O_CLOEXEC, 0o644, dir_fd=pfd))
+                                         os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=pfd))
                 finally:
                     os.close(pfd)
             elif kind == "pivot":
@@ -254,7 +282,9 @@ def child(ops: list, report_w: int, go_r: int) -> None:
             pass
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        os.write(report_w, b"OK %d\n" % os.getpid())
+        # the user namespace stays open here (never joined: a root process in it could be
+        # ptraced by its owner, the user) for the tasks to join: /proc/<pid>/fd/<userns>
+        os.write(report_w, b"OK %d %d\n" % (os.getpid(), user_ns))
         os.close(report_w)
         if os.read(go_r, 1) != b"x":
             os._exit(1)  # the daemon died before recording us: hold nothing for nobody

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 
 from .. import asuser
 from ..cache import Cache, DEFAULT_LEASE_TTL
-from ..config import Config
+from ..config import Config, containers_path
 from ..errors import AccessDenied, CacheError, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
 from ..mountflags import request_options
@@ -31,6 +31,7 @@ from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
 from . import environment, hooks
 from .mounts import NodeMounts
+from .named import NamedContainers
 from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace,
                          destroy_step_namespace, holder_info, holder_of)
 
@@ -47,6 +48,7 @@ class StepRecord:
     ns_path: str
     lease_id: Optional[str]
     cwd: str
+    userns_fd: int = -1  # --oci-remap-root: the holder's descriptor of the user namespace
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -64,6 +66,8 @@ class StepManager:
         self.cache = cache
         self.store = store
         self.mounts = NodeMounts(config.runtime_dir, idle=config.mount_idle)
+        self.named = NamedContainers(containers_path(config), self.mounts,
+                                     config.containers_min_free)
         self.state_dir = config.runtime_dir / "steps"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
@@ -167,7 +171,15 @@ class StepManager:
             return self._container(existing, request)
         lease_id = None
         local = None
-        if request.image.startswith("/"):
+        named = None
+        if not request.image:  # the name alone: the job's container of that name, its image
+            if not request.container_name:
+                raise InvalidArgument("no image given (--oci-image)")
+            named = self.named.ready(self.named.lookup(request.job_id, request.container_name,
+                                                       request.uid, request.node,
+                                                       request.remap_root), request.node)
+            digest, sqfs, config = named.digest, Path(""), named.config
+        elif request.image.startswith("/"):
             digest, local, config = self._local_image(request)
             sqfs = Path(local.path)
         else:
@@ -181,6 +193,10 @@ class StepManager:
                 if local:
                     local.close()
             try:
+                if request.container_name and named is None:
+                    named = self.named.use(request.job_id, request.container_name, request.uid,
+                                           request.gid, digest, request.image, config, rootfs,
+                                           request.node, request.remap_root)
                 spec = StepSpec(
                     job_id=request.job_id, step_id=request.step_id, uid=request.uid,
                     gid=request.gid, user_name=request.user_name or f"user{request.uid}",
@@ -191,10 +207,12 @@ class StepManager:
                     tmpfs=[(m.target, request_options(m.kind, m.options))
                            for m in request.mounts if m.kind],
                     writable=request.writable, mount_home=request.mount_home,
+                    remap_root=request.remap_root,
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
                     chdir_given=bool(request.cwd) and
                     request.environment.get("OCI_SUBMIT_CHDIR") == request.cwd,
-                    image_workdir=config.get("WorkingDir") or None)
+                    image_workdir=config.get("WorkingDir") or None,
+                    shared_root=named.root if named else None)
                 ns = create_step_namespace(spec, self.state_dir)
                 if ns.placeholder and not spec.workdir and not ns.submit_visible:
                     # in place of slurmstepd's "couldn't chdir" on every node
@@ -214,7 +232,7 @@ class StepManager:
                 self.cache.drop_lease(lease_id)
             raise
         record = StepRecord(request.job_id, request.step_id, digest, str(ns.ns_path), lease_id,
-                            str(ns.cwd))
+                            str(ns.cwd), ns.userns_fd)
         rp = self._record_path(*key)
         rp.parent.mkdir(parents=True, exist_ok=True)
         rp.write_text(json.dumps(vars(record)))
@@ -244,11 +262,15 @@ class StepManager:
         if holder is None:
             raise NotFound(f"the namespace of step {record.job_id}.{record.step_id} is gone",
                            hint="start the step again")
+        userns = {}
+        if record.userns_fd >= 0:  # --oci-remap-root
+            st = os.stat(f"/proc/{holder.pid}/fd/{record.userns_fd}")
+            userns = {"userns_fd": record.userns_fd, "userns_inode": st.st_ino}
         return pb.StepContainer(ns_path=f"/proc/{holder.pid}/ns/mnt", cwd=record.cwd,
                                 set_env=[f"{k}={v}" for k, v in sorted(to_set.items())],
                                 unset_env=to_unset, digest=record.digest, argv_prefix=argv_prefix,
                                 holder_pid=holder.pid, holder_start=holder.start,
-                                ns_inode=holder.ns_inode)
+                                ns_inode=holder.ns_inode, **userns)
 
     def release(self, job_id: str, step_id: str) -> None:
         _check_ids(job_id, step_id)
@@ -316,9 +338,11 @@ class StepManager:
                     d.rmdir()
                 except OSError:
                     pass
+        named = self.named.remove_job(job_id)  # last: no namespace of the job binds them now
         if keys or dropped:
             log.warning("released what an ended job left on this node",
-                        extra={"job": job_id, "steps": len(keys), "leases": dropped})
+                        extra={"job": job_id, "steps": len(keys), "leases": dropped,
+                               "containers": named})
         else:
             log.info("job ended, nothing left on this node", extra={"job": job_id})
         return len(keys), dropped
@@ -339,8 +363,10 @@ class StepManager:
         # Steps a dying daemon built but never recorded: nobody will release them.
         for name in cleanup_stale(self.state_dir, keep=[f"{j}.{s}" for j, s in self._steps]):
             log.warning("removed an unrecorded step left by a crash", extra={"step": name})
-        self.mounts.recover({r.digest: sum(1 for s in self._steps.values() if s.digest == r.digest)
-                             for r in self._steps.values()})
+        refs = self.named.recover()  # the image references of the named containers
+        for r in self._steps.values():
+            refs[r.digest] = refs.get(r.digest, 0) + 1
+        self.mounts.recover(refs)
         live = {r.lease_id for r in self._steps.values() if r.lease_id}
         self.cache.heartbeat(self._ttl)  # the adopted steps' leases stay live
         for r in self._steps.values():

@@ -146,6 +146,8 @@ MOUNT_ATTR_RDONLY = 0x01
 MOUNT_ATTR_NOSUID = 0x02
 MOUNT_ATTR_NODEV = 0x04
 MOUNT_ATTR_NOEXEC = 0x08
+MOUNT_ATTR_IDMAP = 0x00100000
+CLONE_NEWUSER = 0x10000000
 
 
 class _MountAttr(ctypes.Structure):
@@ -171,9 +173,10 @@ def move_mount(from_fd: int, from_path: PathLike, to_fd: int, to_path: PathLike,
 
 
 def mount_setattr(dirfd: int, path: PathLike, flags: int, attr_set: int,
-                  propagation: int = 0) -> None:
-    """Set mount attributes (AT_RECURSIVE: on every mount of the tree, submounts included)."""
-    attr = _MountAttr(attr_set, 0, propagation, 0)
+                  propagation: int = 0, userns_fd: int = 0) -> None:
+    """Set mount attributes (AT_RECURSIVE: on every mount of the tree, submounts included;
+    MOUNT_ATTR_IDMAP: ids through userns_fd's mapping, on a detached tree only)."""
+    attr = _MountAttr(attr_set, 0, propagation, userns_fd)
     if _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_int(dirfd),
                      ctypes.c_char_p(_b(path)), ctypes.c_uint(flags), ctypes.byref(attr),
                      ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
