@@ -110,6 +110,15 @@ def test_tmpfs_in_oci_mounts_with_mode_and_noexec(site):
     assert r.stdout.splitlines() == ["1777", "126"], (r.stdout, r.stderr)
 
 
+def test_tmpfs_with_remap_root_is_roots_inside(site):
+    """With --oci-remap-root the user is 0 inside: their tmpfs shows as root's, writable."""
+    r = run(site, "srun", "-N1", f"--oci-image={site.ref}", "--oci-remap-root",
+            "--oci-mounts=tmpfs:/scratch", "sh", "-c",
+            "id -u; stat -c %u:%a /scratch; echo x > /scratch/f && cat /scratch/f")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["0", "0:700", "x"], (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("mounts, words", [
     ("/tmp:/x:ro+rslave", "mount flag 'rslave': binds are private"),
     ("/tmp:/x:bind", "mount flag 'bind': every bind here is recursive"),
