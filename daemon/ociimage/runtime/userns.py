@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 
 from . import syscalls as sc
@@ -83,7 +84,13 @@ def create(uid: int, gid: int) -> int:
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(out_r)
-        os.close(in_w)  # the child exits on EOF
+        os.close(in_w)
+        # the child is the user's: they may have stopped it (SIGSTOP), so it may never see
+        # the EOF; root's SIGKILL ends it all the same, and nothing waits on the user
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         os.waitpid(pid, 0)
 
 
