@@ -20,20 +20,23 @@ static int apply(const char *key, const char *val)
 	return free(name), rc;
 }
 
+static uint64_t fnv1a(uint64_t h, const char *p) /* the string and its NUL */
+{
+	for (;; p++)
+		if ((h = (h ^ (unsigned char)*p) * 1099511628211ULL), *p == '\0')
+			return h;
+}
+
 /* FNV-1a of what submit checks: an srun in a job whose sbatch had the same options and
  * variables need not run it again (40 ms); prepare checks them on every node anyway */
 static void checksum(char **argv, char *out, size_t n)
 {
 	uint64_t h = 14695981039346656037ULL;
-	const char *v;
 
 	for (char **a = argv + 1; *a != NULL; a++)
-		for (const char *p = *a; (h = (h ^ (unsigned char)*p) * 1099511628211ULL), *p; p++)
-			;
+		h = fnv1a(h, *a);
 	for (const char *const *e = oci_envs; *e != NULL; e++)
-		for (const char *p = (v = getenv(*e)) ? v : ""; (h = (h ^ (unsigned char)*p) *
-		     1099511628211ULL), *p; p++)
-			;
+		h = fnv1a(h, getenv(*e) ? getenv(*e) : "");
 	snprintf(out, n, "%016llx", (unsigned long long)h);
 }
 

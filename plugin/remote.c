@@ -1,5 +1,5 @@
-/* remote.c - slurmstepd (root): prepare in user_init, where what it prints reaches srun
- * as it comes; release at the step's end; cleanup-job in slurmd's job epilog */
+/* remote.c - slurmstepd (root): prepare from init_post_opt to user_init, where what it
+ * prints reaches srun as it comes; release at the step's end; cleanup-job in the epilog */
 #include "oci.h"
 
 #define STEP_BATCH 0xfffffffbU

@@ -291,7 +291,7 @@ def cmd_prefetch(args) -> int:
     if "@sha256:" not in args.image:
         return _die(f"prefetch: {args.image}: not a digest-pinned reference")
     try:
-        r, fd = request(socket_path(args), {"op": "prefetch", "image": args.image},
+        r, fd = request(args.socket, {"op": "prefetch", "image": args.image},
                         timeout=args.timeout)
     except OciImageError as e:
         return _die(f"prefetch {args.image}: {e}")
@@ -349,11 +349,6 @@ def cmd_record_job(args) -> int:
     if args.verbose:
         print(f"job {job}: oci-image={digest}")
     return 0
-
-
-def socket_path(args) -> str:
-    """prefetch's --socket (the plugstack prefetch_socket)."""
-    return args.socket
 
 
 def build_parser():

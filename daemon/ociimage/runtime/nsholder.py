@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+from ..stepenv import process_start
+
 HOLDER_FILE = "holder"
 
 
@@ -65,13 +67,6 @@ def kill_holder(pid: int) -> None:
         os.waitpid(pid, 0)
     except ChildProcessError:
         _wait_gone(pid)
-
-
-def process_start(pid: int) -> int:
-    """A process's start time (field 22 of /proc/PID/stat): with the pid, names it for good."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat_line = f.read()
-    return int(stat_line[stat_line.rindex(b")") + 2:].split()[19])
 
 
 @dataclass(frozen=True)
