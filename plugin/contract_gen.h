@@ -3,13 +3,13 @@
 #define OCI_CONTRACT_GEN_H
 
 /* the options (ours, then pyxis' names); an option's val is its index */
-#define OCI_N_OWN 9
-#define OCI_N_OPTIONS 19
-#define OCI_OPT_BATCH_IN_IMAGE 8
+#define OCI_N_OWN 10
+#define OCI_N_OPTIONS 20
+#define OCI_OPT_BATCH_IN_IMAGE 9
 #define OCI_DEFAULT_SOCKET "/run/oci-image/oci-imaged.sock"
 
 /* the options' variables: one set means the step client has work to do */
-static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", NULL };
+static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", "OCI_DEVICES", NULL };
 
 #define OCI_CHECKED_VAR "OCI_IMAGE_CHECKED"
 

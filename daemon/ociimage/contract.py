@@ -73,6 +73,13 @@ OPTIONS = (
            "Comma-separated names of host variables that override the image's ENV "
            "(default: the image's ENV wins for names it sets).", "OCI_ENV", "", "--env-names",
            "host variables that win over the image's `Env`"),
+    Option("oci-devices", "O_DEVICES", "VENDOR/CLASS=NAME,...",
+           "Inject devices from the node's CDI specs (Container Device Interface, "
+           "e.g. nvidia.com/gpu=0): their device nodes, mounts, environment and hooks.",
+           "OCI_DEVICES", "", "--devices",
+           "devices from the site's CDI specs (`/etc/cdi`, `/var/run/cdi`), by qualified name "
+           "(`vendor/class=name`, comma-separated): their device nodes, mounts, environment "
+           "and hooks; `oci-image devices` lists a node's ([docs/gpu.md](docs/gpu.md))"),
     Option("oci-batch-in-image", "O_BATCH", None,
            "sbatch: run the batch script itself in the image too (default: the "
            "script runs on the host and its srun steps run in the image).", None, "", "",
@@ -203,7 +210,7 @@ CODES = {
     "O_WRITABLE": ("writable", "1"), "O_READONLY": ("writable", "0"),
     "O_MOUNT_HOME": ("mount_home", "1"), "O_NO_MOUNT_HOME": ("mount_home", "0"),
     "O_ENTRYPOINT": ("entrypoint", "1"), "O_NO_ENTRYPOINT": ("entrypoint", "0"),
-    "O_BATCH": ("batch_in_image", "1"),
+    "O_BATCH": ("batch_in_image", "1"), "O_DEVICES": ("devices", None),
 }
 
 #: set by the plugin after a submit that passed: a checksum of what it checked (the options,
