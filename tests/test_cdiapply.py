@@ -19,8 +19,19 @@ def test_gpus_from_the_steps_variable_first():
     assert cdiapply.gpu_devices(env, "nvidia.com/gpu") == ["nvidia.com/gpu=2", "nvidia.com/gpu=0"]
 
 
-def test_gpus_of_the_job_for_the_batch_script():
-    assert cdiapply.gpu_devices({"SLURM_JOB_GPUS": "1"}, "nvidia.com/gpu") == ["nvidia.com/gpu=1"]
+def test_gpus_of_the_job_for_the_batch_script_only():
+    env = {"SLURM_JOB_GPUS": "1"}
+    assert cdiapply.gpu_devices(env, "nvidia.com/gpu", batch=True) == ["nvidia.com/gpu=1"]
+    # another step inherits the batch script's variable: not its allocation
+    assert cdiapply.gpu_devices(env, "nvidia.com/gpu") == []
+
+
+@pytest.mark.skipif(not os.path.ismount("/dev/shm"), reason="no /dev/shm mount on this host")
+def test_a_node_inside_a_host_dev_submount_is_refused(tmp_path):
+    dirs = _spec_dir(tmp_path, {"deviceNodes": [{"path": "/dev/shm/x", "type": "c",
+                                                 "major": 1, "minor": 3}]})
+    with pytest.raises(InvalidArgument, match="inside /dev/shm, a mount of the host's /dev"):
+        cdiapply.resolve(["test.example/dev=a"], dirs, "n1")
 
 
 def test_cuda_visible_devices_alone_is_not_an_allocation():

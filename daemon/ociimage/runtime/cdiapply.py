@@ -16,10 +16,14 @@ from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..errors import InvalidArgument, NotFound
 from . import cdi
+from .mounts import read_mountinfo
 
-#: where Slurm's gres/gpu plugin puts the step's GPUs (global indices, gres.conf order):
-#: a step's own, else (the batch script) the job's
-GPU_VARIABLES = ("SLURM_STEP_GPUS", "SLURM_JOB_GPUS")
+#: where Slurm's gres/gpu plugin puts the step's GPUs (the node's indices, gres.conf
+#: order): a step's own; the batch script's are the job's. Not SLURM_JOB_GPUS for other
+#: steps: the batch script's environment passes it on to steps that may have no GPUs.
+#: Not CUDA_VISIBLE_DEVICES: renumbered from 0 in a step whose devices are constrained.
+STEP_GPUS = "SLURM_STEP_GPUS"
+JOB_GPUS = "SLURM_JOB_GPUS"
 
 HOST_DEV = "/dev"
 
@@ -39,11 +43,11 @@ class StepDevices(NamedTuple):
     make: Tuple[NodeToMake, ...] = ()   # device nodes missing from the host's /dev
 
 
-def gpu_devices(env: Mapping[str, str], kind: str) -> List[str]:
+def gpu_devices(env: Mapping[str, str], kind: str, batch: bool = False) -> List[str]:
     """KIND=INDEX for each GPU Slurm allocated to the step, from the job's environment."""
     if not kind:
         return []
-    for name in GPU_VARIABLES:
+    for name in (STEP_GPUS, JOB_GPUS) if batch else (STEP_GPUS,):
         value = env.get(name, "").strip()
         if not value:
             continue
@@ -58,9 +62,10 @@ def gpu_devices(env: Mapping[str, str], kind: str) -> List[str]:
     return []
 
 
-def step_device_names(requested: Sequence[str], env: Mapping[str, str], kind: str) -> List[str]:
+def step_device_names(requested: Sequence[str], env: Mapping[str, str], kind: str,
+                      batch: bool = False) -> List[str]:
     out: List[str] = []
-    for name in list(requested) + gpu_devices(env, kind):
+    for name in list(requested) + gpu_devices(env, kind, batch):
         if name not in out:
             out.append(name)
     return out
@@ -111,6 +116,8 @@ def _container_dev_path(path: str, where: str) -> str:
 
 def _nodes_to_make(nodes: Sequence[cdi.DeviceNode], where: str) -> List[NodeToMake]:
     out: List[NodeToMake] = []
+    submounts = [e.mount_point for e in read_mountinfo()
+                 if e.mount_point.startswith(HOST_DEV + "/")] if nodes else []
     for n in nodes:
         path = _container_dev_path(n.path, where)
         host = _lstat(n.host_path)
@@ -136,6 +143,12 @@ def _nodes_to_make(nodes: Sequence[cdi.DeviceNode], where: str) -> List[NodeToMa
         rdev = os.makedev(major, minor) if dtype != "p" else 0
         if _present(path, fmt, rdev):
             continue  # the host's /dev has it already, the container's /dev is that
+        for mp in submounts:
+            if path == mp or path.startswith(mp + "/"):
+                # bound into the step's /dev as it is: a node made there would be the host's
+                raise InvalidArgument(f"--oci-devices: CDI device node {n.path} {where} is "
+                                      f"inside {mp}, a mount of the host's /dev: oci-image "
+                                      f"cannot make it there without making it on the host")
         out.append(NodeToMake(path, fmt | (0o666 if mode is None else mode), rdev,
                               n.uid or 0, n.gid or 0))
     return out

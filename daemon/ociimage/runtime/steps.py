@@ -35,6 +35,7 @@ from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace
 
 log = logging.getLogger("ociimage.runtime")
 
+_BATCH_IDS = ("batch", str(0xFFFFFFFB))  # Slurm's SLURM_BATCH_SCRIPT, as the plugin sends it
 _ID = re.compile(r"^[0-9]{1,12}$|^(batch|extern|interactive)$|^[0-9]{1,12}\+[0-9]{1,6}$")
 
 
@@ -167,7 +168,8 @@ class StepManager:
             return self._container(existing, request)
         # the CDI devices first: a device this node lacks fails the step before any pull
         names = cdiapply.step_device_names(list(request.devices), request.environment,
-                                           self.config.gpu_cdi_kind)
+                                           self.config.gpu_cdi_kind,
+                                           batch=request.step_id in _BATCH_IDS)
         devices = cdiapply.resolve(names, self.config.cdi_spec_dirs,
                                    request.node or getattr(self.config, "node", "")) \
             if names else None
