@@ -10,6 +10,7 @@ user's, and a name only selects among the devices the admin's specs define.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
@@ -26,6 +27,8 @@ STEP_GPUS = "SLURM_STEP_GPUS"
 JOB_GPUS = "SLURM_JOB_GPUS"
 
 HOST_DEV = "/dev"
+
+log = logging.getLogger("ociimage.runtime")
 
 
 class NodeToMake(NamedTuple):
@@ -79,6 +82,8 @@ def resolve(names: Sequence[str], dirs: Sequence[str], node: str) -> StepDevices
     """The edits of these devices on this node; one line naming the device, the node and
     the spec directories when one is unknown or unusable."""
     registry = cdi.Registry(dirs)
+    for e in registry.errors:  # the admin's to fix; the user sees them only when it matters
+        log.warning("CDI spec refused", extra={"error": str(e)})
     where = f"on node {node}" if node else "on this node"
     try:
         edits = registry.resolve(names)
