@@ -80,7 +80,10 @@ def _specs(base: Path, user_uid: int) -> str:
                                     f'cat > {hookout}/state.json && '
                                     f'env > {hookout}/env && '
                                     f'cp "$(sed -n \'s/.*"bundle": "\\([^"]*\\)".*/\\1/p\' '
-                                    f'{hookout}/state.json)/config.json" {hookout}/config.json'],
+                                    f'{hookout}/state.json)/config.json" {hookout}/config.json && '
+                                    # the container's root, through the pid it was given
+                                    f'ls "/proc/$(sed -n \'s/.*"pid": \\([0-9]*\\).*/\\1/p\' '
+                                    f'{hookout}/state.json)/root/opt/app" > {hookout}/rootls'],
                            "env": ["HOOK_SAYS=hi"]}]}},
             {"name": "broken", "containerEdits": {
                 "env": ["OCI_TEST_BROKEN=1"],
@@ -248,9 +251,10 @@ def test_cdi_hook_gets_state_and_bundle(e2e):
     assert r.stdout == "env=1\n"
     state = json.loads((base / "hookout" / "state.json").read_text())
     config = json.loads((base / "hookout" / "config.json").read_text())
-    assert state["status"] == "created" and state["id"].endswith(".0"), state
-    assert config["root"]["path"] == f"/proc/{state['pid']}/root", config
+    assert state["status"] == "creating" and state["id"].endswith(".0"), state
+    assert config["root"] == {"path": f"/proc/{state['pid']}/root", "readonly": True}, config
     assert "OCI_TEST_HOOKED=1" in config["process"]["env"]
+    assert "hello.sh" in (base / "hookout" / "rootls").read_text().split()
     env = dict(l.split("=", 1) for l in (base / "hookout" / "env").read_text().splitlines()
                if "=" in l)
     # exactly the spec's environment (sh adds PWD and the like, never the job's)

@@ -35,12 +35,13 @@ ORDER = ("prestart", "createRuntime", "createContainer", "startContainer")
 
 
 def write_bundle(state_dir: Path, *, pid: int, container_id: str, env: Sequence[str],
-                 cwd: str, uid: int, gid: int, annotations: Dict[str, str]) -> Dict[str, object]:
+                 cwd: str, uid: int, gid: int, annotations: Dict[str, str],
+                 readonly: bool = True) -> Dict[str, object]:
     """A minimal OCI bundle (config.json) and the state an OCI runtime gives its hooks."""
     bundle = state_dir / "bundle"
     bundle.mkdir(mode=0o700, exist_ok=True)
     config = {"ociVersion": "1.0.2",
-              "root": {"path": f"/proc/{pid}/root", "readonly": True},
+              "root": {"path": f"/proc/{pid}/root", "readonly": readonly},
               "process": {"user": {"uid": uid, "gid": gid}, "cwd": cwd or "/",
                           "env": list(env), "args": []},
               "hostname": os.uname().nodename, "annotations": annotations,
@@ -52,8 +53,10 @@ def write_bundle(state_dir: Path, *, pid: int, container_id: str, env: Sequence[
 
 def run(hooks: Sequence[cdi.Hook], state: Dict[str, object], default_timeout: float, *,
         job: str = "", step: str = "") -> None:
-    stdin = json.dumps(state).encode()
     for kind in ORDER:
+        # the OCI runtime spec's state: "creating" during create, "created" once started
+        stdin = json.dumps(dict(state, status="created" if kind == "startContainer"
+                                else "creating")).encode()
         for h in (h for h in hooks if h.hook_name == kind):
             _run_one(h, stdin, float(h.timeout or default_timeout), job, step)
 

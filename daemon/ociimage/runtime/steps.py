@@ -247,7 +247,8 @@ class StepManager:
             state = cdihooks.write_bundle(
                 state_dir, pid=pid, container_id=f"{request.job_id}.{request.step_id}",
                 env=env, cwd=ns.cwd, uid=request.uid, gid=request.gid,
-                annotations={"oci-image.devices": ",".join(devices.edits.devices)})
+                annotations={"oci-image.devices": ",".join(devices.edits.devices)},
+                readonly=not request.writable)
             cdihooks.run(devices.edits.hooks, state, float(self.config.hooks_timeout),
                          job=request.job_id, step=request.step_id)
         except BaseException:
