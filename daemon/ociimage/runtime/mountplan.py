@@ -231,7 +231,7 @@ class _Planner:
 
     def plan_binds(self) -> None:
         spec = self.spec
-        binds: List[Tuple[asuser.Opened, str, bool, str]] = []
+        binds: List[tuple] = []  # (opened, target, read-only, what; then: the user's)
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
@@ -246,18 +246,16 @@ class _Planner:
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
             binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}"))
-        user_binds = len(binds)
+        binds = [b + (True,) for b in binds]  # (..., the user's)
         for i, m in enumerate(spec.device_mounts):  # the CDI specs': opened as root
             dst = _check_abs("CDI mount target", m.container_path)
             if dst == "/":
                 raise InvalidArgument("a CDI mount cannot mount over the container's root")
             binds.append((self._source(f"cdi:{i}", m.host_path), dst, "ro" in m.options,
-                          f"CDI mount {m.host_path}:{dst}"))
-        user = {id(b) for b in binds[:user_binds]}
+                          f"CDI mount {m.host_path}:{dst}", False))
         # parents before children, so a nested target resolves through its parent mount
         binds.sort(key=lambda b: len(split_path(b[1])))
-        for b in binds:
-            o, dst, ro, what = b
+        for o, dst, ro, what, users in binds:
             t = self.target(dst, o.is_dir, what)
             for protected in self.protected:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
@@ -265,7 +263,7 @@ class _Planner:
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
-            if id(b) not in user:
+            if not users:
                 continue  # a CDI mount: not the user's, not where the tasks start
             self.user_targets.append(t)
             if o.is_dir:
