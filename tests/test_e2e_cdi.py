@@ -103,6 +103,9 @@ def _specs(base: Path, user_uid: int) -> str:
     (spec_dir / "user.json").write_text(json.dumps(user_spec))
     os.chown(spec_dir / "user.json", user_uid, 0)
     os.chmod(spec_dir / "user.json", 0o644)
+    # root's, but writable by anyone: refused
+    user_spec["kind"] = "test.example/ww"
+    _root_file(spec_dir / "ww.json", json.dumps(user_spec), mode=0o666)
     # a user's directory among the spec dirs: refused whole, whoever owns its files
     udir = base / "usercdi"
     udir.mkdir(mode=0o755)
@@ -223,6 +226,15 @@ def test_a_users_spec_file_is_refused(e2e):
     line = _one_line(r.stderr)
     assert "no CDI spec" in line and "test.example/user=x" in line, line
     assert f"{base}/cdi/user.json" in line and "not root" in line, line
+
+
+def test_a_spec_file_anyone_may_write_is_refused(e2e):
+    site, srun, ref, base, _dev, _inst = e2e
+    assert stat.S_IMODE(os.stat(base / "cdi" / "ww.json").st_mode) == 0o666
+    r = srun("-N1", f"--oci-image={ref}", "--oci-devices=test.example/ww=x", "ls", "/hostetc")
+    assert r.returncode != 0
+    line = _one_line(r.stderr)
+    assert "no CDI spec" in line and "test.example/ww=x" in line, line
 
 
 def test_a_users_spec_directory_is_refused(e2e):
