@@ -134,7 +134,7 @@ class LocalCluster:
     def __init__(self, state_dir, nodes: int = 3, plugstack: Optional[str] = None,
                  prolog: Optional[str] = None, epilog: Optional[str] = None,
                  user: str = DEFAULT_USER, cpus: int = 4,
-                 extra_conf: Sequence[str] = ()):
+                 extra_conf: Sequence[str] = (), node_conf: str = "", gres_conf: str = ""):
         self.state_dir = Path(state_dir).absolute()
         self.nodes = int(nodes)
         if self.nodes < 1:
@@ -145,6 +145,8 @@ class LocalCluster:
         self.user = user
         self.cpus = cpus
         self.extra_conf = list(extra_conf)
+        self.node_conf = node_conf  # appended to the NodeName line, e.g. "Gres=gpu:2"
+        self.gres_conf = gres_conf  # gres.conf next to slurm.conf (when not empty)
         self.slurm_version = slurm_version()
         self.hostname = socket.gethostname()
         self.uid: Optional[int] = None
@@ -331,10 +333,14 @@ class LocalCluster:
         lines += self.extra_conf
         lines += [
             f"NodeName={nodes} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={ports} "
-            f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN",
+            f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN {self.node_conf}".rstrip(),
             f"PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
             "",
         ]
+        if self.gres_conf:
+            gres = self.conf.parent / "gres.conf"
+            gres.write_text(self.gres_conf)
+            os.chmod(gres, 0o644)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text("\n".join(lines))
         os.chmod(tmp, 0o644)

@@ -57,6 +57,10 @@ class StepSpec:
     # image (rootfs), which no task can change under it
     shared_root: Optional[Path] = None
     remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
+    # CDI (cdiapply.py): device nodes the host's /dev lacks, made in the step's own /dev
+    # (NodeToMake), and the specs' binds (cdi.Mount): the admin's, opened as root
+    device_nodes: Tuple = ()
+    device_mounts: Tuple = ()
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -179,7 +183,11 @@ class _Planner:
                 self.system.append(("mount", "proc", self.host(t), "proc",
                                     sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, host_proc_options()))
             else:
-                self.system.append(("mount", name, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
+                if name == "/dev" and self.spec.device_nodes:
+                    self.plan_dev_overlay(t)  # CDI device nodes the host's /dev lacks
+                else:
+                    self.system.append(("mount", name, self.host(t), None,
+                                        sc.MS_BIND | sc.MS_REC, None))
                 # the host's submounts of /dev and /sys (pts, mqueue, cgroup, securityfs, ...)
                 # come along: none of them may honour setuid bits in here
                 attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
@@ -196,6 +204,41 @@ class _Planner:
         self.system.append(("mount", "tmpfs", self.host(t), "tmpfs",
                             sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
 
+    def plan_dev_overlay(self, t: str) -> None:
+        """/dev for a step with CDI device nodes the host's /dev lacks: an overlay with the
+        host's /dev as its lower layer and a tmpfs of the step's as its upper, the host's
+        /dev submounts (pts, mqueue, hugepages, ...) bound again on top (an overlay shows
+        the lower filesystem only), and the missing nodes made in it. They land in the
+        tmpfs: nothing is ever created in the host's /dev."""
+        rw = str(self.step_dir / "devrw")
+        dev = self.host(t)
+        # no nodev on the upper layer: the nodes made there are opened through it
+        self.system += [("mkdir", rw, 0o700),
+                        ("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755"),
+                        ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
+                        ("mount", "overlay", dev, "overlay", sc.MS_NOSUID,
+                         f"lowerdir=/dev,upperdir={_overlay_safe(rw)}/upper,workdir={rw}/work")]
+        tops: List[str] = []
+        for e in read_mountinfo():
+            mp = e.mount_point
+            if mp.startswith("/dev/") and not any(mp.startswith(x + "/") for x in tops) \
+                    and mp not in tops:
+                tops.append(mp)
+        for mp in tops:
+            if os.path.lexists(mp) and not os.path.islink(mp):  # a directory, or a file
+                self.system.append(("mount", mp, dev + mp[len("/dev"):], None,
+                                    sc.MS_BIND | sc.MS_REC, None))
+        made = set()
+        for n in self.spec.device_nodes:
+            parts = split_path(n.path[len("/dev"):])
+            for i in range(1, len(parts)):
+                d = join_path("/", *parts[:i])
+                if d not in made and not os.path.isdir("/dev" + d):
+                    self.system.append(("mkdir", dev + d, 0o755))
+                    made.add(d)
+            self.system.append(("mknod", dev + join_path("/", *parts), n.mode, n.rdev,
+                                n.uid, n.gid))
+
     def _source(self, key: str, src: str) -> asuser.Opened:
         o = self.sources.get(key)
         if isinstance(o, asuser.Opened):
@@ -208,7 +251,7 @@ class _Planner:
 
     def plan_binds(self) -> None:
         spec = self.spec
-        binds: List[Tuple[asuser.Opened, str, bool, str]] = []
+        binds: List[tuple] = []  # (opened, target, read-only, what; then: the user's)
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
@@ -223,17 +266,26 @@ class _Planner:
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
             binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}"))
+        binds = [b + (True,) for b in binds]  # (..., the user's)
+        for i, m in enumerate(spec.device_mounts):  # the CDI specs': opened as root
+            dst = _check_abs("CDI mount target", m.container_path)
+            if dst == "/":
+                raise InvalidArgument("a CDI mount cannot mount over the container's root")
+            binds.append((self._source(f"cdi:{i}", m.host_path), dst, "ro" in m.options,
+                          f"CDI mount {m.host_path}:{dst}", False))
         # parents before children, so a nested target resolves through its parent mount
         binds.sort(key=lambda b: len(split_path(b[1])))
-        for o, dst, ro, what in binds:
+        for o, dst, ro, what, users in binds:
             t = self.target(dst, o.is_dir, what)
             for protected in self.protected:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
-            self.user_targets.append(t)
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
+            if not users:
+                continue  # a CDI mount: not the user's, not where the tasks start
+            self.user_targets.append(t)
             if o.is_dir:
                 self.visible.append((o.path, t))
 
@@ -354,7 +406,25 @@ def open_sources(spec: StepSpec) -> Dict[str, Union[asuser.Opened, OciImageError
     for i, (src, _dst, _ro) in enumerate(spec.mounts):
         keys.append(f"mount:{i}")
         paths.append(_check_abs("mount source", src))
-    return dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
+    out = dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
+    try:
+        for i, m in enumerate(spec.device_mounts):
+            out[f"cdi:{i}"] = _open_as_root(_check_abs("CDI mount source", m.host_path))
+    except BaseException:
+        close_sources(out)
+        raise
+    return out
+
+
+def _open_as_root(path: str) -> Union[asuser.Opened, OciImageError]:
+    """A CDI mount's source: a host path of the admin's root-owned spec, opened as root."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return NotFound(f"{path} (a CDI spec's mount) does not exist on this node")
+    except OSError as e:
+        return OciImageError(f"{path} (a CDI spec's mount): {e.strerror}")
+    return asuser.Opened(fd, os.fstat(fd).st_mode, os.readlink(f"/proc/self/fd/{fd}"))
 
 
 def close_sources(sources: Sources) -> None:
