@@ -373,6 +373,27 @@ class LocalCluster:
                                  env=self.env(), cwd=str(self.state_dir))
         return p.pid
 
+    def restart_slurmd(self, node: str, wrapper: Sequence[str] = (), timeout: float = 60) -> None:
+        """Stop node's slurmd and start it again, under wrapper (argv before slurmd's; a test's
+        fault injector), recorded as the node's so that stop() still ends it."""
+        info = self._load_info()
+        pid = info.get("pids", {}).get(node)
+        if pid and self._ours(pid, str(self.conf)):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        info["pids"][node] = self._spawn([*wrapper, SLURMD, "-D", "-N", node, "-f", str(self.conf)],
+                                         self.log_dir / f"slurmd-{node}.out")
+        self._save_info(info)
+        port = info["ports"]["slurmd"] + self.node_names.index(node)
+        deadline = time.monotonic() + timeout
+        while _port_free(port):  # listening again: a step may go there
+            if time.monotonic() > deadline or not _pid_alive(info["pids"][node]):
+                raise ClusterError(f"slurmd of {node} did not start again; see {self.log_dir}")
+            time.sleep(0.1)
+        self.wait_idle(timeout)
+
     def _ours(self, pid: int, marker: str) -> bool:
         return bool(pid) and _pid_alive(pid) and marker in _cmdline(pid)
 
