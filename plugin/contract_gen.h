@@ -3,13 +3,13 @@
 #define OCI_CONTRACT_GEN_H
 
 /* the options (ours, then pyxis' names); an option's val is its index */
-#define OCI_N_OWN 12
-#define OCI_N_OPTIONS 25
-#define OCI_OPT_BATCH_IN_IMAGE 10
+#define OCI_N_OWN 13
+#define OCI_N_OPTIONS 26
+#define OCI_OPT_BATCH_IN_IMAGE 11
 #define OCI_DEFAULT_SOCKET "/run/oci-image/oci-imaged.sock"
 
 /* the options' variables: one set means the step client has work to do */
-static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", "OCI_REMAP_ROOT", "OCI_NAME", NULL };
+static const char *const oci_envs[] = { "OCI_IMAGE", "OCI_MOUNTS", "OCI_WORKDIR", "OCI_WRITABLE", "OCI_MOUNT_HOME", "OCI_ENTRYPOINT", "OCI_ENV", "OCI_REMAP_ROOT", "OCI_DEVICES", "OCI_NAME", NULL };
 
 #define OCI_CHECKED_VAR "OCI_IMAGE_CHECKED"
 

@@ -61,6 +61,21 @@ int task_privileged(spank_t sp)
 	return close(st.nsfd), 0;
 }
 
+/* --oci-remap-root: the daemon made the user namespace, so only the limits that follow the
+ * uid were the user's; their own context (an LSM label, a seccomp filter on the job) must
+ * allow them one too, with capabilities in it: a child of this task tries. 0 or an errno */
+static int userns_allowed(void)
+{
+	int status = -1;
+	pid_t pid = fork();
+
+	if (pid == 0)
+		_exit(unshare(CLONE_NEWUSER) < 0 || unshare(CLONE_NEWUTS) < 0 ? errno & 0xff : 0);
+	while (pid > 0 && waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	return pid > 0 && WIFEXITED(status) ? WEXITSTATUS(status) : ECHILD;
+}
+
 /* slurmstepd chdirs after task_init_privileged, as the user, inside the image, and goes to
  * /tmp where the job's directory is missing there: prepare's choice again. Then, with
  * --oci-remap-root, the user namespace the user owns (joined as the user: setuid by
@@ -70,6 +85,11 @@ int task_chdir(void)
 	if (st.nsfd >= 0 && st.cwd != NULL && chdir(st.cwd) < 0) {
 		slurm_error(PFX "cannot change to the step's directory in the image: %s",
 			    strerror(errno)); /* (not the name: a user's, with any bytes in it) */
+		return -1;
+	}
+	if (st.nsfd >= 0 && st.usernsfd >= 0 && (errno = userns_allowed()) != 0) {
+		slurm_error(PFX "--oci-remap-root: you may not have user namespaces here (%s): run "
+			    "without it", strerror(errno));
 		return -1;
 	}
 	if (st.nsfd >= 0 && st.usernsfd >= 0 && setns(st.usernsfd, CLONE_NEWUSER) < 0) {

@@ -134,7 +134,7 @@ class LocalCluster:
     def __init__(self, state_dir, nodes: int = 3, plugstack: Optional[str] = None,
                  prolog: Optional[str] = None, epilog: Optional[str] = None,
                  user: str = DEFAULT_USER, cpus: int = 4,
-                 extra_conf: Sequence[str] = ()):
+                 extra_conf: Sequence[str] = (), node_conf: str = "", gres_conf: str = ""):
         self.state_dir = Path(state_dir).absolute()
         self.nodes = int(nodes)
         if self.nodes < 1:
@@ -145,6 +145,8 @@ class LocalCluster:
         self.user = user
         self.cpus = cpus
         self.extra_conf = list(extra_conf)
+        self.node_conf = node_conf  # appended to the NodeName line, e.g. "Gres=gpu:2"
+        self.gres_conf = gres_conf  # gres.conf next to slurm.conf (when not empty)
         self.slurm_version = slurm_version()
         self.hostname = socket.gethostname()
         self.uid: Optional[int] = None
@@ -331,10 +333,14 @@ class LocalCluster:
         lines += self.extra_conf
         lines += [
             f"NodeName={nodes} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={ports} "
-            f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN",
+            f"CPUs={self.cpus} RealMemory=1000 State=UNKNOWN {self.node_conf}".rstrip(),
             f"PartitionName=debug Nodes={nodes} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
             "",
         ]
+        if self.gres_conf:
+            gres = self.conf.parent / "gres.conf"
+            gres.write_text(self.gres_conf)
+            os.chmod(gres, 0o644)
         tmp = self.conf.with_suffix(".tmp")
         tmp.write_text("\n".join(lines))
         os.chmod(tmp, 0o644)
@@ -366,6 +372,27 @@ class LocalCluster:
                                  start_new_session=True, close_fds=True,
                                  env=self.env(), cwd=str(self.state_dir))
         return p.pid
+
+    def restart_slurmd(self, node: str, wrapper: Sequence[str] = (), timeout: float = 60) -> None:
+        """Stop node's slurmd and start it again, under wrapper (argv before slurmd's; a test's
+        fault injector), recorded as the node's so that stop() still ends it."""
+        info = self._load_info()
+        pid = info.get("pids", {}).get(node)
+        if pid and self._ours(pid, str(self.conf)):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        info["pids"][node] = self._spawn([*wrapper, SLURMD, "-D", "-N", node, "-f", str(self.conf)],
+                                         self.log_dir / f"slurmd-{node}.out")
+        self._save_info(info)
+        port = info["ports"]["slurmd"] + self.node_names.index(node)
+        deadline = time.monotonic() + timeout
+        while _port_free(port):  # listening again: a step may go there
+            if time.monotonic() > deadline or not _pid_alive(info["pids"][node]):
+                raise ClusterError(f"slurmd of {node} did not start again; see {self.log_dir}")
+            time.sleep(0.1)
+        self.wait_idle(timeout)
 
     def _ours(self, pid: int, marker: str) -> bool:
         return bool(pid) and _pid_alive(pid) and marker in _cmdline(pid)

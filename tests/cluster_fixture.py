@@ -49,7 +49,8 @@ def cluster_available() -> Optional[str]:
 
 def start_cluster(nodes: int = 3, plugstack_text: Union[str, Callable[[Path], str], None] = None,
                   prolog: Optional[str] = None, epilog: Optional[str] = None,
-                  extra_conf: Sequence[str] = (), prefix: str = "oci-lc-") -> LocalCluster:
+                  extra_conf: Sequence[str] = (), prefix: str = "oci-lc-",
+                  **cluster_kw) -> LocalCluster:
     """Start a cluster in a fresh /tmp dir.  plugstack_text may be a callable
     taking the state dir (to place files there) and returning the text."""
     reason = cluster_available()
@@ -57,7 +58,8 @@ def start_cluster(nodes: int = 3, plugstack_text: Union[str, Callable[[Path], st
         pytest.skip(reason)
     state = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(state, 0o755)
-    c = LocalCluster(state, nodes=nodes, prolog=prolog, epilog=epilog, extra_conf=extra_conf)
+    c = LocalCluster(state, nodes=nodes, prolog=prolog, epilog=epilog, extra_conf=extra_conf,
+                     **cluster_kw)
     if plugstack_text is not None:
         text = plugstack_text(state) if callable(plugstack_text) else plugstack_text
         c.set_plugstack(text)

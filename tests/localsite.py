@@ -48,8 +48,9 @@ def unmount_under(path: Path) -> None:
 
 
 def start_site(installed, prefix: str, nodes: int = 3, plugstack_args: str = "",
-               daemon_conf=DAEMON_CONF) -> Site:
-    """daemon_conf: the daemons' config text, or a callable(base) returning it."""
+               daemon_conf=DAEMON_CONF, cluster_kw=None) -> Site:
+    """daemon_conf: the daemons' config text, or a callable(base) returning it;
+    cluster_kw: more arguments of start_cluster (extra_conf, node_conf, gres_conf)."""
     base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     os.chmod(base, 0o755)
     conf = base / "oci-image.conf"
@@ -62,7 +63,8 @@ def start_site(installed, prefix: str, nodes: int = 3, plugstack_args: str = "",
                                          extra=["--config", str(conf)]).start())
         plugstack = (f"required {installed.plugin} step_client={installed.step_client} "
                      f"socket={base}/%n/oci-imaged.sock {plugstack_args}".rstrip() + "\n")
-        cluster = start_cluster(nodes=nodes, plugstack_text=plugstack, prefix=prefix + "slurm-")
+        cluster = start_cluster(nodes=nodes, plugstack_text=plugstack, prefix=prefix + "slurm-",
+                                **(cluster_kw or {}))
     except BaseException:
         for d in daemons:
             d.stop()

@@ -64,7 +64,7 @@ def test_json_is_accepted_before_and_after_every_command():
     from ociimage.cli import COMMANDS, build_parser
     p = build_parser()
     required = {"convert": ["R", "-o", "f"], "pull": ["R"], "inspect": ["D"], "rm": ["D"],
-                "publish": ["R", "T"], "ls": [], "prune": []}
+                "publish": ["R", "T"], "ls": [], "prune": [], "devices": []}
     assert sorted(required) == sorted(COMMANDS)
     for name, args in required.items():
         assert p.parse_args([name, *args]).json is False, name
@@ -170,3 +170,19 @@ def test_through_the_daemon(registry, image, tmp_path):
         d.stop()
     # and without a daemon to talk to: the same shape, exit code 3
     failure(d.cli("ls", "--json"), 3, "UNAVAILABLE", "cannot reach oci-imaged")
+
+
+def test_devices(tmp_path):
+    specs = tmp_path / "cdi"
+    specs.mkdir(mode=0o755)
+    (specs / "t.json").write_text(json.dumps({
+        "cdiVersion": "0.6.0", "kind": "test.example/dev", "devices": [
+            {"name": "a", "containerEdits": {"env": ["A=1"], "deviceNodes": [
+                {"path": "/dev/oci-test/a", "type": "c", "major": 1, "minor": 3}]}}]}))
+    (specs / "bad.json").write_text("{")
+    doc = result(oci_image("devices", "--spec-dir", str(specs), "--json", tmp_path=tmp_path))
+    assert doc["spec_dirs"] == [str(specs)]
+    assert doc["devices"] == [{"name": "test.example/dev=a", "spec": str(specs / "t.json"),
+                               "device_nodes": ["/dev/oci-test/a"], "mounts": [],
+                               "env": ["A=1"], "hooks": []}]
+    assert len(doc["errors"]) == 1 and "bad.json: invalid JSON" in doc["errors"][0]

@@ -44,6 +44,9 @@ def test_values(tmp_path):
     ("[registries]\nrequest_timeout = 0\n", "request_timeout: must be at least"),
     ("[daemon]\nmax_pulls_per_uid = 0\n", "max_pulls_per_uid: must be at least 1"),
     ("[daemon]\nmax_pulls_per_uid = 8\nmax_requests_per_uid = 4\n", "max_requests_per_uid (4)"),
+    ("[daemon]\ncdi_spec_dirs = /etc/cdi cdi\n", "cdi_spec_dirs: cdi must be an absolute path"),
+    ("[daemon]\ngpu_cdi_kind = gpu\n", "gpu_cdi_kind: 'gpu' is not a CDI kind"),
+    ("[daemon]\ngpu_cdi_kind = nvidia.com/gpu=0\n", "is not a CDI kind"),
 ])
 def test_bad_values_are_clear_errors(tmp_path, text, needle):
     p = tmp_path / "c.conf"
@@ -100,3 +103,11 @@ def test_bad_prefetch_and_slurm_values(tmp_path, text, needle):
     p.write_text(text)
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         load_config(p)
+
+
+def test_cdi_keys(tmp_path):
+    assert (Config().cdi_spec_dirs, Config().gpu_cdi_kind) == (("/etc/cdi", "/var/run/cdi"), "")
+    p = tmp_path / "c.conf"
+    p.write_text("[daemon]\ncdi_spec_dirs = /a/cdi  /b/cdi\ngpu_cdi_kind = nvidia.com/gpu\n")
+    cfg = load_config(p)
+    assert (cfg.cdi_spec_dirs, cfg.gpu_cdi_kind) == (("/a/cdi", "/b/cdi"), "nvidia.com/gpu")

@@ -241,6 +241,31 @@ def test_refused_where_the_node_disables_user_namespaces(rr, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
 
 
+@needs_cluster
+def test_refused_where_the_users_own_context_may_not_have_one(rr, tmp_path):
+    """The daemon makes the user namespace, so an LSM's or a seccomp filter's refusal that
+    applies to the job (not to the daemon) must still stop it: each task checks in its own
+    context first. Here n2's slurmd, and so every job on n2, runs under the filter."""
+    wrapper = tmp_path / "deny-userns"
+    (tmp_path / "deny.c").write_text(DENY_USERNS_C)
+    subprocess.run(["gcc", "-O2", "-o", str(wrapper), str(tmp_path / "deny.c")], check=True)
+    os.chmod(tmp_path, 0o755)
+    rr.cluster.restart_slurmd("n2", [str(wrapper)])
+    try:
+        r = rr.srun("-N1", "-w", "n2", f"--oci-image={rr.ref}", "--oci-remap-root", "id", "-u")
+        assert r.returncode != 0 and r.stdout == ""
+        lines = [l for l in r.stderr.splitlines() if "may not have user namespaces" in l]
+        assert len(lines) == 1 and lines[0].endswith(
+            "oci-image: --oci-remap-root: you may not have user namespaces here (No space left "
+            "on device): run without it"), r.stderr
+        r = rr.srun("-N1", "-w", "n2", f"--oci-image={rr.ref}", "id", "-u")
+        assert r.returncode == 0 and r.stdout.strip() == str(rr.user.pw_uid), r.stderr
+    finally:
+        rr.cluster.restart_slurmd("n2")
+    r = rr.srun("-N1", "-w", "n2", f"--oci-image={rr.ref}", "--oci-remap-root", "id", "-u")
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
+
+
 def test_site_may_switch_it_off_at_submit(installed):
     """plugstack allow_remap_root=no: submit refuses it, before anything is pinned."""
     r = run_step([str(installed.step_client), "submit",

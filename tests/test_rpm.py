@@ -64,7 +64,7 @@ def test_package_name_version_and_file_list(built):
         "/usr/libexec/oci-image/oci-image-step",
         "/usr/libexec/oci-image/oci-image-launch",   # next to the step client: the plugin's default
         "/usr/libexec/oci-image/oci-image-pyxis-importer",
-        "/usr/share/oci-image/hooks/nvidia", "/usr/share/oci-image/hooks/pmi",
+        "/usr/share/oci-image/hooks/pmi",
         "/usr/share/oci-image/hooks/ocihook.py", "/etc/oci-image/hooks.d",
         "/usr/lib/systemd/system/oci-imaged.service",
         "/etc/oci-image/oci-image.conf",

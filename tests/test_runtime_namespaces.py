@@ -536,3 +536,33 @@ def test_container_proc_keeps_the_hosts_hidepid(node, host):
     seen = json.loads(r.stdout.strip().splitlines()[-1])
     assert len(seen["opts"]) == 1 and "hidepid=invisible" in seen["opts"][0].split(","), seen
     assert seen["pid1"] is False  # init is root's: hidden from the user, as on the host
+
+
+@pytest.mark.parametrize("mount_api", [True, False], ids=["mount-api", "legacy"])
+def test_cdi_nodes_are_made_in_an_overlay_dev_never_on_the_host(make, monkeypatch, mount_api):
+    """A CDI device node the host's /dev lacks (cdiapply.NodeToMake): made in the step's
+    /dev (host /dev below, the step's tmpfs above), the host's /dev submounts bound
+    again, nosuid; the host's /dev gets nothing."""
+    import stat as st
+    from ociimage.runtime.cdiapply import NodeToMake
+    if mount_api and not mountplan.USE_MOUNT_API:
+        pytest.skip("this kernel lacks open_tree/mount_setattr")
+    monkeypatch.setattr(mountplan, "USE_MOUNT_API", mount_api)
+    assert not os.path.lexists("/dev/oci-ns-test")
+    nodes = (NodeToMake("/dev/oci-ns-test/sub/zero", st.S_IFCHR | 0o640, os.makedev(1, 5),
+                        0, GID),
+             NodeToMake("/dev/oci-ns-test/null", st.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0))
+    step = make(device_nodes=nodes)
+    r = enter(step, "stat -c '%n %F %t:%T %a %u:%g' /dev/oci-ns-test/sub/zero "
+                    "/dev/oci-ns-test/null; echo x > /dev/oci-ns-test/null && echo wrote; "
+                    "head -c 3 /dev/oci-ns-test/sub/zero | wc -c; ls /dev/null && "
+                    "grep -E ' /dev(/pts|/shm)? ' /proc/self/mountinfo")
+    lines = r.stdout.splitlines()
+    assert lines[:5] == [f"/dev/oci-ns-test/sub/zero character special file 1:5 640 0:{GID}",
+                         "/dev/oci-ns-test/null character special file 1:3 666 0:0",
+                         "wrote", "3", "/dev/null"], (r.stdout, r.stderr)
+    dev = [l.split() for l in lines[5:]]
+    assert {d[4] for d in dev} >= {"/dev", "/dev/pts", "/dev/shm"}, dev
+    assert [d for d in dev if d[4] == "/dev"][0][8] == "overlay", dev
+    assert all("nosuid" in d[5].split(",") for d in dev), dev
+    assert not os.path.lexists("/dev/oci-ns-test")

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     registry_opts(pub)
     squash_opts(pub)
 
+    dv = command("devices", help="list the CDI devices this node's specs define "
+                                 "([daemon] cdi_spec_dirs), for --oci-devices")
+    dv.add_argument("--spec-dir", action="append", default=[], metavar="DIR",
+                    help="read this directory instead (repeatable, in priority order)")
+
     pr = command("prune", help="evict unused images, least recently used first")
     pr.add_argument("--quota", help="evict only until the cache is under this size (e.g. 200G)")
     pr.add_argument("--cache-dir")
@@ -366,6 +371,37 @@ def cmd_ls(args, cfg) -> int:
     return 0
 
 
+def cmd_devices(args, cfg) -> int:
+    """The node's CDI devices, read here (the specs are root's and world-readable)."""
+    from .runtime import cdi
+    registry = cdi.Registry(args.spec_dir or cfg.cdi_spec_dirs)
+    rows = []
+    errors = [str(e) for e in registry.errors]
+    for name in registry.devices():
+        try:
+            edits = registry.resolve([name])
+        except cdi.CDIError as e:  # defined twice at one priority: unusable
+            errors.append(str(e))
+            continue
+        rows.append({"name": name, "spec": edits.spec_files[-1],
+                     "device_nodes": [n.path for n in edits.device_nodes],
+                     "mounts": [m.container_path for m in edits.mounts],
+                     "env": list(edits.env), "hooks": [h.hook_name for h in edits.hooks]})
+    if args.json:
+        print(json.dumps({"spec_dirs": registry.dirs, "devices": rows, "errors": errors},
+                         indent=1, sort_keys=True))
+        return 0
+    for e in errors:
+        print(f"oci-image: warning: {e}", file=sys.stderr)
+    if not rows:
+        print(f"no CDI devices in {' '.join(registry.dirs)}", file=sys.stderr)
+        return 0
+    print(f"{'DEVICE':<40} SPEC")
+    for r in rows:
+        print(f"{r['name']:<40} {r['spec']}")
+    return 0
+
+
 def _full_digest(args, cfg, prefix: str) -> str:
     if prefix.startswith("sha256:") and len(prefix) == 71:
         return prefix
@@ -425,7 +461,7 @@ def cmd_prune(args, cfg) -> int:
 
 
 COMMANDS = {"convert": cmd_convert, "pull": cmd_pull, "ls": cmd_ls, "inspect": cmd_inspect,
-            "rm": cmd_rm, "prune": cmd_prune, "publish": cmd_publish}
+            "rm": cmd_rm, "prune": cmd_prune, "publish": cmd_publish, "devices": cmd_devices}
 
 
 def _wants_json(argv: List[str]) -> bool:

@@ -74,6 +74,8 @@ class Config:
     slurm_refresh: float = 30.0
     hooks_dir: Path = Path("/etc/oci-image/hooks.d")   # step hooks (runtime/hooks.py)
     hooks_timeout: float = 60.0
+    cdi_spec_dirs: Tuple[str, ...] = ("/etc/cdi", "/var/run/cdi")   # runtime/cdi.py
+    gpu_cdi_kind: str = ""          # e.g. nvidia.com/gpu: Slurm's GPUs as CDI devices
     # fairness between users, and how long a SIGTERM may take (see docs/configuration.md)
     max_pulls_per_uid: int = 4
     max_requests_per_uid: int = 64
@@ -195,6 +197,22 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             cfg.hooks_dir = Path(g("daemon", "hooks_dir").strip())
             if not cfg.hooks_dir.is_absolute():
                 raise ConfigError(f"[daemon] hooks_dir: {cfg.hooks_dir} must be an absolute path")
+        if parser.has_option("daemon", "cdi_spec_dirs"):
+            dirs = tuple(g("daemon", "cdi_spec_dirs").split())
+            for d in dirs:
+                if not d.startswith("/"):
+                    raise ConfigError(f"[daemon] cdi_spec_dirs: {d} must be an absolute path")
+            cfg.cdi_spec_dirs = dirs
+        if parser.has_option("daemon", "gpu_cdi_kind"):
+            kind = g("daemon", "gpu_cdi_kind").strip()
+            if kind:
+                from .runtime.cdi import InvalidDeviceName, parse_qualified_name
+                try:
+                    parse_qualified_name(kind + "=0")
+                except InvalidDeviceName as e:
+                    raise ConfigError(f"[daemon] gpu_cdi_kind: {kind!r} is not a CDI kind "
+                                      f"(vendor/class): {e.reason}") from None
+            cfg.gpu_cdi_kind = kind
         if parser.has_option("daemon", "hooks_timeout"):
             cfg.hooks_timeout = _float("daemon", "hooks_timeout", g("daemon", "hooks_timeout"), 1)
         for key, minimum in (("max_pulls_per_uid", 1), ("max_requests_per_uid", 1),

@@ -187,6 +187,18 @@ CONFIG_KEYS: Tuple[Key, ...] = (
     Key('daemon', 'hooks_timeout', '`60`',
         'Seconds a hook may run; then its process group is killed and the step fails. '
         'At least 1.'),
+    Key('daemon', 'cdi_spec_dirs', '`/etc/cdi /var/run/cdi`',
+        'Where the CDI (Container Device Interface) specs that `--oci-devices` and '
+        '`gpu_cdi_kind` draw on are, space separated, in priority order (a device in a '
+        'later directory overrides the same device in an earlier one). Each directory '
+        'and spec file must be owned by root and not group/other-writable (root binds '
+        'the host paths a spec names); other files are refused, one line each in the log '
+        'and in `oci-image devices`. Absolute paths. See [gpu.md](gpu.md).'),
+    Key('daemon', 'gpu_cdi_kind', 'empty (off)',
+        "A CDI kind, e.g. `nvidia.com/gpu`: the GPUs Slurm allocated to a step "
+        "(`SLURM_STEP_GPUS`, for the batch script `SLURM_JOB_GPUS`) arrive in its "
+        "container as the devices `KIND=INDEX` of this node's CDI specs, as if the user "
+        "had named them in `--oci-devices`. Empty: only `--oci-devices`."),
     Key('daemon', 'max_pulls_per_uid', '`4`',
         "Distinct image pulls one user (the job's uid) may have in progress on this "
         'node. One more fails at once with `RESOURCE_EXHAUSTED` and a one-line message;'

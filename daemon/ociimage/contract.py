@@ -87,6 +87,13 @@ OPTIONS = (
     Option("no-oci-remap-root", "O_NO_REMAP_ROOT", None,
            "Run as yourself inside the image (the default).", "OCI_REMAP_ROOT", "0",
            "--remap-root", ""),
+    Option("oci-devices", "O_DEVICES", "VENDOR/CLASS=NAME,...",
+           "Inject devices from the node's CDI specs (Container Device Interface, "
+           "e.g. nvidia.com/gpu=0): their device nodes, mounts, environment and hooks.",
+           "OCI_DEVICES", "", "--devices",
+           "devices from the site's CDI specs (`/etc/cdi`, `/var/run/cdi`), by qualified name "
+           "(`vendor/class=name`, comma-separated): their device nodes, mounts, environment "
+           "and hooks; `oci-image devices` lists a node's ([docs/gpu.md](docs/gpu.md))"),
     Option("oci-batch-in-image", "O_BATCH", None,
            "sbatch: run the batch script itself in the image too (default: the "
            "script runs on the host and its srun steps run in the image).", None, "", "",
@@ -242,6 +249,7 @@ CODES = {
     "O_ENTRYPOINT": ("entrypoint", "1"), "O_NO_ENTRYPOINT": ("entrypoint", "0"),
     "O_BATCH": ("batch_in_image", "1"), "O_NAME": ("container_name", None),
     "O_REMAP_ROOT": ("remap_root", "1"), "O_NO_REMAP_ROOT": ("remap_root", "0"),
+    "O_DEVICES": ("devices", None),
 }
 
 #: set by the plugin after a submit that passed: a checksum of what it checked (the options,

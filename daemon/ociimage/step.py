@@ -23,7 +23,8 @@ import pwd
 import sys
 
 from . import contract
-from .stepargs import build_parser as _build_parser, join_pairs, parse_mounts, resolve_options
+from .stepargs import (build_parser as _build_parser, join_pairs, parse_devices, parse_mounts,
+                       resolve_options)
 
 PREFIX = "oci-image"
 
@@ -259,7 +260,8 @@ def cmd_prepare(args, plug, where) -> int:
                "remap_root": args.remap_root,
                "entrypoint": args.entrypoint, "environment": where.env, "env_names": env_names,
                "allow_sqfs": plug.allow_sqfs, "node": where.node, "home": home,
-               "user_name": user_name, "container_name": args.container_name or ""}
+               "user_name": user_name, "container_name": args.container_name or "",
+               "devices": parse_devices(args.devices) if args.devices else []}
         _mark(where.marker)
         mode, columns = stepenv.progress_mode(where.env, where.step, args.node_id,
                                               contract.BATCH_STEP)

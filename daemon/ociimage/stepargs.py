@@ -220,10 +220,32 @@ def resolve_options(args, env, parse_reference: bool = True) -> None:
             raise InvalidArgument(f"--oci-name={name}:create needs --oci-image: the image "
                                   f"the new container starts from")
         args.container_name = name if flag == "auto" else f"{name}:{flag}"
+    if args.devices:
+        parse_devices(args.devices)
     pinned = pinned_for(args.image, env.get("OCI_IMAGE_PINNED", ""))
     args.inherited_pin = pinned is not None  # the job pinned it already: nothing new to pin
     if pinned:
         args.image = check_image(pinned, "OCI_IMAGE_PINNED", parse=parse_reference)
+
+
+def parse_devices(text: str, what: str = "--oci-devices") -> list[str]:
+    """--oci-devices' qualified CDI names, in order, each once; the syntax only (which
+    devices exist is each node's CDI specs' to say, in prepare)."""
+    from .runtime.cdi import InvalidDeviceName, parse_qualified_name  # only when given
+    out = []
+    for name in (n.strip() for n in _plain(text, what).split(",")):
+        if not name:
+            continue
+        try:
+            parse_qualified_name(name)
+        except InvalidDeviceName as e:
+            raise InvalidArgument(f'{what}: "{name}" is not a qualified CDI device name '
+                                  f'(vendor/class=name): {e.reason}') from None
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise InvalidArgument(f"{what}: no device named (vendor/class=name,...)")
+    return out
 
 
 def join_pairs(argv: list[str]) -> list[str]:

@@ -60,6 +60,10 @@ class StepSpec:
     remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
     tmpfs: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (dst, options)
     chdir_given: bool = False  # host_cwd is srun --chdir's: the tasks start there or not at all
+    # CDI (cdiapply.py): device nodes the host's /dev lacks, made in the step's own /dev
+    # (NodeToMake), and the specs' binds (cdi.Mount): the admin's, opened as root
+    device_nodes: Tuple = ()
+    device_mounts: Tuple = ()
 
     def identity(self) -> asuser.Identity:
         if self.groups:
@@ -183,7 +187,11 @@ class _Planner:
                 self.system.append(("mount", "proc", self.host(t), "proc",
                                     sc.MS_NOSUID | sc.MS_NODEV | sc.MS_NOEXEC, host_proc_options()))
             else:
-                self.system.append(("mount", name, self.host(t), None, sc.MS_BIND | sc.MS_REC, None))
+                if name == "/dev" and self.spec.device_nodes:
+                    self.plan_dev_overlay(t)  # CDI device nodes the host's /dev lacks
+                else:
+                    self.system.append(("mount", name, self.host(t), None,
+                                        sc.MS_BIND | sc.MS_REC, None))
                 # the host's submounts of /dev and /sys (pts, mqueue, cgroup, securityfs, ...)
                 # come along: none of them may honour setuid bits in here
                 attrs = sc.MOUNT_ATTR_NOSUID | (sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
@@ -200,6 +208,41 @@ class _Planner:
         self.system.append(("mount", "tmpfs", self.host(t), "tmpfs",
                             sc.MS_NOSUID | sc.MS_NODEV, "mode=1777"))
 
+    def plan_dev_overlay(self, t: str) -> None:
+        """/dev for a step with CDI device nodes the host's /dev lacks: an overlay with the
+        host's /dev as its lower layer and a tmpfs of the step's as its upper, the host's
+        /dev submounts (pts, mqueue, hugepages, ...) bound again on top (an overlay shows
+        the lower filesystem only), and the missing nodes made in it. They land in the
+        tmpfs: nothing is ever created in the host's /dev."""
+        rw = str(self.step_dir / "devrw")
+        dev = self.host(t)
+        # no nodev on the upper layer: the nodes made there are opened through it
+        self.system += [("mkdir", rw, 0o700),
+                        ("mount", "tmpfs", rw, "tmpfs", sc.MS_NOSUID | sc.MS_NOEXEC, "mode=0755"),
+                        ("mkdir", rw + "/upper", 0o755), ("mkdir", rw + "/work", 0o700),
+                        ("mount", "overlay", dev, "overlay", sc.MS_NOSUID,
+                         f"lowerdir=/dev,upperdir={_overlay_safe(rw)}/upper,workdir={rw}/work")]
+        tops: List[str] = []
+        for e in read_mountinfo():
+            mp = e.mount_point
+            if mp.startswith("/dev/") and not any(mp.startswith(x + "/") for x in tops) \
+                    and mp not in tops:
+                tops.append(mp)
+        for mp in tops:
+            if os.path.lexists(mp) and not os.path.islink(mp):  # a directory, or a file
+                self.system.append(("mount", mp, dev + mp[len("/dev"):], None,
+                                    sc.MS_BIND | sc.MS_REC, None))
+        made = set()
+        for n in self.spec.device_nodes:
+            parts = split_path(n.path[len("/dev"):])
+            for i in range(1, len(parts)):
+                d = join_path("/", *parts[:i])
+                if d not in made and not os.path.isdir("/dev" + d):
+                    self.system.append(("mkdir", dev + d, 0o755))
+                    made.add(d)
+            self.system.append(("mknod", dev + join_path("/", *parts), n.mode, n.rdev,
+                                n.uid, n.gid))
+
     def _source(self, key: str, src: str) -> asuser.Opened:
         o = self.sources.get(key)
         if isinstance(o, asuser.Opened):
@@ -211,18 +254,19 @@ class _Planner:
         raise o if isinstance(o, OciImageError) else InvalidArgument(f"mount source {src}: not opened")
 
     def plan_binds(self) -> None:
-        """The user's mounts: home, binds and tmpfs (tmpfs:DST), parents before children so
-        that a nested target resolves through its parent mount. A missing mount point in a
-        tmpfs (/tmp, a user's) is made right before its mount; none may cover a tmpfs of
-        the user's. A tmpfs is the user's, nosuid,nodev; its data is rebuilt from numbers."""
+        """The user's mounts: home, binds and tmpfs (tmpfs:DST), and the CDI specs' binds,
+        parents before children so that a nested target resolves through its parent mount.
+        A missing mount point in a tmpfs (/tmp, a user's) is made right before its mount;
+        none may cover a tmpfs of the user's. A tmpfs is the user's, nosuid,nodev; its data
+        is rebuilt from numbers."""
         spec = self.spec
-        # (the opened source or None for a tmpfs, dst, read_only, what, options)
-        items: List[Tuple[Optional[asuser.Opened], str, bool, str, Tuple[str, ...]]] = []
+        # (the opened source or None for a tmpfs, dst, read_only, what, options, the user's)
+        items: List[tuple] = []
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
             if isinstance(o, asuser.Opened) and o.is_dir:
-                items.append((o, home, False, "home", ()))
+                items.append((o, home, False, "home", (), True))
             else:
                 log.warning("home directory not usable by its user, not mounted",
                             extra={"home": home, "job": spec.job_id, "error": str(o)})
@@ -233,14 +277,20 @@ class _Planner:
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
             items.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
-                          tuple(m[3]) if len(m) > 3 else ()))
+                          tuple(m[3]) if len(m) > 3 else (), True))
         for dst, options in spec.tmpfs:
             dst = _check_abs("tmpfs target", dst)
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
-            items.append((None, dst, False, f"mount tmpfs:{dst}", tuple(options)))
+            items.append((None, dst, False, f"mount tmpfs:{dst}", tuple(options), True))
+        for i, m in enumerate(spec.device_mounts):  # the CDI specs': opened as root
+            dst = _check_abs("CDI mount target", m.container_path)
+            if dst == "/":
+                raise InvalidArgument("a CDI mount cannot mount over the container's root")
+            items.append((self._source(f"cdi:{i}", m.host_path), dst, "ro" in m.options,
+                          f"CDI mount {m.host_path}:{dst}", (), False))
         items.sort(key=lambda b: len(split_path(b[1])))
-        for o, dst, ro, what, options in items:
+        for o, dst, ro, what, options, users in items:
             data = None if o else mountflags.tmpfs_data(options, spec.uid, spec.gid)
             planned = len(self.tmp_create)
             t = self.target(dst, o is None or o.is_dir, what)
@@ -264,8 +314,10 @@ class _Planner:
             if "noexec" in options:  # the one flag a user may add to a bind (mountflags.py)
                 self.user.append(("setattr", self.host(t), sc.MOUNT_ATTR_NOEXEC, sc.MS_NOEXEC,
                                   what, not USE_MOUNT_API))
-            self.user_targets.append(t)
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
+            if not users:
+                continue  # a CDI mount: not the user's, not where the tasks start
+            self.user_targets.append(t)
             if o.is_dir:
                 self.visible.append((o.path, t))
 
@@ -400,7 +452,25 @@ def open_sources(spec: StepSpec) -> Dict[str, Union[asuser.Opened, OciImageError
     for i, m in enumerate(spec.mounts):
         keys.append(f"mount:{i}")
         paths.append(_check_abs("mount source", m[0]))
-    return dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
+    out = dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
+    try:
+        for i, m in enumerate(spec.device_mounts):
+            out[f"cdi:{i}"] = _open_as_root(_check_abs("CDI mount source", m.host_path))
+    except BaseException:
+        close_sources(out)
+        raise
+    return out
+
+
+def _open_as_root(path: str) -> Union[asuser.Opened, OciImageError]:
+    """A CDI mount's source: a host path of the admin's root-owned spec, opened as root."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return NotFound(f"{path} (a CDI spec's mount) does not exist on this node")
+    except OSError as e:
+        return OciImageError(f"{path} (a CDI spec's mount): {e.strerror}")
+    return asuser.Opened(fd, os.fstat(fd).st_mode, os.readlink(f"/proc/self/fd/{fd}"))
 
 
 def close_sources(sources: Sources) -> None:

@@ -181,8 +181,8 @@ def _build(ops: List[Op], ns_path: Path) -> int:
             hint = f"while doing: {describe_op(where)}" if where else ""
             if not line:
                 msg = "the namespace builder died"
-            if where and where[0] in _SAID_AS_IS:
-                raise MountError(msg)
+            if where and where[0] in _SAID_AS_IS and msg.startswith("--oci-remap-root:"):
+                raise MountError(msg)  # userns.UserNamespaceRefused: the user's line as it is
             raise MountError(f"cannot build the step namespace: {msg}", hint=hint)
         record_holder(ns_path.parent, pid)
         os.symlink(f"/proc/{pid}/ns/mnt", ns_path)

@@ -260,6 +260,20 @@ def child(ops: list, report_w: int, go_r: int) -> None:
                                          os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=pfd))
                 finally:
                     os.close(pfd)
+            elif kind == "mknod":  # ("mknod", path, mode, rdev, uid, gid): a CDI node
+                # in the step's own /dev (an overlay whose upper layer is its tmpfs)
+                pfd = _open_target(os.path.dirname(op[1]))
+                try:
+                    name = os.path.basename(op[1])
+                    try:
+                        os.unlink(name, dir_fd=pfd)  # the host's node of another device
+                    except FileNotFoundError:
+                        pass
+                    os.mknod(name, op[2], op[3], dir_fd=pfd)
+                    os.chown(name, op[4], op[5], dir_fd=pfd, follow_symlinks=False)
+                    os.chmod(name, op[2] & 0o7777, dir_fd=pfd)  # not the umask's
+                finally:
+                    os.close(pfd)
             elif kind == "pivot":
                 # pivot_root(".", ".") stacks the old root on the new one, so no
                 # put_old directory is needed in a read-only image

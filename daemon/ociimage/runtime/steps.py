@@ -29,7 +29,7 @@ from ..mountflags import request_options
 from ..progress import MOUNT, NOTE, ProgressEvent, Reporter
 from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
-from . import environment, hooks
+from . import cdiapply, cdihooks, environment, hooks
 from .mounts import NodeMounts
 from .named import NamedContainers
 from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace,
@@ -37,6 +37,7 @@ from .namespaces import (NS_FILE, StepSpec, cleanup_stale, create_step_namespace
 
 log = logging.getLogger("ociimage.runtime")
 
+_BATCH_IDS = ("batch", str(0xFFFFFFFB))  # Slurm's SLURM_BATCH_SCRIPT, as the plugin sends it
 _ID = re.compile(r"^[0-9]{1,12}$|^(batch|extern|interactive)$|^[0-9]{1,12}\+[0-9]{1,6}$")
 
 
@@ -49,6 +50,7 @@ class StepRecord:
     lease_id: Optional[str]
     cwd: str
     userns_fd: int = -1  # --oci-remap-root: the holder's descriptor of the user namespace
+    cdi_env: Tuple[str, ...] = ()  # NAME=VALUE of the step's CDI devices (--oci-devices)
 
     @property
     def key(self) -> Tuple[str, str]:
@@ -169,6 +171,13 @@ class StepManager:
             existing = self._steps.get(key)
         if existing:  # a retried prepare for the same step gets the same container
             return self._container(existing, request)
+        # the CDI devices first: a device this node lacks fails the step before any pull
+        names = cdiapply.step_device_names(list(request.devices), request.environment,
+                                           self.config.gpu_cdi_kind,
+                                           batch=request.step_id in _BATCH_IDS)
+        devices = cdiapply.resolve(names, self.config.cdi_spec_dirs,
+                                   request.node or getattr(self.config, "node", "")) \
+            if names else None
         lease_id = None
         local = None
         named = None
@@ -212,8 +221,12 @@ class StepManager:
                     chdir_given=bool(request.cwd) and
                     request.environment.get("OCI_SUBMIT_CHDIR") == request.cwd,
                     image_workdir=config.get("WorkingDir") or None,
-                    shared_root=named.root if named else None)
+                    shared_root=named.root if named else None,
+                    device_nodes=devices.make if devices else (),
+                    device_mounts=devices.edits.mounts if devices else ())
                 ns = create_step_namespace(spec, self.state_dir)
+                if devices and devices.edits.hooks:
+                    self._run_cdi_hooks(ns, request, devices, config)
                 if ns.placeholder and not spec.workdir and not ns.submit_visible:
                     # in place of slurmstepd's "couldn't chdir" on every node
                     report(ProgressEvent(NOTE, message=(
@@ -232,7 +245,12 @@ class StepManager:
                 self.cache.drop_lease(lease_id)
             raise
         record = StepRecord(request.job_id, request.step_id, digest, str(ns.ns_path), lease_id,
-                            str(ns.cwd), ns.userns_fd)
+                            str(ns.cwd), ns.userns_fd,
+                            tuple(devices.edits.env) if devices else ())
+        if devices:
+            log.info("CDI devices", extra={"job": request.job_id, "step": request.step_id,
+                                           "devices": ",".join(devices.edits.devices),
+                                           "nodes_made": len(devices.make)})
         rp = self._record_path(*key)
         rp.parent.mkdir(parents=True, exist_ok=True)
         rp.write_text(json.dumps(vars(record)))
@@ -243,12 +261,39 @@ class StepManager:
                                          "digest": digest, "ns": record.ns_path})
         return self._container(record, request, config)
 
+    def _run_cdi_hooks(self, ns, request, devices, config: dict) -> None:
+        """The CDI specs' hooks (cdihooks.py); on failure the namespace is destroyed."""
+        try:
+            pid = holder_of(ns.ns_path)
+            if pid is None:
+                raise hooks.HookFailed("the step's namespace went away before its CDI hooks ran")
+            state_dir = Path(ns.ns_path).parent / "hooks"
+            state_dir.mkdir(mode=0o700, exist_ok=True)
+            env = list(config.get("Env") or []) + list(devices.edits.env)
+            state = cdihooks.write_bundle(
+                state_dir, pid=pid, container_id=f"{request.job_id}.{request.step_id}",
+                env=env, cwd=ns.cwd, uid=request.uid, gid=request.gid,
+                annotations={"oci-image.devices": ",".join(devices.edits.devices)},
+                readonly=not request.writable)
+            cdihooks.run(devices.edits.hooks, state, float(self.config.hooks_timeout),
+                         job=request.job_id, step=request.step_id)
+        except BaseException:
+            try:
+                destroy_step_namespace(Path(ns.ns_path))
+            except Exception:  # noqa: BLE001 - the hook's error is the one to report
+                log.exception("cannot destroy the namespace of a step whose CDI hook failed")
+            raise
+
     def _container(self, record: StepRecord, request, config: Optional[dict] = None) -> pb.StepContainer:
         if config is None:
             entry = self.cache.get(record.digest)
             config = entry.meta.get("config", {}) if entry else {}
         to_set, to_unset = environment.merge(config.get("Env") or [], dict(request.environment),
                                              list(request.env_names))
+        for kv in record.cdi_env:  # the CDI specs' variables: the admin's, they win
+            name, _eq, value = kv.partition("=")
+            to_set[name] = value
+            to_unset = [n for n in to_unset if n != name]
         argv_prefix = []
         if request.entrypoint:  # --oci-entrypoint: a no-op for an image without one
             ep = config.get("Entrypoint") or []

@@ -1,9 +1,11 @@
 """--oci-remap-root's user namespace: 0 inside is the user outside, and nobody else.
 
-Made by a child with the user's own credentials, so that the kernel's limits on users'
-namespaces (user.max_user_namespaces, kernel.unprivileged_userns_clone, AppArmor, SELinux,
-seccomp) refuse it exactly where they would refuse the user, and owned by the user, so that
-the user's tasks may join it (setns as its owner, plugin/task.c). Root writes its maps:
+Made by a child with the user's own credentials, so that the kernel's limits that follow the
+uid (user.max_user_namespaces, kernel.unprivileged_userns_clone) refuse it where they would
+refuse the user, and owned by the user, so that the user's tasks may join it (setns as its
+owner, plugin/task.c). The child has the daemon's LSM label and seccomp filter, not the
+job's: so each task first checks, in its own context, that the user may have a user
+namespace with capabilities in it (plugin/task.c), and refuses the step if not. Root writes its maps:
 only the user's uid and primary gid, with setgroups denied (dropping a supplementary group
 could bypass that group's negative permissions).
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import sys
 
 from . import syscalls as sc
@@ -43,7 +46,7 @@ class UserNamespaceRefused(OSError):
 
 
 def refused_message(err: int) -> str:
-    why = (_REFUSED.get(err) or os.strerror(err)) if err else "its maker died"
+    why = _REFUSED.get(err) or os.strerror(err)
     return (f"--oci-remap-root: this node does not allow user namespaces ({why}): ask the "
             f"site's admins, or run without --oci-remap-root")
 
@@ -71,8 +74,11 @@ def create(uid: int, gid: int) -> int:
         if select.select([out_r], [], [], _TIMEOUT)[0]:
             answer = os.read(out_r, 32)
         if answer[:1] != b"K":
-            err = int(answer[1:]) if answer[:1] == b"E" and answer[1:].isdigit() else 0
-            raise UserNamespaceRefused(err, refused_message(err))
+            if answer[:1] != b"E" or not answer[1:].isdigit():  # it never said
+                raise UserNamespaceRefused(0, "--oci-remap-root: the process of yours that makes "
+                                              "the user namespace was stopped or killed; start "
+                                              "the step again")
+            raise UserNamespaceRefused(int(answer[1:]), refused_message(int(answer[1:])))
         # Not reaped until below, the child keeps its pid: /proc/<pid> is it. (The user may
         # kill it, or write its maps first: then a write or the open fails, and so does only
         # their own step.)
@@ -83,7 +89,13 @@ def create(uid: int, gid: int) -> int:
         return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(out_r)
-        os.close(in_w)  # the child exits on EOF
+        os.close(in_w)
+        # the child is the user's: they may have stopped it (SIGSTOP), so it may never see
+        # the EOF; root's SIGKILL ends it all the same, and nothing waits on the user
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         os.waitpid(pid, 0)
 
 
