@@ -12,6 +12,10 @@ static int opt_cb(int val, const char *optarg, int remote)
 	if (val < 0 || val >= OCI_N_OPTIONS)
 		return -1;
 	free(given[val]);
+	/* a flag has no value, whatever Slurm passes: an srun in a batch job gets sbatch's
+	 * options again from the job's environment, a flag's with a value there */
+	if (!oci_options[val].has_arg)
+		optarg = NULL;
 	return (given[val] = strdup(optarg != NULL ? optarg : "")) != NULL ? 0 : -1;
 }
 

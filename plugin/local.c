@@ -40,6 +40,36 @@ static void checksum(char **argv, char *out, size_t n)
 	snprintf(out, n, "%016llx", (unsigned long long)h);
 }
 
+/* Whether srun's own command line may matter to submit (--multi-prog with an entrypoint,
+ * -D/--chdir), which the checksum does not cover: then the shortcut below is not taken.
+ * Only a rough look (an argument anywhere that may be -D or --chdir); submit parses it. */
+static int srun_needs_submit(char **argv)
+{
+	const char *e = getenv("OCI_ENTRYPOINT");
+	char buf[8192];
+	ssize_t n;
+	int fd;
+
+	if (strcmp(program_invocation_short_name, "srun") != 0)
+		return 0;
+	for (char **a = argv; *a != NULL; a++)
+		if (strcmp(*a, "oci-entrypoint") == 0 || strcmp(*a, "container-entrypoint") == 0)
+			return 1;
+	if (e != NULL && *e != '\0')
+		return 1;
+	if ((fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC)) < 0)
+		return 1;
+	n = read(fd, buf, sizeof(buf) - 1);
+	close(fd);
+	if (n <= 0 || n == (ssize_t)sizeof(buf) - 1)
+		return 1;
+	buf[n] = '\0';
+	for (char *p = buf; p < buf + n; p += strlen(p) + 1)
+		if (strncmp(p, "--ch", 4) == 0 || (p[0] == '-' && p[1] != '-' && strchr(p, 'D')))
+			return 1;
+	return 0;
+}
+
 int local_post_opt(void)
 {
 	char *argv[MAX_ARGS], sum[20], wd[PATH_MAX], cols[16];
@@ -54,6 +84,7 @@ int local_post_opt(void)
 	if (local && getcwd(wd, sizeof(wd)) != NULL)
 		setenv("OCI_SUBMIT_CWD", wd, 1);
 	unsetenv("OCI_SUBMIT_TTY");
+	unsetenv("OCI_SUBMIT_CHDIR"); /* submit sets it again for this srun's --chdir */
 	if (local && isatty(2)) {
 		int known = ioctl(2, TIOCGWINSZ, &ws) == 0 && ws.ws_col >= 20;
 		snprintf(cols, sizeof(cols), "%u", known ? (unsigned)ws.ws_col : 0U);
@@ -66,7 +97,7 @@ int local_post_opt(void)
 		return -1;
 	}
 	checksum(argv, sum, sizeof(sum));
-	if (local && prev != NULL && strcmp(prev, sum) == 0)
+	if (local && prev != NULL && strcmp(prev, sum) == 0 && !srun_needs_submit(argv))
 		return 0; /* (an sbatch or salloc in a job: its own job needs its record, prefetch) */
 	argv[ac++] = SC_ARG_CALLER;
 	argv[ac++] = program_invocation_short_name;

@@ -55,6 +55,7 @@ int spawn_detached(char **argv, int envfd);
 /* remote.c: what prepare answered, for task.c (pointers into rec.buf) */
 struct step {
 	int started, failed; /* prepare was run; the tasks must fail */
+	int batch;           /* the batch script's step (its script is slurmd's, on the host) */
 	int nsfd;            /* the step's mount namespace; -1: the tasks run on the host */
 	int usernsfd;        /* --oci-remap-root: the user namespace the tasks join */
 	const char *cwd, *entrypoint, *launcher;

@@ -85,6 +85,7 @@ int remote_post_opt(spank_t sp)
 	snprintf(s_gid, sizeof(s_gid), "%u", (unsigned)gid);
 	snprintf(s_node, sizeof(s_node), "%u", nodeid);
 	st.started = 1;
+	st.batch = step == STEP_BATCH;
 	if ((envfd = env_memfd(env)) < 0 || step_argv(argv, SC_PREPARE, 1) < 0 ||
 	    pipe2(p, O_CLOEXEC) < 0)
 		return st.failed = 1, 0;

@@ -23,9 +23,33 @@ static int use_launcher(spank_t sp)
 	return 0;
 }
 
+/* A batch script in the image: slurmd wrote it to its spool on the host, which the
+ * container does not have; slurmstepd execs it from a descriptor opened here, before the
+ * namespace (left open across the exec: the kernel hands the interpreter that path) */
+static int script_from_host(spank_t sp)
+{
+	static char path[64];
+	struct stat sb;
+	int argc = 0, fd = -1;
+	char **argv = NULL;
+
+	if (spank_get_item(sp, S_JOB_ARGV, &argc, &argv) != ESPANK_SUCCESS || argc < 1 ||
+	    (fd = open(argv[0], O_RDONLY | O_NOFOLLOW | O_NONBLOCK)) < 0 || fstat(fd, &sb) < 0 ||
+	    !S_ISREG(sb.st_mode)) {
+		if (fd >= 0)
+			close(fd);
+		slurm_error(PFX "cannot open the batch script to run it in the image");
+		return -1;
+	}
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	argv[0] = path;
+	return 0;
+}
+
 int task_privileged(spank_t sp)
 {
-	if (st.failed || (st.nsfd >= 0 && st.entrypoint != NULL && use_launcher(sp) < 0))
+	if (st.failed || (st.nsfd >= 0 && st.batch && script_from_host(sp) < 0) ||
+	    (st.nsfd >= 0 && st.entrypoint != NULL && use_launcher(sp) < 0))
 		return -1;
 	if (st.nsfd < 0)
 		return 0;

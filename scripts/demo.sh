@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: a local registry, a 3-node Slurm cluster on this machine, one
 # oci-imaged per node sharing one cache directory, a demo image, and
-# `srun -N3 --oci-image=...` run as an ordinary user.  `make demo-stop` tears
-# it all down.  Safe to run again: what already runs is reused.
+# `srun -N3 --oci-image=...` run as an ordinary user, then a pyxis-style
+# `srun --container-image=... --container-mounts=...` (plugstack pyxis_aliases=yes:
+# pyxis' scripts run unchanged).  `make demo-stop` tears it all down.  Safe to run
+# again: what already runs is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -74,9 +76,9 @@ start() {
   say "demo image $IMAGE"; build_image
   say "oci-imaged on $NODES (shared cache $STATE/cache)"; start_daemons
   # This host is also the login node: n1's daemon answers srun's tag lookups and
-  # sbatch's prefetches (its user socket).
+  # sbatch's prefetches (its user socket). pyxis_aliases=yes: pyxis' option names too.
   cat >"$STATE/plugstack.conf" <<EOF
-required $INSTALL/lib/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock prefetch_socket=$STATE/n1/oci-imaged-prefetch.sock
+required $INSTALL/lib/spank_oci_image.so step_client=$VENV/bin/oci-image-step socket=$STATE/%n/oci-imaged.sock prefetch_socket=$STATE/n1/oci-imaged-prefetch.sock pyxis_aliases=yes
 EOF
   say "3-node Slurm cluster"
   $PY scripts/localcluster.py start --state-dir "$STATE/slurm" --nodes 3 \
@@ -87,11 +89,21 @@ EOF
   cd /tmp
   runuser -u "$DEMO_USER" -- env SLURM_CONF="$SLURM_CONF" srun -N3 -l --oci-image="$IMAGE" \
     sh -c 'echo "node $SLURMD_NODENAME: $(grep PRETTY_NAME /etc/os-release)"' | sort
+  # a host directory for the pyxis-style step: read-only in the container, beside a tmpfs
+  mkdir -p "$STATE/data" && chmod 755 "$STATE/data"
+  echo "hello from $STATE/data on the host" >"$STATE/data/hello.txt" && chmod 644 "$STATE/data/hello.txt"
+  local pyxis_image="$REGISTRY#demo/busybox:latest" mounts="$STATE/data:/data:ro+rprivate,tmpfs:/scratch"
+  say "as $DEMO_USER, pyxis-style: srun --container-image=$pyxis_image --container-mounts=$mounts ..."
+  runuser -u "$DEMO_USER" -- env SLURM_CONF="$SLURM_CONF" srun -N1 \
+    --container-image="$pyxis_image" --container-mounts="$mounts" \
+    sh -c 'cat /data/hello.txt; echo scratch > /scratch/f && echo "/scratch (a tmpfs) is writable"'
   say "cached images"
   "$VENV/bin/oci-image" --socket "$STATE/n1/oci-imaged.sock" ls
   echo
   echo "Try it yourself:  export SLURM_CONF=$SLURM_CONF"
   echo "                  runuser -u $DEMO_USER -- srun -N3 --oci-image=$IMAGE cat /etc/os-release"
+  echo "pyxis-style:      runuser -u $DEMO_USER -- srun --container-image=$REGISTRY#demo/busybox:latest \\"
+  echo "                    --container-mounts=$STATE/data:/data:ro cat /data/hello.txt"
   echo "Stop it all:      make demo-stop"
 }
 

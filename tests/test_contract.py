@@ -207,7 +207,7 @@ def test_mount_grammar_refuses(value):
 
 
 def test_mount_grammar_accepts():
-    assert stepargs.parse_mounts("/a,/b:/c,/d:/e:ro,/f:/g:rw,", "x") == [
+    assert [m[:3] for m in stepargs.parse_mounts("/a,/b:/c,/d:/e:ro,/f:/g:rw,", "x")] == [
         ("/a", "/a", False), ("/b", "/c", False), ("/d", "/e", True), ("/f", "/g", False)]
 
 
@@ -256,7 +256,7 @@ def test_submit_refuses_what_prepare_refuses(command):
 
 @pytest.mark.parametrize("command", ["submit", "prepare"])
 def test_the_refusals_say_which_option(command):
-    cases = [(options(oci_mounts="/a:"), {}, r"--oci-mounts: '' must be an absolute path"),
+    cases = [(options(oci_mounts="/a:"), {}, r"--oci-mounts: '/a:' is not SRC:DST\[:FLAGS\]"),
              (options(oci_workdir="rel"), {}, r"--oci-workdir: 'rel'"),
              (options(oci_workdir="-x"), {}, r"--oci-workdir: '-x' is not an absolute path"),
              ([], {"OCI_WRITABLE": "maybe"}, r"OCI_WRITABLE=maybe: expected 1, yes"),

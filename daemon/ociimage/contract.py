@@ -45,10 +45,14 @@ OPTIONS = (
            "run the step(s) in this image: `ubuntu:24.04`, `reg.example.org:5000/ns/img:tag`, "
            "`img@sha256:…`, or an absolute path to a `.sqfs` file (only where the site allows "
            "it: `allow_sqfs=yes`)"),
-    Option("oci-mounts", "O_MOUNTS", "SRC:DST[:ro|rw],...",
-           "Bind mount host paths into the image.", "OCI_MOUNTS", "", "--mounts",
+    Option("oci-mounts", "O_MOUNTS", "SRC:DST[:FLAGS],...",
+           "Bind mount host paths into the image (FLAGS: ro, rw, noexec, joined by +); "
+           "tmpfs:DST[:size=N+mode=M] mounts a per-step tmpfs.", "OCI_MOUNTS", "", "--mounts",
            "bind host paths into the container (absolute paths; read-write unless `:ro`; "
-           "`SRC` alone mounts it at the same path)"),
+           "`SRC` alone mounts it at the same path; flags `+`-joined as pyxis writes them: "
+           "`ro`, `rw`, `noexec`); `tmpfs:DST[:size=N+mode=M+nr_inodes=N+noexec]`: a per-step "
+           "tmpfs, yours, mode 0700 unless `mode=` "
+           "([docs/migrating-from-pyxis.md](docs/migrating-from-pyxis.md#mounts))"),
     Option("oci-workdir", "O_WORKDIR", "DIR",
            "Working directory inside the image (default: the current directory if it "
            "exists there, else the image's).", "OCI_WORKDIR", "", "--workdir",
@@ -115,7 +119,8 @@ Alias = namedtuple("Alias", "name code arginfo help")
 ALIASES = (
     Alias("container-image", "O_C_IMAGE", "REF",
           "Alias of --oci-image (oci-image). Also takes pyxis' REGISTRY#IMAGE and docker://."),
-    Alias("container-mounts", "O_MOUNTS", "SRC:DST[:ro],...", "Alias of --oci-mounts (oci-image)."),
+    Alias("container-mounts", "O_MOUNTS", "SRC:DST[:FLAGS],...",
+          "Alias of --oci-mounts (oci-image): pyxis' flags ro+rprivate..., tmpfs:DST."),
     Alias("container-workdir", "O_WORKDIR", "DIR", "Alias of --oci-workdir (oci-image)."),
     Alias("container-writable", "O_WRITABLE", None, "Alias of --oci-writable (oci-image)."),
     Alias("container-readonly", "O_READONLY", None,
@@ -169,7 +174,7 @@ PLUGSTACK = (
                  """Whether users may give an absolute path to their own .sqfs file
                  as --oci-image (default no: the kernel would parse a file a user
                  made)."""),
-    PlugstackKey("default_mounts", "SRC:DST[:ro|rw],...", "none",
+    PlugstackKey("default_mounts", "SRC:DST[:FLAGS],...", "none",
                  "site mounts in every container, e.g. `/scratch:/scratch,/apps:/apps:ro`",
                  """Site bind mounts added to every container, absolute paths, e.g.
                  /scratch:/scratch,/apps:/apps:ro."""),

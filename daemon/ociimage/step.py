@@ -85,8 +85,20 @@ def cmd_submit(args, plug) -> int:
     import time
     from .errors import OciImageError
     image = args.image
+    records = []
+    if image and args.caller == "srun":
+        from .srunargs import asks_multi_prog, chdir_of, parent_argv
+        srun_argv = parent_argv()  # SPANK shows a plugin none of srun's own options
+        if args.entrypoint and asks_multi_prog(srun_argv):
+            return _die("--oci-entrypoint (or OCI_ENTRYPOINT=1) cannot be used with "
+                        "srun --multi-prog: each task's program comes from the "
+                        "--multi-prog file; drop one of them", 2)
+        chdir = chdir_of(srun_argv)
+        if chdir:  # where the tasks start in the container (prepare: stepenv.submit_cwd)
+            records.append(("setenv", "OCI_SUBMIT_CHDIR=" + os.path.normpath(
+                os.path.join(os.getcwd(), chdir))))
     if not image or image.startswith("/") or args.inherited_pin:
-        send_records(args, [])  # nothing to pin: no image, a SquashFS file the nodes check, or pinned
+        send_records(args, records)  # nothing to pin: no image, a SquashFS file, or pinned
         return 0
     since = int(time.time())
     insecure = [x for x in os.environ.get("OCI_IMAGE_INSECURE_REGISTRIES", "").split(",") if x]
@@ -98,7 +110,7 @@ def cmd_submit(args, plug) -> int:
             pinned = _resolve_here(image, insecure)
     except OciImageError as e:
         return _die(f"--oci-image={image}: {e}", e.exit_code)
-    records = [("setenv", f"OCI_IMAGE_PINNED={pinned}")]
+    records.append(("setenv", f"OCI_IMAGE_PINNED={pinned}"))
     # sbatch/salloc jobs may wait in the queue: worth converting meanwhile. An srun's own
     # step starts right away and its nodes pull anyway; a prefetch would only compete.
     if args.caller in ("sbatch", "salloc") and plug.prefetch_socket:
@@ -195,6 +207,16 @@ def _records(container: dict, launcher: str):
     return out
 
 
+def _mount_message(m) -> dict:
+    """A parsed --oci-mounts item as a Mount message (a bind's kind stays the default, "")."""
+    out = {"source": m.source, "target": m.target, "read_only": m.read_only}
+    if m.kind != "bind":
+        out["kind"] = m.kind
+    if m.options:
+        out["options"] = "+".join(m.options)
+    return out
+
+
 class _Step:
     """What prepare and release know of the step: Slurm's ids (arguments), the job's
     environment (fd 3), this node's name and the daemon's sockets."""
@@ -232,7 +254,7 @@ def cmd_prepare(args, plug, where) -> int:
         # a PrepareStepRequest (proto/ociimage/v1/ociimage.proto), field for field
         req = {"job_id": args.job, "step_id": args.step, "uid": args.uid, "gid": args.gid,
                "image": args.image,
-               "mounts": [{"source": s, "target": d, "read_only": ro} for s, d, ro in mounts],
+               "mounts": [_mount_message(m) for m in mounts],
                "workdir": args.workdir or "", "cwd": stepenv.submit_cwd(where.env),
                "writable": args.writable, "mount_home": args.mount_home,
                "remap_root": args.remap_root,

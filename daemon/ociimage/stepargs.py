@@ -13,7 +13,6 @@ nothing can go stale, and the contract is plain data (cheap to import on every s
 from __future__ import annotations
 
 import argparse
-import os
 
 from . import contract
 from .errors import InvalidArgument, InvalidReference
@@ -45,30 +44,14 @@ def _path_ok(p: str) -> bool:
         and "/./" not in p + "/"
 
 
-def parse_mounts(text: str, what: str) -> list[tuple[str, str, bool]]:
-    """'SRC[:DST[:ro|rw]],...' -> [(src, dst, read_only)]; both paths absolute, no '.' or '..'.
+def parse_mounts(text: str, what: str) -> list:
+    """'ITEM,...' -> [mountflags.MountItem]: `SRC[:DST[:FLAGS]]` binds (absolute paths, no
+    '..'; FLAGS '+'-joined as pyxis writes them) and `tmpfs:DST[:FLAGS]` (mountflags.py).
 
     An empty item (a trailing comma) is skipped; an empty field (`/a:`, `/a:/b:`) is an error.
     """
-    out = []
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        parts = item.split(":")
-        if len(parts) == 1:
-            parts = [parts[0], parts[0]]
-        if len(parts) == 3 and parts[2] in ("ro", "rw"):
-            src, dst, ro = parts[0], parts[1], parts[2] == "ro"
-        elif len(parts) == 2:
-            src, dst, ro = parts[0], parts[1], False
-        else:
-            raise InvalidArgument(f"{what}: {item!r} is not SRC:DST[:ro|rw]")
-        for p in (src, dst):
-            if not p.startswith("/") or "\0" in p or "/../" in p + "/" or "\n" in p:
-                raise InvalidArgument(f"{what}: {p!r} must be an absolute path without '..'")
-        out.append((os.path.normpath(src), os.path.normpath(dst), ro))
-    return out
+    from .mountflags import parse_list
+    return parse_list(text, what)
 
 
 def check_workdir(text: str, what: str = "--oci-workdir") -> str:

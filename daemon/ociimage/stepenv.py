@@ -83,8 +83,10 @@ def node_name(env: dict, step: int, node_id: int, batch_step: int) -> str:
 
 
 def submit_cwd(env: dict) -> str:
-    """srun's directory (the plugin's OCI_SUBMIT_CWD), else the job's PWD, else /."""
-    for name in ("OCI_SUBMIT_CWD", "PWD"):
+    """srun --chdir's directory (submit's OCI_SUBMIT_CHDIR), else srun's (the plugin's
+    OCI_SUBMIT_CWD), else the submitting command's (SLURM_SUBMIT_DIR: sbatch's, salloc's),
+    else the job's PWD, else /."""
+    for name in ("OCI_SUBMIT_CHDIR", "OCI_SUBMIT_CWD", "SLURM_SUBMIT_DIR", "PWD"):
         if env.get(name, "").startswith("/"):
             return env[name]
     return "/"

@@ -190,8 +190,13 @@ static void test_options(void)
 	/* opt_cb: the raw value at its index; a flag is ""; the last call wins */
 	clear_given();
 	CHECK(opt_cb(1, "/a:/b:bogus", 0) == 0 && given[1] != NULL && strcmp(given[1], "/a:/b:bogus") == 0);
-	CHECK(opt_cb(9, "u@reg#img", 1) == 0 && strcmp(given[9], "u@reg#img") == 0);
+	int ci = 0; /* a value option of the aliases, wherever the table puts it */
+	while (strcmp(oci_options[ci].name, "container-image") != 0)
+		ci++;
+	CHECK(opt_cb(ci, "u@reg#img", 1) == 0 && strcmp(given[ci], "u@reg#img") == 0);
 	CHECK(opt_cb(3, NULL, 0) == 0 && given[3] != NULL && strcmp(given[3], "") == 0);
+	/* a flag keeps no value (an sbatch flag reaches its job's srun with one) */
+	CHECK(oci_options[3].has_arg == 0 && opt_cb(3, "1", 1) == 0 && strcmp(given[3], "") == 0);
 	CHECK(opt_cb(1, "/c:/d", 0) == 0 && strcmp(given[1], "/c:/d") == 0);
 	CHECK(given[0] == NULL && given[2] == NULL);
 	CHECK(opt_cb(OCI_N_OPTIONS, "x", 0) == -1 && opt_cb(-1, "x", 0) == -1);

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
-from .. import asuser
+from .. import asuser, mountflags
 from ..errors import AccessDenied, InvalidArgument, NotFound, OciImageError
 from . import syscalls as sc
 from .containerpaths import (EMPTY_LAYER, OPAQUE_LAYER, fd_layer, join_path, lstat_entry,
@@ -44,7 +44,8 @@ class StepSpec:
     user_name: str
     home: str
     rootfs: Path
-    mounts: List[Tuple[str, str, bool]] = field(default_factory=list)  # (host src, dst, read_only)
+    # (host src, dst, read_only[, options]): options, from mountflags.py: ("noexec",) or ()
+    mounts: List[Tuple] = field(default_factory=list)
     writable: bool = False
     mount_home: bool = True
     workdir: Optional[str] = None
@@ -57,6 +58,8 @@ class StepSpec:
     # image (rootfs), which no task can change under it
     shared_root: Optional[Path] = None
     remap_root: bool = False          # uid 0 inside through a user namespace mapping only the user
+    tmpfs: List[Tuple[str, Tuple[str, ...]]] = field(default_factory=list)  # (dst, options)
+    chdir_given: bool = False  # host_cwd is srun --chdir's: the tasks start there or not at all
     # CDI (cdiapply.py): device nodes the host's /dev lacks, made in the step's own /dev
     # (NodeToMake), and the specs' binds (cdi.Mount): the admin's, opened as root
     device_nodes: Tuple = ()
@@ -147,6 +150,7 @@ class _Planner:
         self.system_targets: List[str] = []
         self.placeholder: Optional[str] = None
         self.submit_visible = False
+        self.tmpfs_targets: List[str] = []
 
     def target(self, cpath: str, want_dir: bool, what: str) -> str:
         """Canonical container path of a mount point, arranging for it to be created if missing."""
@@ -250,38 +254,66 @@ class _Planner:
         raise o if isinstance(o, OciImageError) else InvalidArgument(f"mount source {src}: not opened")
 
     def plan_binds(self) -> None:
+        """The user's mounts: home, binds and tmpfs (tmpfs:DST), and the CDI specs' binds,
+        parents before children so that a nested target resolves through its parent mount.
+        A missing mount point in a tmpfs (/tmp, a user's) is made right before its mount;
+        none may cover a tmpfs of the user's. A tmpfs is the user's, nosuid,nodev; its data
+        is rebuilt from numbers."""
         spec = self.spec
-        binds: List[tuple] = []  # (opened, target, read-only, what; then: the user's)
+        # (the opened source or None for a tmpfs, dst, read_only, what, options, the user's)
+        items: List[tuple] = []
         home = _check_abs("home", spec.home) if spec.home else "/"
         if spec.mount_home and home != "/":
             o = self.sources.get("home")
             if isinstance(o, asuser.Opened) and o.is_dir:
-                binds.append((o, home, False, "home"))
+                items.append((o, home, False, "home", (), True))
             else:
                 log.warning("home directory not usable by its user, not mounted",
                             extra={"home": home, "job": spec.job_id, "error": str(o)})
-        for i, (src, dst, ro) in enumerate(spec.mounts):
+        for i, m in enumerate(spec.mounts):
+            src, dst, ro = m[:3]
             src = _check_abs("mount source", src)
             dst = _check_abs("mount target", dst)
             if dst == "/":
                 raise InvalidArgument("cannot mount over the container's root")
-            binds.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}"))
-        binds = [b + (True,) for b in binds]  # (..., the user's)
+            items.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
+                          tuple(m[3]) if len(m) > 3 else (), True))
+        for dst, options in spec.tmpfs:
+            dst = _check_abs("tmpfs target", dst)
+            if dst == "/":
+                raise InvalidArgument("cannot mount over the container's root")
+            items.append((None, dst, False, f"mount tmpfs:{dst}", tuple(options), True))
         for i, m in enumerate(spec.device_mounts):  # the CDI specs': opened as root
             dst = _check_abs("CDI mount target", m.container_path)
             if dst == "/":
                 raise InvalidArgument("a CDI mount cannot mount over the container's root")
-            binds.append((self._source(f"cdi:{i}", m.host_path), dst, "ro" in m.options,
-                          f"CDI mount {m.host_path}:{dst}", False))
-        # parents before children, so a nested target resolves through its parent mount
-        binds.sort(key=lambda b: len(split_path(b[1])))
-        for o, dst, ro, what, users in binds:
-            t = self.target(dst, o.is_dir, what)
-            for protected in self.protected:
+            items.append((self._source(f"cdi:{i}", m.host_path), dst, "ro" in m.options,
+                          f"CDI mount {m.host_path}:{dst}", (), False))
+        items.sort(key=lambda b: len(split_path(b[1])))
+        for o, dst, ro, what, options, users in items:
+            data = None if o else mountflags.tmpfs_data(options, spec.uid, spec.gid)
+            planned = len(self.tmp_create)
+            t = self.target(dst, o is None or o.is_dir, what)
+            for protected in self.protected + self.tmpfs_targets:
                 if protected == t or protected.startswith(t.rstrip("/") + "/"):
                     raise InvalidArgument(f"{what}: cannot mount over {protected}")
+            if o is None and t in self.user_targets:
+                raise InvalidArgument(f"{what}: cannot mount over {t}, mounted already")
+            self.user += [("mkdir", self.host(c), 0o755) if k == "dir" else ("mkfile", self.host(c))
+                          for k, c in self.tmp_create[planned:]]
+            del self.tmp_create[planned:]
+            if o is None:
+                flags = sc.MS_NOSUID | sc.MS_NODEV | (sc.MS_NOEXEC if "noexec" in options else 0)
+                self.user.append(("mount", "tmpfs", self.host(t), "tmpfs", flags, data))
+                self.tmpfs_targets.append(t)
+                self.user_targets.append(t)
+                self.layers[t] = EMPTY_LAYER
+                continue
             # from the descriptor the user opened: nothing can be swapped in after the check
             self.user.append(("bindfd", o.fd, self.host(t), ro, o.path, not USE_MOUNT_API))
+            if "noexec" in options:  # the one flag a user may add to a bind (mountflags.py)
+                self.user.append(("setattr", self.host(t), sc.MOUNT_ATTR_NOEXEC, sc.MS_NOEXEC,
+                                  what, not USE_MOUNT_API))
             self.layers[t] = fd_layer(o.fd) if o.is_dir else OPAQUE_LAYER
             if not users:
                 continue  # a CDI mount: not the user's, not where the tasks start
@@ -302,6 +334,8 @@ class _Planner:
         cwd = self.spec.host_cwd
         if not cwd or not cwd.startswith("/") or os.path.normpath(cwd) == "/":
             return
+        if self.spec.chdir_given and not self.spec.workdir:
+            return  # the tasks start there, or the step fails (working_dir)
         if len(os.fsencode(cwd)) >= 4000 or any(len(os.fsencode(c)) > 255 for c in split_path(cwd)):
             return  # the kernel would refuse it (ENAMETOOLONG): never fail a step for this
         planned = len(self.image_create) + len(self.tmp_create)
@@ -358,10 +392,10 @@ class _Planner:
             ops.append(("mount", None, self.root, None,
                         ro_flags | (sc.mount_flags_of(self.rootfs) & ~sc.MS_RDONLY), None))
         ops += self.system
-        for kind, cpath in self.tmp_create:
+        ops += self.user  # (their mount points in a tmpfs made in place, plan_binds)
+        for kind, cpath in self.tmp_create:  # the submit directory's placeholder
             ops.append(("mkdir", self.host(cpath), 0o755) if kind == "dir"
                        else ("mkfile", self.host(cpath)))
-        ops += self.user
         ops += etc
         ops.append(("pivot", self.root))
         cwd = self.working_dir()
@@ -384,9 +418,21 @@ class _Planner:
                 self.submit_visible = True  # the tasks start in it (where a bind put it)
                 rest = cwd[len(best[0]):].lstrip("/")
                 return join_path(best[1], *split_path(rest))
+        if spec.chdir_given:
+            return self.chdir_in_container(os.path.normpath(spec.host_cwd))
         if spec.image_workdir and spec.image_workdir.startswith("/"):
             return os.path.normpath(spec.image_workdir)
         return "/"
+
+    def chdir_in_container(self, cwd: str) -> str:
+        """srun --chdir=DIR not under a bind: DIR as the container has it, or a clear error
+        (slurmstepd would go to /tmp, and the tasks would write where nobody looks)."""
+        r = resolve_in_root(self.rootfs, cwd, self.layers)
+        if r.exists and (r.host is None or stat.S_ISDIR(lstat_entry(r.host)[0].st_mode)):
+            return r.path
+        raise NotFound(f"srun --chdir={cwd}: no such directory in the container",
+                       hint=f"--oci-mounts={cwd} brings the host's in; --oci-workdir=DIR "
+                            f"picks one of the image's")
 
 
 def plan_step(spec: StepSpec, step_dir: Path, sources: Sources) -> Plan:
@@ -403,9 +449,9 @@ def open_sources(spec: StepSpec) -> Dict[str, Union[asuser.Opened, OciImageError
     if spec.host_cwd and spec.host_cwd.startswith("/"):
         keys.append("cwd")
         paths.append(spec.host_cwd)
-    for i, (src, _dst, _ro) in enumerate(spec.mounts):
+    for i, m in enumerate(spec.mounts):
         keys.append(f"mount:{i}")
-        paths.append(_check_abs("mount source", src))
+        paths.append(_check_abs("mount source", m[0]))
     out = dict(zip(keys, asuser.open_paths(spec.identity(), paths)))
     try:
         for i, m in enumerate(spec.device_mounts):

@@ -25,6 +25,7 @@ from ..cache import Cache, DEFAULT_LEASE_TTL
 from ..config import Config, containers_path
 from ..errors import AccessDenied, CacheError, InvalidArgument, NotFound, OciImageError
 from ..images import ImageStore
+from ..mountflags import request_options
 from ..progress import MOUNT, NOTE, ProgressEvent, Reporter
 from ..reference import parse_reference
 from ..v1 import ociimage_pb2 as pb
@@ -209,10 +210,16 @@ class StepManager:
                     job_id=request.job_id, step_id=request.step_id, uid=request.uid,
                     gid=request.gid, user_name=request.user_name or f"user{request.uid}",
                     home=request.home or "/", rootfs=rootfs,
-                    mounts=[(m.source, m.target, m.read_only) for m in request.mounts],
+                    mounts=[(m.source, m.target, m.read_only,
+                             request_options(m.kind, m.options))
+                            for m in request.mounts if not m.kind],
+                    tmpfs=[(m.target, request_options(m.kind, m.options))
+                           for m in request.mounts if m.kind],
                     writable=request.writable, mount_home=request.mount_home,
                     remap_root=request.remap_root,
                     workdir=request.workdir or None, host_cwd=request.cwd or "/",
+                    chdir_given=bool(request.cwd) and
+                    request.environment.get("OCI_SUBMIT_CHDIR") == request.cwd,
                     image_workdir=config.get("WorkingDir") or None,
                     shared_root=named.root if named else None,
                     device_nodes=devices.make if devices else (),
