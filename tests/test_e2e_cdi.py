@@ -255,6 +255,21 @@ def test_a_failing_cdi_hook_fails_the_step_with_one_line(e2e):
     assert "CDI hook createRuntime sh: the device is not ready" in line, line
 
 
+def test_cdi_hooks_are_refused_in_a_named_container(e2e):
+    """A named container's root is the job's to change while another of its steps runs:
+    root's hooks must not write there (the devices without hooks are fine)."""
+    site, srun, ref, base, _dev, _inst = e2e
+    r = srun("-N1", f"--oci-image={ref}", "--oci-devices=test.example/dev=hooked",
+             "--oci-name=c", "echo", "never")
+    assert r.returncode != 0 and "never" not in r.stdout
+    line = _one_line(r.stderr)
+    assert ("--oci-devices: test.example/dev=hooked: the site's CDI spec runs hooks, which "
+            "cannot run in a named container (--oci-name)") in line, line
+    r = srun("-N1", f"--oci-image={ref}", "--oci-devices=test.example/dev=a", "--oci-name=c",
+             "sh", "-c", "test -c /dev/oci-test/null0 && echo node")
+    assert r.returncode == 0 and r.stdout == "node\n", r.stderr
+
+
 def test_cdi_hook_gets_state_and_bundle(e2e):
     site, srun, ref, base, _dev, _inst = e2e
     r = srun("-N1", f"--oci-image={ref}", "--oci-devices=test.example/dev=hooked",

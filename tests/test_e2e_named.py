@@ -121,7 +121,7 @@ def named(registry, installed):
     for name, os_id in (("img", "named"), ("other", "othernamed")):
         pusher.image(f"named/{name}", "v1", busybox_layers(os_id=os_id), config=IMAGE_CONFIG)
         refs[name] = f"{registry.host}/named/{name}:v1"
-    conf = ("[daemon]\nmount_idle = 1\n"
+    conf = ("[daemon]\nmount_idle = 1\ncontainers_per_job = 3\n"
             f"containers_min_free = {MIN_FREE}\n[cache]\nlease_ttl = 60\n")
     site = start_site(installed, "oci-named-", nodes=2, plugstack_args="pyxis_aliases=yes",
                       daemon_conf=conf)
@@ -348,3 +348,17 @@ srun -N1 -n1 -w n2 --oci-name=plain --oci-remap-root true
     assert ("--oci-remap-root: container plain was made without it (its image's files stay "
             "root's)") in line, line
     named.wait_removed("n2", job)  # the idmapped image mount went with it
+
+
+def test_a_job_has_at_most_the_sites_number_of_containers(named):
+    """Each named container is a host mount copied into every later step: a job making
+    thousands would grow every step's mount table on the node (containers_per_job = 3 here)."""
+    img = named.refs["img"]
+    body = "".join(f"srun -N1 -n1 -w n2 --oci-image={img} --oci-name=c{i} true && echo made-c{i}\n"
+                   for i in range(4))
+    job, text = named.run_job(body, nodes="n2")
+    assert [l for l in text.splitlines() if l.startswith("made-")] == ["made-c0", "made-c1",
+                                                                        "made-c2"], text
+    line = one_error_line(text)
+    assert (f"--oci-name=c3: job {job} has 3 named containers on node n2, the site's limit "
+            f"(containers_per_job); reuse one of them") in line, line

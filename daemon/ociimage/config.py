@@ -49,6 +49,7 @@ class Config:
     runtime_dir: Path = Path("/run/oci-image")
     containers_dir: Optional[Path] = None     # None: <runtime_dir>/containers (--oci-name)
     containers_min_free: int = 1 << 30        # free space a named container's step needs
+    containers_per_job: int = 16              # named containers one job may have on a node
     node: str = field(default_factory=socketlib.gethostname)
     metrics: Optional[Tuple[str, int]] = None
     log_level: str = "warning"
@@ -168,6 +169,11 @@ def load_config(path: Optional[os.PathLike] = None, *, required: bool = False) -
             v = g("daemon", "containers_min_free").strip()
             cfg.containers_min_free = 0 if v in ("0", "off", "none") else \
                 parse_size(v, "[daemon] containers_min_free")
+        if parser.has_option("daemon", "containers_per_job"):
+            v = g("daemon", "containers_per_job").strip()
+            if not v.isdigit() or int(v) < 1:
+                raise ConfigError(f"[daemon] containers_per_job: {v!r} is not a positive number")
+            cfg.containers_per_job = int(v)
         if parser.has_option("daemon", "node"):
             cfg.node = g("daemon", "node").strip()
         if parser.has_option("daemon", "metrics"):

@@ -170,6 +170,10 @@ CONFIG_KEYS: Tuple[Key, ...] = (
         '(`500M`, `2G`; K/M/G/T are powers of 1024; `0`: no check); below it the step '
         'fails with one line naming the node. A task that fills the disk itself gets '
         '`ENOSPC` (`No space left on device`) from its writes.'),
+    Key('daemon', 'containers_per_job', '`16`',
+        'How many named containers one job may have on a node (each is a mount, two with '
+        '`--oci-remap-root`, in every later step\'s mount table); one more is refused in one '
+        'line.'),
     Key('daemon', 'node', 'host name',
         "The name this node's leases carry."),
     Key('daemon', 'metrics', 'off',

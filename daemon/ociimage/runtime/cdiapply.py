@@ -138,6 +138,11 @@ def _nodes_to_make(nodes: Sequence[cdi.DeviceNode], where: str) -> List[NodeToMa
                 major, minor = os.major(host.st_rdev), os.minor(host.st_rdev)
             if mode is None:
                 mode = stat.S_IMODE(host.st_mode)
+            # and its owner (a render node is root:render 0660: the group is what opens it)
+            uid = host.st_uid if n.uid is None else n.uid
+            gid = host.st_gid if n.gid is None else n.gid
+        else:
+            uid, gid = n.uid or 0, n.gid or 0
         if dtype is None:
             raise NotFound(f"--oci-devices: CDI device node {n.path} {where}: its host node "
                            f"{n.host_path} does not exist and the spec gives no type")
@@ -154,8 +159,7 @@ def _nodes_to_make(nodes: Sequence[cdi.DeviceNode], where: str) -> List[NodeToMa
                 raise InvalidArgument(f"--oci-devices: CDI device node {n.path} {where} is "
                                       f"inside {mp}, a mount of the host's /dev: oci-image "
                                       f"cannot make it there without making it on the host")
-        out.append(NodeToMake(path, fmt | (0o666 if mode is None else mode), rdev,
-                              n.uid or 0, n.gid or 0))
+        out.append(NodeToMake(path, fmt | (0o666 if mode is None else mode), rdev, uid, gid))
     return out
 
 

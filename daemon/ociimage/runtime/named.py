@@ -91,10 +91,11 @@ def _mib(n: int) -> str:
 
 
 class NamedContainers:
-    def __init__(self, base: Path, mounts: NodeMounts, min_free: int = 0):
+    def __init__(self, base: Path, mounts: NodeMounts, min_free: int = 0, per_job: int = 16):
         self.base = Path(os.path.realpath(base))  # as the mount table shows it
         self.mounts = mounts
         self.min_free = int(min_free)
+        self.per_job = int(per_job)
         self._lock = threading.Lock()
         self._locks: Dict[Tuple[str, str], threading.Lock] = {}
 
@@ -180,6 +181,16 @@ class NamedContainers:
         if nc.uid != uid:  # a job is one user's; never another's container
             raise AccessDenied(f"--oci-name={nc.name}: not your container")
 
+    def _check_count(self, job_id: str, name: str, node: str) -> None:
+        try:
+            have = len(os.listdir(self.base / job_id))
+        except FileNotFoundError:
+            return
+        if have >= self.per_job:  # each is a host mount, copied into every later step
+            raise InvalidArgument(f"--oci-name={name}: job {job_id} has {have} named containers "
+                                  f"on node {node}, the site's limit (containers_per_job); "
+                                  f"reuse one of them")
+
     def _check_space(self, node: str, name: str) -> None:
         if self.min_free <= 0:
             return
@@ -222,6 +233,7 @@ class NamedContainers:
                 raise NotFound(f"--oci-name={name}:no_create: job {job_id} has no container "
                                f"{name} on node {node}")
             self._check_space(node, name)
+            self._check_count(job_id, name, node)
             return self._create(job_id, name, uid, gid, digest, image, config, rootfs,
                                 remap_root)
 

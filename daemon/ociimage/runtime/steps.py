@@ -69,7 +69,7 @@ class StepManager:
         self.store = store
         self.mounts = NodeMounts(config.runtime_dir, idle=config.mount_idle)
         self.named = NamedContainers(containers_path(config), self.mounts,
-                                     config.containers_min_free)
+                                     config.containers_min_free, config.containers_per_job)
         self.state_dir = config.runtime_dir / "steps"
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
@@ -202,6 +202,12 @@ class StepManager:
                 if local:
                     local.close()
             try:
+                if request.container_name and devices and devices.edits.hooks:
+                    raise InvalidArgument(
+                        f"--oci-devices: {','.join(devices.edits.devices)}: the site's CDI "
+                        f"spec runs hooks, which cannot run in a named container (--oci-name): "
+                        f"the job's other steps may change its root while they run; use these "
+                        f"devices without --oci-name")
                 if request.container_name and named is None:
                     named = self.named.use(request.job_id, request.container_name, request.uid,
                                            request.gid, digest, request.image, config, rootfs,
@@ -234,8 +240,10 @@ class StepManager:
                         f"{ns.cwd} (--oci-mounts={spec.host_cwd} brings it in, "
                         f"--oci-workdir=DIR picks another)")))
                 # site hooks (GPUs, MPI, ...); on failure the namespace is destroyed
+                # in a named container the whole root is the user's, and the job's other
+                # steps may be changing it while the hooks run: root must write nothing there
                 hooks.run_for_step(self.config, ns.ns_path, request, digest, config,
-                                   user_mounts=ns.user_mounts)
+                                   user_mounts=(("/",) if named else ()) + tuple(ns.user_mounts))
             except BaseException:
                 self.mounts.release(digest)
                 raise
@@ -274,7 +282,7 @@ class StepManager:
                 state_dir, pid=pid, container_id=f"{request.job_id}.{request.step_id}",
                 env=env, cwd=ns.cwd, uid=request.uid, gid=request.gid,
                 annotations={"oci-image.devices": ",".join(devices.edits.devices)},
-                readonly=not request.writable)
+                readonly=not (request.writable or request.remap_root))
             cdihooks.run(devices.edits.hooks, state, float(self.config.hooks_timeout),
                          job=request.job_id, step=request.step_id)
         except BaseException:
