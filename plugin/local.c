@@ -55,8 +55,8 @@ static int srun_needs_submit(char **argv)
 	for (char **a = argv; *a != NULL; a++)
 		if (strcmp(*a, "oci-entrypoint") == 0 || strcmp(*a, "container-entrypoint") == 0)
 			return 1;
-	if (e != NULL && *e != '\0')
-		return 1;
+	if ((e != NULL && *e != '\0') || getenv("SLURM_WORKING_DIR") != NULL)
+		return 1; /* (srun's -D, from its environment) */
 	if ((fd = open("/proc/self/cmdline", O_RDONLY | O_CLOEXEC)) < 0)
 		return 1;
 	n = read(fd, buf, sizeof(buf) - 1);

@@ -205,6 +205,13 @@ def test_chdir_into_a_directory_of_the_image(site):
     assert r.stdout.split() == ["/etc"] * 2, (r.stdout, r.stderr)
 
 
+def test_slurm_working_dir_is_srun_chdir_too(site):
+    """srun takes SLURM_WORKING_DIR as -D when its command line has none."""
+    r = run(site, "env", "SLURM_WORKING_DIR=/etc", "srun", "-N1", f"--oci-image={site.ref}",
+            "pwd")
+    assert r.returncode == 0 and r.stdout == "/etc\n", (r.stdout, r.stderr)
+
+
 def test_chdir_into_a_bound_directory(site):
     d = site.work / "bound"
     (d / "sub").mkdir(parents=True)

@@ -55,6 +55,9 @@ def test_tmpfs_items():
     ("tmpfs:/s:size=1t", "size= must be a number of bytes with k, m or g"),
     ("tmpfs:/s:size=1g;mode=777", "size= must be"),
     ("tmpfs:/s:mode=4777", "mode= must be octal, at most 1777"),
+    ("tmpfs:/s:size=0", "size= must be"),          # for a tmpfs, 0 is no limit at all
+    ("tmpfs:/s:nr_inodes=0", "nr_inodes= must be"),
+    ("tmpfs:/s:size=007g", "size= must be"),
     ("tmpfs:/s:mode=0x1ff", "mode= must be octal"),
     ("tmpfs:/s:nr_inodes=-1", "nr_inodes= must be a number"),
     ("tmpfs:/s:ro", "a read-only tmpfs would stay empty"),
@@ -75,7 +78,8 @@ def test_refused_with_one_line_naming_it(text, words):
 
 
 def test_tmpfs_data_is_rebuilt_from_numbers_only():
-    assert mountflags.tmpfs_data((), 1000, 1001) == "mode=0700,uid=1000,gid=1001"
+    assert mountflags.tmpfs_data((), 1000, 1001) == "mode=0700,size=50%,uid=1000,gid=1001"
+    assert mountflags.tmpfs_data((), 1000, 1001, "25%") == "mode=0700,size=25%,uid=1000,gid=1001"
     assert mountflags.tmpfs_data(("size=1g", "mode=1777", "noexec"), 5, 6) == \
         "mode=1777,size=1g,uid=5,gid=6"
     for bad in ("uid=0", "size=1g,uid=0", "mode=777,gid=0", "context=x"):
@@ -169,5 +173,24 @@ def test_plan_orders_a_tmpfs_mount_point_inside_tmp_before_its_mount(node, tmp_p
     i_b = [k for k, op in enumerate(plan.ops) if op[:2] == ("mkdir", root + "/tmp/a/b")][0]
     i_m = [k for k, op in enumerate(plan.ops) if op[0] == "mount" and op[2] == root + "/tmp/a/b"][0]
     assert i_tmp < i_a < i_b < i_m, plan.ops
-    assert plan.ops[i_m][5] == f"mode=0700,uid={UID},gid={GID}"
+    assert plan.ops[i_m][5] == f"mode=0700,size=50%,uid={UID},gid={GID}"
     assert "/tmp/a/b" in plan.user_mounts
+
+
+def test_a_step_lists_at_most_64_mounts():
+    """The daemon plans each mount against the others: 10,000 tmpfs items took it 51 s."""
+    assert len(parse(",".join(f"tmpfs:/t{i}" for i in range(64)))) == 64
+    with pytest.raises(InvalidArgument, match="65 mounts, more than the 64 one step may have"):
+        parse(",".join(f"tmpfs:/t{i}" for i in range(65)))
+
+
+def test_tmpfs_mounts_together_promise_no_more_than_the_nodes_memory():
+    gib = 1 << 30
+    # the unsized ones share half of it (the kernel's default for one)
+    assert mountflags.default_size([("size=1g",), (), ()]) == "25%"
+    assert mountflags.default_size([()]) == "50%"
+    assert mountflags.default_size([()] * 64) == "1%"
+    mountflags.check_tmpfs_total([("size=2g",), (), ("size=25%",)], 8 * gib)  # 2+4+2: fits
+    for options in ([("size=100%",), ("size=1k",)], [("size=9g",)], [("size=100%",)] * 8):
+        with pytest.raises(InvalidArgument, match="more than this node's memory"):
+            mountflags.check_tmpfs_total(options, 8 * gib)

@@ -45,8 +45,15 @@ _REFUSED = {
     "x-move": "enroot's x-move has no equivalent",
     "x-detach": "enroot's x-detach (umount) has no equivalent",
 }
-_SIZE = re.compile(r"^[0-9]{1,15}[kmg]?$|^(100|[1-9][0-9]?)%$")
-_COUNT = re.compile(r"^[0-9]{1,15}[kmg]?$")
+# never 0: for a tmpfs, size=0 and nr_inodes=0 mean no limit
+_SIZE = re.compile(r"^[1-9][0-9]{0,14}[kmg]?$|^(100|[1-9][0-9]?)%$")
+_COUNT = re.compile(r"^[1-9][0-9]{0,14}[kmg]?$")
+#: the most mounts one option or variable may list: the daemon plans each against the others
+MAX_ITEMS = 64
+#: what the step's tmpfs mounts without size= share (the kernel's default for one, said
+#: out loud): each gets its part, so that together they promise no more
+UNSIZED_SHARE = 50
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 _MODE = re.compile(r"^0?[0-1]?[0-7]{3}$")
 _NUMBERS = {"size": _SIZE, "nr_inodes": _COUNT, "mode": _MODE}  # a tmpfs' options
 
@@ -125,13 +132,28 @@ def parse_item(item: str, what: str) -> MountItem:
 
 def parse_list(text: str, what: str) -> list:
     """'ITEM,ITEM,...' -> [MountItem]; an empty item (a trailing comma) is skipped."""
-    return [parse_item(i.strip(), what) for i in (text or "").split(",") if i.strip()]
+    items = [i.strip() for i in (text or "").split(",") if i.strip()]
+    if len(items) > MAX_ITEMS:
+        raise InvalidArgument(f"{what}: {len(items)} mounts, more than the {MAX_ITEMS} one "
+                              f"step may have")
+    return [parse_item(i, what) for i in items]
 
 
-def tmpfs_data(options, uid: int, gid: int) -> str:
+def _has_size(options) -> bool:
+    return any(o.startswith("size=") for o in options)
+
+
+def default_size(tmpfs_options) -> str:
+    """size= of each of the step's tmpfs mounts that gives none."""
+    unsized = sum(not _has_size(o) for o in tmpfs_options)
+    return f"{max(1, UNSIZED_SHARE // max(1, unsized))}%"
+
+
+def tmpfs_data(options, uid: int, gid: int, size: str = f"{UNSIZED_SHARE}%") -> str:
     """A tmpfs' mount data from parsed options: only the whitelisted numbers, re-checked,
-    and the owner (the step's user; mode 0700 unless mode= says otherwise)."""
-    out = {"mode": "0700"}
+    the owner (the step's user; mode 0700 unless mode= says otherwise) and a size (size:
+    where the options give none)."""
+    out = {"mode": "0700", "size": size}
     for o in options:
         name, eq, value = o.partition("=")
         if not eq:
@@ -142,6 +164,29 @@ def tmpfs_data(options, uid: int, gid: int) -> str:
         out[name] = value
     out["uid"], out["gid"] = str(int(uid)), str(int(gid))
     return ",".join(f"{k}={v}" for k, v in out.items())
+
+
+def tmpfs_bytes(options, mem_total: int, size: str) -> int:
+    """What a tmpfs with these (checked) options may hold against mem_total (size: where
+    the options give none)."""
+    for o in options:
+        name, _eq, value = o.partition("=")
+        if name == "size":
+            size = value
+    if size.endswith("%"):
+        return mem_total * int(size[:-1]) // 100
+    unit = size[-1] if size[-1] in "kmg" else ""
+    return int(size[:-1] if unit else size) * _UNITS[unit]
+
+
+def check_tmpfs_total(tmpfs_options, mem_total: int) -> None:
+    """The step's tmpfs mounts may not together promise more than the node's memory (their
+    pages are the node's until the step ends, whoever wrote them)."""
+    size = default_size(tmpfs_options)
+    total = sum(tmpfs_bytes(o, mem_total, size) for o in tmpfs_options)
+    if total > mem_total:
+        raise InvalidArgument(f"tmpfs mounts: {total >> 20} MiB together, more than this node's "
+                              f"memory ({mem_total >> 20} MiB): give them smaller size=")
 
 
 def request_options(kind: str, options: str) -> tuple:

@@ -93,7 +93,8 @@ def cmd_submit(args, plug) -> int:
             return _die("--oci-entrypoint (or OCI_ENTRYPOINT=1) cannot be used with "
                         "srun --multi-prog: each task's program comes from the "
                         "--multi-prog file; drop one of them", 2)
-        chdir = chdir_of(srun_argv)
+        # srun takes SLURM_WORKING_DIR as -D where its command line has none
+        chdir = chdir_of(srun_argv) or os.environ.get("SLURM_WORKING_DIR") or None
         if chdir:  # where the tasks start in the container (prepare: stepenv.submit_cwd)
             records.append(("setenv", "OCI_SUBMIT_CHDIR=" + os.path.normpath(
                 os.path.join(os.getcwd(), chdir))))

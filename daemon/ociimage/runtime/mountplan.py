@@ -92,6 +92,14 @@ def describe_op(op: Op) -> str:
     return f"{op[0]} {op[1]}"
 
 
+def _mem_total() -> int:
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
 def _check_abs(what: str, path: str) -> str:
     if not path or not path.startswith("/") or "\0" in path:
         raise InvalidArgument(f"{what} {path!r} must be an absolute path")
@@ -278,6 +286,12 @@ class _Planner:
                 raise InvalidArgument("cannot mount over the container's root")
             items.append((self._source(f"mount:{i}", src), dst, bool(ro), f"mount {src}:{dst}",
                           tuple(m[3]) if len(m) > 3 else (), True))
+        if len(spec.mounts) + len(spec.tmpfs) > 2 * mountflags.MAX_ITEMS:  # site's + user's
+            raise InvalidArgument(f"{len(spec.mounts) + len(spec.tmpfs)} mounts, more than a "
+                                  f"step may have")
+        unsized = mountflags.default_size([o for _d, o in spec.tmpfs])
+        if spec.tmpfs:
+            mountflags.check_tmpfs_total([o for _d, o in spec.tmpfs], _mem_total())
         for dst, options in spec.tmpfs:
             dst = _check_abs("tmpfs target", dst)
             if dst == "/":
@@ -291,7 +305,7 @@ class _Planner:
                           f"CDI mount {m.host_path}:{dst}", (), False))
         items.sort(key=lambda b: len(split_path(b[1])))
         for o, dst, ro, what, options, users in items:
-            data = None if o else mountflags.tmpfs_data(options, spec.uid, spec.gid)
+            data = None if o else mountflags.tmpfs_data(options, spec.uid, spec.gid, unsized)
             planned = len(self.tmp_create)
             t = self.target(dst, o is None or o.is_dir, what)
             for protected in self.protected + self.tmpfs_targets:
