@@ -255,9 +255,12 @@ def victim_login(pb_site):
     """The victim's docker login (alice) and a private image only a login can pull."""
     ensure_user(VICTIM)
     cfg = docker_login(VICTIM, pb_site.registry.host, "alice", "alice-pw-S3cret")
-    img = pb_site.pusher.image("priv/app", "v1", busybox_layers(os_id="private-victim"),
+    # a new image each time: uncached, so each attack meets the pull's own check
+    tag = f"v{time.monotonic_ns()}"
+    img = pb_site.pusher.image("priv/app", tag, busybox_layers(os_id="private-victim",
+                                                               version=tag),
                                config=IMAGE_CONFIG)
-    return cfg, f"{pb_site.registry.host}/priv/app:v1@{img.manifest_digest}"
+    return cfg, f"{pb_site.registry.host}/priv/app:{tag}@{img.manifest_digest}"
 
 
 def _attacker_docker_dir(pb_site) -> Path:
@@ -282,6 +285,26 @@ def test_another_users_credentials_through_a_symlink(pb_site, public_ref, victim
         # the victim, with the same file as their own, may
         r = pb_site.srun("-N1", f"--oci-image={private}", "cat", "/etc/os-release", user=VICTIM)
         assert r.returncode == 0 and "private-victim" in r.stdout, r.stderr
+    finally:
+        shutil.rmtree(d)
+        docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")
+
+
+@needs_cluster
+def test_a_cached_private_image_without_credentials_is_a_refusal_not_an_outage(
+        pb_site, public_ref, victim_login):
+    """The victim's pull caches it; a user without any login then asks for it: the
+    registry refuses the anonymous check before answering (Basic auth), which is a refusal
+    to log in for, not "its registry cannot be reached; try again later"."""
+    _cfg, private = victim_login
+    r = pb_site.srun("-N1", f"--oci-image={private}", "true", user=VICTIM)
+    assert r.returncode == 0, r.stderr
+    d = _attacker_docker_dir(pb_site)  # empty: no login at all
+    try:
+        r = pb_site.srun("-N1", f"--oci-image={private}", "cat", "/etc/os-release")
+        assert r.returncode != 0 and "private-victim" not in r.stdout
+        lines = [l for l in r.stderr.splitlines() if l.startswith("oci-image: error:")]
+        assert len(lines) == 1 and "does not let you pull it (HTTP 401)" in lines[0], r.stderr
     finally:
         shutil.rmtree(d)
         docker_login(pb_site.cluster.user, pb_site.registry.host, "alice", "alice-pw-S3cret")

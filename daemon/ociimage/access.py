@@ -305,10 +305,15 @@ class AccessChecker:
         # one registry operation like any other: bounded by request_timeout and aborted at
         # once when the request (a step, a publish) is cancelled, retries and all
         what = f"the access check of {ref.domain}/{ref.path}@{digest}"
-        with client.transport.deadlines.operation(what):
-            resp = client.transport.request("HEAD", ref.domain,
-                                            f"/v2/{ref.path}/manifests/{digest}",
-                                            client.pull_scopes(ref), {"Accept": mt.ACCEPT})
+        try:
+            with client.transport.deadlines.operation(what):
+                resp = client.transport.request("HEAD", ref.domain,
+                                                f"/v2/{ref.path}/manifests/{digest}",
+                                                client.pull_scopes(ref), {"Accept": mt.ACCEPT})
+        except AuthenticationRequired:  # refused before any answer (no credentials for a
+            return 401                  # Basic-auth registry): an answer, not an outage
+        except AccessDenied:
+            return 403
         status = resp.status_code
         if status == 200:
             resp.close()
