@@ -11,7 +11,7 @@ APT_PACKAGES := python3-venv python3-dev gcc libc6-dev make util-linux mount pro
 	squashfs-tools-ng squashfs-tools zstd isal pigz umoci skopeo docker-registry \
 	slurm-wlm slurmctld slurmd libslurm-dev munge curl busybox-static \
 	python3-requests python3-filelock python3-zstandard python3-grpcio python3-protobuf \
-	python3-prometheus-client python3-setuptools python3-wheel \
+	python3-prometheus-client python3-yaml python3-setuptools python3-wheel \
 	python3-pytest python3-cryptography python3-bcrypt \
 	protobuf-compiler protobuf-compiler-grpc file groff-base rpm mpich libmpich-dev \
 	strace
