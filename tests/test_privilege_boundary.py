@@ -229,7 +229,8 @@ def _victim_sqfs(scratch: Path, name: str, mode: int) -> Path:
 def test_sqfs_symlink_into_another_users_private_directory(pb_site, scratch, remap):
     attacker = pwd.getpwnam(pb_site.cluster.user)
     # readable in itself: only the 0700 directory protects it
-    img = _victim_sqfs(scratch, "victim.sqfs", 0o644)
+    # a new file each time: the last run's loop mount of the victim's may not have idled out
+    img = _victim_sqfs(scratch, f"victim-{time.monotonic_ns()}.sqfs", 0o644)
     mine = scratch / "mine"
     mine.mkdir()
     os.chown(mine, attacker.pw_uid, attacker.pw_gid)
