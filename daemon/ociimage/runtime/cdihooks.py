@@ -17,7 +17,6 @@ nsenter --mount=/proc/<pid>/ns/mnt.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -26,9 +25,8 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 from . import cdi
-from .hooks import HookFailed, _last_line
+from .hooks import HookFailed, outcome
 
-log = logging.getLogger("ociimage.runtime")
 
 #: the order an OCI runtime runs them in
 ORDER = ("prestart", "createRuntime", "createContainer", "startContainer")
@@ -82,15 +80,4 @@ def _run_one(h: cdi.Hook, stdin: bytes, timeout: float, job: str, step: str) -> 
             pass
         p.communicate()
         raise HookFailed(f"CDI hook {name}: timed out after {timeout:.0f} s") from None
-    extra = {"hook": name, "job": job, "step": step, "status": p.returncode,
-             "seconds": round(time.monotonic() - t0, 3)}
-    if err.strip():
-        extra["stderr"] = err.decode(errors="replace")[-2000:]
-    if out.strip():
-        extra["stdout"] = out.decode(errors="replace")[-2000:]
-    if p.returncode != 0:
-        log.warning("CDI hook failed", extra=extra)
-        why = _last_line(err) or (f"killed by signal {-p.returncode}" if p.returncode < 0
-                                  else f"exited with status {p.returncode}")
-        raise HookFailed(f"CDI hook {name}: {why}")
-    log.info("CDI hook ran", extra=extra)
+    outcome("CDI hook", name, p.returncode, out, err, t0, job, step)

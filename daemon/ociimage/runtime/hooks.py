@@ -130,18 +130,25 @@ def run_hooks(hooks: List[Path], env: Dict[str, str], timeout: float, *, job: st
             log.warning("step hook timed out", extra={"hook": hook.name, "job": job, "step": step,
                                                       "stderr": err.decode(errors="replace")[-2000:]})
             raise HookFailed(f"step hook {hook.name}: timed out after {timeout:.0f} s") from None
-        extra = {"hook": hook.name, "job": job, "step": step, "status": p.returncode,
-                 "seconds": round(time.monotonic() - t0, 3)}
-        if out.strip():
-            extra["stdout"] = out.decode(errors="replace")[-2000:]
-        if err.strip():
-            extra["stderr"] = err.decode(errors="replace")[-2000:]
-        if p.returncode != 0:
-            log.warning("step hook failed", extra=extra)
-            why = _last_line(err) or (f"killed by signal {-p.returncode}" if p.returncode < 0
-                                      else f"exited with status {p.returncode}")
-            raise HookFailed(f"step hook {hook.name}: {why}")
-        log.info("step hook ran", extra=extra)
+        outcome("step hook", hook.name, p.returncode, out, err, t0, job, step)
+
+
+def outcome(kind: str, name: str, status: int, out: bytes, err: bytes, t0: float, job: str,
+            step: str) -> None:
+    """Log a finished hook (a site's or a CDI spec's); HookFailed with its stderr's last line
+    if it failed."""
+    extra = {"hook": name, "job": job, "step": step, "status": status,
+             "seconds": round(time.monotonic() - t0, 3)}
+    if out.strip():
+        extra["stdout"] = out.decode(errors="replace")[-2000:]
+    if err.strip():
+        extra["stderr"] = err.decode(errors="replace")[-2000:]
+    if status != 0:
+        log.warning(f"{kind} failed", extra=extra)
+        why = _last_line(err) or (f"killed by signal {-status}" if status < 0
+                                  else f"exited with status {status}")
+        raise HookFailed(f"{kind} {name}: {why}")
+    log.info(f"{kind} ran", extra=extra)
 
 
 def run_for_step(config, ns_path, request, digest: str, image_config: Optional[dict],
