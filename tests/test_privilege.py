@@ -373,7 +373,7 @@ def test_prefetch_pulls_with_the_callers_credentials_only(reg, site):
     assert _wait_log(site, f'"prefetch done" reference="{mine_pinned}" uid={priv_uid}')
     # now cached, it is still nothing for a user the registry refuses
     r = step_prefetch(site, OTHER_USER, mine_pinned)
-    assert r.returncode != 0 and "you may use the private image" in r.stderr, r.stderr
+    assert r.returncode != 0 and "does not let you pull it (HTTP 401)" in r.stderr, r.stderr
     assert r.stdout == ""
 
 
@@ -517,7 +517,7 @@ def test_pyxis_importer_hands_a_private_image_only_to_users_the_registry_allows(
     # ... and asking the daemon directly with the pinned digest gets no descriptor
     r = as_user(OTHER_USER, OPEN_OP, str(site.psock), pinned, python=site.bin / "python")
     out = json.loads(r.stdout)
-    assert "you may use the private image" in out.get("error", ""), out
+    assert "does not let you pull it (HTTP 401)" in out.get("error", ""), out
     # control: the same request as the allowed user gets the SquashFS
     out = json.loads(as_user(PRIV_USER, OPEN_OP, str(site.psock), pinned,
                              python=site.bin / "python").stdout)
